@@ -1,0 +1,3 @@
+from ddchallenge.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""Reference test sets in the official format, and the normalisation that
+turns pixels into what the evaluator trains and tests on."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddchallenge.data import mnist5k
+from ddchallenge.errors import DatasetError
+from ddchallenge.fileio import atomic_torch_save, load_torch_bytes, read_limited
+from ddchallenge.protocol import DatasetSpec
+
+DATA_ENV = "DDCHALLENGE_DATA"
+
+
+def data_root() -> Path:
+    """$DDCHALLENGE_DATA, else the per-user cache folder."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ddchallenge"
+
+
+def normalise(pixels: torch.Tensor | np.ndarray, spec: DatasetSpec) -> torch.Tensor:
+    """uint8 in [0, 255] or float in [0, 1] -> float32 normalised with the
+    dataset's mean and std, as the official files are."""
+    x = torch.as_tensor(pixels)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def denormalise(x: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+    """Normalised float -> float pixels in [0, 1] (clamped)."""
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1)
+
+
+def embedded_reference(spec: DatasetSpec) -> dict[str, torch.Tensor]:
+    images, labels = mnist5k.load("test")
+    return {"images_val": normalise(images, spec), "labels_val": torch.from_numpy(labels)}
+
+
+def validate_reference(ref, spec: DatasetSpec, source: str) -> dict[str, torch.Tensor]:
+    expected = f'a dict {{"images_val": float (N, {", ".join(map(str, spec.image_shape))}), "labels_val": int64 (N,)}}'
+    if not isinstance(ref, dict) or not {"images_val", "labels_val"} <= set(ref):
+        raise DatasetError(f"reference test set {source} is not {expected}")
+    x, y = ref["images_val"], ref["labels_val"]
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise DatasetError(f"reference test set {source} is not {expected}")
+    if not x.is_floating_point() or x.dim() != 4 or tuple(x.shape[1:]) != spec.image_shape:
+        raise DatasetError(f"reference test set {source} has images {x.dtype} {tuple(x.shape)}; expected {expected}")
+    if y.dtype not in (torch.int64, torch.int32) or y.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise DatasetError(f"reference test set {source} has labels {y.dtype} {tuple(y.shape)}; expected {expected}")
+    if int(y.min()) < 0 or int(y.max()) >= spec.classes:
+        raise DatasetError(f"reference test set {source} has labels outside 0..{spec.classes - 1}")
+    if not torch.isfinite(x).all():
+        raise DatasetError(f"reference test set {source} holds NaN or Inf values")
+    return {"images_val": x.float(), "labels_val": y.long()}
+
+
+def load_reference(spec: DatasetSpec, ref_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """The reference test set of a dataset: `ref_dir/<name>_test.pt` when a
+    folder is given, else the data root's, else (mnist5k only) built from the
+    embedded data."""
+    folder = Path(ref_dir) if ref_dir is not None else data_root()
+    path = folder / spec.reference_file
+    if path.exists() or ref_dir is not None:
+        data = read_limited(path, DatasetError, "reference test set")
+        return validate_reference(load_torch_bytes(data, str(path), DatasetError), spec, str(path))
+    if spec.name == "mnist5k":
+        return embedded_reference(spec)
+    raise DatasetError(
+        f"no reference test set for {spec.name}: {path} does not exist; place the official "
+        f"{spec.reference_file} there or pass --ref DIR holding it"
+    )
+
+
+def save_reference(spec: DatasetSpec, path: str | os.PathLike) -> Path:
+    """Write a dataset's reference test set in the official format (mnist5k:
+    from the embedded data)."""
+    if spec.name != "mnist5k":
+        raise DatasetError(f"only the embedded mnist5k reference can be written here, not {spec.name}")
+    atomic_torch_save(embedded_reference(spec), path)
+    return Path(path)

@@ -1,0 +1,19 @@
+"""The exceptions the library raises. Each message is one line that says what
+was wrong, what was expected and how to fix it; only cli.py turns them into
+exit codes."""
+
+
+class DDChallengeError(Exception):
+    """Base of every error the library raises on purpose (exit code 1)."""
+
+
+class UsageError(DDChallengeError):
+    """An option or argument with an illegal value."""
+
+
+class SubmissionError(DDChallengeError):
+    """A submission file that is missing, unreadable, unsafe or malformed."""
+
+
+class DatasetError(DDChallengeError):
+    """A dataset or reference test set that is missing or malformed."""

@@ -1,0 +1,83 @@
+"""File primitives every stage shares: atomic writes, hashing, and the only
+way this project reads a torch file (never unpickling arbitrary objects)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+# No challenge file comes near this; a larger one is refused before it is read
+# into memory. (Tiny-ImageNet at IPC 100 is about 1 GB of float32.)
+MAX_FILE_BYTES = 4 << 30
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the
+    block succeeds, so an interrupted writer leaves the old file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def read_limited(path: Path, error: type[Exception], what: str) -> bytes:
+    """Read a whole regular file, refusing missing, empty and oversized ones."""
+    if not path.exists():
+        raise error(f"{what} not found: {path}")
+    if not path.is_file():
+        raise error(f"{what} {path} is not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise error(f"{what} {path} is empty (0 bytes); it should be a file written by torch.save")
+    if size > MAX_FILE_BYTES:
+        raise error(f"{what} {path} is {size} bytes, over the {MAX_FILE_BYTES} byte limit")
+    return path.read_bytes()
+
+
+def load_torch_bytes(data: bytes, source: str, error: type[Exception]):
+    """torch.load with weights_only=True and no fallback: tensors and plain
+    containers come back; anything that would run code is refused."""
+    if not data:
+        raise error(f"{source} is empty (0 bytes); it should be a file written by torch.save")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in reason if "Unsupported" in ln or "global" in ln.lower()), "")
+        raise error(
+            f"{source} was refused: it holds Python objects other than tensors and would need unsafe "
+            f"unpickling{' (' + detail + ')' if detail else ''}; save a plain tensor with torch.save(tensor, path)"
+        ) from None
+    except Exception as exc:  # the torch reader raises many types for damaged bytes
+        raise error(
+            f"{source} is not a readable torch file (truncated or corrupt: {type(exc).__name__}); "
+            "write it again with torch.save"
+        ) from None

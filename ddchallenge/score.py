@@ -1,0 +1,128 @@
+"""Scoring a submission the way the challenge does: for each dataset, train
+the reference ConvNet `rounds` times on the submitted images and report the
+mean test accuracy; the challenge score is the mean over datasets."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddchallenge import __version__
+from ddchallenge.data import load_reference
+from ddchallenge.fileio import atomic_write_bytes
+from ddchallenge.protocol import OFFICIAL, EvalRecipe
+from ddchallenge.submission import DatasetEntry, load_submission
+from ddchallenge.train import accuracy, resolve_device, train_round
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetScore:
+    dataset: str
+    ipc: int
+    images: int
+    kind: str  # "official" or "labelled"
+    source: str
+    sha256: str  # of the scored file (or zip member)
+    seeds: list[int]  # one per round: seed, seed + 1, ...
+    accuracies: list[float]  # test accuracy of each round, fractions in [0, 1]
+    mean: float
+    std: float  # population std over rounds (numpy's default, ddof=0)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    submission: str
+    submission_sha256: str | None  # of the submitted file; None for a folder
+    score: float  # mean over datasets of each dataset's mean accuracy
+    datasets: list[DatasetScore]
+    official_budget: bool
+    recipe: dict
+    recipe_hash: str
+    seed: int
+    device: str
+    seconds: float
+    warnings: list[str]
+    versions: dict
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def scores_txt(self) -> str:
+        """The Codalab/Codabench scores file the official program writes."""
+        return f"correct: {self.score}\n"
+
+    def write(self, output_dir: str | os.PathLike) -> Path:
+        out = Path(output_dir)
+        atomic_write_bytes(out / "scores.txt", self.scores_txt().encode())
+        atomic_write_bytes(out / "result.json", self.to_json().encode())
+        return out
+
+
+def versions() -> dict:
+    return {"ddchallenge": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def score_entry(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, device: torch.device,
+                progress: bool = True) -> DatasetScore:
+    start = time.perf_counter()
+    seeds = [seed + r for r in range(recipe.rounds)]
+    accs = []
+    for r, s in enumerate(seeds):
+        net = train_round(entry.spec, entry.images, entry.labels, recipe, s, device, progress,
+                          desc=f"{entry.spec.name} round {r + 1}/{recipe.rounds}")
+        accs.append(accuracy(net, ref["images_val"], ref["labels_val"], recipe.eval_batch_size))
+    return DatasetScore(
+        dataset=entry.spec.name, ipc=entry.ipc, images=int(entry.images.shape[0]), kind=entry.kind,
+        source=entry.source, sha256=entry.sha256, seeds=seeds, accuracies=accs,
+        mean=float(np.mean(accs)), std=float(np.std(accs)), seconds=time.perf_counter() - start,
+    )
+
+
+def score(
+    submission: str | os.PathLike,
+    dataset: str | None = None,
+    ref_dir: str | os.PathLike | None = None,
+    recipe: EvalRecipe = OFFICIAL,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> ScoreResult:
+    """Validate everything first (submission and reference sets), then train."""
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    entries = load_submission(submission, dataset)
+    refs = {e.spec.name: load_reference(e.spec, ref_dir) for e in entries}
+    notes = [w for e in entries for w in e.warnings]
+    for w in notes:
+        log.warning(w)
+    scores = [score_entry(e, refs[e.spec.name], recipe, seed, dev, progress) for e in entries]
+    return ScoreResult(
+        submission=str(submission), submission_sha256=_file_sha256(Path(submission)),
+        score=float(np.mean([s.mean for s in scores])), datasets=scores,
+        official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
+        seed=seed, device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        seconds=time.perf_counter() - start, warnings=notes, versions=versions(),
+    )

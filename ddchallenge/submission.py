@@ -1,0 +1,268 @@
+"""Reading submissions: every form `score` accepts, validated before any
+training starts.
+
+Forms:
+- official file `<dataset>.pt`: a bare float tensor (K*IPC, C, H, W),
+  normalised, class-major (image i has label i // IPC);
+- packed labelled file `.pt`: {"images": normalised float (N, C, H, W),
+  "labels": int64 (N,)}, the Track 2 form `pack` writes for IPC other than 10;
+- labelled set `.h5`: pixels with labels (see labelled.py), normalised here;
+- a `res/` folder (or a folder holding `res/`) of dataset files;
+- a submission `.zip` holding `<dataset>.pt` files at its top level.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from ddchallenge.data import normalise
+from ddchallenge.errors import SubmissionError
+from ddchallenge.fileio import MAX_FILE_BYTES, load_torch_bytes, read_limited, sha256_bytes
+from ddchallenge.labelled import read_labelled_set
+from ddchallenge.protocol import DATASETS, DatasetSpec, get_dataset
+
+FORMS = "an official <dataset>.pt file, a labelled .h5 set, a res/ folder or a submission .zip"
+# Files a Codabench/Codalab res/ folder may hold beside the submission.
+IGNORED_IN_FOLDER = {"metadata"}
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of a submission, ready to train on."""
+
+    spec: DatasetSpec
+    images: torch.Tensor  # float32 (N, C, H, W), normalised with the dataset's mean and std
+    labels: torch.Tensor  # int64 (N,)
+    ipc: int  # images per class
+    kind: str  # "official" (bare tensor, class-major) or "labelled"
+    source: str  # file (and zip member) the images came from
+    sha256: str  # of the exact bytes read
+    warnings: tuple[str, ...] = field(default=())
+
+
+def load_submission(path: str | os.PathLike, dataset: str | None = None) -> list[DatasetEntry]:
+    """Every dataset in the submission at `path`, validated. `dataset` names
+    the dataset of a single file whose name and shape do not tell it."""
+    path = Path(path)
+    if not path.exists():
+        raise SubmissionError(f"submission not found: {path}; pass {FORMS}")
+    if path.is_dir():
+        entries = _load_folder(path)
+    elif path.suffix.lower() == ".zip":
+        entries = _load_zip(path)
+    elif path.suffix.lower() in (".h5", ".hdf5"):
+        return [_from_labelled_h5(path, dataset)]
+    elif path.suffix.lower() == ".pt":
+        data = read_limited(path, SubmissionError, "submission")
+        return [_from_torch_bytes(data, str(path), path.stem, dataset)]
+    else:
+        raise SubmissionError(f"cannot read {path}: unknown file type {path.suffix!r}; pass {FORMS}")
+    if dataset is not None:
+        raise SubmissionError(
+            f"--dataset applies to a single file, but {path} names its datasets by file name; drop --dataset"
+        )
+    return entries
+
+
+def _load_folder(path: Path) -> list[DatasetEntry]:
+    folder = path / "res" if (path / "res").is_dir() else path
+    files = sorted(p for p in folder.iterdir() if p.name not in IGNORED_IN_FOLDER and not p.name.startswith("."))
+    stray = [p.name for p in files if not _is_dataset_file(p.name)]
+    if stray:
+        raise SubmissionError(
+            f"unexpected file(s) {', '.join(stray)} in {folder}; a res/ folder holds only <dataset>.pt or "
+            f"<dataset>.h5 files (datasets: {', '.join(DATASETS)})"
+        )
+    if not files:
+        raise SubmissionError(f"{folder} holds no dataset file; expected files such as cifar100.pt and tinyimagenet.pt")
+    _refuse_duplicates([p.name for p in files], str(folder))
+    entries = []
+    for p in files:
+        if p.suffix == ".h5":
+            entries.append(_from_labelled_h5(p, None))
+        else:
+            entries.append(_from_torch_bytes(read_limited(p, SubmissionError, "submission"), str(p), p.stem, None))
+    return entries
+
+
+def _load_zip(path: Path) -> list[DatasetEntry]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise SubmissionError(f"{path} is not a readable zip archive ({exc}); zip the dataset .pt files again") from None
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        for m in members:
+            pure = PurePosixPath(m.filename.replace("\\", "/"))
+            if pure.is_absolute() or ".." in pure.parts or ":" in m.filename:
+                raise SubmissionError(f"{path} has a member with an unsafe path {m.filename!r}; refused")
+        stray = [m.filename for m in members if "/" in m.filename or not m.filename.endswith(".pt")
+                 or m.filename[:-3] not in DATASETS]
+        if stray:
+            raise SubmissionError(
+                f"{path} has unexpected member(s) {', '.join(stray)}; a submission zip holds only "
+                "<dataset>.pt files at its top level (for the challenge: cifar100.pt and tinyimagenet.pt)"
+            )
+        if not members:
+            raise SubmissionError(f"{path} holds no dataset file; expected cifar100.pt and tinyimagenet.pt")
+        _refuse_duplicates([m.filename for m in members], str(path))
+        names = {m.filename[:-3] for m in members}
+        track1 = {n for n, s in DATASETS.items() if s.track1}
+        if names & track1 and not track1 <= names:
+            missing = ", ".join(sorted(f"{n}.pt" for n in track1 - names))
+            raise SubmissionError(f"{path} is missing {missing}; a challenge upload holds one file per Track 1 dataset")
+        entries = []
+        for m in sorted(members, key=lambda m: m.filename):
+            if m.file_size > MAX_FILE_BYTES:
+                raise SubmissionError(f"{path}:{m.filename} unpacks to {m.file_size} bytes, over the limit; refused")
+            try:
+                with archive.open(m) as fh:
+                    # Read at most one byte past the declared size: a member
+                    # that lies about its size is caught without inflating it.
+                    data = fh.read(m.file_size + 1)
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                raise SubmissionError(f"{path}:{m.filename} cannot be extracted ({exc}); zip it again") from None
+            if len(data) != m.file_size:
+                raise SubmissionError(f"{path}:{m.filename} does not match its declared size; refused")
+            entries.append(_from_torch_bytes(data, f"{path}:{m.filename}", m.filename[:-3], None))
+    return entries
+
+
+def _is_dataset_file(name: str) -> bool:
+    stem, _, suffix = name.rpartition(".")
+    return stem in DATASETS and suffix in ("pt", "h5")
+
+
+def _refuse_duplicates(names: list[str], where: str) -> None:
+    stems = [n.rpartition(".")[0] for n in names]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise SubmissionError(f"{where} holds more than one file for {', '.join(dup)}; keep one per dataset")
+
+
+def _resolve_spec(source: str, stem: str | None, dataset: str | None, image_shape: tuple, n: int) -> DatasetSpec:
+    named = DATASETS.get(stem.lower()) if stem else None
+    if dataset is not None:
+        spec = get_dataset(dataset)
+        if named is not None and named is not spec:
+            raise SubmissionError(f"{source} is named for {named.name} but --dataset says {spec.name}; fix one")
+        return spec
+    if named is not None:
+        return named
+    fits = [s for s in DATASETS.values() if s.image_shape == tuple(image_shape) and n % s.classes == 0]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise SubmissionError(
+            f"{source} holds images of shape {tuple(image_shape)}, which fit no known dataset; known: "
+            + "; ".join(f"{s.name} {s.image_shape}" for s in DATASETS.values())
+        )
+    raise SubmissionError(
+        f"cannot tell the dataset of {source} from its name or shape {tuple(image_shape)}: it could be "
+        f"{', '.join(s.name for s in fits)}; pass --dataset NAME"
+    )
+
+
+def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str | None) -> DatasetEntry:
+    obj = load_torch_bytes(data, source, SubmissionError)
+    digest = sha256_bytes(data)
+    if isinstance(obj, torch.Tensor):
+        _check_image_tensor(obj, source)
+        spec = _resolve_spec(source, stem, dataset, obj.shape[1:], obj.shape[0])
+        images = _checked_images(obj, spec, source)
+        ipc, rest = divmod(images.shape[0], spec.classes)
+        if rest or ipc == 0:
+            raise SubmissionError(
+                f"{source} holds {images.shape[0]} images, not a multiple of {spec.name}'s {spec.classes} classes; "
+                f"an official file is (classes x IPC, {', '.join(map(str, spec.image_shape))}), e.g. "
+                f"({spec.classes * 10}, {', '.join(map(str, spec.image_shape))}) for IPC 10"
+            )
+        labels = torch.arange(images.shape[0]) // ipc
+        return DatasetEntry(spec, images, labels, ipc, "official", source, digest, _normalisation_warnings(images, source))
+    if isinstance(obj, dict) and set(obj) == {"images", "labels"} and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        _check_image_tensor(obj["images"], source)
+        spec = _resolve_spec(source, stem, dataset, obj["images"].shape[1:], obj["images"].shape[0])
+        images = _checked_images(obj["images"], spec, source)
+        labels, ipc = _checked_labels(obj["labels"], images.shape[0], spec, source)
+        return DatasetEntry(spec, images, labels, ipc, "labelled", source, digest, _normalisation_warnings(images, source))
+    found = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with keys {sorted(map(str, obj))}"
+    raise SubmissionError(
+        f"{source} holds {found}; expected a bare float tensor (official format) or "
+        '{"images": float tensor, "labels": int64 tensor} (labelled)'
+    )
+
+
+def _from_labelled_h5(path: Path, dataset: str | None) -> DatasetEntry:
+    data = read_limited(path, SubmissionError, "labelled set")
+    lset = read_labelled_set(path)
+    if lset.images.ndim != 4:
+        raise SubmissionError(f"labelled set {path} has images of shape {lset.images.shape}; expected (N, C, H, W)")
+    named = lset.dataset if lset.dataset in DATASETS else path.stem
+    spec = _resolve_spec(str(path), named, dataset, lset.images.shape[1:], lset.images.shape[0])
+    pixels = torch.from_numpy(lset.images)
+    _shape_matches(pixels, spec, str(path))
+    labels, ipc = _checked_labels(torch.from_numpy(lset.labels), pixels.shape[0], spec, str(path))
+    return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_bytes(data))
+
+
+def _check_image_tensor(x: torch.Tensor, source: str) -> None:
+    if not x.is_floating_point():
+        raise SubmissionError(f"{source} holds a {x.dtype} tensor; expected float32 images normalised with the dataset mean and std")
+    if x.dim() != 4:
+        raise SubmissionError(f"{source} holds a tensor of shape {tuple(x.shape)}; expected 4 dimensions (N, C, H, W)")
+
+
+def _shape_matches(x: torch.Tensor, spec: DatasetSpec, source: str) -> None:
+    if tuple(x.shape[1:]) != spec.image_shape or x.shape[0] == 0:
+        raise SubmissionError(
+            f"{source} holds images of shape {tuple(x.shape)}; {spec.name} needs (N, "
+            f"{', '.join(map(str, spec.image_shape))}) with N = {spec.classes} classes x IPC"
+        )
+
+
+def _checked_images(x: torch.Tensor, spec: DatasetSpec, source: str) -> torch.Tensor:
+    _shape_matches(x, spec, source)
+    x = x.detach().to(torch.float32).contiguous()
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise SubmissionError(f"{source} holds {bad} NaN or Inf value(s); every pixel must be finite")
+    return x
+
+
+def _checked_labels(y: torch.Tensor, n: int, spec: DatasetSpec, source: str) -> tuple[torch.Tensor, int]:
+    if y.dtype.is_floating_point or y.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise SubmissionError(f"{source} has labels of type {y.dtype}; expected int64 class indices")
+    if y.shape != (n,):
+        raise SubmissionError(f"{source} has labels of shape {tuple(y.shape)} for {n} images; expected ({n},)")
+    y = y.to(torch.int64)
+    if int(y.min()) < 0 or int(y.max()) >= spec.classes:
+        raise SubmissionError(f"{source} has labels outside 0..{spec.classes - 1} ({spec.name} has {spec.classes} classes)")
+    counts = torch.bincount(y, minlength=spec.classes)
+    ipc = int(counts[0])
+    if ipc == 0 or not bool((counts == ipc).all()):
+        uneven = {k: int(c) for k, c in enumerate(counts.tolist()) if c != ipc}
+        raise SubmissionError(
+            f"{source} does not hold the same number of images for every class (class 0 has {ipc}, "
+            f"{_first(uneven)}); every class must appear exactly IPC times"
+        )
+    return y, ipc
+
+
+def _first(counts: dict[int, int], limit: int = 3) -> str:
+    items = [f"class {k} has {c}" for k, c in list(counts.items())[:limit]]
+    return ", ".join(items) + (f" and {len(counts) - limit} more differ" if len(counts) > limit else "")
+
+
+def _normalisation_warnings(x: torch.Tensor, source: str) -> tuple[str, ...]:
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= 0 and hi <= 1:
+        return (f"{source}: values lie in [0, 1]; they look like unnormalised pixels, but the scorer normalises "
+                "nothing: normalise with the dataset mean and std",)
+    if lo >= 0 and hi <= 255 and hi > 1:
+        return (f"{source}: values lie in [0, 255]; they look like raw pixels, but the scorer normalises nothing: "
+                "divide by 255 and normalise with the dataset mean and std",)
+    return ()

@@ -6,7 +6,6 @@ one-line message: exit 1 for invalid input or a failed run, 2 for usage.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import click
@@ -35,12 +34,23 @@ class _Group(click.Group):
             raise _OneLineError(str(exc), 1) from None
 
 
+class _StderrHandler(logging.Handler):
+    """Library logs as 'warning: ...' lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="ddchallenge")
 def cli() -> None:
     """Generative dataset distillation under the ECCV 2024 Dataset Distillation
     Challenge rules: generate, pack and score submissions."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s: %(message)s")
+    logger = logging.getLogger("ddchallenge")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 device_option = click.option(

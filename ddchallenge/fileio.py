@@ -8,6 +8,7 @@ import io
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,7 +69,11 @@ def load_torch_bytes(data: bytes, source: str, error: type[Exception]):
     if not data:
         raise error(f"{source} is empty (0 bytes); it should be a file written by torch.save")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not support; the
+            # outcome (loaded or refused) is what the user needs to know.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in reason if "Unsupported" in ln or "global" in ln.lower()), "")

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddchallenge.cli import cli
+from ddchallenge.data import mnist5k, normalise
+from ddchallenge.protocol import get_dataset
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def mnist5k_spec():
+    return get_dataset("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def mnist5k_random_images(mnist5k_spec):
+    """A real random IPC-10 mnist5k selection, normalised and class-major."""
+    x, y = mnist5k.load("train")
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == k), 10, replace=False) for k in range(10)])
+    return normalise(x[idx], mnist5k_spec)
+
+
+@pytest.fixture
+def official_file(tmp_path, mnist5k_random_images):
+    path = tmp_path / "mnist5k.pt"
+    torch.save(mnist5k_random_images.clone(), path)
+    return path
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the real CLI; stdout and stderr kept apart."""
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return run

@@ -1,0 +1,96 @@
+"""`ddchallenge score` end to end through the real CLI on real mnist5k digits."""
+import json
+
+import pytest
+import torch
+
+from ddchallenge.data import save_reference
+from ddchallenge.protocol import get_dataset
+from ddchallenge.score import score
+
+SMALL = ("--epochs", 2, "--rounds", 2, "--quiet")
+
+
+def test_score_official_file_end_to_end(run_cli, official_file, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("score", official_file, *SMALL, "--seed", 7, "--json", tmp_path / "r.json", "--output", out)
+    assert result.exit_code == 0, result.output
+    table = result.stdout
+    assert "| mnist5k" in table and "NOT THE OFFICIAL BUDGET" in table and "NO (2 epochs, 2 rounds)" in table
+    data = json.loads((tmp_path / "r.json").read_text())
+    (ds,) = data["datasets"]
+    assert (ds["dataset"], ds["ipc"], ds["images"], ds["kind"], ds["seeds"]) == ("mnist5k", 10, 100, "official", [7, 8])
+    assert len(ds["accuracies"]) == 2 and all(0 <= a <= 1 for a in ds["accuracies"])
+    # Two passes on 100 real digits already beat chance (10 %) by far.
+    assert ds["mean"] > 0.3
+    assert data["official_budget"] is False and data["recipe"]["epochs"] == 2
+    assert data["submission_sha256"] == ds["sha256"] and len(data["recipe_hash"]) == 16
+    assert data["versions"]["torch"] == torch.__version__
+    assert (out / "scores.txt").read_text() == f"correct: {data['score']}\n"
+    assert json.loads((out / "result.json").read_text())["score"] == data["score"]
+
+
+def test_same_seed_same_accuracies_and_round_r_uses_seed_plus_r(official_file):
+    from ddchallenge.protocol import OFFICIAL
+
+    two = OFFICIAL.with_overrides(epochs=1, rounds=2)
+    a, b = (score(official_file, recipe=two, seed=0, device="cpu", progress=False) for _ in range(2))
+    assert a.datasets[0].accuracies == b.datasets[0].accuracies
+    assert a.datasets[0].seeds == [0, 1]
+    # Round 2 of seed 0 is round 1 of seed 1; different seeds train differently.
+    c = score(official_file, recipe=two.with_overrides(rounds=1), seed=1, device="cpu", progress=False)
+    assert c.datasets[0].seeds == [1] and c.datasets[0].accuracies == a.datasets[0].accuracies[1:]
+    assert a.datasets[0].accuracies[0] != a.datasets[0].accuracies[1]
+
+
+def test_json_to_stdout_and_ref_folder_equals_embedded(run_cli, official_file, tmp_path):
+    ref = tmp_path / "ref"
+    save_reference(get_dataset("mnist5k"), ref / "mnist5k_test.pt")
+    saved = torch.load(ref / "mnist5k_test.pt", weights_only=True)
+    assert saved["images_val"].shape == (1000, 1, 28, 28) and saved["labels_val"].tolist() == [i // 100 for i in range(1000)]
+    runs = [run_cli("score", official_file, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-", *extra)
+            for extra in ((), ("--ref", ref))]
+    accs = [json.loads(r.stdout)["datasets"][0]["accuracies"] for r in runs]
+    assert accs[0] == accs[1]
+
+
+def test_unnormalised_submission_warns_on_stderr(run_cli, tmp_path):
+    path = tmp_path / "mnist5k.pt"
+    torch.save(torch.rand(100, 1, 28, 28), path)
+    result = run_cli("score", path, "--epochs", 0, "--rounds", 1, "--quiet")
+    assert result.exit_code == 0
+    assert "look like unnormalised pixels" in result.stderr and "look like" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (("score", "missing.pt"), 1, "error: submission not found: missing.pt"),
+        (("score", "{official}", "--dataset", "imagenet"), 2, "error: unknown dataset 'imagenet'; known datasets: cifar100"),
+        (("score", "{official}", "--epochs", -1), 2, "error: --epochs must be at least 0"),
+        (("score", "{official}", "--rounds", 0), 2, "error: --rounds must be at least 1"),
+        (("score", "{official}", "--device", "tpu"), 2, "error: unknown device 'tpu'"),
+        (("score", "{official}", "--seed", "x"), 2, "Invalid value for '--seed'"),
+        (("score", "{cifar}"), 1, "error: no reference test set for cifar100"),
+        (("score", "{official}", "--ref", "{tmp}"), 1, "error: reference test set not found"),
+    ],
+)
+def test_bad_input_one_line_error_and_no_output(run_cli, official_file, tmp_path, args, code, message):
+    cifar = tmp_path / "cifar100.pt"
+    torch.save(torch.randn(1000, 3, 32, 32), cifar)
+    out = tmp_path / "out"
+    fmt = {"official": official_file, "cifar": cifar, "tmp": tmp_path / "noref"}
+    args = [str(a).format(**fmt) for a in args]
+    import os
+
+    env_root = tmp_path / "root"
+    os.environ["DDCHALLENGE_DATA"] = str(env_root)
+    try:
+        result = run_cli(*args, "--output", out, "--quiet")
+    finally:
+        del os.environ["DDCHALLENGE_DATA"]
+    assert result.exit_code == code
+    assert message in result.stderr
+    if code == 1:
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == "" and not out.exists()

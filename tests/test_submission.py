@@ -1,0 +1,218 @@
+"""Every form `score` reads, and every bad input refused before training."""
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from ddchallenge.errors import SubmissionError
+from ddchallenge.labelled import write_labelled_set
+from ddchallenge.submission import load_submission
+
+
+class FileCreatingPayload:
+    """Unpickling this would create a file through os.system."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def labelled_h5(path, images, labels, dataset="mnist5k"):
+    write_labelled_set(path, images, labels, dataset=dataset, ipc=0, method="test", seed=0, config={})
+    return path
+
+
+def test_official_file_labels_are_class_major(official_file):
+    (entry,) = load_submission(official_file)
+    assert (entry.spec.name, entry.ipc, entry.kind) == ("mnist5k", 10, "official")
+    assert entry.images.shape == (100, 1, 28, 28) and entry.images.dtype == torch.float32
+    assert entry.labels.tolist() == [i // 10 for i in range(100)]
+    assert len(entry.sha256) == 64 and entry.warnings == ()
+
+
+def test_labelled_h5_any_ipc_is_normalised(tmp_path, mnist5k_spec):
+    images = np.full((30, 1, 28, 28), 255, np.uint8)
+    labels = np.tile(np.arange(10), 3)  # interleaved order, IPC 3
+    (entry,) = load_submission(labelled_h5(tmp_path / "set.h5", images, labels))
+    assert (entry.ipc, entry.kind, entry.spec.name) == (3, "labelled", "mnist5k")
+    assert torch.equal(entry.labels, torch.from_numpy(labels))
+    assert torch.allclose(entry.images, torch.full_like(entry.images, (1 - 0.1307) / 0.3081))
+
+
+def test_labelled_pt_dict(tmp_path):
+    path = tmp_path / "mnist5k.pt"
+    torch.save({"images": torch.randn(20, 1, 28, 28), "labels": torch.arange(20) % 10}, path)
+    (entry,) = load_submission(path)
+    assert (entry.ipc, entry.kind) == (2, "labelled")
+
+
+def test_zip_and_folder_with_several_datasets(tmp_path):
+    cifar = torch.randn(1000, 3, 32, 32)
+    tiny = torch.randn(200, 3, 64, 64)  # IPC 1 keeps the test small
+    res = tmp_path / "sub" / "res"
+    res.mkdir(parents=True)
+    torch.save(cifar, res / "cifar100.pt")
+    torch.save(tiny, res / "tinyimagenet.pt")
+    with zipfile.ZipFile(tmp_path / "submission.zip", "w") as z:
+        z.write(res / "cifar100.pt", "cifar100.pt")
+        z.write(res / "tinyimagenet.pt", "tinyimagenet.pt")
+    for path in (tmp_path / "sub", res, tmp_path / "submission.zip"):
+        entries = load_submission(path)
+        assert [(e.spec.name, e.ipc) for e in entries] == [("cifar100", 10), ("tinyimagenet", 1)]
+
+
+def test_dataset_inferred_from_unique_shape(tmp_path):
+    path = tmp_path / "anything.pt"
+    torch.save(torch.randn(400, 3, 64, 64), path)
+    assert load_submission(path)[0].spec.name == "tinyimagenet"
+
+
+@pytest.mark.parametrize("payload_format", ["torch_save", "raw_pickle"])
+def test_code_running_pickle_is_refused_and_never_runs(tmp_path, payload_format):
+    target = tmp_path / "pwned"
+    path = tmp_path / "mnist5k.pt"
+    if payload_format == "torch_save":
+        torch.save({"images": FileCreatingPayload(target)}, path)
+    else:
+        path.write_bytes(pickle.dumps(FileCreatingPayload(target)))
+    # The payload is real: plain unpickling creates its file.
+    canary = tmp_path / "canary"
+    pickle.loads(pickle.dumps(FileCreatingPayload(canary)))
+    assert canary.exists()
+    with pytest.raises(SubmissionError, match="refused: it holds Python objects other than tensors"):
+        load_submission(path)
+    assert not target.exists()
+
+
+BAD_TENSORS = [
+    ("wrong_shape", torch.randn(100, 3, 32, 32), "needs \\(N, 1, 28, 28\\)"),
+    ("nan", torch.full((100, 1, 28, 28), float("nan")), "NaN or Inf"),
+    ("inf", torch.cat([torch.zeros(99, 1, 28, 28), torch.full((1, 1, 28, 28), float("inf"))]), "784 NaN or Inf"),
+    ("uint8", torch.zeros(100, 1, 28, 28, dtype=torch.uint8), "torch.uint8 tensor; expected float32"),
+    ("3d", torch.randn(100, 28, 28), "expected 4 dimensions"),
+    ("not_multiple", torch.randn(95, 1, 28, 28), "95 images, not a multiple of mnist5k's 10 classes"),
+    ("empty", torch.randn(0, 1, 28, 28), "needs \\(N, 1, 28, 28\\)"),
+]
+
+
+@pytest.mark.parametrize("name, tensor, message", BAD_TENSORS, ids=[b[0] for b in BAD_TENSORS])
+def test_bad_tensors_are_refused(tmp_path, name, tensor, message):
+    path = tmp_path / "mnist5k.pt"
+    torch.save(tensor, path)
+    with pytest.raises(SubmissionError, match=message):
+        load_submission(path)
+
+
+def test_missing_empty_truncated_and_unknown_files(tmp_path, official_file):
+    with pytest.raises(SubmissionError, match="submission not found"):
+        load_submission(tmp_path / "nope.pt")
+    (tmp_path / "e").mkdir()
+    empty = tmp_path / "e" / "mnist5k.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(SubmissionError, match="is empty"):
+        load_submission(empty)
+    data = official_file.read_bytes()
+    official_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SubmissionError, match="not a readable torch file \\(truncated or corrupt"):
+        load_submission(official_file)
+    other = tmp_path / "images.npy"
+    other.write_bytes(b"x")
+    with pytest.raises(SubmissionError, match="unknown file type '.npy'"):
+        load_submission(other)
+
+
+def test_unexpected_containers_are_refused(tmp_path):
+    path = tmp_path / "mnist5k.pt"
+    torch.save({"images": torch.randn(10, 1, 28, 28), "labels": torch.arange(10), "extra": torch.zeros(1)}, path)
+    with pytest.raises(SubmissionError, match="dict with keys \\['extra', 'images', 'labels'\\]"):
+        load_submission(path)
+    torch.save([torch.randn(10, 1, 28, 28)], path)
+    with pytest.raises(SubmissionError, match="holds list; expected a bare float tensor"):
+        load_submission(path)
+
+
+def test_ambiguous_dataset_needs_flag_and_name_conflicts(tmp_path):
+    path = tmp_path / "sub.pt"
+    torch.save(torch.randn(100, 1, 28, 28), path)
+    with pytest.raises(SubmissionError, match="could be mnist, fashionmnist, mnist5k; pass --dataset"):
+        load_submission(path)
+    assert load_submission(path, dataset="mnist")[0].spec.name == "mnist"
+    named = tmp_path / "mnist5k.pt"
+    torch.save(torch.randn(100, 1, 28, 28), named)
+    with pytest.raises(SubmissionError, match="named for mnist5k but --dataset says mnist"):
+        load_submission(named, dataset="mnist")
+
+
+def test_labelled_sets_need_every_class_exactly_ipc_times(tmp_path):
+    images = np.zeros((20, 1, 28, 28), np.uint8)
+    uneven = np.array([0] * 3 + [1] * 1 + list(range(2, 10)) * 2)
+    with pytest.raises(SubmissionError, match="class 0 has 3, class 1 has 1"):
+        load_submission(labelled_h5(tmp_path / "a.h5", images, uneven))
+    with pytest.raises(SubmissionError, match="labels outside 0..9"):
+        load_submission(labelled_h5(tmp_path / "b.h5", images, np.arange(20)))
+    path = tmp_path / "mnist5k.pt"
+    torch.save({"images": torch.randn(20, 1, 28, 28), "labels": torch.arange(20).float()}, path)
+    with pytest.raises(SubmissionError, match="labels of type torch.float32; expected int64"):
+        load_submission(path)
+
+
+def test_labelled_h5_refuses_normalised_floats_and_missing_datasets(tmp_path):
+    import h5py
+
+    path = tmp_path / "set.h5"
+    labelled_h5(path, np.full((10, 1, 28, 28), 2.0, np.float32), np.arange(10))
+    with pytest.raises(SubmissionError, match="float images outside \\[0, 1\\]"):
+        load_submission(path)
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f["images"] = np.zeros((10, 1, 28, 28), np.uint8)
+    with pytest.raises(SubmissionError, match="has no dataset labels"):
+        load_submission(tmp_path / "bad.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(SubmissionError, match="not a readable HDF5 labelled set"):
+        load_submission(tmp_path / "junk.h5")
+
+
+def _zip(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_bad_zips(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(torch.randn(1000, 3, 32, 32), good)
+    blob = good.read_bytes()
+    cases = [
+        ({"../cifar100.pt": blob}, "unsafe path '../cifar100.pt'"),
+        ({"/etc/cifar100.pt": blob}, "unsafe path '/etc/cifar100.pt'"),
+        ({"cifar100.pt": blob, "notes.txt": b"hi"}, "unexpected member\\(s\\) notes.txt"),
+        ({"res/cifar100.pt": blob}, "unexpected member\\(s\\) res/cifar100.pt"),
+        ({"cifar100.pt": blob}, "missing tinyimagenet.pt"),
+        ({}, "holds no dataset file"),
+    ]
+    for i, (members, message) in enumerate(cases):
+        with pytest.raises(SubmissionError, match=message):
+            load_submission(_zip(tmp_path / f"s{i}.zip", members))
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 broken")
+    with pytest.raises(SubmissionError, match="not a readable zip archive"):
+        load_submission(tmp_path / "broken.zip")
+
+
+def test_folder_with_stray_file(tmp_path, official_file):
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(SubmissionError, match="unexpected file\\(s\\) readme.txt"):
+        load_submission(tmp_path)
+
+
+def test_unnormalised_values_warn(tmp_path):
+    path = tmp_path / "mnist5k.pt"
+    torch.save(torch.rand(100, 1, 28, 28), path)
+    assert "look like unnormalised pixels" in load_submission(path)[0].warnings[0]
+    torch.save(torch.randint(0, 256, (100, 1, 28, 28)).float(), path)
+    assert "look like raw pixels" in load_submission(path)[0].warnings[0]

@@ -44,9 +44,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def torch_bytes(obj) -> bytes:
+    """torch.save into memory. Saving to a path would name the archive's
+    records after the file (a temporary name here), so the same tensor would
+    give different bytes; in memory the name is always 'archive'."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> bytes:
+    """Write torch.save's bytes atomically and return them."""
+    data = torch_bytes(obj)
+    atomic_write_bytes(path, data)
+    return data
 
 
 def read_limited(path: Path, error: type[Exception], what: str) -> bytes:

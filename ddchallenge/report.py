@@ -26,3 +26,14 @@ def score_table(result: ScoreResult) -> str:
     if not result.official_budget:
         lines.append(f"*** {NOT_OFFICIAL}: recipe {result.recipe_hash}; these numbers are not leaderboard numbers ***")
     return "\n".join(lines)
+
+
+def score_html(result: ScoreResult) -> str:
+    """The detailed results page Codabench/Codalab show beside the score."""
+    rows = [[d.dataset, d.ipc, d.images, f"{_pct(d.mean)} ± {_pct(d.std)}", " ".join(_pct(a) for a in d.accuracies),
+             ", ".join(map(str, d.seeds)), f"{d.seconds:.1f}"] for d in result.datasets]
+    table = tabulate(rows, headers=["dataset", "IPC", "images", "accuracy %", "per round %", "seeds", "seconds"],
+                     tablefmt="html")
+    budget = "official budget" if result.official_budget else f"{NOT_OFFICIAL} (recipe {result.recipe_hash})"
+    return (f"<html><body><h2>Score: {_pct(result.score)} %</h2><p>{budget}; device {result.device}; "
+            f"ddchallenge {result.versions['ddchallenge']}</p>{table}</body></html>\n")

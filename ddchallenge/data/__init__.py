@@ -3,8 +3,9 @@ from ddchallenge.data.reference import (
     data_root,
     denormalise,
     load_reference,
+    load_train,
     normalise,
     save_reference,
 )
 
-__all__ = ["data_root", "denormalise", "load_reference", "normalise", "save_reference"]
+__all__ = ["data_root", "denormalise", "load_reference", "load_train", "normalise", "save_reference"]

@@ -88,3 +88,34 @@ def save_reference(spec: DatasetSpec, path: str | os.PathLike) -> Path:
         raise DatasetError(f"only the embedded mnist5k reference can be written here, not {spec.name}")
     atomic_torch_save(embedded_reference(spec), path)
     return Path(path)
+
+
+def train_store_path(spec: DatasetSpec, root: str | os.PathLike | None = None) -> Path:
+    return (Path(root) if root is not None else data_root()) / f"{spec.name}_train.h5"
+
+
+def load_train(spec: DatasetSpec, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training images (uint8 (N, C, H, W)) and labels (int64 (N,)) of a
+    dataset: mnist5k from the embedded data, the others from the HDF5
+    training store `<root>/<name>_train.h5` (datasets /images and /labels)."""
+    if spec.name == "mnist5k":
+        return mnist5k.load("train")
+    path = train_store_path(spec, root)
+    if not path.is_file():
+        raise DatasetError(
+            f"no training images for {spec.name}: {path} does not exist; write the dataset's training split "
+            "there as an HDF5 store with /images uint8 (N, C, H, W) and /labels int64 (N,), or pass --root DIR"
+        )
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            images, labels = f["images"][()], f["labels"][()].astype(np.int64)
+    except (OSError, KeyError) as exc:
+        raise DatasetError(f"training store {path} is not readable ({exc}); write it again") from None
+    if images.dtype != np.uint8 or images.shape[1:] != spec.image_shape or labels.shape != (images.shape[0],):
+        raise DatasetError(
+            f"training store {path} holds {images.dtype} {images.shape} images and {labels.shape} labels; "
+            f"expected uint8 (N, {', '.join(map(str, spec.image_shape))}) and (N,)"
+        )
+    return images, labels

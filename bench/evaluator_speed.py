@@ -1,0 +1,161 @@
+"""Evaluator throughput: ddchallenge's trainer against a straightforward
+re-implementation of the official training loop, at the same epoch budget.
+
+The baseline does what the organisers' script does, in its style: a
+DataLoader over a TensorDataset (shuffle, batch 256), DSA that builds affine
+matrices per image in Python and picks the group with `.item()`, and per-step
+host syncs for the running loss and accuracy (`loss.item()`, argmax in numpy).
+
+    python bench/evaluator_speed.py --shape cifar100 --epochs 2 --repeats 3
+    python bench/evaluator_speed.py --shape tinyimagenet --epochs 1 --repeats 3
+    python bench/evaluator_speed.py --full          # GPU: full protocol, both datasets
+
+Prints a markdown table (seconds per epoch, medians) for docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ddchallenge.nets import reference_convnet
+from ddchallenge.protocol import OFFICIAL, get_dataset
+from ddchallenge.train import resolve_device, train_round
+
+
+# --- the baseline: official-style loop ---------------------------------------
+
+def _official_dsa(x: torch.Tensor) -> torch.Tensor:
+    groups = ["color", "crop", "cutout", "flip", "scale", "rotate"]
+    g = groups[torch.randint(0, len(groups), size=(1,)).item()]  # host sync per batch
+    n, dev = x.shape[0], x.device
+    if g == "color":
+        x = x + (torch.rand(n, 1, 1, 1, device=dev) - 0.5)
+        m = x.mean(dim=1, keepdim=True)
+        x = (x - m) * (torch.rand(n, 1, 1, 1, device=dev) * 2.0) + m
+        m = x.mean(dim=[1, 2, 3], keepdim=True)
+        return (x - m) * (torch.rand(n, 1, 1, 1, device=dev) + 0.5) + m
+    if g == "crop":
+        s = int(x.size(2) * 0.125 + 0.5)
+        tx = torch.randint(-s, s + 1, size=[n, 1, 1], device=dev)
+        ty = torch.randint(-s, s + 1, size=[n, 1, 1], device=dev)
+        gb, gx, gy = torch.meshgrid(torch.arange(n, device=dev), torch.arange(x.size(2), device=dev),
+                                    torch.arange(x.size(3), device=dev), indexing="ij")
+        gx = torch.clamp(gx + tx + 1, 0, x.size(2) + 1)
+        gy = torch.clamp(gy + ty + 1, 0, x.size(3) + 1)
+        xp = F.pad(x, [1, 1, 1, 1])
+        return xp.permute(0, 2, 3, 1).contiguous()[gb, gx, gy].permute(0, 3, 1, 2)
+    if g == "cutout":
+        k = int(x.size(2) * 0.5 + 0.5)
+        ox = torch.randint(0, x.size(2) + (1 - k % 2), size=[n, 1, 1], device=dev)
+        oy = torch.randint(0, x.size(3) + (1 - k % 2), size=[n, 1, 1], device=dev)
+        gb, gx, gy = torch.meshgrid(torch.arange(n, device=dev), torch.arange(k, device=dev),
+                                    torch.arange(k, device=dev), indexing="ij")
+        gx = torch.clamp(gx + ox - k // 2, min=0, max=x.size(2) - 1)
+        gy = torch.clamp(gy + oy - k // 2, min=0, max=x.size(3) - 1)
+        mask = torch.ones(n, x.size(2), x.size(3), dtype=x.dtype, device=dev)
+        mask[gb, gx, gy] = 0
+        return x * mask.unsqueeze(1)
+    if g == "flip":
+        return torch.where(torch.rand(n, 1, 1, 1, device=dev) < 0.5, x.flip(3), x)
+    if g == "scale":
+        sx = torch.rand(n) * (1.2 - 1 / 1.2) + 1 / 1.2
+        sy = torch.rand(n) * (1.2 - 1 / 1.2) + 1 / 1.2
+        theta = torch.tensor([[[sx[i], 0, 0], [0, sy[i], 0]] for i in range(n)], dtype=torch.float)
+    else:
+        a = (torch.rand(n) - 0.5) * 2 * 15 / 180 * float(np.pi)
+        theta = torch.tensor([[[torch.cos(a[i]), torch.sin(-a[i]), 0], [torch.sin(a[i]), torch.cos(a[i]), 0]]
+                              for i in range(n)], dtype=torch.float)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(dev)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+def official_style_round(spec, images, labels, epochs: int, device) -> None:
+    net = reference_convnet(spec).to(device)
+    loader = DataLoader(TensorDataset(images.to(device), labels.to(device)), batch_size=256, shuffle=True,
+                        num_workers=0)
+    lr = 0.01
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    for ep in range(epochs + 1):
+        loss_avg, acc_avg, num = 0.0, 0, 0
+        for img, lab in loader:
+            img = _official_dsa(img)
+            out = net(img)
+            loss = F.cross_entropy(out, lab)
+            loss_avg += loss.item() * lab.shape[0]
+            acc_avg += np.sum(np.argmax(out.cpu().data.numpy(), axis=-1) == lab.cpu().data.numpy())
+            num += lab.shape[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if ep == epochs // 2 + 1:
+            lr *= 0.1
+            opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+# --- measurement -------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_epoch(fn, epochs: int, repeats: int, device) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) / (epochs + 1))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=["cifar100", "tinyimagenet"], default="cifar100")
+    ap.add_argument("--epochs", type=int, default=2, help="recipe epochs per run (runs epochs + 1 passes)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--full", action="store_true", help="time the full official protocol for both datasets")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+
+    if args.full:
+        total = 0.0
+        for name in ("cifar100", "tinyimagenet"):
+            spec = get_dataset(name)
+            x, y = torch.randn(spec.classes * 10, *spec.image_shape), torch.arange(spec.classes * 10) // 10
+            t = time.perf_counter()
+            for r in range(OFFICIAL.rounds):
+                train_round(spec, x, y, OFFICIAL, r, device, progress=False)
+            _sync(device)
+            dt = time.perf_counter() - t
+            total += dt
+            print(f"| {name} | full official protocol (1001 epochs x 3 rounds) | {dt:.1f} s | {where} |")
+        print(f"| both | challenge score | {total:.1f} s | {where} |")
+        return
+
+    spec = get_dataset(args.shape)
+    n = spec.classes * 10
+    x, y = torch.randn(n, *spec.image_shape), torch.arange(n) // 10
+    recipe = OFFICIAL.with_overrides(epochs=args.epochs)
+    torch.manual_seed(0)
+    ours = seconds_per_epoch(lambda: train_round(spec, x, y, recipe, 0, device, progress=False),
+                             args.epochs, args.repeats, device)
+    base = seconds_per_epoch(lambda: official_style_round(spec, x, y, args.epochs, device),
+                             args.epochs, args.repeats, device)
+    mo, mb = statistics.median(ours), statistics.median(base)
+    print(f"| {args.shape} {tuple(x.shape)} | {device.type} ({where}) | {mb:.3f} | {mo:.3f} | {mb / mo:.2f}x | "
+          f"{args.epochs + 1} passes x {args.repeats} runs |")
+
+
+if __name__ == "__main__":
+    main()

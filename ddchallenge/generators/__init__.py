@@ -1,0 +1,142 @@
+"""The `generate` stage: a registry of methods, each a function that returns
+exactly IPC labelled images per class, and the runner that enforces the track
+rules, times the run and writes the labelled set.
+
+A method joins by adding one module that decorates a function with
+`@register("name")`; the function takes a `GenerationRequest` and returns
+(images uint8 (K*IPC, C, H, W), labels int64 (K*IPC,)), class-major.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ddchallenge.errors import DDChallengeError, UsageError
+from ddchallenge.labelled import write_labelled_set
+from ddchallenge.protocol import DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, get_dataset
+
+log = logging.getLogger(__name__)
+
+
+class BudgetExceeded(DDChallengeError):
+    """A Track 2 run that did not finish inside its time budget."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    dataset: str  # dataset name (see `ddchallenge.protocol.DATASETS`)
+    method: str  # registered method name
+    ipc: int  # images per class
+    seed: int = 0  # the only source of randomness
+    track: int | None = None  # 1: IPC 10 on a Track 1 dataset; 2: time budget enforced; None: no rules
+    budget: float | None = None  # seconds; Track 2 default 600
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    root: str | None = None  # data root holding training stores (default: the per-user cache)
+    options: dict = field(default_factory=dict)  # method-specific settings, recorded with the set
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    spec: DatasetSpec
+    ipc: int
+    seed: int
+    device: str
+    root: str | None
+    options: dict
+    deadline: float | None  # time.monotonic() value; None: no budget
+
+    def check_deadline(self) -> None:
+        """Methods call this between units of work, so an over-budget run
+        stops early instead of finishing uselessly."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise BudgetExceeded("the generation budget ran out before the method finished; nothing was written")
+
+
+GENERATORS: dict[str, Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def register(name: str):
+    def add(fn):
+        GENERATORS[name] = fn
+        return fn
+    return add
+
+
+def _method(name: str):
+    from ddchallenge.generators import baselines  # noqa: F401  (registers its methods)
+
+    try:
+        return GENERATORS[name]
+    except KeyError:
+        raise UsageError(f"unknown method {name!r}; methods: {', '.join(sorted(GENERATORS))}") from None
+
+
+def check_track(config: GenerateConfig, spec: DatasetSpec) -> float | None:
+    """Validate the track rules; return the budget in seconds (None: untimed)."""
+    if config.ipc < 1:
+        raise UsageError(f"--ipc must be at least 1, got {config.ipc}")
+    if config.track not in (None, 1, 2):
+        raise UsageError(f"--track must be 1 or 2, got {config.track}")
+    if config.track == 1:
+        if not spec.track1:
+            track1 = ", ".join(n for n, s in DATASETS.items() if s.track1)
+            raise UsageError(f"Track 1 is scored on {track1}, not {spec.name}; drop --track 1")
+        if config.ipc != TRACK1_IPC:
+            raise UsageError(f"Track 1 fixes IPC at {TRACK1_IPC}, got --ipc {config.ipc}")
+    if config.budget is not None and config.budget <= 0:
+        raise UsageError(f"--budget must be positive seconds, got {config.budget}")
+    if config.track == 2:
+        return config.budget if config.budget is not None else TRACK2_BUDGET_SECONDS
+    return config.budget
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    path: Path
+    dataset: str
+    method: str
+    ipc: int
+    images: int
+    seconds: float
+    images_per_second: float
+
+
+def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = False) -> GenerationReport:
+    """Run a method and write its labelled set atomically: on any failure
+    (including an exceeded budget) nothing is written."""
+    spec = get_dataset(config.dataset)
+    method = _method(config.method)
+    budget = check_track(config, spec)
+    output = Path(output)
+    if output.exists() and not force:
+        raise UsageError(f"{output} already exists; pass --force to overwrite it")
+    start = time.monotonic()
+    request = GenerationRequest(spec, config.ipc, config.seed, config.device, config.root, dict(config.options),
+                                None if budget is None else start + budget)
+    images, labels = method(request)
+    seconds = time.monotonic() - start
+    if budget is not None and seconds > budget:
+        raise BudgetExceeded(f"generation took {seconds:.1f} s, over the {budget:.0f} s budget; nothing was written")
+    _check_output(images, labels, spec, config.ipc, config.method)
+    # The run time is reported, not recorded: same seed, same bytes.
+    write_labelled_set(output, images, labels, dataset=spec.name, ipc=config.ipc, method=config.method,
+                       seed=config.seed, config=dataclasses.asdict(config))
+    return GenerationReport(output, spec.name, config.method, config.ipc, len(labels), seconds,
+                            len(labels) / max(seconds, 1e-9))
+
+
+def _check_output(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, ipc: int, method: str) -> None:
+    """A method's bug must not become a silently wrong submission."""
+    n = spec.classes * ipc
+    if images.dtype != np.uint8 or images.shape != (n, *spec.image_shape):
+        raise DDChallengeError(f"method {method} returned {images.dtype} {images.shape}; expected uint8 "
+                               f"{(n, *spec.image_shape)}")
+    if not np.array_equal(labels, np.repeat(np.arange(spec.classes), ipc)):
+        raise DDChallengeError(f"method {method} did not return exactly {ipc} images per class in class order")

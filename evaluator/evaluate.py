@@ -1,0 +1,64 @@
+"""The challenge scoring program for Codabench / Codalab, built on ddchallenge.
+
+    python evaluate.py INPUT OUTPUT [--epochs N] [--rounds N] [--device D]
+
+INPUT/res/ holds the participant's files (<dataset>.pt), INPUT/ref/ the
+reference test sets (<dataset>_test.pt). Every dataset with a reference set
+must be in res/, and nothing else. Writes OUTPUT/scores.txt (`correct: <score>`),
+OUTPUT/result.json and OUTPUT/detailed_results.html. With no options the
+recipe is the official one; the options exist for local smoke runs.
+
+Any invalid submission ends with a one-line reason on stderr and exit code 1,
+which the platform shows to the participant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ddchallenge.errors import DDChallengeError, SubmissionError
+from ddchallenge.fileio import atomic_write_bytes
+from ddchallenge.protocol import OFFICIAL
+from ddchallenge.report import score_html, score_table
+from ddchallenge.score import score
+
+
+def run(input_dir: Path, output_dir: Path, epochs: int | None, rounds: int | None, device: str) -> float:
+    res, ref = input_dir / "res", input_dir / "ref"
+    if not ref.is_dir() or not res.is_dir():
+        raise SubmissionError(f"{input_dir} must hold res/ (the submission) and ref/ (reference test sets)")
+    wanted = sorted(p.name[: -len("_test.pt")] for p in ref.glob("*_test.pt"))
+    if not wanted:
+        raise SubmissionError(f"{ref} holds no <dataset>_test.pt reference set")
+    present = sorted(p.stem for p in res.glob("*.pt"))
+    missing = [d for d in wanted if d not in present]
+    if missing:
+        raise SubmissionError(f"the submission is missing {', '.join(f'{d}.pt' for d in missing)}; "
+                              f"upload a zip holding {', '.join(f'{d}.pt' for d in wanted)}")
+    recipe = OFFICIAL.with_overrides(epochs=epochs, rounds=rounds)
+    result = score(res, ref_dir=ref, recipe=recipe, device=device, progress=False)
+    result.write(output_dir)
+    atomic_write_bytes(output_dir / "detailed_results.html", score_html(result).encode())
+    print(score_table(result))
+    return result.score
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="ECCV 2024 Dataset Distillation Challenge scoring program")
+    ap.add_argument("input", type=Path)
+    ap.add_argument("output", type=Path)
+    ap.add_argument("--epochs", type=int, help="non-official: fewer epochs, for smoke runs")
+    ap.add_argument("--rounds", type=int, help="non-official: other number of rounds")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    try:
+        run(args.input, args.output, args.epochs, args.rounds, args.device)
+    except DDChallengeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

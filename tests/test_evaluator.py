@@ -1,0 +1,51 @@
+"""The Codabench/Codalab scoring program on a real mnist5k res/ref pair."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ddchallenge.data import save_reference
+from ddchallenge.protocol import get_dataset
+
+PROGRAM = Path(__file__).resolve().parents[1] / "evaluator" / "evaluate.py"
+
+
+def _input(tmp_path, official_file=None):
+    inp = tmp_path / "input"
+    (inp / "res").mkdir(parents=True)
+    save_reference(get_dataset("mnist5k"), inp / "ref" / "mnist5k_test.pt")
+    if official_file is not None:
+        (inp / "res" / "mnist5k.pt").write_bytes(official_file.read_bytes())
+    return inp
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(PROGRAM), *map(str, args)], capture_output=True, text=True)
+
+
+def test_scores_a_res_ref_pair(tmp_path, official_file):
+    inp, out = _input(tmp_path, official_file), tmp_path / "output"
+    proc = _run(inp, out, "--epochs", 1, "--rounds", 1, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert (out / "scores.txt").read_text() == f"correct: {result['score']}\n"
+    assert 0.2 < result["score"] <= 1 and result["datasets"][0]["ipc"] == 10
+    assert "NOT THE OFFICIAL BUDGET" in (out / "detailed_results.html").read_text()
+    assert "mnist5k" in proc.stdout
+
+
+def test_missing_dataset_fails_with_one_line_and_no_scores(tmp_path):
+    inp, out = _input(tmp_path), tmp_path / "output"
+    proc = _run(inp, out)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: the submission is missing mnist5k.pt; upload a zip holding mnist5k.pt"
+    assert not out.exists()
+
+
+def test_bad_submission_fails_before_training(tmp_path):
+    inp, out = _input(tmp_path), tmp_path / "output"
+    torch.save(torch.full((100, 1, 28, 28), float("nan")), inp / "res" / "mnist5k.pt")
+    proc = _run(inp, out)
+    assert proc.returncode == 1 and "NaN or Inf" in proc.stderr and not out.exists()

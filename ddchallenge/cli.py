@@ -95,5 +95,100 @@ def score(submission, dataset, ref_dir, rounds, epochs, seed, device, json_path,
     click.echo(result.to_json() if str(json_path) == "-" else score_table(result))
 
 
+@cli.command()
+@click.option("--dataset", required=True, help="Dataset to distil (see protocol.DATASETS).")
+@click.option("--method", required=True, help="Generation method: random, herding.")
+@click.option("--ipc", type=int, required=True, help="Images per class.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 on a Track 1 dataset; 2: enforce the budget.")
+@click.option("--budget", type=float, help="Seconds allowed (Track 2 default: 600).")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@device_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def generate(dataset, method, ipc, seed, track, budget, root, device, output, force):
+    """Synthesise IPC labelled images per class into a labelled set."""
+    from ddchallenge.generators import GenerateConfig, generate as run_generate
+
+    config = GenerateConfig(dataset, method, ipc, seed, track=int(track) if track else None, budget=budget,
+                            device=device, root=root)
+    r = run_generate(config, output, force=force)
+    click.echo(f"wrote {r.path}: {r.dataset}, {r.method}, IPC {r.ipc}, {r.images} images in {r.seconds:.1f} s "
+               f"({r.images_per_second:.1f} images/s), seed {seed}")
+
+
+@cli.command()
+@click.argument("sets", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 and both Track 1 datasets.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--input-normalised", is_flag=True, help="The sets hold normalised floats, not pixels.")
+def pack(sets, output, track, force, input_normalised):
+    """Pack labelled SETS into OUTPUT/res/, manifest.json and submission.zip."""
+    from ddchallenge.pack import pack as run_pack
+
+    manifest = run_pack(list(sets), output, track=int(track) if track else None, force=force,
+                        input_normalised=input_normalised)
+    for d in manifest["datasets"]:
+        click.echo(f"{output / d['file']}: {d['dataset']}, IPC {d['ipc']}, {d['format']} format, sha256 {d['sha256']}")
+    click.echo(f"{output / manifest['zip']['file']}: sha256 {manifest['zip']['sha256']}")
+
+
+@cli.command()
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG file.")
+@click.option("--dataset", help="Dataset of a file whose name and shape do not tell it.")
+@click.option("--classes", type=click.IntRange(min=1), default=20, show_default=True, help="Rows (first classes).")
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True, help="Images per row.")
+def show(submission, output, dataset, classes, per_class):
+    """Write a PNG grid of a labelled set or submission file, one row per class."""
+    from ddchallenge.fileio import atomic_write_bytes
+    from ddchallenge.report import image_grid_png
+    from ddchallenge.submission import load_submission
+
+    entries = load_submission(submission, dataset)
+    for entry in entries:
+        # One grid per dataset: name them apart when there are several.
+        target = output if len(entries) == 1 else output.with_name(f"{output.stem}_{entry.spec.name}{output.suffix}")
+        atomic_write_bytes(target, image_grid_png(entry, classes, per_class))
+        click.echo(f"wrote {target}: {entry.spec.name}, {min(classes, entry.spec.classes)} classes")
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--score", "with_score", is_flag=True, help="Also score and check the recipe's accuracy band.")
+@device_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def verify(recipes, with_score, device, quiet):
+    """Regenerate and repack RECIPES from scratch; check bytes (and score)."""
+    from ddchallenge.verify import verify as run_verify
+
+    for path in recipes:
+        v = run_verify(path, with_score=with_score, device=device, progress=not quiet)
+        extra = f", score {100 * v.result.score:.2f} % in [{100 * v.recipe.band.min:.1f}, {100 * v.recipe.band.max:.1f}]" if v.result else ""
+        click.echo(f"ok {v.recipe.name}: sha256 {v.sha256}{extra}")
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "html"]), default="table", show_default=True)
+def leaderboard(results, fmt):
+    """Rank score RESULTS (JSON files written by `score --json`)."""
+    import json
+
+    from ddchallenge.report import leaderboard as make_board
+
+    loaded = []
+    for path in results:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not all(k in data for k in ("datasets", "official_budget", "submission")):
+                raise ValueError("not a score result")
+            loaded.append(data)
+        except (OSError, ValueError) as exc:
+            raise errors.DDChallengeError(f"{path} is not a score result JSON written by `ddchallenge score --json` ({exc})") from None
+    click.echo(make_board(loaded, fmt))
+
+
 def main() -> None:
     cli(prog_name="ddchallenge")

@@ -17,3 +17,7 @@ class SubmissionError(DDChallengeError):
 
 class DatasetError(DDChallengeError):
     """A dataset or reference test set that is missing or malformed."""
+
+
+class OutputExistsError(DDChallengeError):
+    """An output that exists and would be overwritten without --force."""

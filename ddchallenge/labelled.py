@@ -55,8 +55,9 @@ def write_labelled_set(
     return Path(path)
 
 
-def read_labelled_set(path: str | os.PathLike) -> LabelledSet:
-    """Read and check the structure (not the class counts: see submission.py)."""
+def read_labelled_set(path: str | os.PathLike, pixels: bool = True) -> LabelledSet:
+    """Read and check the structure (not the class counts: see submission.py).
+    pixels=False accepts float images that are already normalised."""
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"labelled set not found: {path}")
@@ -81,15 +82,18 @@ def read_labelled_set(path: str | os.PathLike) -> LabelledSet:
     if not np.issubdtype(labels.dtype, np.integer):
         raise SubmissionError(f"labelled set {path} has labels of type {labels.dtype}; expected int64")
     if images.dtype == np.uint8:
-        pass
+        if not pixels:
+            raise SubmissionError(f"labelled set {path} holds uint8 pixels, which cannot be already normalised; "
+                                  "drop --input-normalised")
     elif np.issubdtype(images.dtype, np.floating):
         images = images.astype(np.float32)
         if images.size and not np.isfinite(images).all():
             raise SubmissionError(f"labelled set {path} holds NaN or Inf images")
-        if images.size and (images.min() < 0 or images.max() > 1):
+        if pixels and images.size and (images.min() < 0 or images.max() > 1):
             raise SubmissionError(
                 f"labelled set {path} has float images outside [0, 1] (min {images.min():.3g}, max "
-                f"{images.max():.3g}); a labelled set holds pixels, uint8 or float in [0, 1], not normalised values"
+                f"{images.max():.3g}); a labelled set holds pixels, uint8 or float in [0, 1], not normalised "
+                "values (`ddchallenge pack --input-normalised` packs normalised ones)"
             )
     else:
         raise SubmissionError(f"labelled set {path} has images of type {images.dtype}; expected uint8 or float32")

@@ -32,6 +32,7 @@ class DatasetScore:
     ipc: int
     images: int
     kind: str  # "official" or "labelled"
+    method: str | None  # generating method, when recorded
     source: str
     sha256: str  # of the scored file (or zip member)
     seeds: list[int]  # one per round: seed, seed + 1, ...
@@ -43,6 +44,8 @@ class DatasetScore:
 
 @dataclass(frozen=True)
 class ScoreResult:
+    name: str  # the submission's file or folder name, used by the leaderboard
+    method: str | None  # generating method when every dataset records the same one
     submission: str
     submission_sha256: str | None  # of the submitted file; None for a folder
     score: float  # mean over datasets of each dataset's mean accuracy
@@ -95,7 +98,7 @@ def score_entry(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, d
                           desc=f"{entry.spec.name} round {r + 1}/{recipe.rounds}")
         accs.append(accuracy(net, ref["images_val"], ref["labels_val"], recipe.eval_batch_size))
     return DatasetScore(
-        dataset=entry.spec.name, ipc=entry.ipc, images=int(entry.images.shape[0]), kind=entry.kind,
+        dataset=entry.spec.name, ipc=entry.ipc, images=int(entry.images.shape[0]), kind=entry.kind, method=entry.method,
         source=entry.source, sha256=entry.sha256, seeds=seeds, accuracies=accs,
         mean=float(np.mean(accs)), std=float(np.std(accs)), seconds=time.perf_counter() - start,
     )
@@ -119,7 +122,11 @@ def score(
     for w in notes:
         log.warning(w)
     scores = [score_entry(e, refs[e.spec.name], recipe, seed, dev, progress) for e in entries]
+    methods = {e.method for e in entries}
+    path = Path(submission)
     return ScoreResult(
+        name=path.name if path.name != "res" else path.resolve().parent.name,
+        method=methods.pop() if len(methods) == 1 else None,
         submission=str(submission), submission_sha256=_file_sha256(Path(submission)),
         score=float(np.mean([s.mean for s in scores])), datasets=scores,
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),

@@ -12,6 +12,8 @@ Forms:
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ class DatasetEntry:
     source: str  # file (and zip member) the images came from
     sha256: str  # of the exact bytes read
     warnings: tuple[str, ...] = field(default=())
+    method: str | None = None  # generating method, when the set or pack's manifest records it
 
 
 def load_submission(path: str | os.PathLike, dataset: str | None = None) -> list[DatasetEntry]:
@@ -52,8 +55,9 @@ def load_submission(path: str | os.PathLike, dataset: str | None = None) -> list
         raise SubmissionError(f"submission not found: {path}; pass {FORMS}")
     if path.is_dir():
         entries = _load_folder(path)
+        entries = _with_methods(entries, (path if (path / "res").is_dir() else path.parent) / "manifest.json")
     elif path.suffix.lower() == ".zip":
-        entries = _load_zip(path)
+        entries = _with_methods(_load_zip(path), path.parent / "manifest.json")
     elif path.suffix.lower() in (".h5", ".hdf5"):
         return [_from_labelled_h5(path, dataset)]
     elif path.suffix.lower() == ".pt":
@@ -187,7 +191,7 @@ def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str |
         _check_image_tensor(obj["images"], source)
         spec = _resolve_spec(source, stem, dataset, obj["images"].shape[1:], obj["images"].shape[0])
         images = _checked_images(obj["images"], spec, source)
-        labels, ipc = _checked_labels(obj["labels"], images.shape[0], spec, source)
+        labels, ipc = check_labels(obj["labels"], images.shape[0], spec, source)
         return DatasetEntry(spec, images, labels, ipc, "labelled", source, digest, _normalisation_warnings(images, source))
     found = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with keys {sorted(map(str, obj))}"
     raise SubmissionError(
@@ -204,9 +208,22 @@ def _from_labelled_h5(path: Path, dataset: str | None) -> DatasetEntry:
     named = lset.dataset if lset.dataset in DATASETS else path.stem
     spec = _resolve_spec(str(path), named, dataset, lset.images.shape[1:], lset.images.shape[0])
     pixels = torch.from_numpy(lset.images)
-    _shape_matches(pixels, spec, str(path))
-    labels, ipc = _checked_labels(torch.from_numpy(lset.labels), pixels.shape[0], spec, str(path))
-    return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_bytes(data))
+    check_image_shape(pixels, spec, str(path))
+    labels, ipc = check_labels(torch.from_numpy(lset.labels), pixels.shape[0], spec, str(path))
+    return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_bytes(data),
+                        method=lset.attrs.get("method"))
+
+
+def _with_methods(entries: list[DatasetEntry], manifest: Path) -> list[DatasetEntry]:
+    """Methods from the manifest `pack` wrote beside the files, for the files
+    whose sha256 it lists; the manifest is informational, so a missing or
+    unreadable one changes nothing."""
+    try:
+        listed = json.loads(manifest.read_text())["datasets"]
+        methods = {d["sha256"]: d["source"]["provenance"].get("method") for d in listed}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return entries
+    return [dataclasses.replace(e, method=methods.get(e.sha256, e.method)) for e in entries]
 
 
 def _check_image_tensor(x: torch.Tensor, source: str) -> None:
@@ -216,7 +233,7 @@ def _check_image_tensor(x: torch.Tensor, source: str) -> None:
         raise SubmissionError(f"{source} holds a tensor of shape {tuple(x.shape)}; expected 4 dimensions (N, C, H, W)")
 
 
-def _shape_matches(x: torch.Tensor, spec: DatasetSpec, source: str) -> None:
+def check_image_shape(x: torch.Tensor, spec: DatasetSpec, source: str) -> None:
     if tuple(x.shape[1:]) != spec.image_shape or x.shape[0] == 0:
         raise SubmissionError(
             f"{source} holds images of shape {tuple(x.shape)}; {spec.name} needs (N, "
@@ -225,7 +242,7 @@ def _shape_matches(x: torch.Tensor, spec: DatasetSpec, source: str) -> None:
 
 
 def _checked_images(x: torch.Tensor, spec: DatasetSpec, source: str) -> torch.Tensor:
-    _shape_matches(x, spec, source)
+    check_image_shape(x, spec, source)
     x = x.detach().to(torch.float32).contiguous()
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
@@ -233,7 +250,7 @@ def _checked_images(x: torch.Tensor, spec: DatasetSpec, source: str) -> torch.Te
     return x
 
 
-def _checked_labels(y: torch.Tensor, n: int, spec: DatasetSpec, source: str) -> tuple[torch.Tensor, int]:
+def check_labels(y: torch.Tensor, n: int, spec: DatasetSpec, source: str) -> tuple[torch.Tensor, int]:
     if y.dtype.is_floating_point or y.dtype in (torch.bool, torch.complex64, torch.complex128):
         raise SubmissionError(f"{source} has labels of type {y.dtype}; expected int64 class indices")
     if y.shape != (n,):

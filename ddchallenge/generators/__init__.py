@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from ddchallenge.errors import DDChallengeError, UsageError
+from ddchallenge.errors import DDChallengeError, OutputExistsError, UsageError
 from ddchallenge.labelled import write_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, get_dataset
 
@@ -116,7 +116,7 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     budget = check_track(config, spec)
     output = Path(output)
     if output.exists() and not force:
-        raise UsageError(f"{output} already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{output} already exists; pass --force to overwrite it")
     start = time.monotonic()
     request = GenerationRequest(spec, config.ipc, config.seed, config.device, config.root, dict(config.options),
                                 None if budget is None else start + budget)

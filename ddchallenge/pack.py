@@ -1,0 +1,131 @@
+"""Packing labelled sets into the official submission layout:
+
+    OUTDIR/res/<dataset>.pt   float32, class-major, normalised with the dataset's mean and std:
+                              a bare tensor at IPC 10 (the official format), else
+                              {"images", "labels"} (Track 2 sets keep their labels)
+    OUTDIR/manifest.json      what each file is, its sha256 and the generator's provenance
+    OUTDIR/submission.zip     the upload: the res/ files at the top level
+
+The folder is built beside OUTDIR and renamed into place at the end, so an
+interrupted pack leaves the old folder or none. Same inputs, same bytes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddchallenge import __version__
+from ddchallenge.data import normalise
+from ddchallenge.errors import OutputExistsError, SubmissionError, UsageError
+from ddchallenge.fileio import sha256_bytes, torch_bytes
+from ddchallenge.labelled import read_labelled_set
+from ddchallenge.protocol import DATASETS, TRACK1_IPC, get_dataset
+from ddchallenge.submission import check_image_shape, check_labels, load_submission
+
+ZIP_NAME = "submission.zip"
+# A fixed timestamp keeps the zip's bytes a function of its contents only.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _packed_file(set_path: Path, track: int | None, input_normalised: bool) -> tuple[str, bytes, dict]:
+    lset = read_labelled_set(set_path, pixels=not input_normalised)
+    name = lset.dataset
+    if name not in DATASETS:
+        raise SubmissionError(f"labelled set {set_path} names dataset {name!r}, which is not one of {', '.join(DATASETS)}")
+    spec = get_dataset(name)
+    pixels = torch.from_numpy(lset.images)
+    check_image_shape(pixels, spec, str(set_path))
+    labels, ipc = check_labels(torch.from_numpy(lset.labels), pixels.shape[0], spec, str(set_path))
+    if track == 1 and ipc != TRACK1_IPC:
+        raise SubmissionError(f"{set_path} has IPC {ipc}; Track 1 fixes IPC at {TRACK1_IPC}")
+    order = torch.from_numpy(np.argsort(labels.numpy(), kind="stable"))
+    images = pixels[order].float() if input_normalised else normalise(pixels[order], spec)
+    labels = labels[order]
+    if ipc == TRACK1_IPC:
+        fmt, obj = "official", images.contiguous()
+    else:
+        fmt, obj = "labelled", {"images": images.contiguous(), "labels": labels.contiguous()}
+    data = torch_bytes(obj)
+    entry = {
+        "dataset": name, "file": f"res/{spec.submission_file}", "format": fmt, "ipc": ipc,
+        "images": int(images.shape[0]), "shape": list(images.shape), "sha256": sha256_bytes(data),
+        "labels": "implicit, class-major (image i has label i // IPC)" if fmt == "official" else "stored with the images",
+        "source": {"set": set_path.name, "sha256": sha256_bytes(set_path.read_bytes()), "provenance": lset.attrs},
+    }
+    return spec.submission_file, data, entry
+
+
+def _zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name in sorted(files):
+            info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            z.writestr(info, files[name], compresslevel=6)
+    return buf.getvalue()
+
+
+def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | None = None,
+         force: bool = False, input_normalised: bool = False) -> dict:
+    """Pack labelled sets into OUTDIR; returns the manifest."""
+    outdir = Path(outdir)
+    if not sets:
+        raise UsageError("give at least one labelled set to pack")
+    if track not in (None, 1, 2):
+        raise UsageError(f"--track must be 1 or 2, got {track}")
+    if outdir.exists() and not force:
+        raise OutputExistsError(f"{outdir} already exists; pass --force to replace it")
+    files, entries = {}, []
+    for s in map(Path, sets):
+        if not s.is_file():
+            raise SubmissionError(f"labelled set not found: {s}")
+        name, data, entry = _packed_file(s, track, input_normalised)
+        if name in files:
+            raise SubmissionError(f"two sets for {entry['dataset']}; pack one set per dataset")
+        files[name] = data
+        entries.append(entry)
+    packed = {e["dataset"] for e in entries}
+    track1 = {n for n, spec in DATASETS.items() if spec.track1}
+    if (track == 1 or packed & track1) and not track1 <= packed:
+        missing = ", ".join(sorted(track1 - packed))
+        raise SubmissionError(f"a challenge upload holds every Track 1 dataset; add a set for {missing}")
+    if track == 1 and packed - track1:
+        raise SubmissionError(f"Track 1 takes only {', '.join(sorted(track1))}; remove {', '.join(sorted(packed - track1))}")
+    archive = _zip_bytes(files)
+    manifest = {"ddchallenge_version": __version__, "track": track, "datasets": entries,
+                "zip": {"file": ZIP_NAME, "sha256": sha256_bytes(archive)}}
+    _write_folder(outdir, files, manifest, archive, force)
+    return manifest
+
+
+def _write_folder(outdir: Path, files: dict[str, bytes], manifest: dict, archive: bytes, force: bool) -> None:
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        (staging / "res").mkdir()
+        for name, data in files.items():
+            (staging / "res" / name).write_bytes(data)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (staging / ZIP_NAME).write_bytes(archive)
+        # The upload must read back exactly as `score` will read it.
+        load_submission(staging / ZIP_NAME)
+        if outdir.exists() and force:
+            old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=outdir.parent))
+            os.replace(outdir, old / "x")
+            os.replace(staging, outdir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, outdir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

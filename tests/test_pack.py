@@ -1,0 +1,139 @@
+"""`ddchallenge pack` and `show`: the official layout, byte for byte."""
+import hashlib
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from ddchallenge.data import normalise
+from ddchallenge.labelled import write_labelled_set
+from ddchallenge.protocol import get_dataset
+from ddchallenge.submission import load_submission
+
+
+def make_set(path, dataset="mnist5k", ipc=10, order="interleaved", dtype=np.uint8, seed=0):
+    spec = get_dataset(dataset)
+    rng = np.random.default_rng(seed)
+    n = spec.classes * ipc
+    images = rng.integers(0, 256, (n, *spec.image_shape), dtype=np.uint8)
+    if dtype == np.float32:
+        images = images.astype(np.float32) / 255
+    labels = np.tile(np.arange(spec.classes), ipc) if order == "interleaved" else np.repeat(np.arange(spec.classes), ipc)
+    write_labelled_set(path, images, labels, dataset=dataset, ipc=ipc, method="test", seed=seed, config={"k": 1})
+    return images, labels
+
+
+def test_pack_official_layout_class_major_and_round_trip(tmp_path, run_cli):
+    images, labels = make_set(tmp_path / "s.h5")
+    out = tmp_path / "sub"
+    r = run_cli("pack", tmp_path / "s.h5", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "res", "submission.zip"]
+    tensor = torch.load(out / "res" / "mnist5k.pt", weights_only=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.shape == (100, 1, 28, 28)
+    order = np.argsort(labels, kind="stable")
+    torch.testing.assert_close(tensor, normalise(images[order], get_dataset("mnist5k")))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (entry,) = manifest["datasets"]
+    assert entry["sha256"] == hashlib.sha256((out / "res" / "mnist5k.pt").read_bytes()).hexdigest()
+    assert (entry["format"], entry["ipc"], entry["shape"]) == ("official", 10, [100, 1, 28, 28])
+    assert entry["source"]["provenance"]["method"] == "test"
+    assert manifest["zip"]["sha256"] == hashlib.sha256((out / "submission.zip").read_bytes()).hexdigest()
+    with zipfile.ZipFile(out / "submission.zip") as z:
+        assert z.namelist() == ["mnist5k.pt"]
+        assert z.read("mnist5k.pt") == (out / "res" / "mnist5k.pt").read_bytes()
+    for form in (out, out / "res", out / "submission.zip", out / "res" / "mnist5k.pt"):
+        (e,) = load_submission(form)
+        assert e.labels.tolist() == [i // 10 for i in range(100)] and torch.equal(e.images, tensor)
+    assert load_submission(out)[0].method == "test"
+
+
+def test_pack_twice_gives_the_same_bytes(tmp_path):
+    from ddchallenge.pack import pack
+
+    make_set(tmp_path / "s.h5")
+    a, b = pack([tmp_path / "s.h5"], tmp_path / "a"), pack([tmp_path / "s.h5"], tmp_path / "b")
+    assert a["zip"]["sha256"] == b["zip"]["sha256"]
+    assert (tmp_path / "a" / "submission.zip").read_bytes() == (tmp_path / "b" / "submission.zip").read_bytes()
+
+
+def test_track2_ipc_other_than_10_keeps_labels(tmp_path, run_cli):
+    make_set(tmp_path / "s.h5", ipc=3, dtype=np.float32)
+    r = run_cli("pack", tmp_path / "s.h5", "-o", tmp_path / "sub", "--track", 2)
+    assert r.exit_code == 0, r.output
+    packed = torch.load(tmp_path / "sub" / "res" / "mnist5k.pt", weights_only=True)
+    assert set(packed) == {"images", "labels"} and packed["labels"].tolist() == [i // 3 for i in range(30)]
+    assert json.loads((tmp_path / "sub" / "manifest.json").read_text())["datasets"][0]["format"] == "labelled"
+    assert load_submission(tmp_path / "sub" / "submission.zip")[0].ipc == 3
+
+
+def test_track1_pack_needs_both_datasets_at_ipc_10(tmp_path, run_cli):
+    make_set(tmp_path / "c.h5", "cifar100")
+    make_set(tmp_path / "t.h5", "tinyimagenet", ipc=1)
+    r = run_cli("pack", tmp_path / "c.h5", "-o", tmp_path / "x", "--track", 1)
+    assert r.exit_code == 1 and "add a set for tinyimagenet" in r.stderr
+    r = run_cli("pack", tmp_path / "c.h5", tmp_path / "t.h5", "-o", tmp_path / "x", "--track", 1)
+    assert r.exit_code == 1 and "has IPC 1; Track 1 fixes IPC at 10" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_track1_pack_of_both_challenge_datasets(tmp_path, run_cli):
+    make_set(tmp_path / "c.h5", "cifar100")
+    make_set(tmp_path / "t.h5", "tinyimagenet")
+    r = run_cli("pack", tmp_path / "c.h5", tmp_path / "t.h5", "-o", tmp_path / "x", "--track", 1)
+    assert r.exit_code == 0
+    assert [(e.spec.name, e.ipc) for e in load_submission(tmp_path / "x" / "submission.zip")] == [("cifar100", 10), ("tinyimagenet", 10)]
+
+
+def test_pack_refusals_leave_nothing(tmp_path, run_cli):
+    make_set(tmp_path / "a.h5")
+    make_set(tmp_path / "b.h5", seed=1)
+    out = tmp_path / "sub"
+    bad = tmp_path / "bad.h5"
+    write_labelled_set(bad, np.zeros((20, 1, 28, 28), np.uint8), np.array([0] * 11 + list(range(1, 10))),
+                       dataset="mnist5k", ipc=2, method="t", seed=0, config={})
+    cases = [
+        ((tmp_path / "a.h5", tmp_path / "b.h5"), "two sets for mnist5k"),
+        ((bad,), "class 0 has 11"),
+        ((tmp_path / "missing.h5",), "labelled set not found"),
+    ]
+    for sets, message in cases:
+        r = run_cli("pack", *sets, "-o", out)
+        assert r.exit_code == 1 and message in r.stderr, r.output
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_existing_output_needs_force_and_input_normalised(tmp_path, run_cli):
+    make_set(tmp_path / "a.h5")
+    out = tmp_path / "sub"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    r = run_cli("pack", tmp_path / "a.h5", "-o", out)
+    assert r.exit_code == 1 and "already exists; pass --force" in r.stderr and (out / "precious.txt").exists()
+    r = run_cli("pack", tmp_path / "a.h5", "-o", out, "--force")
+    assert r.exit_code == 0 and not (out / "precious.txt").exists() and (out / "res" / "mnist5k.pt").exists()
+    normed = tmp_path / "n.h5"
+    x = torch.randn(10, 1, 28, 28).numpy()
+    write_labelled_set(normed, x, np.arange(10), dataset="mnist5k", ipc=1, method="t", seed=0, config={})
+    r = run_cli("pack", normed, "-o", tmp_path / "n")
+    assert r.exit_code == 1 and "not normalised values" in r.stderr
+    r = run_cli("pack", normed, "-o", tmp_path / "n", "--input-normalised")
+    assert r.exit_code == 0
+    assert torch.equal(torch.load(tmp_path / "n" / "res" / "mnist5k.pt", weights_only=True)["images"], torch.from_numpy(x))
+
+
+def test_show_writes_one_row_per_class(tmp_path, run_cli):
+    from PIL import Image
+
+    make_set(tmp_path / "s.h5", ipc=3)
+    r = run_cli("show", tmp_path / "s.h5", "-o", tmp_path / "g.png")
+    assert r.exit_code == 0, r.output
+    img = Image.open(tmp_path / "g.png")
+    # 10 rows and 3 columns of 56-px tiles (28 px doubled) with 2-px padding.
+    assert img.size == (3 * 58 + 2, 10 * 58 + 2) and img.mode == "L"
+    r = run_cli("show", tmp_path / "nothing.pt", "-o", tmp_path / "h.png")
+    assert r.exit_code == 1 and not (tmp_path / "h.png").exists()

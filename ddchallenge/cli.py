@@ -190,5 +190,46 @@ def leaderboard(results, fmt):
     click.echo(make_board(loaded, fmt))
 
 
+@cli.group()
+def data() -> None:
+    """List and prepare datasets (reference test sets and training stores)."""
+
+
+root_option = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+                           help="Data root (default: $DDCHALLENGE_DATA or ~/.cache/ddchallenge).")
+
+
+@data.command("list")
+@root_option
+def data_list(root):
+    """The known datasets, their shapes and constants, and which are prepared."""
+    from tabulate import tabulate
+
+    from ddchallenge.data.prepare import dataset_table
+
+    rows = dataset_table(root)
+    click.echo(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple",
+                        disable_numparse=True))
+
+
+@data.command("prepare")
+@click.argument("name")
+@root_option
+@click.option("--download", is_flag=True, help="Download the standard files (checked against their checksums).")
+@click.option("--source", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder holding the standard files (default: ROOT/downloads).")
+@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True, help="Image decoding threads.")
+def data_prepare(name, root, download, source, workers):
+    """Write NAME's reference test set, training store and metadata under the root."""
+    from ddchallenge.data.prepare import prepare
+
+    r = prepare(name, root, download=download, source_dir=source, workers=workers)
+    if r.already:
+        click.echo(f"{r.dataset} is already prepared in {r.root}; nothing to do")
+    else:
+        kept = " (kept the existing reference test file)" if r.kept_reference else ""
+        click.echo(f"prepared {r.dataset} in {r.root}: {r.train} training and {r.test} test images{kept}")
+
+
 def main() -> None:
     cli(prog_name="ddchallenge")

@@ -76,8 +76,8 @@ def load_reference(spec: DatasetSpec, ref_dir: str | os.PathLike | None = None) 
     if spec.name == "mnist5k":
         return embedded_reference(spec)
     raise DatasetError(
-        f"no reference test set for {spec.name}: {path} does not exist; place the official "
-        f"{spec.reference_file} there or pass --ref DIR holding it"
+        f"no reference test set for {spec.name}: {path} does not exist; run `ddchallenge data prepare "
+        f"{spec.name} --download`, place the official {spec.reference_file} there, or pass --ref DIR"
     )
 
 
@@ -103,8 +103,8 @@ def load_train(spec: DatasetSpec, root: str | os.PathLike | None = None) -> tupl
     path = train_store_path(spec, root)
     if not path.is_file():
         raise DatasetError(
-            f"no training images for {spec.name}: {path} does not exist; write the dataset's training split "
-            "there as an HDF5 store with /images uint8 (N, C, H, W) and /labels int64 (N,), or pass --root DIR"
+            f"no training images for {spec.name}: {path} does not exist; run `ddchallenge data prepare "
+            f"{spec.name} --download` (or pass --root DIR where it was prepared)"
         )
     import h5py
 

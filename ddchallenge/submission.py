@@ -53,6 +53,10 @@ def load_submission(path: str | os.PathLike, dataset: str | None = None) -> list
     path = Path(path)
     if not path.exists():
         raise SubmissionError(f"submission not found: {path}; pass {FORMS}")
+    if dataset is not None and (path.is_dir() or path.suffix.lower() == ".zip"):
+        raise SubmissionError(
+            f"--dataset applies to a single file, but {path} names its datasets by file name; drop --dataset"
+        )
     if path.is_dir():
         entries = _load_folder(path)
         entries = _with_methods(entries, (path if (path / "res").is_dir() else path.parent) / "manifest.json")
@@ -65,10 +69,6 @@ def load_submission(path: str | os.PathLike, dataset: str | None = None) -> list
         return [_from_torch_bytes(data, str(path), path.stem, dataset)]
     else:
         raise SubmissionError(f"cannot read {path}: unknown file type {path.suffix!r}; pass {FORMS}")
-    if dataset is not None:
-        raise SubmissionError(
-            f"--dataset applies to a single file, but {path} names its datasets by file name; drop --dataset"
-        )
     return entries
 
 

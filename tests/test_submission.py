@@ -216,3 +216,8 @@ def test_unnormalised_values_warn(tmp_path):
     assert "look like unnormalised pixels" in load_submission(path)[0].warnings[0]
     torch.save(torch.randint(0, 256, (100, 1, 28, 28)).float(), path)
     assert "look like raw pixels" in load_submission(path)[0].warnings[0]
+
+
+def test_dataset_flag_is_refused_for_folders_and_zips(tmp_path, official_file):
+    with pytest.raises(SubmissionError, match="--dataset applies to a single file"):
+        load_submission(tmp_path, dataset="mnist5k")

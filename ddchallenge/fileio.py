@@ -17,6 +17,12 @@ import torch
 # into memory. (Tiny-ImageNet at IPC 100 is about 1 GB of float32.)
 MAX_FILE_BYTES = 4 << 30
 
+# mkstemp creates files readable by their owner only; what we write should
+# get the permissions any new file gets. (Read once: os.umask can only be
+# read by setting it.)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -32,6 +38,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

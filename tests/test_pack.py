@@ -1,6 +1,7 @@
 """`ddchallenge pack` and `show`: the official layout, byte for byte."""
 import hashlib
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -48,6 +49,11 @@ def test_pack_official_layout_class_major_and_round_trip(tmp_path, run_cli):
         (e,) = load_submission(form)
         assert e.labels.tolist() == [i // 10 for i in range(100)] and torch.equal(e.images, tensor)
     assert load_submission(out)[0].method == "test"
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (out, out / "res" / "mnist5k.pt", out / "manifest.json"):
+        want = (0o777 if written.is_dir() else 0o666) & ~umask
+        assert written.stat().st_mode & 0o777 == want, written
 
 
 def test_pack_twice_gives_the_same_bytes(tmp_path):

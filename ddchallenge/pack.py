@@ -25,9 +25,9 @@ import torch
 from ddchallenge import __version__
 from ddchallenge.data import normalise
 from ddchallenge.errors import OutputExistsError, SubmissionError, UsageError
-from ddchallenge.fileio import sha256_bytes, torch_bytes
+from ddchallenge.fileio import sha256_bytes, sha256_file, torch_bytes
 from ddchallenge.labelled import read_labelled_set
-from ddchallenge.protocol import DATASETS, TRACK1_IPC, get_dataset
+from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, TRACK1_IPC, get_dataset
 from ddchallenge.submission import check_image_shape, check_labels, load_submission
 
 ZIP_NAME = "submission.zip"
@@ -58,7 +58,7 @@ def _packed_file(set_path: Path, track: int | None, input_normalised: bool) -> t
         "dataset": name, "file": f"res/{spec.submission_file}", "format": fmt, "ipc": ipc,
         "images": int(images.shape[0]), "shape": list(images.shape), "sha256": sha256_bytes(data),
         "labels": "implicit, class-major (image i has label i // IPC)" if fmt == "official" else "stored with the images",
-        "source": {"set": set_path.name, "sha256": sha256_bytes(set_path.read_bytes()), "provenance": lset.attrs},
+        "source": {"set": set_path.name, "sha256": sha256_file(set_path), "provenance": lset.attrs},
     }
     return spec.submission_file, data, entry
 
@@ -94,12 +94,12 @@ def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | 
         files[name] = data
         entries.append(entry)
     packed = {e["dataset"] for e in entries}
-    track1 = {n for n, spec in DATASETS.items() if spec.track1}
-    if (track == 1 or packed & track1) and not track1 <= packed:
-        missing = ", ".join(sorted(track1 - packed))
+    if (track == 1 or packed & TRACK1_DATASETS) and not TRACK1_DATASETS <= packed:
+        missing = ", ".join(sorted(TRACK1_DATASETS - packed))
         raise SubmissionError(f"a challenge upload holds every Track 1 dataset; add a set for {missing}")
-    if track == 1 and packed - track1:
-        raise SubmissionError(f"Track 1 takes only {', '.join(sorted(track1))}; remove {', '.join(sorted(packed - track1))}")
+    if track == 1 and packed - TRACK1_DATASETS:
+        extra = ", ".join(sorted(packed - TRACK1_DATASETS))
+        raise SubmissionError(f"Track 1 takes only {', '.join(sorted(TRACK1_DATASETS))}; remove {extra}")
     archive = _zip_bytes(files)
     manifest = {"ddchallenge_version": __version__, "track": track, "datasets": entries,
                 "zip": {"file": ZIP_NAME, "sha256": sha256_bytes(archive)}}

@@ -57,6 +57,7 @@ DATASETS: dict[str, DatasetSpec] = {
     )
 }
 
+TRACK1_DATASETS = frozenset(name for name, spec in DATASETS.items() if spec.track1)
 TRACK1_IPC = 10
 TRACK2_BUDGET_SECONDS = 600.0
 

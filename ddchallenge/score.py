@@ -4,7 +4,6 @@ mean test accuracy; the challenge score is the mean over datasets."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ import torch
 
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
-from ddchallenge.fileio import atomic_write_bytes
+from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.protocol import OFFICIAL, EvalRecipe
 from ddchallenge.submission import DatasetEntry, load_submission
 from ddchallenge.train import accuracy, resolve_device, train_round
@@ -78,16 +77,6 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def score_entry(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, device: torch.device,
                 progress: bool = True) -> DatasetScore:
     start = time.perf_counter()
@@ -127,7 +116,7 @@ def score(
     return ScoreResult(
         name=path.name if path.name != "res" else path.resolve().parent.name,
         method=methods.pop() if len(methods) == 1 else None,
-        submission=str(submission), submission_sha256=_file_sha256(Path(submission)),
+        submission=str(submission), submission_sha256=sha256_file(path) if path.is_file() else None,
         score=float(np.mean([s.mean for s in scores])), datasets=scores,
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
         seed=seed, device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",

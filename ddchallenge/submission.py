@@ -23,9 +23,9 @@ import torch
 
 from ddchallenge.data import normalise
 from ddchallenge.errors import SubmissionError
-from ddchallenge.fileio import MAX_FILE_BYTES, load_torch_bytes, read_limited, sha256_bytes
+from ddchallenge.fileio import MAX_FILE_BYTES, load_torch_bytes, read_limited, sha256_bytes, sha256_file
 from ddchallenge.labelled import read_labelled_set
-from ddchallenge.protocol import DATASETS, DatasetSpec, get_dataset
+from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, DatasetSpec, get_dataset
 
 FORMS = "an official <dataset>.pt file, a labelled .h5 set, a res/ folder or a submission .zip"
 # Files a Codabench/Codalab res/ folder may hold beside the submission.
@@ -115,9 +115,8 @@ def _load_zip(path: Path) -> list[DatasetEntry]:
             raise SubmissionError(f"{path} holds no dataset file; expected cifar100.pt and tinyimagenet.pt")
         _refuse_duplicates([m.filename for m in members], str(path))
         names = {m.filename[:-3] for m in members}
-        track1 = {n for n, s in DATASETS.items() if s.track1}
-        if names & track1 and not track1 <= names:
-            missing = ", ".join(sorted(f"{n}.pt" for n in track1 - names))
+        if names & TRACK1_DATASETS and not TRACK1_DATASETS <= names:
+            missing = ", ".join(sorted(f"{n}.pt" for n in TRACK1_DATASETS - names))
             raise SubmissionError(f"{path} is missing {missing}; a challenge upload holds one file per Track 1 dataset")
         entries = []
         for m in sorted(members, key=lambda m: m.filename):
@@ -201,7 +200,7 @@ def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str |
 
 
 def _from_labelled_h5(path: Path, dataset: str | None) -> DatasetEntry:
-    data = read_limited(path, SubmissionError, "labelled set")
+    read_limited(path, SubmissionError, "labelled set")  # refuses missing, empty and oversized files
     lset = read_labelled_set(path)
     if lset.images.ndim != 4:
         raise SubmissionError(f"labelled set {path} has images of shape {lset.images.shape}; expected (N, C, H, W)")
@@ -210,7 +209,7 @@ def _from_labelled_h5(path: Path, dataset: str | None) -> DatasetEntry:
     pixels = torch.from_numpy(lset.images)
     check_image_shape(pixels, spec, str(path))
     labels, ipc = check_labels(torch.from_numpy(lset.labels), pixels.shape[0], spec, str(path))
-    return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_bytes(data),
+    return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_file(path),
                         method=lset.attrs.get("method"))
 
 

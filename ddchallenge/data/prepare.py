@@ -13,7 +13,6 @@ An official reference file already in the root is validated and kept.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch
 from ddchallenge.data import sources
 from ddchallenge.data.reference import data_root, load_reference, normalise, train_store_path
 from ddchallenge.errors import DatasetError
-from ddchallenge.fileio import atomic_path, atomic_torch_save, atomic_write_bytes
+from ddchallenge.fileio import atomic_path, atomic_torch_save, atomic_write_bytes, sha256_file
 from ddchallenge.protocol import DATASETS, DatasetSpec, get_dataset
 
 CHUNK = 64  # images per HDF5 chunk
@@ -42,14 +41,6 @@ class PrepareReport:
     kept_reference: bool  # an existing reference test file was validated and kept
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _meta_path(spec: DatasetSpec, root: Path) -> Path:
     return root / f"{spec.name}.json"
 
@@ -57,7 +48,7 @@ def _meta_path(spec: DatasetSpec, root: Path) -> Path:
 def is_prepared(spec: DatasetSpec, root: Path) -> bool:
     try:
         meta = json.loads(_meta_path(spec, root).read_text())
-        return all(_sha256_file(root / name) == digest for name, digest in meta["sha256"].items())
+        return all(sha256_file(root / name) == digest for name, digest in meta["sha256"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -118,7 +109,7 @@ def prepare(name: str, root: str | os.PathLike | None = None, download: bool = F
         "mean": list(spec.mean), "std": list(spec.std),
         "counts": {"train": int(len(splits.train_labels)), "test": int(len(splits.test_labels))},
         "kept_reference": kept,
-        "sha256": {p.name: _sha256_file(p) for p in (test_path, train_path)},
+        "sha256": {p.name: sha256_file(p) for p in (test_path, train_path)},
     }
     atomic_write_bytes(_meta_path(spec, root), (json.dumps(meta, indent=2) + "\n").encode())
     return PrepareReport(spec.name, root, False, meta["counts"]["train"], meta["counts"]["test"], kept)

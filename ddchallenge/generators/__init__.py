@@ -20,7 +20,7 @@ import numpy as np
 
 from ddchallenge.errors import DDChallengeError, OutputExistsError, UsageError
 from ddchallenge.labelled import write_labelled_set
-from ddchallenge.protocol import DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, get_dataset
+from ddchallenge.protocol import TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, get_dataset
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def check_track(config: GenerateConfig, spec: DatasetSpec) -> float | None:
         raise UsageError(f"--track must be 1 or 2, got {config.track}")
     if config.track == 1:
         if not spec.track1:
-            track1 = ", ".join(n for n, s in DATASETS.items() if s.track1)
+            track1 = ", ".join(sorted(TRACK1_DATASETS))
             raise UsageError(f"Track 1 is scored on {track1}, not {spec.name}; drop --track 1")
         if config.ipc != TRACK1_IPC:
             raise UsageError(f"Track 1 fixes IPC at {TRACK1_IPC}, got --ipc {config.ipc}")

@@ -72,7 +72,8 @@ device_option = click.option(
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path),
               help="Write a Codalab-style scores.txt and result.json into this folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def score(submission, dataset, ref_dir, rounds, epochs, seed, device, json_path, output, quiet):
+@click.option("--no-sandbox", is_flag=True, help="Read the submission in this process (trusted files only).")
+def score(submission, dataset, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox):
     """Score SUBMISSION with the official evaluation recipe.
 
     SUBMISSION is an official <dataset>.pt file, a labelled .h5 set, a res/
@@ -85,7 +86,7 @@ def score(submission, dataset, ref_dir, rounds, epochs, seed, device, json_path,
 
     recipe = OFFICIAL.with_overrides(epochs=epochs, rounds=rounds)
     result = run_score(submission, dataset=dataset, ref_dir=ref_dir, recipe=recipe, seed=seed,
-                       device=device, progress=not quiet)
+                       device=device, progress=not quiet, sandbox=not no_sandbox)
     if output is not None:
         result.write(output)
     if json_path is not None and str(json_path) != "-":

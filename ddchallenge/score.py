@@ -18,7 +18,7 @@ import torch
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
-from ddchallenge.protocol import OFFICIAL, EvalRecipe
+from ddchallenge.protocol import OFFICIAL, EvalRecipe, get_dataset
 from ddchallenge.submission import DatasetEntry, load_submission
 from ddchallenge.train import accuracy, resolve_device, train_round
 
@@ -54,6 +54,7 @@ class ScoreResult:
     recipe_hash: str
     seed: int
     device: str
+    sandbox: str  # how the submission's bytes were isolated while being read
     seconds: float
     warnings: list[str]
     versions: dict
@@ -101,11 +102,19 @@ def score(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    sandbox: bool = True,
 ) -> ScoreResult:
     """Validate everything first (submission and reference sets), then train."""
     start = time.perf_counter()
     dev = resolve_device(device)
-    entries = load_submission(submission, dataset)
+    if dataset is not None:
+        get_dataset(dataset)  # a usage error, reported before any untrusted work starts
+    if sandbox:
+        from ddchallenge.sandbox import load_isolated
+
+        entries = load_isolated(submission, dataset)
+    else:
+        entries = load_submission(submission, dataset)
     refs = {e.spec.name: load_reference(e.spec, ref_dir) for e in entries}
     notes = [w for e in entries for w in e.warnings]
     for w in notes:
@@ -120,5 +129,6 @@ def score(
         score=float(np.mean([s.mean for s in scores])), datasets=scores,
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
         seed=seed, device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        sandbox="no network (unshare), rlimits, read-only copy" if sandbox else "none (--no-sandbox)",
         seconds=time.perf_counter() - start, warnings=notes, versions=versions(),
     )

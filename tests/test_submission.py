@@ -221,3 +221,43 @@ def test_unnormalised_values_warn(tmp_path):
 def test_dataset_flag_is_refused_for_folders_and_zips(tmp_path, official_file):
     with pytest.raises(SubmissionError, match="--dataset applies to a single file"):
         load_submission(tmp_path, dataset="mnist5k")
+
+
+def test_symlink_in_a_submission_folder_is_refused(tmp_path):
+    res = tmp_path / "sub" / "res"
+    res.mkdir(parents=True)
+    outside = tmp_path / "secret.pt"
+    torch.save(torch.randn(100, 1, 28, 28), outside)
+    (res / "mnist5k.pt").symlink_to(outside)
+    with pytest.raises(SubmissionError, match="holds symbolic link\\(s\\) mnist5k.pt"):
+        load_submission(tmp_path / "sub")
+
+
+def test_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
+    import ddchallenge.submission as submission_module
+
+    monkeypatch.setattr(submission_module, "MAX_FILE_BYTES", 1 << 20)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("cifar100.pt", bytes(8 << 20))  # 8 MiB of zeros, a few KiB packed
+        z.writestr("tinyimagenet.pt", b"x")
+    assert bomb.stat().st_size < 64 << 10
+    with pytest.raises(SubmissionError, match="cifar100.pt unpacks to 8388608 bytes, over the limit"):
+        load_submission(bomb)
+
+
+def test_zip_member_lying_about_its_size_is_refused(tmp_path):
+    good = tmp_path / "c.pt"
+    torch.save(torch.randn(1000, 3, 32, 32), good)
+    path = tmp_path / "liar.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("cifar100.pt", good.read_bytes())
+        z.writestr("tinyimagenet.pt", b"x")
+    data = bytearray(path.read_bytes())
+    # Shrink the declared uncompressed size in the central directory entry of cifar100.pt.
+    cd = data.rfind(b"PK\x01\x02", 0, data.rfind(b"PK\x01\x02"))
+    declared = int.from_bytes(data[cd + 24:cd + 28], "little")
+    data[cd + 24:cd + 28] = (declared // 2).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(SubmissionError, match="cifar100.pt (cannot be extracted|does not match its declared size)"):
+        load_submission(path)

@@ -59,7 +59,7 @@ device_option = click.option(
 
 
 @cli.command()
-@click.argument("submission", type=click.Path(path_type=Path))
+@click.argument("submissions", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--dataset", help="Dataset of a single file whose name and shape do not tell it.")
 @click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
@@ -73,20 +73,38 @@ device_option = click.option(
               help="Write a Codalab-style scores.txt and result.json into this folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--no-sandbox", is_flag=True, help="Read the submission in this process (trusted files only).")
-def score(submission, dataset, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox):
-    """Score SUBMISSION with the official evaluation recipe.
+def score(submissions, dataset, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox):
+    """Score SUBMISSIONS with the official evaluation recipe.
 
-    SUBMISSION is an official <dataset>.pt file, a labelled .h5 set, a res/
-    folder or a submission .zip. Overriding --epochs or --rounds is allowed,
-    but the result then says it is not the official budget.
+    Each is an official <dataset>.pt file, a labelled .h5 set, a res/ folder
+    or a submission .zip. Overriding --epochs or --rounds is allowed, but the
+    result then says it is not the official budget. With several submissions
+    (organisers: `score uploads/* --output results/`) each is scored in its
+    own sandbox, a failure never stops the rest, results are written as each
+    finishes and a rerun resumes; a summary table ends the run.
     """
     from ddchallenge.protocol import OFFICIAL
     from ddchallenge.report import score_table
     from ddchallenge.score import score as run_score
 
     recipe = OFFICIAL.with_overrides(epochs=epochs, rounds=rounds)
-    result = run_score(submission, dataset=dataset, ref_dir=ref_dir, recipe=recipe, seed=seed,
-                       device=device, progress=not quiet, sandbox=not no_sandbox)
+    options = dict(dataset=dataset, ref_dir=ref_dir, recipe=recipe, seed=seed, device=device,
+                   progress=not quiet, sandbox=not no_sandbox)
+    if len(submissions) > 1:
+        if output is None or json_path is not None:
+            raise errors.UsageError("several submissions need --output DIR for their results (and no --json)")
+        from tabulate import tabulate
+
+        from ddchallenge.score import score_batch
+
+        outcomes = score_batch(list(submissions), output, **options)
+        rows = [[o.name, o.status, "-" if o.score is None else f"{100 * o.score:.2f}", o.reason or ""] for o in outcomes]
+        click.echo(tabulate(rows, headers=["submission", "status", "score %", "reason"], tablefmt="simple",
+                            disable_numparse=True))
+        if any(o.reason for o in outcomes):
+            raise click.exceptions.Exit(1)
+        return
+    result = run_score(submissions[0], **options)
     if output is not None:
         result.write(output)
     if json_path is not None and str(json_path) != "-":

@@ -132,3 +132,45 @@ def score(
         sandbox="no network (unshare), rlimits, read-only copy" if sandbox else "none (--no-sandbox)",
         seconds=time.perf_counter() - start, warnings=notes, versions=versions(),
     )
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    name: str  # the submission's file or folder name; its result is <output>/<name>.json
+    status: str  # "scored", "failed", or "done before" (resumed batch)
+    score: float | None
+    reason: str | None  # why it failed
+
+
+def score_batch(submissions: list[str | os.PathLike], output_dir: str | os.PathLike, **options) -> list[BatchOutcome]:
+    """Score many submissions one after another, each in its own sandbox.
+    A failure is recorded (<name>.failed.json) and the batch goes on; every
+    result is written when it finishes, and a rerun skips what is there, so
+    an interrupted batch resumes where it stopped."""
+    from ddchallenge.errors import DDChallengeError, UsageError
+
+    names = [Path(s).name for s in submissions]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"several submissions are named {', '.join(repeated)}; results are stored by name")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    for path, name in zip(map(Path, submissions), names):
+        done, failed = out / f"{name}.json", out / f"{name}.failed.json"
+        if done.exists() or failed.exists():
+            record = json.loads((done if done.exists() else failed).read_text())
+            outcomes.append(BatchOutcome(name, "done before", record.get("score"), record.get("reason")))
+            continue
+        log.info("scoring %s", path)
+        try:
+            result = score(path, **options)
+        except UsageError:
+            raise
+        except DDChallengeError as exc:
+            atomic_write_bytes(failed, json.dumps({"submission": str(path), "reason": str(exc)}, indent=2).encode())
+            outcomes.append(BatchOutcome(name, "failed", None, str(exc)))
+            continue
+        atomic_write_bytes(done, result.to_json().encode())
+        outcomes.append(BatchOutcome(name, "scored", result.score, None))
+    return outcomes

@@ -94,3 +94,26 @@ def test_bad_input_one_line_error_and_no_output(run_cli, official_file, tmp_path
     if code == 1:
         assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == "" and not out.exists()
+
+
+def test_batch_scoring_isolates_failures_and_resumes(run_cli, official_file, tmp_path):
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    torch.save(torch.full((100, 1, 28, 28), float("nan")), bad / "mnist5k.pt")
+    good2 = tmp_path / "second"
+    good2.mkdir()
+    (good2 / "mnist5k.pt").write_bytes(official_file.read_bytes())
+    out = tmp_path / "results"
+    args = ("score", official_file, bad, good2, "--epochs", 0, "--rounds", 1, "--quiet", "--output", out)
+    r = run_cli(*args)
+    assert r.exit_code == 1
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines()[2:]}
+    assert " scored " in lines["mnist5k.pt"] and " scored " in lines["second"]
+    assert " failed " in lines["broken"] and "NaN or Inf" in lines["broken"]
+    assert json.loads((out / "second.json").read_text())["datasets"][0]["ipc"] == 10
+    assert "NaN or Inf" in json.loads((out / "broken.failed.json").read_text())["reason"]
+    first = (out / "mnist5k.pt.json").read_bytes()
+    r = run_cli(*args)  # a rerun resumes: nothing is scored again
+    assert r.stdout.count("done before") == 3 and (out / "mnist5k.pt.json").read_bytes() == first
+    r = run_cli("score", official_file, good2, "--quiet")
+    assert r.exit_code == 2 and "several submissions need --output DIR" in r.stderr

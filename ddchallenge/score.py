@@ -17,6 +17,7 @@ import torch
 
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
+from ddchallenge.errors import DDChallengeError, UsageError
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, get_dataset
 from ddchallenge.submission import DatasetEntry, load_submission
@@ -147,8 +148,6 @@ def score_batch(submissions: list[str | os.PathLike], output_dir: str | os.PathL
     A failure is recorded (<name>.failed.json) and the batch goes on; every
     result is written when it finishes, and a rerun skips what is there, so
     an interrupted batch resumes where it stopped."""
-    from ddchallenge.errors import DDChallengeError, UsageError
-
     names = [Path(s).name for s in submissions]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -75,7 +75,7 @@ def load_submission(path: str | os.PathLike, dataset: str | None = None) -> list
 def _load_folder(path: Path) -> list[DatasetEntry]:
     folder = path / "res" if (path / "res").is_dir() else path
     files = sorted(p for p in folder.iterdir() if p.name not in IGNORED_IN_FOLDER and not p.name.startswith("."))
-    links = [p.name for p in files if p.is_symlink()]
+    links = [p.name for p in [folder, *files] if p.is_symlink()]
     if links:
         # A link could make the scorer read any file it can see.
         raise SubmissionError(f"{folder} holds symbolic link(s) {', '.join(links)}; a submission holds plain files only")

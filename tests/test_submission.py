@@ -231,6 +231,10 @@ def test_symlink_in_a_submission_folder_is_refused(tmp_path):
     (res / "mnist5k.pt").symlink_to(outside)
     with pytest.raises(SubmissionError, match="holds symbolic link\\(s\\) mnist5k.pt"):
         load_submission(tmp_path / "sub")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "res").symlink_to(res)
+    with pytest.raises(SubmissionError, match="holds symbolic link\\(s\\) res"):
+        load_submission(tmp_path / "linked")
 
 
 def test_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ carry code, and the parent validates them again.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -41,15 +42,17 @@ class SandboxLimits:
     wall_seconds: float = 900.0  # then the whole process group is killed
 
 
-def isolation() -> list[str] | None:
-    """The command prefix that gives a child no network, or None."""
+@functools.lru_cache(maxsize=1)
+def isolation() -> tuple[str, ...] | None:
+    """The command prefix that gives a child no network, or None. Probed
+    once per process: a batch of submissions needs it for every one."""
     unshare = shutil.which("unshare")
     if unshare is None:
         return None
     for prefix in ([unshare, "--net"], [unshare, "--net", "--map-root-user"]):
         try:
             if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
-                return prefix
+                return tuple(prefix)
         except (OSError, subprocess.TimeoutExpired):
             continue
     return None
@@ -89,7 +92,7 @@ def run_isolated(argv: list[str], workdir: Path, limits: SandboxLimits = Sandbox
 def load_isolated(path: str | os.PathLike, dataset: str | None = None, limits: SandboxLimits = SandboxLimits()):
     """`load_submission` in the sandbox; the entries come back through
     safetensors and are validated again here."""
-    from ddchallenge.submission import DatasetEntry, check_image_shape, check_labels
+    from ddchallenge.submission import DatasetEntry, check_images, check_labels
 
     path = Path(path)
     if not path.exists():
@@ -126,10 +129,9 @@ def load_isolated(path: str | os.PathLike, dataset: str | None = None, limits: S
             tensors = load_file(outbox / meta.pop("tensors"))
             spec = get_dataset(meta.pop("dataset"))
             meta["source"] = user_paths(meta["source"])
-            images, labels = tensors["images"], tensors["labels"]
-            check_image_shape(images, spec, meta["source"])
-            labels, ipc = check_labels(labels, images.shape[0], spec, meta["source"])
-            if images.dtype != torch.float32 or not torch.isfinite(images).all() or ipc != meta["ipc"]:
+            images = check_images(tensors["images"], spec, meta["source"])
+            labels, ipc = check_labels(tensors["labels"], images.shape[0], spec, meta["source"])
+            if tensors["images"].dtype != torch.float32 or ipc != meta["ipc"]:
                 raise SubmissionError(f"the sandbox returned inconsistent data for {meta['source']}; refused")
             entries.append(DatasetEntry(spec=spec, images=images, labels=labels, warnings=tuple(meta.pop("warnings")),
                                         **meta))

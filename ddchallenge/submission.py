@@ -180,7 +180,7 @@ def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str |
     if isinstance(obj, torch.Tensor):
         _check_image_tensor(obj, source)
         spec = _resolve_spec(source, stem, dataset, obj.shape[1:], obj.shape[0])
-        images = _checked_images(obj, spec, source)
+        images = check_images(obj, spec, source)
         ipc, rest = divmod(images.shape[0], spec.classes)
         if rest or ipc == 0:
             raise SubmissionError(
@@ -193,7 +193,7 @@ def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str |
     if isinstance(obj, dict) and set(obj) == {"images", "labels"} and all(isinstance(v, torch.Tensor) for v in obj.values()):
         _check_image_tensor(obj["images"], source)
         spec = _resolve_spec(source, stem, dataset, obj["images"].shape[1:], obj["images"].shape[0])
-        images = _checked_images(obj["images"], spec, source)
+        images = check_images(obj["images"], spec, source)
         labels, ipc = check_labels(obj["labels"], images.shape[0], spec, source)
         return DatasetEntry(spec, images, labels, ipc, "labelled", source, digest, _normalisation_warnings(images, source))
     found = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with keys {sorted(map(str, obj))}"
@@ -244,7 +244,7 @@ def check_image_shape(x: torch.Tensor, spec: DatasetSpec, source: str) -> None:
         )
 
 
-def _checked_images(x: torch.Tensor, spec: DatasetSpec, source: str) -> torch.Tensor:
+def check_images(x: torch.Tensor, spec: DatasetSpec, source: str) -> torch.Tensor:
     check_image_shape(x, spec, source)
     x = x.detach().to(torch.float32).contiguous()
     if not torch.isfinite(x).all():

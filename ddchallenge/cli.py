@@ -114,26 +114,95 @@ def score(submissions, dataset, ref_dir, rounds, epochs, seed, device, json_path
     click.echo(result.to_json() if str(json_path) == "-" else score_table(result))
 
 
+def _ipc(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.UsageError(f"--ipc must be a whole number or 'auto', got {value!r}") from None
+
+
 @cli.command()
 @click.option("--dataset", required=True, help="Dataset to distil (see protocol.DATASETS).")
-@click.option("--method", required=True, help="Generation method: random, herding.")
-@click.option("--ipc", type=int, required=True, help="Images per class.")
+@click.option("--method", required=True, help="Generation method: random, herding, diffusion.")
+@click.option("--ipc", required=True, help="Images per class, or 'auto': the most that fit --budget.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 on a Track 1 dataset; 2: enforce the budget.")
 @click.option("--budget", type=float, help="Seconds allowed (Track 2 default: 600).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
+@click.option("--model", help="diffusion: model folder (from `ddchallenge train`) or Hugging Face Hub id[@revision].")
+@click.option("--sampler", help="diffusion: dpm++ (default) or ddim.")
+@click.option("--steps", type=int, help="diffusion: sampling steps (default 20).")
+@click.option("--guidance", type=float, help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
+@click.option("--batch-size", type=int, help="diffusion: images per sampling batch (default 500).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def generate(dataset, method, ipc, seed, track, budget, root, device, output, force):
+def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
+             output, force):
     """Synthesise IPC labelled images per class into a labelled set."""
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
-    config = GenerateConfig(dataset, method, ipc, seed, track=int(track) if track else None, budget=budget,
-                            device=device, root=root)
+    given = dict(model=model, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size)
+    config = GenerateConfig(dataset, method, _ipc(ipc), seed, track=int(track) if track else None, budget=budget,
+                            device=device, root=root, options={k: v for k, v in given.items() if v is not None})
     r = run_generate(config, output, force=force)
     click.echo(f"wrote {r.path}: {r.dataset}, {r.method}, IPC {r.ipc}, {r.images} images in {r.seconds:.1f} s "
                f"({r.images_per_second:.1f} images/s), seed {seed}")
+
+
+@cli.command("train")
+@click.argument("dataset")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Model folder; checkpoints appear in it as step-NNNNNNN/.")
+@click.option("--preset", help="tiny, mnist5k, cifar10, cifar100, tinyimagenet (default: the dataset's).")
+@click.option("--steps", type=int, help="Training steps (overrides the preset's).")
+@click.option("--batch-size", type=int, help="Images per step (overrides the preset's).")
+@click.option("--space", type=click.Choice(["pixel", "latent"]), help="Where the denoiser works (preset's default).")
+@click.option("--vae", help="Latent space: AutoencoderKL folder or Hub id (see `ddchallenge train-vae`).")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (overrides the preset's).")
+@click.option("--seed", type=int, help="Seed of weights, data order and noise (default 0).")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@device_option
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUTPUT with its settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_command(dataset, output, preset, steps, batch_size, space, vae, checkpoint_every, seed, root, device,
+                  resume, quiet):
+    """Train a class-conditional diffusion generator on DATASET's training images."""
+    from ddchallenge.diffusion.config import train_config
+    from ddchallenge.diffusion.train import saved_config, train
+
+    given = dict(steps=steps, batch_size=batch_size, space=space, vae=vae, checkpoint_every=checkpoint_every,
+                 seed=seed)
+    if resume:
+        config = saved_config(output, dataset, preset=preset, **given)
+    else:
+        config = train_config(dataset, preset, **given)
+    r = train(config, output, device=device, root=root, resume=resume, progress=not quiet)
+    click.echo(f"trained {dataset} to step {r.steps} ({r.images_per_second:.1f} images/s, last loss "
+               f"{r.final_loss:.4f}); checkpoint {r.checkpoint}")
+
+
+@cli.command("train-vae")
+@click.argument("dataset")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="VAE folder.")
+@click.option("--preset", help="tiny, mnist5k, cifar10, cifar100, tinyimagenet (default: the dataset's).")
+@click.option("--steps", type=int, help="Training steps (overrides the preset's).")
+@click.option("--seed", type=int, help="Seed (default 0).")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@device_option
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is not empty.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_vae_command(dataset, output, preset, steps, seed, root, device, force, quiet):
+    """Train an AutoencoderKL on DATASET for latent-space generators (`train --vae`)."""
+    from ddchallenge.diffusion.config import vae_config
+    from ddchallenge.diffusion.train import train_vae
+
+    r = train_vae(vae_config(dataset, preset, steps=steps, seed=seed), output, device=device, root=root, force=force,
+                  progress=not quiet)
+    click.echo(f"wrote {r.output}: {r.steps} steps in {r.seconds:.0f} s, latent {'x'.join(map(str, r.latent_shape))}, "
+               f"test reconstruction error {r.test_l1:.4f} (mean |pixel| in [0, 1])")
 
 
 @cli.command()

@@ -3,8 +3,10 @@ exactly IPC labelled images per class, and the runner that enforces the track
 rules, times the run and writes the labelled set.
 
 A method joins by adding one module that decorates a function with
-`@register("name")`; the function takes a `GenerationRequest` and returns
-(images uint8 (K*IPC, C, H, W), labels int64 (K*IPC,)), class-major.
+`@register("name", options=..., auto_ipc=...)`; the function takes a
+`GenerationRequest` and returns (images uint8 (K*IPC, C, H, W), labels int64
+(K*IPC,), provenance dict), class-major. The provenance (which model, which
+settings) is recorded in the labelled set.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class BudgetExceeded(DDChallengeError):
 class GenerateConfig:
     dataset: str  # dataset name (see `ddchallenge.protocol.DATASETS`)
     method: str  # registered method name
-    ipc: int  # images per class
+    ipc: int | str  # images per class, or "auto": the largest that fits the budget (methods that can measure it)
     seed: int = 0  # the only source of randomness
     track: int | None = None  # 1: IPC 10 on a Track 1 dataset; 2: time budget enforced; None: no rules
     budget: float | None = None  # seconds; Track 2 default 600
@@ -45,7 +47,7 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class GenerationRequest:
     spec: DatasetSpec
-    ipc: int
+    ipc: int | None  # None: the method picks the largest IPC that fits before the deadline
     seed: int
     device: str
     root: str | None
@@ -59,18 +61,25 @@ class GenerationRequest:
             raise BudgetExceeded("the generation budget ran out before the method finished; nothing was written")
 
 
-GENERATORS: dict[str, Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray]]] = {}
+@dataclass(frozen=True)
+class Method:
+    run: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray, dict]]
+    options: tuple[str, ...]  # the method-specific options it accepts
+    auto_ipc: bool  # can pick the IPC that fits a budget
 
 
-def register(name: str):
+GENERATORS: dict[str, Method] = {}
+
+
+def register(name: str, options: tuple[str, ...] = (), auto_ipc: bool = False):
     def add(fn):
-        GENERATORS[name] = fn
+        GENERATORS[name] = Method(fn, options, auto_ipc)
         return fn
     return add
 
 
-def _method(name: str):
-    from ddchallenge.generators import baselines  # noqa: F401  (registers its methods)
+def _method(name: str) -> Method:
+    from ddchallenge.generators import baselines, diffusion  # noqa: F401  (register their methods)
 
     try:
         return GENERATORS[name]
@@ -80,8 +89,13 @@ def _method(name: str):
 
 def check_track(config: GenerateConfig, spec: DatasetSpec) -> float | None:
     """Validate the track rules; return the budget in seconds (None: untimed)."""
-    if config.ipc < 1:
-        raise UsageError(f"--ipc must be at least 1, got {config.ipc}")
+    if config.ipc == "auto":
+        if config.track == 1:
+            raise UsageError(f"Track 1 fixes IPC at {TRACK1_IPC}; --ipc auto is for a time budget")
+        if config.track != 2 and config.budget is None:
+            raise UsageError("--ipc auto needs a budget: pass --budget SECONDS or --track 2")
+    elif not isinstance(config.ipc, int) or config.ipc < 1:
+        raise UsageError(f"--ipc must be a whole number of at least 1 or 'auto', got {config.ipc}")
     if config.track not in (None, 1, 2):
         raise UsageError(f"--track must be 1 or 2, got {config.track}")
     if config.track == 1:
@@ -114,21 +128,28 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     spec = get_dataset(config.dataset)
     method = _method(config.method)
     budget = check_track(config, spec)
+    unknown = sorted(set(config.options) - set(method.options))
+    if unknown:
+        raise UsageError(f"--{unknown[0].replace('_', '-')} does not apply to --method {config.method}")
+    if config.ipc == "auto" and not method.auto_ipc:
+        auto = ", ".join(sorted(n for n, m in GENERATORS.items() if m.auto_ipc))
+        raise UsageError(f"--method {config.method} cannot pick its IPC; --ipc auto works with: {auto}")
     output = Path(output)
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to overwrite it")
     start = time.monotonic()
-    request = GenerationRequest(spec, config.ipc, config.seed, config.device, config.root, dict(config.options),
-                                None if budget is None else start + budget)
-    images, labels = method(request)
+    request = GenerationRequest(spec, None if config.ipc == "auto" else config.ipc, config.seed, config.device,
+                                config.root, dict(config.options), None if budget is None else start + budget)
+    images, labels, provenance = method.run(request)
     seconds = time.monotonic() - start
     if budget is not None and seconds > budget:
         raise BudgetExceeded(f"generation took {seconds:.1f} s, over the {budget:.0f} s budget; nothing was written")
-    _check_output(images, labels, spec, config.ipc, config.method)
+    ipc = config.ipc if config.ipc != "auto" else len(labels) // spec.classes
+    _check_output(images, labels, spec, ipc, config.method)
     # The run time is reported, not recorded: same seed, same bytes.
-    write_labelled_set(output, images, labels, dataset=spec.name, ipc=config.ipc, method=config.method,
-                       seed=config.seed, config=dataclasses.asdict(config))
-    return GenerationReport(output, spec.name, config.method, config.ipc, len(labels), seconds,
+    write_labelled_set(output, images, labels, dataset=spec.name, ipc=ipc, method=config.method,
+                       seed=config.seed, config={**dataclasses.asdict(config), "provenance": provenance})
+    return GenerationReport(output, spec.name, config.method, ipc, len(labels), seconds,
                             len(labels) / max(seconds, 1e-9))
 
 

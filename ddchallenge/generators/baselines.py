@@ -35,7 +35,7 @@ def random_real(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
         picks.append(rng.choice(_class_members(labels, k, req.ipc), req.ipc, replace=False))
         req.check_deadline()
     idx = np.concatenate(picks)
-    return images[idx], labels[idx]
+    return images[idx], labels[idx], {}
 
 
 def herding_order(features: torch.Tensor, count: int) -> list[int]:
@@ -74,4 +74,4 @@ def herding(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
         picks.append(members[herding_order(torch.cat(feats), req.ipc)])
         req.check_deadline()
     idx = np.concatenate(picks)
-    return images[idx], labels[idx]
+    return images[idx], labels[idx], {}

@@ -1,0 +1,278 @@
+"""The generator checkpoint: a diffusers-style folder, and the networks in it.
+
+    step-0004000/
+      ddchallenge.json        what the model is for (dataset, classes, shapes, latent scale), its
+                              training config and step, the VAE's provenance, library versions
+      unet/                   the EMA denoiser (UNet2DModel.save_pretrained, safetensors)
+      scheduler/              the training noise schedule (DDPMScheduler.save_pretrained)
+      vae/                    latent space only: the AutoencoderKL, copied in so the folder is
+                              self-contained (a sandboxed Track 2 run has no network)
+      samples.png             a grid of samples at this step
+      training_state/         for --resume only: raw weights, optimiser state
+
+`load_generator` reads a folder, a training output folder (its newest
+complete step-* checkpoint) or a Hugging Face Hub id, only through
+safetensors and JSON, and checks every part against ddchallenge.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddchallenge.diffusion.config import TrainConfig
+from ddchallenge.errors import DDChallengeError, UsageError
+from ddchallenge.protocol import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+META_FILE = "ddchallenge.json"
+FORMAT = "ddchallenge-diffusion"
+CHECKPOINT = re.compile(r"^step-(\d{7})$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+SERVING_PARTS = ("unet", "scheduler", "vae")  # what generation reads (and the model hash covers)
+
+
+class ModelError(DDChallengeError):
+    """A generator folder that is missing, broken or made for another dataset."""
+
+
+def downsampling(levels: int) -> int:
+    """How much a diffusers UNet or VAE with this many levels shrinks its input per side."""
+    return 2 ** (levels - 1)
+
+
+def build_unet(config: TrainConfig, in_shape: tuple[int, int, int], classes: int):
+    """A class-conditional UNet2DModel: `classes + 1` class embeddings, the
+    last one the null class of classifier-free guidance."""
+    from diffusers import UNet2DModel
+
+    channels, size, _ = in_shape
+    factor = downsampling(len(config.channels))
+    if size % factor:
+        raise UsageError(
+            f"a {len(config.channels)}-level UNet halves its input {len(config.channels) - 1} times, so it needs a "
+            f"size divisible by {factor}; the {'latent' if config.space == 'latent' else 'image'} is {size}x{size}"
+        )
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention))
+    return UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels, down_block_types=down, up_block_types=up,
+        block_out_channels=tuple(config.channels), layers_per_block=config.layers_per_block,
+        norm_num_groups=min(32, min(config.channels)), attention_head_dim=32, num_class_embeds=classes + 1,
+    )
+
+
+def build_scheduler(prediction: str):
+    from diffusers import DDPMScheduler
+
+    # Cosine schedule, trailing timesteps: sampling in few steps starts from pure noise.
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction,
+                         timestep_spacing="trailing", clip_sample=False)
+
+
+class PixelCodec:
+    """How images and the VAE's space meet: the dataset's channels in and out
+    (a 3-channel VAE reads a greyscale image repeated, and its output is
+    averaged back), [-1, 1] pixels, latents multiplied by `scale`."""
+
+    def __init__(self, vae, channels: int, scale: float):
+        vae_in = vae.config.in_channels
+        if vae_in != channels and not (channels == 1 and vae_in == 3):
+            raise ModelError(f"the VAE reads {vae_in}-channel images; the dataset has {channels}")
+        self.vae, self.channels, self.scale = vae, channels, scale
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the scaled posterior of pixels x in [-1, 1]."""
+        if x.shape[1] != self.vae.config.in_channels:
+            x = x.repeat(1, self.vae.config.in_channels, 1, 1)
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean * self.scale, dist.std * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode(z / self.scale).sample
+        return x.mean(dim=1, keepdim=True) if x.shape[1] != self.channels else x
+
+
+def latent_shape(vae, size: int) -> tuple[int, int, int]:
+    factor = downsampling(len(vae.config.block_out_channels))
+    if size % factor:
+        raise UsageError(f"the VAE shrinks images {factor}x per side, which does not divide the {size}-pixel images; "
+                         "use a VAE with fewer levels")
+    return (vae.config.latent_channels, size // factor, size // factor)
+
+
+def load_vae(ref: str):
+    """An AutoencoderKL from a local folder or a Hub id (safetensors only)."""
+    from diffusers import AutoencoderKL
+
+    folder, _ = resolve(ref, what="VAE")
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"  # a whole pipeline (e.g. a Stable Diffusion repo): take its VAE
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{ref} is not a loadable AutoencoderKL folder ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def resolve(ref: str, what: str = "model") -> tuple[Path, dict]:
+    """A local folder for `ref` (a folder, or a Hub id `owner/name[@revision]`
+    fetched through huggingface-hub's cache) and its provenance."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{what} {ref} is a file; pass the folder that holds it")
+        return path.resolve(), {"source": str(path.resolve()), "hub_id": None, "revision": None}
+    if not HUB_ID.match(ref):
+        raise ModelError(f"{what} {ref} is neither an existing folder nor a Hugging Face Hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, _, revision = ref.partition("@")
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None, ignore_patterns=["training_state/*", "*.bin",
+                                                                                          "*.ckpt", "*.pt"]))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{what} {ref} is not in the local Hugging Face cache and the Hub cannot be reached "
+                         "(offline); download it where there is network (`huggingface-cli download "
+                         f"{repo}`) or pass a local folder") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelError(f"{what} {ref} was not found on the Hugging Face Hub ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise ModelError(f"cannot fetch {what} {ref} from the Hugging Face Hub ({_first_line(exc)})") from None
+    return folder, {"source": ref, "hub_id": repo, "revision": folder.name}
+
+
+def model_hash(folder: Path) -> str:
+    """sha256 over the files generation reads: ddchallenge.json and the
+    serving parts, by relative path and content."""
+    from ddchallenge.fileio import sha256_file
+
+    digest = hashlib.sha256()
+    files = [folder / META_FILE] + sorted(p for part in SERVING_PARTS for p in (folder / part).rglob("*") if p.is_file())
+    for p in files:
+        if p.exists():
+            digest.update(f"{p.relative_to(folder).as_posix()}\0{sha256_file(p)}\n".encode())
+    return digest.hexdigest()
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """Complete step-* checkpoints in a training output folder, oldest first
+    (a checkpoint only gets its name once it is whole)."""
+    if not output.is_dir():
+        return []
+    return sorted(p for p in output.iterdir() if CHECKPOINT.match(p.name) and (p / META_FILE).is_file())
+
+
+@dataclass
+class Generator:
+    """A loaded generator, ready to sample."""
+
+    unet: torch.nn.Module
+    scheduler_config: dict
+    codec: PixelCodec | None  # None: pixel space
+    meta: dict  # ddchallenge.json
+    provenance: dict  # source, hub_id, revision, folder, model_sha256
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["latent_shape"] if self.codec else self.meta["image_shape"])
+
+    @property
+    def null_class(self) -> int:
+        return int(self.meta["classes"])
+
+    def to(self, device: torch.device) -> "Generator":
+        self.unet.to(device)
+        if self.codec:
+            self.codec.vae.to(device)
+        return self
+
+
+def _read_meta(folder: Path, ref: str) -> dict:
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise ModelError(f"{ref} is not a ddchallenge diffusion model: {META_FILE} is missing; pass a folder written "
+                         "by `ddchallenge train` (or one of its step-* checkpoints)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
+        for key, kind in (("dataset", str), ("classes", int), ("image_shape", list), ("space", str),
+                          ("latent_scale", float), ("prediction", str)):
+            if not isinstance(meta.get(key), kind):
+                raise ValueError(f"{key!r} is missing or not a {kind.__name__}")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{meta_path} is not a valid model description ({exc})") from None
+    return meta
+
+
+def load_generator(ref: str, spec: DatasetSpec) -> Generator:
+    """Load and check a generator for `spec`; every mismatch is a ModelError
+    that names the file and the fix, raised before any sampling."""
+    from diffusers import UNet2DModel
+
+    folder, provenance = resolve(ref)
+    if not (folder / META_FILE).exists() and checkpoints(folder):
+        folder = checkpoints(folder)[-1]
+        log.info("using the newest checkpoint %s", folder.name)
+    meta = _read_meta(folder, ref)
+    if meta["classes"] != spec.classes or tuple(meta["image_shape"]) != spec.image_shape:
+        raise ModelError(f"{ref} was trained for {meta['dataset']} ({meta['classes']} classes of "
+                         f"{'x'.join(map(str, meta['image_shape']))}); {spec.name} has {spec.classes} classes of "
+                         f"{'x'.join(map(str, spec.image_shape))}")
+    if meta["dataset"] != spec.name:
+        log.warning("%s was trained on %s; generating for %s (same classes and shape)", ref, meta["dataset"], spec.name)
+    for part in ("unet", "scheduler") + (("vae",) if meta["space"] == "latent" else ()):
+        if not (folder / part).is_dir():
+            raise ModelError(f"{ref} is missing its {part}/ folder; copy the whole checkpoint folder")
+    try:
+        unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True, low_cpu_mem_usage=False)
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{ref} has a broken unet/ or scheduler/ folder ({_first_line(exc)})") from None
+    codec = None
+    if meta["space"] == "latent":
+        vae = load_vae(str(folder / "vae"))
+        codec = PixelCodec(vae, spec.channels, meta["latent_scale"])
+        if list(latent_shape(vae, spec.size)) != meta.get("latent_shape"):
+            raise ModelError(f"{ref}: the VAE's latent shape does not match ddchallenge.json's latent_shape")
+    sample_shape = tuple(meta["latent_shape"]) if codec else spec.image_shape
+    if (unet.config.in_channels, unet.config.sample_size) != (sample_shape[0], sample_shape[1]) or \
+            unet.config.num_class_embeds != spec.classes + 1:
+        raise ModelError(f"{ref}: the UNet takes {unet.config.in_channels}x{unet.config.sample_size} inputs and "
+                         f"{unet.config.num_class_embeds} classes; ddchallenge.json says {sample_shape} and "
+                         f"{spec.classes} + 1 (null)")
+    if scheduler_config.get("prediction_type") != meta["prediction"]:
+        raise ModelError(f"{ref}: scheduler/ predicts {scheduler_config.get('prediction_type')}, ddchallenge.json "
+                         f"says {meta['prediction']}")
+    unet.eval().requires_grad_(False)
+    if codec:
+        codec.vae.eval().requires_grad_(False)
+    provenance.update(folder=str(folder), model_sha256=model_hash(folder), step=meta.get("step"))
+    return Generator(unet, scheduler_config, codec, meta, provenance)
+
+
+def describe(config: TrainConfig, spec: DatasetSpec, step: int, latent_scale: float,
+             latent: tuple[int, int, int] | None, vae_provenance: dict | None) -> dict:
+    """The contents of ddchallenge.json."""
+    import diffusers
+
+    from ddchallenge import __version__
+
+    return {
+        "format": FORMAT, "dataset": spec.name, "classes": spec.classes, "image_shape": list(spec.image_shape),
+        "space": config.space, "latent_shape": list(latent) if latent else None, "latent_scale": float(latent_scale),
+        "prediction": config.prediction, "step": step, "train_config": config.to_json(), "vae": vae_provenance,
+        "versions": {"ddchallenge": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+

@@ -1,0 +1,351 @@
+"""Training the denoiser (`train`) and a VAE for latent space (`train_vae`).
+
+Resuming is exact: everything random is a function of (seed, step) — the
+batch's images (a fresh permutation of the training set per epoch), the
+noise, timesteps, flips and label dropout — and the learning rate is a
+function of the step. A checkpoint therefore only needs the raw weights, the
+EMA weights and the optimiser state to continue bit for bit where an
+uninterrupted run would be.
+
+Checkpoints are written whole into a hidden folder and then renamed to
+`step-NNNNNNN`, so a crash mid-save leaves the previous checkpoint intact;
+older ones are deleted only after the new one has its name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddchallenge.data import load_train
+from ddchallenge.diffusion.config import TrainConfig, VaeConfig
+from ddchallenge.diffusion.model import (
+    META_FILE, Generator, PixelCodec, build_scheduler, build_unet, checkpoints, describe, latent_shape, load_vae,
+    resolve,
+)
+from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
+from ddchallenge.protocol import DatasetSpec, get_dataset
+from ddchallenge.train import resolve_device
+
+log = logging.getLogger(__name__)
+
+STATE = "training_state"
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+
+
+class BatchOrder:
+    """The training-set indices of step s: positions s*B .. s*B+B-1 of an
+    endless sequence of per-epoch permutations seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def __call__(self, step: int) -> np.ndarray:
+        pos = np.arange(step * self.batch, (step + 1) * self.batch)
+        return np.array([self._perm(int(p // self.n))[p % self.n] for p in pos])
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(images).to(device).float().div_(127.5).sub_(1)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    output: Path
+    checkpoint: Path
+    steps: int
+    resumed_from: int
+    seconds: float
+    images_per_second: float
+    final_loss: float
+
+
+class _Data:
+    """Training examples on the device: pixels in [-1, 1] (uint8 kept, converted
+    per batch), or, in latent space, the VAE posterior's mean and std of every
+    image computed once (deterministically) at the start."""
+
+    def __init__(self, config: TrainConfig, spec: DatasetSpec, root, device: torch.device):
+        images, labels = load_train(spec, root)
+        if len(images) < config.batch_size:
+            raise DatasetError(f"{spec.name} has {len(images)} training images, fewer than the batch size "
+                               f"{config.batch_size}")
+        self.labels = torch.from_numpy(labels).to(device)
+        self.codec, self.vae_provenance, self.latent = None, None, None
+        self.scale = 1.0
+        if config.space == "pixel":
+            self.images = torch.from_numpy(images).to(device)
+            return
+        vae = load_vae(config.vae).to(device).eval().requires_grad_(False)
+        _, self.vae_provenance = resolve(config.vae, what="VAE")
+        self.latent = latent_shape(vae, spec.size)
+        codec = PixelCodec(vae, spec.channels, 1.0)
+        means, stds = [], []
+        with torch.no_grad():
+            for start in range(0, len(images), 256):
+                m, s = codec.encode(_pixels(images[start:start + 256], device))
+                means.append(m)
+                stds.append(s)
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        # Unit-variance latents, as the noise schedule assumes.
+        self.scale = float(1.0 / self.mean.std())
+        self.mean *= self.scale
+        self.std *= self.scale
+        codec.scale = self.scale
+        self.codec = codec
+
+    def batch(self, idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
+        index = torch.from_numpy(idx).to(self.labels.device)
+        if self.codec is None:
+            return self.images[index].float().div_(127.5).sub_(1)
+        mean, std = self.mean[index], self.std[index]
+        return mean + std * torch.randn(mean.shape, generator=g, device=mean.device)
+
+
+def saved_config(output: str | os.PathLike, dataset: str, preset: str | None = None, **given) -> TrainConfig:
+    """The configuration of the run in `output`, for --resume; options given
+    again must agree with it."""
+    found = checkpoints(Path(output))
+    if not found:
+        raise UsageError(f"nothing to resume: {output} holds no step-* checkpoint; start without --resume")
+    config = TrainConfig.from_json(json.loads((found[-1] / META_FILE).read_text())["train_config"])
+    given.update(dataset=dataset, preset=preset)
+    for name, value in given.items():
+        if value is not None and value != getattr(config, name):
+            raise UsageError(f"{output} was trained with {name} {getattr(config, name)!r}, not {value!r}; resume "
+                             "with the same options (or none), or start a new output folder")
+    return config
+
+
+def train(config: TrainConfig, output: str | os.PathLike, *, device: str = "auto", root=None, resume: bool = False,
+          stop_after: int | None = None, progress: bool = True) -> TrainReport:
+    """Train (or, with `resume`, continue) a generator into `output`.
+    `stop_after` ends the run early after that many steps in total, as an
+    interruption would (used to test resuming)."""
+    spec = get_dataset(config.dataset)
+    output = Path(output)
+    dev = resolve_device(device)
+    existing = checkpoints(output)
+    if resume:
+        if not existing:
+            raise UsageError(f"nothing to resume: {output} holds no step-* checkpoint; start without --resume")
+        saved = json.loads((existing[-1] / META_FILE).read_text())
+        if saved["train_config"] != json.loads(json.dumps(config.to_json())):
+            raise UsageError(f"{existing[-1]} was trained with another configuration; resume with the same "
+                             "options (or start a new output folder)")
+    elif output.exists() and any(output.iterdir()):
+        raise OutputExistsError(f"{output} is not empty; pass --resume to continue its training, or choose a new folder")
+    for stale in output.glob(".tmp-step-*"):  # an earlier save that crashed half-way
+        shutil.rmtree(stale)
+
+    data = _Data(config, spec, root, dev)
+    in_shape = data.latent or spec.image_shape
+    torch.manual_seed(step_seed(config.seed, 0, 99))  # the initial weights
+    unet = build_unet(config, in_shape, spec.classes).to(dev)
+    ema = build_unet(config, in_shape, spec.classes).to(dev).requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(config.prediction)
+    start_step = 0
+    if resume:
+        start_step = _load_state(existing[-1], unet, ema, optimiser, dev)
+        log.info("resuming from %s (step %d of %d)", existing[-1].name, start_step, config.steps)
+
+    order = BatchOrder(len(data.labels), config.batch_size, config.seed)
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True,
+               desc=f"train {spec.name}")
+    unet.train()
+    loss_value, begin, last = float("nan"), time.perf_counter(), existing[-1] if existing else None
+    for step in range(start_step, end):
+        g = torch.Generator(dev).manual_seed(step_seed(config.seed, step))
+        idx = order(step)
+        x0 = data.batch(idx, g)
+        labels = data.labels[torch.from_numpy(idx).to(dev)]
+        if config.hflip:  # in latent space, flipping the latent stands in for encoding the flipped image
+            flip = torch.rand(len(x0), generator=g, device=dev) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        drop = torch.rand(len(x0), generator=g, device=dev) < config.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, spec.classes), labels)
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g, device=dev)
+        xt = scheduler.add_noise(x0, noise, t)
+        target = scheduler.get_velocity(x0, noise, t) if config.prediction == "v_prediction" else noise
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(step, config.lr, config.warmup, config.steps)
+        with autocast:
+            pred = unet(xt, t, class_labels=labels).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        optimiser.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        done = step + 1
+        if done % 10 == 0 or done == end:
+            loss_value = loss.item()
+            rate = (done - start_step) * config.batch_size / (time.perf_counter() - begin)
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}", refresh=False)
+        bar.update(1)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            last = _save(output, config, spec, done, unet, ema, optimiser, scheduler, data, dev)
+    bar.close()
+    seconds = time.perf_counter() - begin
+    if last is None or json.loads((last / META_FILE).read_text())["step"] != end:
+        last = _save(output, config, spec, end, unet, ema, optimiser, scheduler, data, dev)
+    return TrainReport(output, last, end, start_step, seconds, (end - start_step) * config.batch_size / max(seconds, 1e-9),
+                       loss_value)
+
+
+def _save(output: Path, config: TrainConfig, spec: DatasetSpec, step: int, unet, ema, optimiser, scheduler,
+          data: _Data, dev: torch.device) -> Path:
+    from safetensors.torch import save_file
+
+    from ddchallenge.fileio import torch_bytes
+    from ddchallenge.report import image_grid_png
+
+    output.mkdir(parents=True, exist_ok=True)
+    final = output / f"step-{step:07d}"
+    tmp = output / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ema.save_pretrained(tmp / "unet", safe_serialization=True)
+    scheduler.save_pretrained(tmp / "scheduler")
+    if data.codec is not None:
+        data.codec.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    (tmp / STATE).mkdir()
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / STATE / "unet.safetensors")
+    (tmp / STATE / "optimizer.pt").write_bytes(torch_bytes(optimiser.state_dict()))
+    meta = describe(config, spec, step, data.scale, data.latent, data.vae_provenance)
+    gen = Generator(ema, dict(scheduler.config), data.codec, meta, {})
+    (tmp / "samples.png").write_bytes(image_grid_png(_sample_entry(gen, spec, dev), max_classes=10, max_per_class=8))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks the folder complete
+    if final.exists():  # the same step saved before (a resumed run that ended where it started)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in checkpoints(output)[:-config.keep_checkpoints]:
+        shutil.rmtree(old)
+    log.debug("saved %s", final)
+    return final
+
+
+def _sample_entry(gen: Generator, spec: DatasetSpec, dev: torch.device):
+    """Eight samples for each of the first ten classes, as a DatasetEntry for the PNG grid."""
+    from ddchallenge.data import normalise
+    from ddchallenge.diffusion.sample import sample
+    from ddchallenge.submission import DatasetEntry
+
+    images, labels = sample(gen, list(range(min(10, spec.classes))), 8, seed=0, device=dev)
+    return DatasetEntry(spec=spec, images=normalise(images, spec), labels=torch.from_numpy(labels), ipc=8,
+                        kind="labelled", source="samples", sha256="")
+
+
+def _load_state(folder: Path, unet, ema, optimiser, dev: torch.device) -> int:
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from ddchallenge.fileio import load_torch_bytes
+
+    unet.load_state_dict(load_file(folder / STATE / "unet.safetensors", device=str(dev)))
+    ema.load_state_dict(UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True, low_cpu_mem_usage=False).state_dict())
+    state = load_torch_bytes((folder / STATE / "optimizer.pt").read_bytes(), str(folder), DatasetError)
+    optimiser.load_state_dict(state)
+    return int(json.loads((folder / META_FILE).read_text())["step"])
+
+
+@dataclass(frozen=True)
+class VaeReport:
+    output: Path
+    steps: int
+    seconds: float
+    test_l1: float  # mean absolute reconstruction error on the test images, in [0, 1] pixel units
+    latent_shape: tuple[int, int, int]
+
+
+def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "auto", root=None,
+              force: bool = False, progress: bool = True) -> VaeReport:
+    """Train an AutoencoderKL on the dataset's training images (L1
+    reconstruction plus a small KL term; no adversarial or perceptual loss,
+    which would need downloaded weights) and save it with save_pretrained."""
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    from ddchallenge.data import load_reference
+    from ddchallenge.data.reference import denormalise
+
+    spec = get_dataset(config.dataset)
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise OutputExistsError(f"{output} is not empty; pass --force to replace it")
+    if spec.size % 2 ** (len(config.channels) - 1):
+        raise UsageError(f"a {len(config.channels)}-level VAE does not divide {spec.size}-pixel images; use fewer levels")
+    dev = resolve_device(device)
+    images, _ = load_train(spec, root)
+    torch.manual_seed(step_seed(config.seed, 0, 99))
+    vae = AutoencoderKL(in_channels=spec.channels, out_channels=spec.channels,
+                        down_block_types=("DownEncoderBlock2D",) * len(config.channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(config.channels),
+                        block_out_channels=tuple(config.channels), latent_channels=config.latent_channels,
+                        norm_num_groups=min(32, min(config.channels)), sample_size=spec.size,
+                        mid_block_add_attention=False).to(dev)
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    order = BatchOrder(len(images), config.batch_size, config.seed)
+    begin = time.perf_counter()
+    vae.train()
+    for step in tqdm(range(config.steps), disable=not progress, unit="step", desc=f"train-vae {spec.name}"):
+        g = torch.Generator(dev).manual_seed(step_seed(config.seed, step))
+        x = _pixels(images[order(step)], dev)
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(step, config.lr, max(1, config.steps // 20), config.steps)
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(generator=g)).sample
+        loss = (recon - x).abs().mean() + config.kl_weight * dist.kl().mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimiser.step()
+    seconds = time.perf_counter() - begin
+    vae.eval()
+    test = load_reference(spec, root if spec.name != "mnist5k" else None)["images_val"][:512]
+    with torch.no_grad():
+        pixels = denormalise(test, spec).to(dev) * 2 - 1
+        test_l1 = float((vae(pixels).sample.clamp(-1, 1) - pixels).abs().mean() / 2)
+    tmp = output.with_name(f".tmp-{output.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "ddchallenge-vae.json").write_text(json.dumps({"vae_config": config.to_json(), "test_l1": test_l1},
+                                                         indent=2, sort_keys=True))
+    if output.exists():
+        shutil.rmtree(output)
+    os.rename(tmp, output)
+    return VaeReport(output, config.steps, seconds, test_l1, latent_shape(vae, spec.size))

@@ -73,11 +73,16 @@ device_option = click.option(
               help="Write a Codalab-style scores.txt and result.json into this folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--no-sandbox", is_flag=True, help="Read the submission in this process (trusted files only).")
-def score(submissions, dataset, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox):
+@click.option("--ipc", help="Track 2 generator folders: images per class, or 'auto' (default): the most that fit.")
+@click.option("--budget", type=float, help="Track 2 generator folders: seconds allowed (default 600).")
+def score(submissions, dataset, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox, ipc,
+          budget):
     """Score SUBMISSIONS with the official evaluation recipe.
 
     Each is an official <dataset>.pt file, a labelled .h5 set, a res/ folder
-    or a submission .zip. Overriding --epochs or --rounds is allowed, but the
+    or a submission .zip; or, for Track 2, a generator folder written by
+    `ddchallenge train`, which is run (sandboxed, within --budget) to make
+    the images first. Overriding --epochs or --rounds is allowed, but the
     result then says it is not the official budget. With several submissions
     (organisers: `score uploads/* --output results/`) each is scored in its
     own sandbox, a failure never stops the rest, results are written as each
@@ -90,6 +95,15 @@ def score(submissions, dataset, ref_dir, rounds, epochs, seed, device, json_path
     recipe = OFFICIAL.with_overrides(epochs=epochs, rounds=rounds)
     options = dict(dataset=dataset, ref_dir=ref_dir, recipe=recipe, seed=seed, device=device,
                    progress=not quiet, sandbox=not no_sandbox)
+    if ipc is not None or budget is not None:
+        from ddchallenge.diffusion.model import is_generator
+
+        if not all(is_generator(s) for s in submissions):
+            raise errors.UsageError("--ipc and --budget apply to Track 2 generator folders only")
+        if budget is not None and budget <= 0:
+            raise errors.UsageError(f"--budget must be positive seconds, got {budget}")
+        options.update({k: v for k, v in (("ipc", None if ipc is None else _ipc(ipc)), ("budget", budget))
+                        if v is not None})
     if len(submissions) > 1:
         if output is None or json_path is not None:
             raise errors.UsageError("several submissions need --output DIR for their results (and no --json)")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import logging
+import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,12 @@ import torch
 
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
+from ddchallenge.diffusion.model import generator_dataset, is_generator
 from ddchallenge.errors import DDChallengeError, UsageError
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
-from ddchallenge.protocol import OFFICIAL, EvalRecipe, get_dataset
+from ddchallenge.generators import GenerateConfig, generate
+from ddchallenge.protocol import OFFICIAL, TRACK2_BUDGET_SECONDS, EvalRecipe, get_dataset
+from ddchallenge.sandbox import describe as describe_sandbox
 from ddchallenge.submission import DatasetEntry, load_submission
 from ddchallenge.train import accuracy, resolve_device, train_round
 
@@ -104,13 +108,19 @@ def score(
     device: str = "auto",
     progress: bool = True,
     sandbox: bool = True,
+    ipc: int | str = "auto",
+    budget: float = TRACK2_BUDGET_SECONDS,
 ) -> ScoreResult:
-    """Validate everything first (submission and reference sets), then train."""
+    """Validate everything first (submission and reference sets), then train.
+    A Track 2 generator folder is first run (in the sandbox) for `ipc` images
+    per class ("auto": the most that fit) within `budget` seconds."""
     start = time.perf_counter()
     dev = resolve_device(device)
     if dataset is not None:
         get_dataset(dataset)  # a usage error, reported before any untrusted work starts
-    if sandbox:
+    if is_generator(submission):
+        entries = _generated(Path(submission), dataset, ipc, budget, seed, device, sandbox)
+    elif sandbox:
         from ddchallenge.sandbox import load_isolated
 
         entries = load_isolated(submission, dataset)
@@ -130,9 +140,26 @@ def score(
         score=float(np.mean([s.mean for s in scores])), datasets=scores,
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
         seed=seed, device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-        sandbox="no network (unshare), rlimits, read-only copy" if sandbox else "none (--no-sandbox)",
+        sandbox=describe_sandbox() if sandbox else "none (--no-sandbox)",
         seconds=time.perf_counter() - start, warnings=notes, versions=versions(),
     )
+
+
+def _generated(model: Path, dataset: str | None, ipc: int | str, budget: float, seed: int, device: str,
+               sandbox: bool) -> list[DatasetEntry]:
+    """Track 2: the images a generator folder makes within the budget."""
+    dataset = dataset or generator_dataset(model)
+    log.info("running generator %s for %s (IPC %s, budget %g s)", model, dataset, ipc, budget)
+    if sandbox:
+        from ddchallenge.sandbox import generate_isolated
+
+        return generate_isolated(model, dataset, ipc, budget, seed, device)
+    with tempfile.TemporaryDirectory(prefix="ddchallenge-track2-") as tmp:
+        config = GenerateConfig(dataset, "diffusion", ipc, seed, budget=budget, device=device,
+                                options={"model": str(model)})
+        report = generate(config, Path(tmp) / "generated.h5")
+        return [dataclasses.replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)")
+                for e in load_submission(report.path, dataset)]
 
 
 @dataclass(frozen=True)

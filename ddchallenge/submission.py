@@ -246,6 +246,12 @@ def check_image_shape(x: torch.Tensor, spec: DatasetSpec, source: str) -> None:
 
 def check_images(x: torch.Tensor, spec: DatasetSpec, source: str) -> torch.Tensor:
     check_image_shape(x, spec, source)
+    stored = x.untyped_storage().nbytes()
+    if stored < x.numel() * x.element_size():
+        # A header can claim a huge shape over a few stored bytes (stride 0); copying it would
+        # allocate the claimed size.
+        raise SubmissionError(f"{source} claims a {'x'.join(map(str, x.shape))} tensor but stores only {stored} bytes "
+                              "(repeated or overlapping memory); save a plain tensor with torch.save")
     x = x.detach().to(torch.float32).contiguous()
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())

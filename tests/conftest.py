@@ -37,3 +37,15 @@ def run_cli():
     def run(*args):
         return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny pixel-space diffusion model trained on mnist5k for 4 steps,
+    checkpoints at steps 2 and 4."""
+    from ddchallenge.diffusion.config import train_config
+    from ddchallenge.diffusion.train import train
+
+    out = tmp_path_factory.mktemp("model") / "m"
+    train(train_config("mnist5k", "tiny", steps=4, checkpoint_every=2), out, device="cpu", progress=False)
+    return out

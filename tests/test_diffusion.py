@@ -13,15 +13,7 @@ from ddchallenge.diffusion.config import train_config, vae_config
 from ddchallenge.diffusion.train import BatchOrder, train, train_vae
 from ddchallenge.errors import UsageError
 
-TINY = dict(steps=4, checkpoint_every=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny pixel-space model trained for 4 steps, checkpoints at 2 and 4."""
-    out = tmp_path_factory.mktemp("model") / "m"
-    train(train_config("mnist5k", "tiny", **TINY), out, device="cpu", progress=False)
-    return out
+TINY = dict(steps=4, checkpoint_every=2)  # the conftest tiny_model
 
 
 def _state(folder):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddchallenge.errors import SubmissionError
-from ddchallenge.sandbox import SandboxLimits, isolation, load_isolated, run_isolated
+from ddchallenge.sandbox import SandboxLimits, describe, isolation, load_isolated, run_isolated, workdir
 
 pytestmark = pytest.mark.skipif(isolation() is None, reason="unshare --net is not permitted on this machine")
 
@@ -26,29 +26,34 @@ def _python(code):
     return [sys.executable, "-c", code]
 
 
-def test_no_network_inside(tmp_path, loopback_port):
+@pytest.fixture
+def box():
+    with workdir() as work:
+        yield work
+
+
+def test_no_network_inside(box, loopback_port):
     code = f"import socket; socket.create_connection(('127.0.0.1', {loopback_port}), timeout=2); print('connected')"
     assert "connected" in __import__("subprocess").run(_python(code), capture_output=True, text=True).stdout
-    done = run_isolated(_python(code), tmp_path)
+    done = run_isolated(_python(code), box)
     assert done.returncode != 0 and "connected" not in done.stdout
 
 
-def test_clean_environment_and_private_home(tmp_path, monkeypatch):
+def test_clean_environment_and_private_home(box, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret-token")
-    done = run_isolated(_python("import os, json; print(json.dumps(dict(os.environ)))"), tmp_path)
+    done = run_isolated(_python("import os, json; print(json.dumps(dict(os.environ)))"), box)
     env = json.loads(done.stdout)
-    assert "HF_TOKEN" not in env and env["HOME"] == str(tmp_path) and "secret-token" not in done.stdout
+    assert "HF_TOKEN" not in env and env["HOME"] == str(box) and "secret-token" not in done.stdout
 
 
-def test_memory_limit(tmp_path):
-    done = run_isolated(_python("x = bytearray(3 << 30); print('allocated')"), tmp_path,
-                        SandboxLimits(memory_bytes=1 << 30))
+def test_memory_limit(box):
+    done = run_isolated(_python("x = bytearray(3 << 30); print('allocated')"), box, SandboxLimits(memory_bytes=1 << 30))
     assert done.returncode != 0 and "allocated" not in done.stdout and "MemoryError" in done.stderr
 
 
-def test_wall_clock_kills_the_process_group(tmp_path):
-    marker = tmp_path / "grandchild-survived"
-    script = tmp_path / "spawner.py"
+def test_wall_clock_kills_the_process_group(box):
+    marker = box / "grandchild-survived"
+    script = box / "spawner.py"
     script.write_text(
         "import subprocess, sys, time\n"
         f"code = 'import time; time.sleep(3); open(%r, \"w\")' % {str(marker)!r}\n"
@@ -56,11 +61,55 @@ def test_wall_clock_kills_the_process_group(tmp_path):
         "time.sleep(60)\n"
     )
     with pytest.raises(SubmissionError, match="ran past its 1 s limit and was killed"):
-        run_isolated([sys.executable, str(script)], tmp_path, SandboxLimits(wall_seconds=1))
+        run_isolated([sys.executable, str(script)], box, SandboxLimits(wall_seconds=1))
     import time
 
     time.sleep(4)
     assert not marker.exists()
+    # Unkilled, the sandboxed child can write the marker: the check above can fail.
+    run_isolated(_python(f"open({str(marker)!r}, 'w')"), box)
+    assert marker.exists()
+
+
+needs_own_user = pytest.mark.skipif(isolation() is None or isolation().uid is None,
+                                    reason="the child runs as a user of its own only when the scorer is root and "
+                                           "`nobody` can run this Python")
+needs_process_limit = pytest.mark.skipif("process limit" not in describe(),
+                                         reason="no pids cgroup and no user of its own: processes are not limited")
+
+
+@needs_process_limit
+def test_process_limit(box):
+    code = ("import os, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n"
+            "            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('refused', type(e).__name__)\n"
+            "print('forked', n)")
+    done = run_isolated(_python(code), box, SandboxLimits(processes=20, wall_seconds=20))
+    forked = int(done.stdout.split("forked ")[1])
+    assert "refused BlockingIOError" in done.stdout and forked < 20, done.stdout
+
+
+@pytest.mark.skipif("pids cgroup" not in describe(), reason="no pids cgroup: a process that leaves its group survives")
+def test_process_that_left_the_group_is_killed(box):
+    marker = box / "daemon-survived"
+    code = ("import os, sys, time\nif os.fork() == 0:\n    os.setsid(); sys.stdout.close(); time.sleep(3)\n"
+            f"    open({str(marker)!r}, 'w'); os._exit(0)\nprint('parent done')")
+    done = run_isolated(_python(code), box, SandboxLimits(wall_seconds=20))
+    assert "parent done" in done.stdout
+    import time
+
+    time.sleep(4)
+    assert not marker.exists()
+
+
+@needs_own_user
+def test_organiser_files_are_out_of_reach(box, tmp_path):
+    secret = tmp_path / "organiser-secret.txt"
+    secret.write_text("answer key")
+    secret.chmod(0o600)
+    done = run_isolated(_python(f"print(open({str(secret)!r}).read())"), box)
+    assert done.returncode != 0 and "answer key" not in done.stdout and "PermissionError" in done.stderr
+    done = run_isolated(_python(f"open({str(tmp_path / 'planted')!r}, 'w')"), box)
+    assert done.returncode != 0 and not (tmp_path / "planted").exists()
 
 
 def test_sandboxed_load_matches_in_process_load(official_file):
@@ -87,3 +136,64 @@ def test_no_sandbox_is_recorded(run_cli, official_file):
             for flag in ((), ("--no-sandbox",))]
     assert runs[0]["sandbox"].startswith("no network") and runs[1]["sandbox"] == "none (--no-sandbox)"
     assert runs[0]["datasets"][0]["accuracies"] == runs[1]["datasets"][0]["accuracies"]
+
+
+def test_tensor_header_claiming_a_huge_shape(run_cli, tmp_path):
+    huge = torch.zeros(1, 1, 1, 1).expand(10_000_000, 1, 28, 28)  # 31 GB if ever made contiguous
+    torch.save(huge, tmp_path / "mnist5k.pt")
+    assert (tmp_path / "mnist5k.pt").stat().st_size < 10_000
+    r = run_cli("score", tmp_path / "mnist5k.pt", "--quiet")
+    assert r.exit_code == 1 and "claims a 10000000x1x28x28 tensor but stores only 4 bytes" in r.stderr
+
+
+def test_nan_images_refused_through_the_sandbox(run_cli, tmp_path, mnist5k_random_images):
+    bad = mnist5k_random_images.clone()
+    bad[17, 0, 3, 3] = float("nan")
+    bad[40, 0, 0, 0] = float("inf")
+    torch.save(bad, tmp_path / "mnist5k.pt")
+    r = run_cli("score", tmp_path / "mnist5k.pt", "--quiet")
+    assert r.exit_code == 1 and "holds 2 NaN or Inf value(s)" in r.stderr
+
+
+def test_label_order_travels_with_the_images(tmp_path, mnist5k_random_images):
+    """Labels in any order are kept with their images through the sandbox;
+    uneven classes are refused."""
+    labels = torch.arange(100) // 10
+    perm = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    torch.save({"images": mnist5k_random_images[perm], "labels": labels[perm]}, tmp_path / "mnist5k.pt")
+    (entry,) = load_isolated(tmp_path / "mnist5k.pt")
+    assert torch.equal(entry.labels, labels[perm]) and torch.equal(entry.images, mnist5k_random_images[perm])
+    labels[0] = 1
+    torch.save({"images": mnist5k_random_images, "labels": labels}, tmp_path / "mnist5k.pt")
+    with pytest.raises(SubmissionError, match="does not hold the same number of images for every class"):
+        load_isolated(tmp_path / "mnist5k.pt")
+
+
+def test_track2_generator_runs_in_the_sandbox(run_cli, tiny_model):
+    r = run_cli("score", tiny_model, "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    result = json.loads(r.stdout)
+    (d,) = result["datasets"]
+    assert (d["dataset"], d["ipc"], d["images"], d["method"]) == ("mnist5k", 2, 20, "diffusion")
+    assert d["source"].startswith(f"{tiny_model} (generated IPC 2 in ") and result["sandbox"].startswith("no network")
+    r = run_cli("score", tiny_model / "step-0000002", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json",
+                "-", "--no-sandbox")
+    assert r.exit_code == 0 and json.loads(r.stdout)["sandbox"] == "none (--no-sandbox)"
+    r = run_cli("score", tiny_model, "--dataset", "cifar10", "--ipc", 1, "--quiet")
+    assert r.exit_code == 1 and "was trained for mnist5k" in r.stderr
+
+
+def test_track2_generator_past_its_budget_is_killed(tiny_model, tmp_path):
+    """One batch far longer than budget + grace: the run cannot reach its own
+    deadline check, so only the kill stops it."""
+    from ddchallenge.sandbox import generate_isolated
+
+    start = __import__("time").monotonic()
+    with pytest.raises(SubmissionError, match="did not finish within its 2 s budget and was killed"):
+        generate_isolated(tiny_model, "mnist5k", 400, budget=2, grace=1)
+    assert __import__("time").monotonic() - start < 10
+
+
+def test_track2_options_need_a_generator(run_cli, official_file):
+    r = run_cli("score", official_file, "--ipc", 5)
+    assert r.exit_code == 2 and "--ipc and --budget apply to Track 2 generator folders only" in r.stderr

@@ -8,6 +8,9 @@ byte, and optionally score it and check the accuracy band.
     ipc = 10
     seed = 0
     [options]                        # method options (optional)
+    [train]                          # diffusion: train the model first (train_config fields)
+    preset = "tiny"
+    steps = 300
     [expect]
     sha256 = "..."                   # of res/<dataset>.pt after `pack`
     [expect.score]                   # the band holds for this budget only
@@ -55,6 +58,7 @@ class Recipe:
     sha256: str  # expected sha256 of the packed res/<dataset>.pt
     band: ScoreBand | None
     options: dict = field(default_factory=dict)
+    train: dict | None = None  # fields of a diffusion TrainConfig: the recipe trains its own model
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -71,6 +75,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         return Recipe(
             name=str(data["name"]), dataset=str(data["dataset"]), method=str(data["method"]), ipc=int(data["ipc"]),
             seed=int(data["seed"]), sha256=str(expect["sha256"]), options=dict(data.get("options", {})),
+            train=_train_section(data.get("train"), path),
             band=None if band is None else ScoreBand(int(band["epochs"]), int(band["rounds"]), int(band["seed"]),
                                                      float(band["min"]), float(band["max"])),
         )
@@ -78,6 +83,20 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise UsageError(f"recipe {path} lacks the key {exc.args[0]!r}; see submissions/README.md") from None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"recipe {path} has a value of the wrong type ({exc})") from None
+
+
+def _train_section(section, path: Path) -> dict | None:
+    if section is None:
+        return None
+    from dataclasses import fields
+
+    from ddchallenge.diffusion.config import TrainConfig
+
+    allowed = {f.name for f in fields(TrainConfig)} - {"dataset"}
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise UsageError(f"recipe {path}: [train] has unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    return dict(section)
 
 
 @dataclass(frozen=True)
@@ -91,8 +110,15 @@ def verify(path: str | os.PathLike, with_score: bool = False, device: str = "aut
     recipe = load_recipe(path)
     with tempfile.TemporaryDirectory(prefix="ddchallenge-verify-") as tmp:
         tmp = Path(tmp)
+        options = dict(recipe.options)
+        if recipe.train is not None:
+            from ddchallenge.diffusion.config import train_config
+            from ddchallenge.diffusion.train import train
+
+            train(train_config(recipe.dataset, **recipe.train), tmp / "model", device=device, progress=progress)
+            options["model"] = str(tmp / "model")
         config = GenerateConfig(recipe.dataset, recipe.method, recipe.ipc, recipe.seed, device=device,
-                                options=recipe.options)
+                                options=options)
         generate(config, tmp / "set.h5")
         manifest = pack([tmp / "set.h5"], tmp / "packed")
         (entry,) = manifest["datasets"]

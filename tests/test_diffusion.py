@@ -124,7 +124,7 @@ def test_generate_refusals(tiny_model, tmp_path, run_cli, changes, message):
     assert "Traceback" not in r.stderr and not out.exists()
 
 
-def test_broken_model_folders(tiny_model, tmp_path, run_cli, monkeypatch):
+def test_broken_model_folders(tiny_model, tmp_path, run_cli):
     def gen(model):
         return run_cli("generate", "--dataset", "mnist5k", "--method", "diffusion", "--model", model, "--ipc", 1,
                        "-o", tmp_path / "x.h5")
@@ -138,11 +138,6 @@ def test_broken_model_folders(tiny_model, tmp_path, run_cli, monkeypatch):
     (broken / "ddchallenge.json").unlink()
     assert "is not a ddchallenge diffusion model: ddchallenge.json is missing" in gen(broken).stderr
     assert "neither an existing folder nor a Hugging Face Hub id" in gen(tmp_path / "nowhere").stderr
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    r = gen("someone/not-cached-model")
-    assert r.exit_code == 1 and "not in the local Hugging Face cache" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_train_refusals(tiny_model, tmp_path, run_cli):
@@ -184,3 +179,26 @@ def test_vae_latent_that_does_not_fit_the_unet(tmp_path):
     with pytest.raises(UsageError, match="needs a size divisible by 2; the latent is 7x7"):
         train(train_config("mnist5k", "tiny", space="latent", vae=str(tmp_path / "vae")), tmp_path / "m",
               device="cpu", progress=False)
+
+
+def test_hub_id_from_the_local_cache(tiny_model, tmp_path, run_cli, monkeypatch):
+    """A Hub id goes through huggingface-hub's real cache lookup (offline, so
+    nothing is downloaded) and its revision is recorded."""
+    from huggingface_hub import constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-mnist5k"
+    shutil.copytree(tiny_model / "step-0000004", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    r = run_cli("generate", "--dataset", "mnist5k", "--method", "diffusion", "--model", "someone/tiny-mnist5k",
+                "--ipc", 1, "--steps", 2, "-o", tmp_path / "x.h5")
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(tmp_path / "x.h5") as f:
+        model = json.loads(f.attrs["config"])["provenance"]["model"]
+    assert (model["hub_id"], model["revision"], model["step"]) == ("someone/tiny-mnist5k", revision, 4)
+    r = run_cli("generate", "--dataset", "mnist5k", "--method", "diffusion", "--model", "someone/other",
+                "--ipc", 1, "-o", tmp_path / "y.h5")
+    assert r.exit_code == 1 and "someone/other is not in the local Hugging Face cache" in r.stderr

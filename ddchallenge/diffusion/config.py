@@ -102,7 +102,7 @@ class VaeConfig:
         return dataclasses.asdict(self)
 
 
-# Denoiser presets. Sizes: tiny ~0.1 M parameters, mnist5k ~2 M, cifar ~9 M, tinyimagenet ~13 M.
+# Denoiser presets. Sizes: tiny 0.16 M parameters, mnist5k 1.1 M, cifar10/100 16 M, tinyimagenet 27 M.
 TRAIN_PRESETS: dict[str, dict] = {
     "tiny": dict(channels=(16, 32), attention=(False, False), layers_per_block=1, batch_size=16, steps=20,
                  lr=1e-3, warmup=2, checkpoint_every=10, ema_decay=0.9),

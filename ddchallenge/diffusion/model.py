@@ -109,14 +109,15 @@ def latent_shape(vae, size: int) -> tuple[int, int, int]:
 
 
 def load_vae(ref: str):
-    """An AutoencoderKL from a local folder or a Hub id (safetensors only)."""
+    """An AutoencoderKL from a local folder or a Hub id (safetensors only),
+    and its provenance."""
     from diffusers import AutoencoderKL
 
-    folder, _ = resolve(ref, what="VAE")
+    folder, provenance = resolve(ref, what="VAE")
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"  # a whole pipeline (e.g. a Stable Diffusion repo): take its VAE
     try:
-        return AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False), provenance
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{ref} is not a loadable AutoencoderKL folder ({_first_line(exc)})") from None
 
@@ -267,7 +268,7 @@ def load_generator(ref: str, spec: DatasetSpec) -> Generator:
         raise ModelError(f"{ref} has a broken unet/ or scheduler/ folder ({_first_line(exc)})") from None
     codec = None
     if meta["space"] == "latent":
-        vae = load_vae(str(folder / "vae"))
+        vae, _ = load_vae(str(folder / "vae"))
         codec = PixelCodec(vae, spec.channels, meta["latent_scale"])
         if list(latent_shape(vae, spec.size)) != meta.get("latent_shape"):
             raise ModelError(f"{ref}: the VAE's latent shape does not match ddchallenge.json's latent_shape")

@@ -29,7 +29,6 @@ from ddchallenge.data import load_train
 from ddchallenge.diffusion.config import TrainConfig, VaeConfig
 from ddchallenge.diffusion.model import (
     META_FILE, Generator, PixelCodec, build_scheduler, build_unet, checkpoints, describe, latent_shape, load_vae,
-    resolve,
 )
 from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
 from ddchallenge.protocol import DatasetSpec, get_dataset
@@ -81,8 +80,8 @@ class TrainReport:
     checkpoint: Path
     steps: int
     resumed_from: int
-    seconds: float
-    images_per_second: float
+    seconds: float  # wall time of this run, checkpoints included
+    images_per_second: float  # training images per second, checkpoint writing excluded
     final_loss: float
 
 
@@ -102,8 +101,8 @@ class _Data:
         if config.space == "pixel":
             self.images = torch.from_numpy(images).to(device)
             return
-        vae = load_vae(config.vae).to(device).eval().requires_grad_(False)
-        _, self.vae_provenance = resolve(config.vae, what="VAE")
+        vae, self.vae_provenance = load_vae(config.vae)
+        vae = vae.to(device).eval().requires_grad_(False)
         self.latent = latent_shape(vae, spec.size)
         codec = PixelCodec(vae, spec.channels, 1.0)
         means, stds = [], []
@@ -186,6 +185,7 @@ def train(config: TrainConfig, output: str | os.PathLike, *, device: str = "auto
                desc=f"train {spec.name}")
     unet.train()
     loss_value, begin, last = float("nan"), time.perf_counter(), existing[-1] if existing else None
+    saving = 0.0  # seconds spent writing checkpoints (and their sample grids), left out of the training rate
     for step in range(start_step, end):
         g = torch.Generator(dev).manual_seed(step_seed(config.seed, step))
         idx = order(step)
@@ -215,17 +215,21 @@ def train(config: TrainConfig, output: str | os.PathLike, *, device: str = "auto
         done = step + 1
         if done % 10 == 0 or done == end:
             loss_value = loss.item()
-            rate = (done - start_step) * config.batch_size / (time.perf_counter() - begin)
+            rate = (done - start_step) * config.batch_size / (time.perf_counter() - begin - saving)
             bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
         if done % config.checkpoint_every == 0 or done == config.steps:
+            saving -= time.perf_counter()
             last = _save(output, config, spec, done, unet, ema, optimiser, scheduler, data, dev)
+            saving += time.perf_counter()
     bar.close()
-    seconds = time.perf_counter() - begin
     if last is None or json.loads((last / META_FILE).read_text())["step"] != end:
+        saving -= time.perf_counter()
         last = _save(output, config, spec, end, unet, ema, optimiser, scheduler, data, dev)
-    return TrainReport(output, last, end, start_step, seconds, (end - start_step) * config.batch_size / max(seconds, 1e-9),
-                       loss_value)
+        saving += time.perf_counter()
+    seconds = time.perf_counter() - begin
+    rate = (end - start_step) * config.batch_size / max(seconds - saving, 1e-9)
+    return TrainReport(output, last, end, start_step, seconds, rate, loss_value)
 
 
 def _save(output: Path, config: TrainConfig, spec: DatasetSpec, step: int, unet, ema, optimiser, scheduler,

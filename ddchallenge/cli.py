@@ -174,7 +174,7 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
 @click.option("--steps", type=int, help="Training steps (overrides the preset's).")
 @click.option("--batch-size", type=int, help="Images per step (overrides the preset's).")
 @click.option("--space", type=click.Choice(["pixel", "latent"]), help="Where the denoiser works (preset's default).")
-@click.option("--vae", help="Latent space: AutoencoderKL folder or Hub id (see `ddchallenge train-vae`).")
+@click.option("--vae", help="AutoencoderKL folder or Hub id (see `ddchallenge train-vae`); implies --space latent.")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (overrides the preset's).")
 @click.option("--seed", type=int, help="Seed of weights, data order and noise (default 0).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
@@ -187,6 +187,8 @@ def train_command(dataset, output, preset, steps, batch_size, space, vae, checkp
     from ddchallenge.diffusion.config import train_config
     from ddchallenge.diffusion.train import saved_config, train
 
+    if vae is not None and space is None:
+        space = "latent"  # a VAE only makes sense there
     given = dict(steps=steps, batch_size=batch_size, space=space, vae=vae, checkpoint_every=checkpoint_every,
                  seed=seed)
     if resume:

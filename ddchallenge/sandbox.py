@@ -277,6 +277,7 @@ def generate_isolated(model: str | os.PathLike, dataset: str, ipc: int | str, bu
     the process group is killed `grace` seconds after it whatever it does."""
     model = Path(model)
     deadline = time.monotonic() + budget  # CLOCK_MONOTONIC: the same clock in the child
+    _check_generator_folder(model)
     cuda = device != "cpu" and torch.cuda.is_available()
     limits = replace(limits, wall_seconds=budget + grace, cpu_seconds=max(limits.cpu_seconds, int(budget + grace) * 64),
                      memory_bytes=None if cuda else limits.memory_bytes)
@@ -292,6 +293,22 @@ def generate_isolated(model: str | os.PathLike, dataset: str, ipc: int | str, bu
             raise SubmissionError(f"the generator {model} did not finish within its {budget:g} s budget and was "
                                   f"killed ({exc})") from None
         return _collect(done, outbox, lambda text: text.replace(str(copy), str(model)))
+
+
+MAX_GENERATOR_BYTES = 8 << 30  # a Stable Diffusion VAE is 0.3 GiB, the largest preset UNet 0.1 GiB
+
+
+def _check_generator_folder(model: Path) -> None:
+    """Refuse what the copy into the sandbox must not follow or hold."""
+    total = 0
+    for p in [model, *model.rglob("*")]:
+        if p.is_symlink():
+            raise SubmissionError(f"the generator folder holds a symbolic link ({p}); copy the real files in")
+        if p.is_file():
+            total += p.stat().st_size
+    if total > MAX_GENERATOR_BYTES:
+        raise SubmissionError(f"the generator folder {model} holds {total / 2**30:.1f} GiB; the limit is "
+                              f"{MAX_GENERATOR_BYTES / 2**30:.0f} GiB")
 
 
 def _write_entries(entries, out: Path) -> None:

@@ -98,7 +98,7 @@ def test_budget_and_auto_ipc(tiny_model, tmp_path, run_cli):
                 "--steps", 50, "--batch-size", 10, "--budget", 0.5, "-o", out)
     assert r.exit_code == 1 and "budget" in r.stderr and not out.exists()
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "diffusion", "--model", tiny_model, "--ipc", "auto",
-                "--steps", 2, "--batch-size", 50, "--budget", 4, "-o", out)
+                "--steps", 2, "--batch-size", 20, "--budget", 6, "-o", out)
     assert r.exit_code == 0, r.stderr
     picked = int(r.stderr.split("made IPC ")[1].split()[0])
     assert f"IPC {picked}, {10 * picked} images" in r.stdout
@@ -158,7 +158,7 @@ def test_latent_space_with_a_trained_vae(tmp_path, run_cli):
     r = run_cli("train-vae", "mnist5k", "--preset", "tiny", "-o", tmp_path / "vae", "--quiet")
     assert r.exit_code == 0, r.stderr
     assert "latent 4x14x14" in r.stdout
-    r = run_cli("train", "mnist5k", "--preset", "tiny", "--steps", 2, "--space", "latent", "--vae", tmp_path / "vae",
+    r = run_cli("train", "mnist5k", "--preset", "tiny", "--steps", 2, "--vae", tmp_path / "vae",
                 "-o", tmp_path / "m", "--quiet")
     assert r.exit_code == 0, r.stderr
     ckpt = tmp_path / "m" / "step-0000002"

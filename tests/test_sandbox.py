@@ -197,3 +197,48 @@ def test_track2_generator_past_its_budget_is_killed(tiny_model, tmp_path):
 def test_track2_options_need_a_generator(run_cli, official_file):
     r = run_cli("score", official_file, "--ipc", 5)
     assert r.exit_code == 2 and "--ipc and --budget apply to Track 2 generator folders only" in r.stderr
+
+
+def test_generator_folder_with_a_symlink_is_refused(run_cli, tiny_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model / "step-0000004", model)
+    (model / "unet" / "config.json").unlink()
+    (model / "unet" / "config.json").symlink_to("/etc/passwd")
+    r = run_cli("score", model, "--ipc", 1, "--quiet")
+    assert r.exit_code == 1 and "the generator folder holds a symbolic link" in r.stderr
+
+
+def test_socket_opening_pickle_refused_through_the_default_cli(run_cli, tmp_path):
+    import pickle
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+    threading.Thread(target=accept, daemon=True).start()
+
+    class Payload:
+        def __reduce__(self):
+            return (socket.create_connection, (("127.0.0.1", port),))
+
+    pickle.loads(pickle.dumps(Payload()))  # the payload is live: unpickled, it connects
+    import time
+
+    time.sleep(0.2)
+    assert len(accepted) == 1
+    torch.save({"images": Payload()}, tmp_path / "mnist5k.pt")
+    r = run_cli("score", tmp_path / "mnist5k.pt", "--quiet")
+    assert r.exit_code == 1 and "was refused" in r.stderr
+    time.sleep(0.2)
+    assert len(accepted) == 1
+    listener.close()

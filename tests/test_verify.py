@@ -8,7 +8,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "submissions").glob("*.t
 
 
 def test_the_shipped_recipes_are_mnist5k_random_and_herding():
-    assert [p.stem for p in RECIPES] == ["mnist5k-herding", "mnist5k-random"]
+    assert [p.stem for p in RECIPES] == ["mnist5k-diffusion", "mnist5k-herding", "mnist5k-random"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -19,7 +19,7 @@ def test_recipe_regenerates_same_bytes_and_scores_in_band(run_cli, recipe):
 
 
 def test_hash_mismatch_names_both_hashes(run_cli, tmp_path):
-    text = RECIPES[1].read_text()
+    text = RECIPES[-1].read_text()
     expected = text.split('sha256 = "')[1].split('"')[0]
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace(expected, "f" * 64))
@@ -29,7 +29,7 @@ def test_hash_mismatch_names_both_hashes(run_cli, tmp_path):
 
 
 def test_score_outside_band_fails(run_cli, tmp_path):
-    text = RECIPES[1].read_text().replace("epochs = 20", "epochs = 0").replace("rounds = 2", "rounds = 1")
+    text = RECIPES[-1].read_text().replace("epochs = 20", "epochs = 0").replace("rounds = 2", "rounds = 1")
     text = text.replace("min = 0.77", "min = 0.99").replace("max = 0.87", "max = 1.0")
     bad = tmp_path / "band.toml"
     bad.write_text(text)

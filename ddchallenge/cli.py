@@ -166,12 +166,16 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
                f"({r.images_per_second:.1f} images/s), seed {seed}")
 
 
+preset_option = click.option("--preset", help="tiny, mnist5k, cifar10, cifar100, tinyimagenet (default: the dataset's).")
+training_steps_option = click.option("--steps", type=int, help="Training steps (overrides the preset's).")
+
+
 @cli.command("train")
 @click.argument("dataset")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Model folder; checkpoints appear in it as step-NNNNNNN/.")
-@click.option("--preset", help="tiny, mnist5k, cifar10, cifar100, tinyimagenet (default: the dataset's).")
-@click.option("--steps", type=int, help="Training steps (overrides the preset's).")
+@preset_option
+@training_steps_option
 @click.option("--batch-size", type=int, help="Images per step (overrides the preset's).")
 @click.option("--space", type=click.Choice(["pixel", "latent"]), help="Where the denoiser works (preset's default).")
 @click.option("--vae", help="AutoencoderKL folder or Hub id (see `ddchallenge train-vae`); implies --space latent.")
@@ -203,8 +207,8 @@ def train_command(dataset, output, preset, steps, batch_size, space, vae, checkp
 @cli.command("train-vae")
 @click.argument("dataset")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="VAE folder.")
-@click.option("--preset", help="tiny, mnist5k, cifar10, cifar100, tinyimagenet (default: the dataset's).")
-@click.option("--steps", type=int, help="Training steps (overrides the preset's).")
+@preset_option
+@training_steps_option
 @click.option("--seed", type=int, help="Seed (default 0).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option

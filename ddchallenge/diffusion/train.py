@@ -70,8 +70,13 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _signed(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [-1, 1], the range the networks work in."""
+    return pixels.float().div_(127.5).sub_(1)
+
+
 def _pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(images).to(device).float().div_(127.5).sub_(1)
+    return _signed(torch.from_numpy(images).to(device))
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ class _Data:
     def batch(self, idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
         index = torch.from_numpy(idx).to(self.labels.device)
         if self.codec is None:
-            return self.images[index].float().div_(127.5).sub_(1)
+            return _signed(self.images[index])
         mean, std = self.mean[index], self.std[index]
         return mean + std * torch.randn(mean.shape, generator=g, device=mean.device)
 

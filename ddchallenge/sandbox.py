@@ -330,16 +330,11 @@ def _worker(task: str, *args: str) -> int:
             path, dataset = args[:2]
             entries = load_submission(path, dataset or None)
         else:
-            from ddchallenge.generators import GenerateConfig, generate
+            from ddchallenge.generators.diffusion import run_generator
 
             model, dataset, ipc, deadline, seed, device = args[:6]
-            start = time.monotonic()
-            config = GenerateConfig(dataset, "diffusion", ipc if ipc == "auto" else int(ipc), int(seed),
-                                    budget=max(1e-3, float(deadline) - start), device=device, options={"model": model})
-            report = generate(config, out / "generated.h5")
-            entries = load_submission(report.path, dataset)
-            entries = [replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)")
-                       for e in entries]
+            entries = run_generator(model, dataset, ipc if ipc == "auto" else int(ipc), int(seed),
+                                    max(1e-3, float(deadline) - time.monotonic()), device, out)
     except DDChallengeError as exc:
         (out / "error.txt").write_text(str(exc))
         return ERROR_EXIT

@@ -21,7 +21,6 @@ from ddchallenge.data import load_reference
 from ddchallenge.diffusion.model import generator_dataset, is_generator
 from ddchallenge.errors import DDChallengeError, UsageError
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
-from ddchallenge.generators import GenerateConfig, generate
 from ddchallenge.protocol import OFFICIAL, TRACK2_BUDGET_SECONDS, EvalRecipe, get_dataset
 from ddchallenge.sandbox import describe as describe_sandbox
 from ddchallenge.submission import DatasetEntry, load_submission
@@ -154,12 +153,10 @@ def _generated(model: Path, dataset: str | None, ipc: int | str, budget: float, 
         from ddchallenge.sandbox import generate_isolated
 
         return generate_isolated(model, dataset, ipc, budget, seed, device)
+    from ddchallenge.generators.diffusion import run_generator
+
     with tempfile.TemporaryDirectory(prefix="ddchallenge-track2-") as tmp:
-        config = GenerateConfig(dataset, "diffusion", ipc, seed, budget=budget, device=device,
-                                options={"model": str(model)})
-        report = generate(config, Path(tmp) / "generated.h5")
-        return [dataclasses.replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)")
-                for e in load_submission(report.path, dataset)]
+        return run_generator(str(model), dataset, ipc, seed, budget, device, Path(tmp))
 
 
 @dataclass(frozen=True)

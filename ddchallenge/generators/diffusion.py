@@ -11,9 +11,11 @@ whole slots made. A slower stretch therefore costs images, not the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -69,3 +71,16 @@ def _auto_ipc(req: GenerationRequest, gen, settings: dict, device) -> tuple[np.n
     log.info("calibration: %.1f images/s on %s; made IPC %d (%d images) in %.0f s of the %.0f s left",
              rate, device, len(labels) // classes, len(labels), time.monotonic() - start, left)
     return images, labels
+
+
+def run_generator(model: str, dataset: str, ipc: int | str, seed: int, budget: float, device: str, folder: Path):
+    """Track 2: the images a generator folder makes within `budget` seconds,
+    written to `folder` and read back as submission entries (used in the
+    sandbox's child and, with --no-sandbox, in process)."""
+    from ddchallenge.generators import GenerateConfig, generate
+    from ddchallenge.submission import load_submission
+
+    config = GenerateConfig(dataset, "diffusion", ipc, seed, budget=budget, device=device, options={"model": str(model)})
+    report = generate(config, folder / "generated.h5")
+    return [dataclasses.replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)")
+            for e in load_submission(report.path, dataset)]

@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 
 from ddchallenge import __version__, errors
+from ddchallenge.isolation import clean
+from ddchallenge.protocol import MAX_SEED
 
 
 class _OneLineError(click.ClickException):
@@ -19,7 +21,7 @@ class _OneLineError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        click.echo(f"error: {clean(self.format_message(), None)}", err=True)
 
 
 class _Group(click.Group):
@@ -28,6 +30,9 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # click's own: a bad option value or a missing argument, on one line
+            where = exc.ctx.command_path if exc.ctx else ctx.command_path
+            raise _OneLineError(f"{exc.format_message()} (see '{where} --help')", 2) from None
         except errors.UsageError as exc:
             raise _OneLineError(str(exc), 2) from None
         except errors.DDChallengeError as exc:
@@ -38,7 +43,8 @@ class _StderrHandler(logging.Handler):
     """Library logs as 'warning: ...' lines on the current stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+        # Messages can quote upload names: no newline or escape sequence reaches the terminal.
+        click.echo(f"{record.levelname.lower()}: {clean(record.getMessage(), None)}", err=True)
 
 
 @click.group(cls=_Group)
@@ -58,74 +64,77 @@ device_option = click.option(
 )
 
 
+seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+                           help="Seed; scoring round r uses seed + r.")
+
+
 @cli.command()
-@click.argument("submissions", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--dataset", help="Dataset of a single file whose name and shape do not tell it.")
+@click.argument("uploads", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--dataset", "datasets", multiple=True,
+              help="A dataset scored; repeat for several. What a res/ folder or zip must hold exactly (default: "
+                   "cifar100 and tinyimagenet), what a generator folder is run for (same default), or the dataset "
+                   "of a single file whose name and shape do not tell it.")
+@click.option("--ipc", type=click.IntRange(min=1),
+              help="Images per class every dataset must have (default: 10 for a res/ folder or zip, at most 100 for "
+                   "a single file; for a generator folder the most that fit --budget, at most 100).")
 @click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
-@click.option("--rounds", type=int, help="Training rounds per dataset (official: 3).")
-@click.option("--epochs", type=int, help="Recipe epochs; the loop runs epochs + 1 passes (official: 1000).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Round r uses seed + r.")
+@click.option("--rounds", type=click.IntRange(min=1), help="Training rounds per dataset (official: 3).")
+@click.option("--epochs", type=click.IntRange(min=0), help="Recipe epochs; the loop runs epochs + 1 passes (official: 1000).")
+@seed_option
 @device_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Write the JSON result here ('-': to stdout instead of the table).")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
-              help="Write a Codalab-style scores.txt and result.json into this folder.")
+              help="One upload: also write its JSON result here ('-': to stdout instead of the table).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True, help="Folder of result records: <key>.json, or <key>.failed.json, per upload.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--no-sandbox", is_flag=True, help="Read the submission in this process (trusted files only).")
-@click.option("--ipc", help="Track 2 generator folders: images per class, or 'auto' (default): the most that fit.")
-@click.option("--budget", type=float, help="Track 2 generator folders: seconds allowed (default 600).")
-def score(submissions, dataset, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox, ipc,
+@click.option("--no-sandbox", is_flag=True, help="Read the upload in this process (trusted files only).")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True),
+              help="Track 2: seconds a generator folder may run per dataset (default 600); anything else fails.")
+def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
           budget):
-    """Score SUBMISSIONS with the official evaluation recipe.
+    """Score UPLOADS with the official evaluation recipe.
 
     Each is an official <dataset>.pt file, a labelled .h5 set, a res/ folder
     or a submission .zip; or, for Track 2, a generator folder written by
     `ddchallenge train`, which is run (sandboxed, within --budget) to make
-    the images first. Overriding --epochs or --rounds is allowed, but the
-    result then says it is not the official budget. With several submissions
-    (organisers: `score uploads/* --output results/`) each is scored in its
-    own sandbox, a failure never stops the rest, results are written as each
-    finishes and a rerun resumes; a summary table ends the run.
+    the images first. A res/ folder or zip is held to the challenge's rules
+    unless --dataset and --ipc say otherwise. Overriding --epochs or --rounds
+    is allowed, but the result then says it is not the official budget.
+
+    Every upload is scored in its own sandbox and recorded in --output as it
+    finishes; a failure never stops the rest, and a rerun skips what is
+    recorded for the same bytes and settings.
     """
-    from ddchallenge.protocol import OFFICIAL
-    from ddchallenge.report import score_table
-    from ddchallenge.score import score as run_score
+    from ddchallenge.batch import BatchSettings, score_batch
+    from ddchallenge.protocol import OFFICIAL, UploadRules
+    from ddchallenge.report import batch_table, score_table
 
-    recipe = OFFICIAL.with_overrides(epochs=epochs, rounds=rounds)
-    options = dict(dataset=dataset, ref_dir=ref_dir, recipe=recipe, seed=seed, device=device,
-                   progress=not quiet, sandbox=not no_sandbox)
-    if ipc is not None or budget is not None:
-        from ddchallenge.diffusion.model import is_generator
-
-        if not all(is_generator(s) for s in submissions):
-            raise errors.UsageError("--ipc and --budget apply to Track 2 generator folders only")
-        if budget is not None and budget <= 0:
-            raise errors.UsageError(f"--budget must be positive seconds, got {budget}")
-        options.update({k: v for k, v in (("ipc", None if ipc is None else _ipc(ipc)), ("budget", budget))
-                        if v is not None})
-    if len(submissions) > 1:
-        if output is None or json_path is not None:
-            raise errors.UsageError("several submissions need --output DIR for their results (and no --json)")
-        from tabulate import tabulate
-
-        from ddchallenge.score import score_batch
-
-        outcomes = score_batch(list(submissions), output, **options)
-        rows = [[o.name, o.status, "-" if o.score is None else f"{100 * o.score:.2f}", o.reason or ""] for o in outcomes]
-        click.echo(tabulate(rows, headers=["submission", "status", "score %", "reason"], tablefmt="simple",
-                            disable_numparse=True))
-        if any(o.reason for o in outcomes):
+    if json_path is not None and len(uploads) > 1:
+        raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
+    settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
+                             seed, budget)
+    summary = score_batch(list(uploads), output, settings, ref_dir=ref_dir, device=device, progress=not quiet,
+                          sandbox=not no_sandbox)
+    if len(uploads) > 1:
+        click.echo(batch_table(summary.outcomes))
+        click.echo(summary.line())
+        if summary.count("failed") or summary.count("environment error"):
             raise click.exceptions.Exit(1)
         return
-    result = run_score(submissions[0], **options)
-    if output is not None:
-        result.write(output)
+    (outcome,) = summary.outcomes
+    if outcome.result is None:
+        raise errors.DDChallengeError(outcome.reason or outcome.status)
+    if outcome.status == "done before":
+        logging.getLogger("ddchallenge").info("already scored with the same bytes and settings: %s (delete it to "
+                                              "score again)", outcome.record)
+    else:
+        logging.getLogger("ddchallenge").info("result recorded in %s", outcome.record)
     if json_path is not None and str(json_path) != "-":
         from ddchallenge.fileio import atomic_write_bytes
 
-        atomic_write_bytes(json_path, result.to_json().encode())
-    click.echo(result.to_json() if str(json_path) == "-" else score_table(result))
+        atomic_write_bytes(json_path, outcome.result.to_json().encode())
+    click.echo(outcome.result.to_json() if str(json_path) == "-" else score_table(outcome.result))
 
 
 def _ipc(value: str) -> int | str:
@@ -141,7 +150,7 @@ def _ipc(value: str) -> int | str:
 @click.option("--dataset", required=True, help="Dataset to distil (see protocol.DATASETS).")
 @click.option("--method", required=True, help="Generation method: random, herding, diffusion.")
 @click.option("--ipc", required=True, help="Images per class, or 'auto': the most that fit --budget.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 on a Track 1 dataset; 2: enforce the budget.")
 @click.option("--budget", type=float, help="Seconds allowed (Track 2 default: 600).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
@@ -180,7 +189,7 @@ training_steps_option = click.option("--steps", type=int, help="Training steps (
 @click.option("--space", type=click.Choice(["pixel", "latent"]), help="Where the denoiser works (preset's default).")
 @click.option("--vae", help="AutoencoderKL folder or Hub id (see `ddchallenge train-vae`); implies --space latent.")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (overrides the preset's).")
-@click.option("--seed", type=int, help="Seed of weights, data order and noise (default 0).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed of weights, data order and noise (default 0).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUTPUT with its settings.")
@@ -209,7 +218,7 @@ def train_command(dataset, output, preset, steps, batch_size, space, vae, checkp
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="VAE folder.")
 @preset_option
 @training_steps_option
-@click.option("--seed", type=int, help="Seed (default 0).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed (default 0).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is not empty.")

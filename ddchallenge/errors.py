@@ -15,9 +15,18 @@ class SubmissionError(DDChallengeError):
     """A submission file that is missing, unreadable, unsafe or malformed."""
 
 
+class UploadRuleError(SubmissionError):
+    """An upload that breaks the rules it is scored under (datasets, IPC)."""
+
+
 class DatasetError(DDChallengeError):
     """A dataset or reference test set that is missing or malformed."""
 
 
 class OutputExistsError(DDChallengeError):
     """An output that exists and would be overwritten without --force."""
+
+
+class EnvironmentFailure(DDChallengeError):
+    """The machine failed (out of disk or memory, a lost GPU, no sandbox), not
+    the input: a batch retries the upload on its next run."""

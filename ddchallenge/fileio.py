@@ -76,17 +76,23 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> bytes:
     return data
 
 
-def read_limited(path: Path, error: type[Exception], what: str) -> bytes:
-    """Read a whole regular file, refusing missing, empty and oversized ones."""
+def check_file(path: Path, error: type[Exception], what: str) -> int:
+    """The size of a regular file, refusing missing, empty and oversized ones."""
     if not path.exists():
         raise error(f"{what} not found: {path}")
     if not path.is_file():
         raise error(f"{what} {path} is not a regular file")
     size = path.stat().st_size
     if size == 0:
-        raise error(f"{what} {path} is empty (0 bytes); it should be a file written by torch.save")
+        raise error(f"{what} {path} is empty (0 bytes)")
     if size > MAX_FILE_BYTES:
         raise error(f"{what} {path} is {size} bytes, over the {MAX_FILE_BYTES} byte limit")
+    return size
+
+
+def read_limited(path: Path, error: type[Exception], what: str) -> bytes:
+    """Read a whole regular file, refusing missing, empty and oversized ones."""
+    check_file(path, error, what)
     return path.read_bytes()
 
 

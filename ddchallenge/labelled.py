@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -55,30 +56,106 @@ def write_labelled_set(
     return Path(path)
 
 
-def read_labelled_set(path: str | os.PathLike, pixels: bool = True) -> LabelledSet:
+# The only filters a labelled set may use: HDF5's built-in deflate, shuffle and
+# checksum. Any other filter id would make HDF5 look for a plugin library.
+ALLOWED_FILTERS = {h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32}
+MAX_CHUNK_BYTES = 64 << 20  # one chunk is inflated whole, whatever the dataset's shape
+MAX_ATTRIBUTES, MAX_ATTRIBUTE_BYTES = 32, 1 << 20
+
+# Never load a filter plugin (the set is untrusted and a plugin is code): the
+# filter check below refuses unknown filters first, and no search path is left.
+while h5py.h5pl.size():
+    h5py.h5pl.remove(0)
+
+
+@dataclass(frozen=True)
+class Header:
+    images_shape: tuple[int, ...]
+    dataset: str | None  # the dataset the set's attributes name
+
+
+def _check_self_contained(f: h5py.File, path: Path) -> None:
+    """Refuse anything that reaches outside the file or costs more than its
+    shape says, before a single value is read: links other than plain ones
+    (external, soft, user-defined), virtual datasets, external raw storage,
+    layouts other than contiguous or chunked, unknown filters, oversized
+    chunks, objects other than /images and /labels."""
+    names = list(f.keys())
+    extra = sorted(set(names) - {"images", "labels"})
+    if extra:
+        raise SubmissionError(f"labelled set {path} holds unexpected object(s) {', '.join(map(repr, extra[:5]))}; "
+                              "a labelled set holds /images and /labels only")
+    for name in names:
+        link = f.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise SubmissionError(f"labelled set {path}: /{name} is a {type(link).__name__}, which can point outside "
+                                  "the file; a labelled set holds its data itself")
+        obj = f[name]
+        if not isinstance(obj, h5py.Dataset):
+            raise SubmissionError(f"labelled set {path}: /{name} is not a dataset")
+        plist = obj.id.get_create_plist()
+        layout = plist.get_layout()
+        if layout not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED):
+            kind = {h5py.h5d.VIRTUAL: "a virtual dataset", h5py.h5d.COMPACT: "compact"}.get(layout, f"layout {layout}")
+            raise SubmissionError(f"labelled set {path}: /{name} is {kind}; only plain contiguous or chunked data "
+                                  "inside the file is read")
+        if plist.get_external_count():
+            raise SubmissionError(f"labelled set {path}: /{name} keeps its data in external files; only data inside "
+                                  "the file is read")
+        for i in range(plist.get_nfilters()):
+            code = plist.get_filter(i)[0]
+            if code not in ALLOWED_FILTERS:
+                raise SubmissionError(f"labelled set {path}: /{name} uses HDF5 filter {code}; only deflate (gzip), "
+                                      "shuffle and fletcher32 are read")
+        if obj.chunks is not None and int(np.prod(obj.chunks)) * obj.dtype.itemsize > MAX_CHUNK_BYTES:
+            raise SubmissionError(f"labelled set {path}: /{name} has chunks of {obj.chunks}, over "
+                                  f"{MAX_CHUNK_BYTES >> 20} MiB each; write it with smaller chunks")
+        if obj.dtype.fields is not None or obj.dtype.kind not in "uif" or obj.dtype.itemsize > 8:
+            raise SubmissionError(f"labelled set {path}: /{name} has type {obj.dtype}; expected plain numbers")
+    if len(f.attrs) > MAX_ATTRIBUTES or any(f.attrs.get_id(a).get_storage_size() > MAX_ATTRIBUTE_BYTES
+                                             for a in f.attrs):
+        raise SubmissionError(f"labelled set {path} has more than {MAX_ATTRIBUTES} attributes or one over "
+                              f"{MAX_ATTRIBUTE_BYTES >> 20} MiB; refused")
+
+
+def read_labelled_set(path: str | os.PathLike, pixels: bool = True,
+                      check_header: Callable[[Header], None] | None = None) -> LabelledSet:
     """Read and check the structure (not the class counts: see submission.py).
-    pixels=False accepts float images that are already normalised."""
+    pixels=False accepts float images that are already normalised.
+    `check_header` sees the shapes and the named dataset before any value is
+    read, so an upload's size can be refused before it is inflated."""
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"labelled set not found: {path}")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("images", "labels") if not isinstance(f.get(k), h5py.Dataset)]
+            missing = [k for k in ("images", "labels") if k not in f]
             if missing:
                 raise SubmissionError(
                     f"labelled set {path} has no dataset {' or '.join(missing)}; expected /images (N, C, H, W) "
                     "and /labels (N,), as `ddchallenge generate` writes"
                 )
-            images, labels = f["images"][()], f["labels"][()]
+            _check_self_contained(f, path)
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            shape, label_shape = f["images"].shape, f["labels"].shape
+            if len(shape) != 4 or label_shape != shape[:1]:
+                raise SubmissionError(f"labelled set {path} has images {shape} and labels {label_shape}; expected "
+                                      "(N, C, H, W) and (N,)")
+            if check_header is not None:
+                named = attrs.get("dataset")
+                check_header(Header(tuple(shape), named if isinstance(named, str) else None))
+            images, labels = f["images"][()], f["labels"][()]
     except OSError as exc:
-        raise SubmissionError(f"{path} is not a readable HDF5 labelled set (truncated or corrupt: {exc})") from None
+        raise SubmissionError(f"{path} is not a readable HDF5 labelled set (truncated or corrupt: "
+                              f"{str(exc)[:200]})") from None
     attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
     if "config" in attrs:
         try:
             attrs["config"] = json.loads(attrs["config"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise SubmissionError(f"labelled set {path} has a config attribute that is not JSON") from None
+    if not isinstance(attrs.get("method", ""), str):
+        raise SubmissionError(f"labelled set {path} has a method attribute that is not text")
     if not np.issubdtype(labels.dtype, np.integer):
         raise SubmissionError(f"labelled set {path} has labels of type {labels.dtype}; expected int64")
     if images.dtype == np.uint8:
@@ -90,10 +167,10 @@ def read_labelled_set(path: str | os.PathLike, pixels: bool = True) -> LabelledS
         if images.size and not np.isfinite(images).all():
             raise SubmissionError(f"labelled set {path} holds NaN or Inf images")
         if pixels and images.size and (images.min() < 0 or images.max() > 1):
+            # No values in the message: an error is shown to whoever uploaded the file.
             raise SubmissionError(
-                f"labelled set {path} has float images outside [0, 1] (min {images.min():.3g}, max "
-                f"{images.max():.3g}); a labelled set holds pixels, uint8 or float in [0, 1], not normalised "
-                "values (`ddchallenge pack --input-normalised` packs normalised ones)"
+                f"labelled set {path} has float images outside [0, 1]; a labelled set holds pixels, uint8 or float "
+                "in [0, 1], not normalised values (`ddchallenge pack --input-normalised` packs normalised ones)"
             )
     else:
         raise SubmissionError(f"labelled set {path} has images of type {images.dtype}; expected uint8 or float32")

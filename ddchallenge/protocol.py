@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from ddchallenge.errors import UsageError
+from ddchallenge.errors import UploadRuleError, UsageError
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,94 @@ class EvalRecipe:
 
 
 OFFICIAL = EvalRecipe()
+
+
+MAX_IPC = 100  # an upload that names no IPC rule may hold at most this many images per class: a few KB of
+#                compressed or repeated bytes must not become hours of training (CIFAR-100 at IPC 100 is 10,000 images)
+MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED; round r uses seed + r, and every generator accepts the sum
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return seed
+
+
+@dataclass(frozen=True)
+class UploadRules:
+    """What an organiser accepts of an upload, checked before any training.
+
+    A zip or res/ folder is an official Track 1 upload: it must hold exactly
+    `datasets` (default: the challenge's, cifar100 and tinyimagenet) at `ipc`
+    images per class (default 10). A single file is scored on its own
+    dataset, which must be one of `datasets` when they are given, at `ipc`
+    when given, else at most MAX_IPC. A Track 2 generator folder is run for
+    each of `datasets` (default: the challenge's), never for a dataset of its
+    own choosing, for `ipc` images per class (default: the most that fit
+    its budget, at most MAX_IPC)."""
+
+    datasets: tuple[str, ...] | None = None  # dataset names; None: the defaults above
+    ipc: int | None = None  # exact images per class; None: the defaults above
+
+    def __post_init__(self) -> None:
+        if self.datasets is not None:
+            names = tuple(get_dataset(d).name for d in self.datasets)
+            if not names:
+                raise UsageError("--dataset needs at least one dataset name")
+            if len(set(names)) != len(names):
+                raise UsageError(f"--dataset names a dataset twice: {', '.join(names)}")
+            object.__setattr__(self, "datasets", tuple(sorted(names)))
+        if self.ipc is not None and (isinstance(self.ipc, bool) or not isinstance(self.ipc, int) or self.ipc < 1):
+            raise UsageError(f"--ipc must be a whole number of at least 1, got {self.ipc!r}")
+
+    def required(self) -> tuple[str, ...]:
+        """The datasets a Track 1 upload must hold and a generator must make."""
+        return self.datasets if self.datasets is not None else tuple(sorted(TRACK1_DATASETS))
+
+    def official_ipc(self) -> int:
+        """The IPC of a Track 1 upload."""
+        return self.ipc if self.ipc is not None else TRACK1_IPC
+
+    def max_ipc(self) -> int:
+        return self.ipc if self.ipc is not None else MAX_IPC
+
+    def allows(self, spec: DatasetSpec) -> bool:
+        return self.datasets is None or spec.name in self.datasets
+
+    def max_images(self, spec: DatasetSpec) -> int:
+        return spec.classes * self.max_ipc()
+
+    def max_bytes(self, specs) -> int:
+        """The largest file that can hold images of `specs` within these rules
+        (float32 images plus int64 labels, and 1 MiB for the container)."""
+        per = [self.max_images(s) * (4 * s.channels * s.size * s.size + 8) for s in specs]
+        return max(per, default=0) + (1 << 20)
+
+    def check_count(self, spec: DatasetSpec, n: int, source: str) -> None:
+        """Refuse a dataset's image count, read from a header, before its data."""
+        if not self.allows(spec):
+            raise UploadRuleError(f"{source} is a {spec.name} set, but the rules score {', '.join(self.required())}; "
+                                  f"pass --dataset {spec.name} to score it")
+        if n > self.max_images(spec) or n % spec.classes:
+            rule = (f"IPC {self.ipc} (--ipc)" if self.ipc is not None else
+                    f"at most IPC {MAX_IPC} without --ipc")
+            raise UploadRuleError(f"{source} holds {n} {spec.name} images; the rules allow {rule}, i.e. "
+                                  f"{self.max_images(spec)} images of {spec.classes} classes")
+
+    def check_ipc(self, spec: DatasetSpec, ipc: int, source: str, official: bool) -> None:
+        wanted = self.official_ipc() if official else self.ipc
+        if wanted is not None and ipc != wanted:
+            raise UploadRuleError(f"{source} holds IPC {ipc} for {spec.name}; the rules require IPC {wanted}"
+                                  + ("" if self.ipc is not None else " (the challenge's; an organiser may pass --ipc)"))
+        if ipc > self.max_ipc():
+            raise UploadRuleError(f"{source} holds IPC {ipc} for {spec.name}, over the limit of {self.max_ipc()}")
+
+    def check_track1(self, names, source: str) -> None:
+        """A zip or res/ folder must hold exactly the required datasets."""
+        names, required = set(names), set(self.required())
+        if names != required:
+            extra, missing = sorted(names - required), sorted(required - names)
+            broke = "; ".join(part for part in (
+                f"missing {', '.join(missing)}" if missing else "", f"extra {', '.join(extra)}" if extra else "") if part)
+            raise UploadRuleError(f"{source} must hold exactly {', '.join(sorted(required))} ({broke}); an "
+                                  "organiser scoring other datasets says so with --dataset")

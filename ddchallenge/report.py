@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
+import re
 
 import torch
 from tabulate import tabulate
 
 from ddchallenge.data import denormalise
 from ddchallenge.errors import UsageError
+from ddchallenge.isolation import clean
 from ddchallenge.score import ScoreResult
 from ddchallenge.submission import DatasetEntry
 
@@ -93,8 +96,9 @@ def leaderboard(results: list[dict], fmt: str = "table") -> str:
             rank = i + 1
         cells = [f"{_pct(by_name[n]['mean'])} ± {_pct(by_name[n]['std'])}" if n in by_name else "-" for n in datasets]
         ipcs = "/".join(str(by_name[n]["ipc"]) if n in by_name else "-" for n in datasets)
-        rows.append([rank, r.get("name") or r["submission"], r.get("method") or "?", ipcs, *cells, _pct(total),
-                     "yes" if r["official_budget"] else "NO"])
+        # Name and method come from the upload: escaped for the format they are shown in.
+        shown = [_escape(str(r.get("name") or r["submission"]), fmt), _escape(str(r.get("method") or "?"), fmt)]
+        rows.append([rank, *shown, ipcs, *cells, _pct(total), "yes" if r["official_budget"] else "NO"])
     headers = ["rank", "submission", "method", "IPC", *[f"{n} %" for n in datasets], "score %", "official budget"]
     if fmt == "csv":
         out = io.StringIO()
@@ -102,3 +106,24 @@ def leaderboard(results: list[dict], fmt: str = "table") -> str:
         return out.getvalue()
     return tabulate(rows, headers=headers, tablefmt={"table": "simple", "md": "github", "html": "html"}[fmt],
                     disable_numparse=True)
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+
+
+def _escape(text: str, fmt: str) -> str:
+    """Untrusted text for one cell: control characters escaped everywhere;
+    markdown syntax and raw HTML neutralised in md (tabulate escapes html);
+    a CSV cell never starts a spreadsheet formula."""
+    text = clean(text)
+    if fmt == "md":
+        text = html.escape(_MARKDOWN.sub(r"\\\1", text), quote=False)
+    elif fmt == "csv" and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        text = "'" + text
+    return text
+
+
+def batch_table(outcomes) -> str:
+    """The summary of a batch, one row per upload, names and reasons escaped."""
+    rows = [[clean(o.name), o.status, "-" if o.score is None else _pct(o.score), o.reason or ""] for o in outcomes]
+    return tabulate(rows, headers=["upload", "status", "score %", "reason"], tablefmt="simple", disable_numparse=True)

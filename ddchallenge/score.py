@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import logging
+import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,13 @@ import torch
 
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
-from ddchallenge.diffusion.model import generator_dataset, is_generator
-from ddchallenge.errors import DDChallengeError, UsageError
+from ddchallenge.errors import SubmissionError, UsageError
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
-from ddchallenge.protocol import OFFICIAL, TRACK2_BUDGET_SECONDS, EvalRecipe, get_dataset
-from ddchallenge.sandbox import describe as describe_sandbox
-from ddchallenge.submission import DatasetEntry, load_submission
+from ddchallenge.isolation import clean
+from ddchallenge.protocol import OFFICIAL, TRACK2_BUDGET_SECONDS, EvalRecipe, UploadRules, check_seed
+from ddchallenge.submission import DatasetEntry
 from ddchallenge.train import accuracy, resolve_device, train_round
+from ddchallenge.upload import describe as describe_upload_isolation, generate_upload, is_generator, read_upload
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,12 @@ class ScoreResult:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "ScoreResult":
+        """The inverse of `to_json` (raises KeyError or TypeError on anything else)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: data[k] for k in fields}, "datasets": [DatasetScore(**d) for d in data["datasets"]]})
+
     def scores_txt(self) -> str:
         """The Codalab/Codabench scores file the official program writes."""
         return f"correct: {self.score}\n"
@@ -100,100 +105,48 @@ def score_entry(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, d
 
 def score(
     submission: str | os.PathLike,
-    dataset: str | None = None,
+    rules: UploadRules = UploadRules(),
     ref_dir: str | os.PathLike | None = None,
     recipe: EvalRecipe = OFFICIAL,
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
     sandbox: bool = True,
-    ipc: int | str = "auto",
-    budget: float = TRACK2_BUDGET_SECONDS,
+    budget: float | None = None,
 ) -> ScoreResult:
-    """Validate everything first (submission and reference sets), then train.
-    A Track 2 generator folder is first run (in the sandbox) for `ipc` images
-    per class ("auto": the most that fit) within `budget` seconds."""
+    """Validate everything first (the upload under `rules`, the reference
+    sets), then train. A Track 2 generator folder is first run (in the
+    sandbox) for each dataset the rules score, within `budget` seconds each
+    (default 600); `budget` given for anything else is that upload's error."""
     start = time.perf_counter()
+    check_seed(seed)
+    if budget is not None and not budget > 0:
+        raise UsageError(f"--budget must be positive seconds, got {budget}")
     dev = resolve_device(device)
-    if dataset is not None:
-        get_dataset(dataset)  # a usage error, reported before any untrusted work starts
-    if is_generator(submission):
-        entries = _generated(Path(submission), dataset, ipc, budget, seed, device, sandbox)
-    elif sandbox:
-        from ddchallenge.sandbox import load_isolated
-
-        entries = load_isolated(submission, dataset)
+    path = Path(submission)
+    if is_generator(path):
+        log.info("running generator %s for %s (IPC %s, budget %g s each)", clean(str(path)),
+                 ", ".join(rules.required()), rules.ipc or "auto", budget or TRACK2_BUDGET_SECONDS)
+        entries = generate_upload(path, rules, budget or TRACK2_BUDGET_SECONDS, seed, device, sandbox)
+    elif budget is not None:
+        raise SubmissionError(f"{path} is not a generator folder; a Track 2 run (--budget) scores folders written by "
+                              "`ddchallenge train`")
     else:
-        entries = load_submission(submission, dataset)
+        entries = read_upload(path, rules, sandbox)
     refs = {e.spec.name: load_reference(e.spec, ref_dir) for e in entries}
     notes = [w for e in entries for w in e.warnings]
     for w in notes:
         log.warning(w)
     scores = [score_entry(e, refs[e.spec.name], recipe, seed, dev, progress) for e in entries]
     methods = {e.method for e in entries}
-    path = Path(submission)
+    name = path.resolve().name or str(path)
     return ScoreResult(
-        name=path.name if path.name != "res" else path.resolve().parent.name,
+        name=name if name != "res" else path.resolve().parent.name,
         method=methods.pop() if len(methods) == 1 else None,
         submission=str(submission), submission_sha256=sha256_file(path) if path.is_file() else None,
         score=float(np.mean([s.mean for s in scores])), datasets=scores,
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
         seed=seed, device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-        sandbox=describe_sandbox() if sandbox else "none (--no-sandbox)",
-        seconds=time.perf_counter() - start, warnings=notes, versions=versions(),
+        sandbox=describe_upload_isolation(sandbox, dev), seconds=time.perf_counter() - start, warnings=notes,
+        versions=versions(),
     )
-
-
-def _generated(model: Path, dataset: str | None, ipc: int | str, budget: float, seed: int, device: str,
-               sandbox: bool) -> list[DatasetEntry]:
-    """Track 2: the images a generator folder makes within the budget."""
-    dataset = dataset or generator_dataset(model)
-    log.info("running generator %s for %s (IPC %s, budget %g s)", model, dataset, ipc, budget)
-    if sandbox:
-        from ddchallenge.sandbox import generate_isolated
-
-        return generate_isolated(model, dataset, ipc, budget, seed, device)
-    from ddchallenge.generators.diffusion import run_generator
-
-    with tempfile.TemporaryDirectory(prefix="ddchallenge-track2-") as tmp:
-        return run_generator(str(model), dataset, ipc, seed, budget, device, Path(tmp))
-
-
-@dataclass(frozen=True)
-class BatchOutcome:
-    name: str  # the submission's file or folder name; its result is <output>/<name>.json
-    status: str  # "scored", "failed", or "done before" (resumed batch)
-    score: float | None
-    reason: str | None  # why it failed
-
-
-def score_batch(submissions: list[str | os.PathLike], output_dir: str | os.PathLike, **options) -> list[BatchOutcome]:
-    """Score many submissions one after another, each in its own sandbox.
-    A failure is recorded (<name>.failed.json) and the batch goes on; every
-    result is written when it finishes, and a rerun skips what is there, so
-    an interrupted batch resumes where it stopped."""
-    names = [Path(s).name for s in submissions]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise UsageError(f"several submissions are named {', '.join(repeated)}; results are stored by name")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    outcomes = []
-    for path, name in zip(map(Path, submissions), names):
-        done, failed = out / f"{name}.json", out / f"{name}.failed.json"
-        if done.exists() or failed.exists():
-            record = json.loads((done if done.exists() else failed).read_text())
-            outcomes.append(BatchOutcome(name, "done before", record.get("score"), record.get("reason")))
-            continue
-        log.info("scoring %s", path)
-        try:
-            result = score(path, **options)
-        except UsageError:
-            raise
-        except DDChallengeError as exc:
-            atomic_write_bytes(failed, json.dumps({"submission": str(path), "reason": str(exc)}, indent=2).encode())
-            outcomes.append(BatchOutcome(name, "failed", None, str(exc)))
-            continue
-        atomic_write_bytes(done, result.to_json().encode())
-        outcomes.append(BatchOutcome(name, "scored", result.score, None))
-    return outcomes

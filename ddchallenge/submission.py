@@ -13,6 +13,7 @@ Forms:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import zipfile
@@ -22,11 +23,13 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ddchallenge.data import normalise
-from ddchallenge.errors import SubmissionError
-from ddchallenge.fileio import MAX_FILE_BYTES, load_torch_bytes, read_limited, sha256_bytes, sha256_file
-from ddchallenge.labelled import read_labelled_set
-from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, DatasetSpec, get_dataset
+from ddchallenge.errors import SubmissionError, UploadRuleError
+from ddchallenge.fileio import MAX_FILE_BYTES, check_file, load_torch_bytes, read_limited, sha256_bytes, sha256_file
+from ddchallenge.labelled import Header, read_labelled_set
+from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, DatasetSpec, UploadRules, get_dataset
 
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_METHOD = 64  # characters of a method name kept from an upload's manifest or attributes
 FORMS = "an official <dataset>.pt file, a labelled .h5 set, a res/ folder or a submission .zip"
 # Files a Codabench/Codalab res/ folder may hold beside the submission.
 IGNORED_IN_FOLDER = {"metadata"}
@@ -47,9 +50,12 @@ class DatasetEntry:
     method: str | None = None  # generating method, when the set or pack's manifest records it
 
 
-def load_submission(path: str | os.PathLike, dataset: str | None = None) -> list[DatasetEntry]:
-    """Every dataset in the submission at `path`, validated. `dataset` names
-    the dataset of a single file whose name and shape do not tell it."""
+def load_submission(path: str | os.PathLike, dataset: str | None = None,
+                    rules: UploadRules | None = UploadRules()) -> list[DatasetEntry]:
+    """Every dataset in the submission at `path`, validated against `rules`
+    (None: any known dataset at any IPC, for viewing one's own files).
+    `dataset` names the dataset of a single file whose name and shape do not
+    tell it; rules that name one dataset tell it too."""
     path = Path(path)
     if not path.exists():
         raise SubmissionError(f"submission not found: {path}; pass {FORMS}")
@@ -57,22 +63,34 @@ def load_submission(path: str | os.PathLike, dataset: str | None = None) -> list
         raise SubmissionError(
             f"--dataset applies to a single file, but {path} names its datasets by file name; drop --dataset"
         )
+    if dataset is None and rules is not None and rules.datasets is not None and len(rules.datasets) == 1:
+        dataset = rules.datasets[0]
     if path.is_dir():
-        entries = _load_folder(path)
+        entries = _load_folder(path, rules)
         entries = _with_methods(entries, (path if (path / "res").is_dir() else path.parent) / "manifest.json")
     elif path.suffix.lower() == ".zip":
-        entries = _with_methods(_load_zip(path), path.parent / "manifest.json")
+        entries = _with_methods(_load_zip(path, rules), path.parent / "manifest.json")
     elif path.suffix.lower() in (".h5", ".hdf5"):
-        return [_from_labelled_h5(path, dataset)]
+        return [_from_labelled_h5(path, dataset, rules)]
     elif path.suffix.lower() == ".pt":
+        if rules is not None:
+            named = DATASETS.get(path.stem.lower()) or (DATASETS.get(dataset) if dataset else None)
+            candidates = [named] if named else [s for s in DATASETS.values() if rules.allows(s)]
+            _check_size(path.stat().st_size, rules.max_bytes(candidates), str(path))
         data = read_limited(path, SubmissionError, "submission")
-        return [_from_torch_bytes(data, str(path), path.stem, dataset)]
+        return [_from_torch_bytes(data, str(path), path.stem, dataset, rules)]
     else:
         raise SubmissionError(f"cannot read {path}: unknown file type {path.suffix!r}; pass {FORMS}")
     return entries
 
 
-def _load_folder(path: Path) -> list[DatasetEntry]:
+def _check_size(size: int, limit: int, source: str) -> None:
+    if size > limit:
+        raise UploadRuleError(f"{source} is {size} bytes, more than any set the rules allow can take ({limit} bytes); "
+                              "check the IPC and the dataset")
+
+
+def _load_folder(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
     folder = path / "res" if (path / "res").is_dir() else path
     files = sorted(p for p in folder.iterdir() if p.name not in IGNORED_IN_FOLDER and not p.name.startswith("."))
     links = [p.name for p in [folder, *files] if p.is_symlink()]
@@ -88,16 +106,21 @@ def _load_folder(path: Path) -> list[DatasetEntry]:
     if not files:
         raise SubmissionError(f"{folder} holds no dataset file; expected files such as cifar100.pt and tinyimagenet.pt")
     _refuse_duplicates([p.name for p in files], str(folder))
+    if rules is not None:
+        rules.check_track1([p.name.rpartition(".")[0] for p in files], str(folder))
     entries = []
     for p in files:
         if p.suffix == ".h5":
-            entries.append(_from_labelled_h5(p, None))
+            entries.append(_from_labelled_h5(p, None, rules, official=True))
         else:
-            entries.append(_from_torch_bytes(read_limited(p, SubmissionError, "submission"), str(p), p.stem, None))
+            if rules is not None:
+                _check_size(p.stat().st_size, rules.max_bytes([DATASETS[p.stem]]), str(p))
+            data = read_limited(p, SubmissionError, "submission")
+            entries.append(_from_torch_bytes(data, str(p), p.stem, None, rules, official=True))
     return entries
 
 
-def _load_zip(path: Path) -> list[DatasetEntry]:
+def _load_zip(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -112,20 +135,23 @@ def _load_zip(path: Path) -> list[DatasetEntry]:
                  or m.filename[:-3] not in DATASETS]
         if stray:
             raise SubmissionError(
-                f"{path} has unexpected member(s) {', '.join(stray)}; a submission zip holds only "
+                f"{path} has unexpected member(s) {', '.join(map(repr, stray[:5]))}; a submission zip holds only "
                 "<dataset>.pt files at its top level (for the challenge: cifar100.pt and tinyimagenet.pt)"
             )
         if not members:
             raise SubmissionError(f"{path} holds no dataset file; expected cifar100.pt and tinyimagenet.pt")
         _refuse_duplicates([m.filename for m in members], str(path))
         names = {m.filename[:-3] for m in members}
-        if names & TRACK1_DATASETS and not TRACK1_DATASETS <= names:
+        if rules is not None:
+            rules.check_track1(names, str(path))
+        elif names & TRACK1_DATASETS and not TRACK1_DATASETS <= names:
             missing = ", ".join(sorted(f"{n}.pt" for n in TRACK1_DATASETS - names))
             raise SubmissionError(f"{path} is missing {missing}; a challenge upload holds one file per Track 1 dataset")
         entries = []
         for m in sorted(members, key=lambda m: m.filename):
-            if m.file_size > MAX_FILE_BYTES:
-                raise SubmissionError(f"{path}:{m.filename} unpacks to {m.file_size} bytes, over the limit; refused")
+            # The declared size is checked before anything is inflated.
+            limit = MAX_FILE_BYTES if rules is None else rules.max_bytes([DATASETS[m.filename[:-3]]])
+            _check_size(m.file_size, limit, f"{path}:{m.filename}")
             try:
                 with archive.open(m) as fh:
                     # Read at most one byte past the declared size: a member
@@ -135,7 +161,7 @@ def _load_zip(path: Path) -> list[DatasetEntry]:
                 raise SubmissionError(f"{path}:{m.filename} cannot be extracted ({exc}); zip it again") from None
             if len(data) != m.file_size:
                 raise SubmissionError(f"{path}:{m.filename} does not match its declared size; refused")
-            entries.append(_from_torch_bytes(data, f"{path}:{m.filename}", m.filename[:-3], None))
+            entries.append(_from_torch_bytes(data, f"{path}:{m.filename}", m.filename[:-3], None, rules, official=True))
     return entries
 
 
@@ -174,12 +200,32 @@ def _resolve_spec(source: str, stem: str | None, dataset: str | None, image_shap
     )
 
 
-def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str | None) -> DatasetEntry:
+def _check_torch_container(data: bytes, source: str) -> None:
+    """torch.save writes an uncompressed zip; a compressed record would let a
+    few KB inflate to GBs inside torch.load, before any shape is seen."""
+    if not data.startswith(b"PK"):
+        return  # the legacy format: what it holds is what the file holds
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, ValueError):
+        return  # torch.load names the damage
+    packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if packed or sum(r.file_size for r in records) > len(data):
+        raise SubmissionError(f"{source} holds compressed records, which torch.save never writes; save it again "
+                              "with torch.save")
+
+
+def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str | None, rules: UploadRules | None,
+                      official: bool = False) -> DatasetEntry:
+    _check_torch_container(data, source)
     obj = load_torch_bytes(data, source, SubmissionError)
     digest = sha256_bytes(data)
     if isinstance(obj, torch.Tensor):
         _check_image_tensor(obj, source)
         spec = _resolve_spec(source, stem, dataset, obj.shape[1:], obj.shape[0])
+        if rules is not None:
+            rules.check_count(spec, obj.shape[0], source)
         images = check_images(obj, spec, source)
         ipc, rest = divmod(images.shape[0], spec.classes)
         if rest or ipc == 0:
@@ -188,33 +234,48 @@ def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str |
                 f"an official file is (classes x IPC, {', '.join(map(str, spec.image_shape))}), e.g. "
                 f"({spec.classes * 10}, {', '.join(map(str, spec.image_shape))}) for IPC 10"
             )
+        if rules is not None:
+            rules.check_ipc(spec, ipc, source, official)
         labels = torch.arange(images.shape[0]) // ipc
         return DatasetEntry(spec, images, labels, ipc, "official", source, digest, _normalisation_warnings(images, source))
     if isinstance(obj, dict) and set(obj) == {"images", "labels"} and all(isinstance(v, torch.Tensor) for v in obj.values()):
         _check_image_tensor(obj["images"], source)
         spec = _resolve_spec(source, stem, dataset, obj["images"].shape[1:], obj["images"].shape[0])
+        if rules is not None:
+            rules.check_count(spec, obj["images"].shape[0], source)
         images = check_images(obj["images"], spec, source)
         labels, ipc = check_labels(obj["labels"], images.shape[0], spec, source)
+        if rules is not None:
+            rules.check_ipc(spec, ipc, source, official)
         return DatasetEntry(spec, images, labels, ipc, "labelled", source, digest, _normalisation_warnings(images, source))
-    found = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with keys {sorted(map(str, obj))}"
+    found = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with {len(obj)} keys"
     raise SubmissionError(
         f"{source} holds {found}; expected a bare float tensor (official format) or "
         '{"images": float tensor, "labels": int64 tensor} (labelled)'
     )
 
 
-def _from_labelled_h5(path: Path, dataset: str | None) -> DatasetEntry:
-    read_limited(path, SubmissionError, "labelled set")  # refuses missing, empty and oversized files
-    lset = read_labelled_set(path)
-    if lset.images.ndim != 4:
-        raise SubmissionError(f"labelled set {path} has images of shape {lset.images.shape}; expected (N, C, H, W)")
-    named = lset.dataset if lset.dataset in DATASETS else path.stem
-    spec = _resolve_spec(str(path), named, dataset, lset.images.shape[1:], lset.images.shape[0])
+def _from_labelled_h5(path: Path, dataset: str | None, rules: UploadRules | None, official: bool = False) -> DatasetEntry:
+    check_file(path, SubmissionError, "labelled set")  # refuses missing, empty and oversized files
+    found: dict = {}
+
+    def check_header(header: Header) -> None:
+        named = header.dataset if header.dataset in DATASETS else path.stem
+        spec = _resolve_spec(str(path), named, dataset, header.images_shape[1:], header.images_shape[0])
+        if rules is not None:
+            rules.check_count(spec, header.images_shape[0], str(path))
+        found["spec"] = spec
+
+    lset = read_labelled_set(path, check_header=check_header)
+    spec = found["spec"]
     pixels = torch.from_numpy(lset.images)
     check_image_shape(pixels, spec, str(path))
     labels, ipc = check_labels(torch.from_numpy(lset.labels), pixels.shape[0], spec, str(path))
+    if rules is not None:
+        rules.check_ipc(spec, ipc, str(path), official)
+    method = lset.attrs.get("method")
     return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_file(path),
-                        method=lset.attrs.get("method"))
+                        method=method[:MAX_METHOD] if isinstance(method, str) else None)
 
 
 def _with_methods(entries: list[DatasetEntry], manifest: Path) -> list[DatasetEntry]:
@@ -222,10 +283,14 @@ def _with_methods(entries: list[DatasetEntry], manifest: Path) -> list[DatasetEn
     whose sha256 it lists; the manifest is informational, so a missing or
     unreadable one changes nothing."""
     try:
+        if not manifest.is_file() or manifest.is_symlink() or manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            return entries
         listed = json.loads(manifest.read_text())["datasets"]
         methods = {d["sha256"]: d["source"]["provenance"].get("method") for d in listed}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return entries
+    # Text only, and short: the method is shown in tables and leaderboards.
+    methods = {k: v[:MAX_METHOD] for k, v in methods.items() if isinstance(k, str) and isinstance(v, str)}
     return [dataclasses.replace(e, method=methods.get(e.sha256, e.method)) for e in entries]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ddchallenge.errors import DDChallengeError, SubmissionError
 from ddchallenge.fileio import atomic_write_bytes
-from ddchallenge.protocol import OFFICIAL
+from ddchallenge.protocol import OFFICIAL, UploadRules
 from ddchallenge.report import score_html, score_table
 from ddchallenge.score import score
 
@@ -37,7 +37,8 @@ def run(input_dir: Path, output_dir: Path, epochs: int | None, rounds: int | Non
         raise SubmissionError(f"the submission is missing {', '.join(f'{d}.pt' for d in missing)}; "
                               f"upload a zip holding {', '.join(f'{d}.pt' for d in wanted)}")
     recipe = OFFICIAL.with_overrides(epochs=epochs, rounds=rounds)
-    result = score(res, ref_dir=ref, recipe=recipe, device=device, progress=False)
+    # The reference sets the organiser installed say which datasets are scored.
+    result = score(res, UploadRules(tuple(wanted)), ref_dir=ref, recipe=recipe, device=device, progress=False)
     result.write(output_dir)
     atomic_write_bytes(output_dir / "detailed_results.html", score_html(result).encode())
     print(score_table(result))

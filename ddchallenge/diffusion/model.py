@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,30 +172,6 @@ def checkpoints(output: Path) -> list[Path]:
     if not output.is_dir():
         return []
     return sorted(p for p in output.iterdir() if CHECKPOINT.match(p.name) and (p / META_FILE).is_file())
-
-
-def is_generator(path: str | os.PathLike) -> bool:
-    """A generator folder (or a training output holding checkpoints) rather
-    than a submission of images."""
-    path = Path(path)
-    return path.is_dir() and ((path / META_FILE).is_file() or bool(checkpoints(path)))
-
-
-def generator_dataset(path: str | os.PathLike) -> str:
-    """The dataset a generator folder says it was trained for (read as
-    bounded JSON only: the folder may be untrusted)."""
-    path = Path(path)
-    folder = path if (path / META_FILE).is_file() else checkpoints(path)[-1]
-    meta_path = folder / META_FILE
-    if meta_path.is_symlink() or meta_path.stat().st_size > 1 << 20:
-        raise ModelError(f"{meta_path} is a symbolic link or larger than 1 MiB; refused")
-    try:
-        name = json.loads(meta_path.read_text()).get("dataset")
-    except (ValueError, AttributeError) as exc:
-        raise ModelError(f"{meta_path} is not valid JSON ({exc})") from None
-    if not isinstance(name, str):
-        raise ModelError(f"{meta_path} does not name its dataset; pass --dataset")
-    return name
 
 
 @dataclass

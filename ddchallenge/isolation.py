@@ -1,0 +1,498 @@
+"""Run one function of this package in an isolated child process.
+
+The child has no network (a new network namespace through `unshare`), a
+clean environment, resource limits, its own cgroups where the machine allows
+them (a process cap that also finds escaped processes, and a memory cap that
+holds with CUDA), the user `nobody` when the parent is root and `nobody` can
+run this Python, and a private folder holding a read-only copy of its input.
+A wall-clock limit kills its whole process group.
+
+What goes in: a frozen dataclass (as JSON) and staged input paths. What
+comes back: the function's JSON value and the files it wrote to its outbox,
+both untrusted: read with bounds by the caller. This module knows nothing of
+datasets or submissions; `upload.py` uses it to read uploads.
+
+Staging checks every entry with lstat before a byte is read: only regular
+files and folders are copied, never a link, FIFO, socket or device; the
+total apparent size (what a copy costs) and the file count are bounded;
+sparse files are refused; each file is opened without following links and
+checked again on the open descriptor, so a file swapped after the check is
+not copied either.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fnmatch
+import functools
+import importlib
+import json
+import os
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ddchallenge.errors import DDChallengeError, EnvironmentFailure
+
+NOBODY = 65534
+REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT = 3, 4, 5
+MAX_MESSAGE = 500  # characters of a child's message kept; it is untrusted text
+MAX_VALUE_BYTES = 1 << 20  # the function's JSON value
+MAX_DEPTH = 32  # folder nesting staged into the child
+
+
+class Refused(DDChallengeError):
+    """The input, or the isolated work on it, failed: the input's fault."""
+
+
+class SandboxUnavailable(EnvironmentFailure):
+    """This machine cannot isolate untrusted work."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int = 16 << 30  # memory of the child: a memory cgroup where one can be made, else address space
+    file_bytes: int = 8 << 30  # largest file the child may write
+    cpu_seconds: int = 900  # CPU time of the child
+    processes: int = 512  # processes and threads (pids cgroup; RLIMIT_NPROC as `nobody`)
+    wall_seconds: float = 900.0  # then the whole process group is killed
+    input_bytes: int = 8 << 30  # total apparent size of the staged input
+    input_files: int = 10_000  # files and folders in the staged input
+
+
+@dataclass(frozen=True)
+class Isolation:
+    prefix: tuple[str, ...]  # command prefix that starts the child in its own network namespace
+    uid: int | None  # the unprivileged user the child runs as, when this process is root
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> Isolation | None:
+    """How this machine can isolate a child, or None. Probed once per
+    process: a batch needs it for every upload."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    candidates = [([unshare, "--net"], None), ([unshare, "--net", "--map-root-user"], None)]
+    if os.geteuid() == 0:
+        candidates.insert(0, ([unshare, "--net", "--setuid", str(NOBODY), "--setgid", str(NOBODY)], NOBODY))
+    for prefix, uid in candidates:
+        try:
+            # The probe imports this package, so `nobody` must be able to read the installation.
+            probe = [*prefix, sys.executable, "-c", "import ddchallenge"]
+            if subprocess.run(probe, capture_output=True, timeout=30, cwd="/").returncode == 0:
+                return Isolation(tuple(prefix), uid)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+# cgroup controllers: (v1 hierarchy, v2 hierarchy) and the file that sets the limit in each.
+CGROUP_ROOTS = {
+    "pids": ((Path("/sys/fs/cgroup/pids"), "pids.max"), (Path("/sys/fs/cgroup"), "pids.max")),
+    "memory": ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"), (Path("/sys/fs/cgroup"), "memory.max")),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _cgroup_root(controller: str) -> tuple[Path, str] | None:
+    """A hierarchy with this controller that this process may create groups
+    in, and the name of its limit file; None where there is none."""
+    for root, limit_file in CGROUP_ROOTS[controller]:
+        probe = root / f"ddchallenge-probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+        except OSError:
+            continue
+        usable = (probe / limit_file).exists()
+        probe.rmdir()
+        if usable:
+            return root, limit_file
+    return None
+
+
+def describe(limits: Limits = Limits(), cuda: bool = False) -> str:
+    """What `run` enforces on this machine, in words, for records."""
+    iso = isolation()
+    if iso is None:
+        return "none"
+    parts = ["no network (unshare)"]
+    if iso.uid is not None:
+        parts.append("user nobody")
+    gib = limits.memory_bytes / 2**30
+    if _cgroup_root("memory"):
+        parts.append(f"memory {gib:g} GiB (cgroup)")
+    elif cuda:
+        parts.append("memory NOT limited (CUDA needs more address space than it uses, and no memory cgroup)")
+    else:
+        parts.append(f"address space {gib:g} GiB (rlimit)")
+    if _cgroup_root("pids"):
+        parts.append(f"{limits.processes} processes (pids cgroup)")
+    elif iso.uid is not None:
+        parts.append(f"{limits.processes} processes (rlimit)")
+    parts.append(f"CPU {limits.cpu_seconds} s, files {limits.file_bytes / 2**30:g} GiB (rlimits)")
+    return ", ".join(parts + [f"wall {limits.wall_seconds:g} s", "read-only copy"])
+
+
+@contextlib.contextmanager
+def _cgroups(limits: Limits):
+    """One group per available controller for one child; on exit every
+    process still in them is killed, including ones that left the process
+    group (setsid). Yields {controller: group} for those made (possibly none)."""
+    groups = {}
+    try:
+        for controller, value in (("pids", limits.processes), ("memory", limits.memory_bytes)):
+            found = _cgroup_root(controller)
+            if found is None:
+                continue
+            root, limit_file = found
+            group = Path(tempfile.mkdtemp(prefix="ddchallenge-", dir=root))
+            groups[controller] = group
+            (group / limit_file).write_text(str(value))
+            if controller == "memory":  # no escape into swap
+                for swap in ("memory.memsw.limit_in_bytes", "memory.swap.max"):
+                    with contextlib.suppress(OSError):
+                        (group / swap).write_text(str(value) if swap.endswith("bytes") else "0")
+        yield groups
+    finally:
+        for group in groups.values():
+            for _ in range(100):
+                with contextlib.suppress(OSError):
+                    pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+                    if not pids:
+                        break
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                time.sleep(0.05)
+            with contextlib.suppress(OSError):
+                group.rmdir()
+
+
+def _limit(limits: Limits, uid: int | None, groups: dict[str, Path], cuda: bool):
+    def apply() -> None:
+        for group in groups.values():
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+        if "memory" not in groups and not cuda:  # CUDA maps far more address space than it uses
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if uid is not None:  # counted per user: only meaningful for a user of its own
+            resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+    return apply
+
+
+# ---------------------------------------------------------------- staging
+
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+SPARSE_SLACK = 1 << 20  # apparent bytes a file may have beyond its allocated blocks (tails, metadata)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    files: tuple[tuple[str, int], ...]  # (path relative to the top, size) of every regular file, sorted
+    folders: tuple[str, ...]  # relative paths of the folders, sorted, "" for the top when it is one
+    bytes: int  # total apparent size
+
+
+def inspect(path: str | os.PathLike, limits: Limits = Limits(), skip: tuple[str, ...] = ()) -> Inventory:
+    """Walk `path` with lstat only (nothing is opened or followed) and refuse
+    what must not be copied or read. Names matching `skip` are left out."""
+    top = Path(path)
+    files, folders, total = [], [], 0
+
+    def refuse_kind(p: Path, st: os.stat_result) -> None:
+        for test, kind in _KINDS:
+            if test(st.st_mode):
+                raise Refused(f"{p} is {kind}; an upload holds only regular files and folders")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise Refused(f"{p} is not a regular file or folder; refused")
+
+    def visit(p: Path, rel: str, depth: int) -> None:
+        nonlocal total
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise Refused(f"{p} not found") from None
+        except OSError as exc:
+            raise Refused(f"{p} cannot be read ({exc.strerror})") from None
+        refuse_kind(p, st)
+        if len(files) + len(folders) >= limits.input_files:
+            raise Refused(f"{top} holds more than {limits.input_files} files and folders; refused")
+        if stat.S_ISDIR(st.st_mode):
+            if depth > MAX_DEPTH:
+                raise Refused(f"{top} nests folders more than {MAX_DEPTH} deep; refused")
+            folders.append(rel)
+            try:
+                names = sorted(os.listdir(p))
+            except OSError as exc:
+                raise Refused(f"{p} cannot be listed ({exc.strerror})") from None
+            for name in names:
+                if not any(fnmatch.fnmatch(name, pattern) for pattern in skip):
+                    visit(p / name, f"{rel}/{name}" if rel else name, depth + 1)
+            return
+        if st.st_size > st.st_blocks * 512 + SPARSE_SLACK:
+            raise Refused(f"{p} is a sparse file ({st.st_size} bytes apparent, {st.st_blocks * 512} stored); "
+                          "upload plain files")
+        total += st.st_size
+        if total > limits.input_bytes:
+            raise Refused(f"{top} holds more than {limits.input_bytes} bytes, the limit for this upload; refused")
+        files.append((rel, st.st_size))
+
+    visit(top, "", 0)
+    return Inventory(tuple(files), tuple(folders), total)
+
+
+def _copy_file(src: Path, dst: Path, size: int) -> None:
+    """Copy exactly the checked file: opened without following links or
+    blocking, checked again on the descriptor, never more than `size` bytes."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Refused(f"{src} cannot be opened ({exc.strerror}); refused") from None
+    with os.fdopen(fd, "rb") as fh, open(dst, "xb") as out:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise Refused(f"{src} changed while it was being copied; refused")
+        left = size
+        while left:
+            chunk = fh.read(min(left, 1 << 20))
+            if not chunk:
+                raise Refused(f"{src} changed while it was being copied; refused")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+@dataclass(frozen=True)
+class Input:
+    path: Path  # a file or folder to stage read-only
+    skip: tuple[str, ...] = ()  # names (glob patterns) inside a folder that are left out
+    companions: tuple[str, ...] = ()  # for a file: names beside it to stage too when they are regular files
+
+
+def stage(given: Input, inbox: Path, limits: Limits = Limits()) -> Path:
+    """A read-only copy of `given.path` inside `inbox`, after `inspect`; the
+    copy keeps the name (it can carry meaning, like a dataset's)."""
+    path = Path(given.path)
+    inventory = inspect(path, limits, given.skip)
+    free = shutil.disk_usage(inbox).free
+    if free < inventory.bytes + (64 << 20):
+        raise EnvironmentFailure(f"{inbox} has {free} bytes free, too few to stage {inventory.bytes} bytes of input; "
+                                 "free disk space or point TMPDIR elsewhere")
+    name = path.resolve().name or "upload"  # `.` and `..` have no name of their own
+    target = inbox / name
+    for rel in inventory.folders:
+        (target / rel).mkdir()
+    copies = [(path / rel if rel else path, target / rel if rel else target, size) for rel, size in inventory.files]
+    if not inventory.folders:
+        for companion in given.companions:
+            beside = path.parent / companion
+            st = os.lstat(beside) if os.path.lexists(beside) else None
+            if st is not None and stat.S_ISREG(st.st_mode) and companion != name and st.st_size <= MAX_VALUE_BYTES:
+                copies.append((beside, inbox / companion, st.st_size))
+    for src, dst, size in copies:
+        _copy_file(src, dst, size)
+        dst.chmod(0o444)
+    for rel in sorted(inventory.folders, reverse=True):
+        (target / rel).chmod(0o555)
+    return target
+
+
+# ---------------------------------------------------------------- running
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        cls = type(value)
+        fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}", **fields}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__dataclass__" in value:
+        cls = _resolve(value.pop("__dataclass__"))
+        return cls(**{k: _decode(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_decode(v) for v in value)  # frozen dataclasses hold tuples
+    return value
+
+
+def _resolve(name: str) -> Any:
+    module, _, attr = name.partition(":")
+    return functools.reduce(getattr, attr.split("."), importlib.import_module(module))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    value: Any  # the function's return value (JSON), untrusted
+    outbox: Path  # files the function wrote; valid inside the `run` block only, untrusted
+    staged: dict  # {staged path: the caller's path}, to name the caller's paths in messages
+
+    def unstage(self, text: str) -> str:
+        return _unstage(text, self.staged)
+
+    def read(self, name: str, limit: int) -> bytes:
+        """A file the function wrote, at most `limit` bytes, never through a link."""
+        return _read_bounded(self.outbox / name, limit)
+
+
+def clean(text: str, limit: int | None = MAX_MESSAGE) -> str:
+    """Untrusted text made safe for one line of a terminal, log or record:
+    control characters (newlines, ANSI escapes) escaped, length bounded."""
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def run(function: Callable, request: Any, inputs: dict[str, Input] | None = None, limits: Limits = Limits(),
+        cuda: bool = False):
+    """Call `function(request, staged_inputs, outbox)` in an isolated child and
+    yield its `Outcome`. `function` is a module-level function of this
+    package, `request` a frozen dataclass of JSON values; `inputs` maps a
+    name to an `Input`, staged read-only first (the function gets
+    {name: staged path}).
+
+    Raises `Refused` (the child refused its input, crashed on it, or was
+    killed at a limit), `EnvironmentFailure` (this machine failed, or cannot
+    isolate). Output goes to files, not pipes, and the parent waits for the
+    child, not for end-of-file: a grandchild holding a pipe cannot hang it."""
+    iso = isolation()
+    if iso is None:
+        raise SandboxUnavailable(
+            "cannot isolate untrusted work here: `unshare --net` is missing or not permitted, so the upload would "
+            "have network access; pass --no-sandbox only for files you trust"
+        )
+    with tempfile.TemporaryDirectory(prefix="ddchallenge-sandbox-") as tmp:
+        work = Path(tmp)
+        (work / "in").mkdir()
+        staged, originals = {}, {}
+        for name, given in (inputs or {}).items():
+            (work / "in" / name).mkdir()
+            staged[name] = str(stage(given, work / "in" / name, limits))
+            originals[staged[name]] = str(given.path)
+            originals[str(work / "in" / name)] = str(Path(given.path).parent)
+        outbox = work / "out"
+        outbox.mkdir()
+        call = {"function": f"{function.__module__}:{function.__qualname__}", "request": _encode(request),
+                "inputs": staged, "outbox": str(outbox)}
+        (work / "call.json").write_text(json.dumps(call))
+        if iso.uid is not None:  # the child may write its home and outbox, nothing of the parent's
+            for folder in (work, outbox):
+                os.chown(folder, iso.uid, iso.uid)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
+        argv = [*iso.prefix, sys.executable, "-m", "ddchallenge.isolation", str(work / "call.json")]
+        with _cgroups(limits) as groups, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True,
+                                    preexec_fn=_limit(limits, iso.uid, groups, cuda))
+            try:
+                proc.wait(timeout=limits.wall_seconds)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise Refused(f"the sandboxed work ran past its {limits.wall_seconds:g} s limit and was killed") from None
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # what it left running in its group
+            err.seek(max(0, os.fstat(err.fileno()).st_size - 4096))
+            stderr = err.read().decode(errors="replace")
+        try:
+            value = _outcome(proc.returncode, outbox, stderr, limits)
+        except DDChallengeError as exc:
+            raise type(exc)(_unstage(str(exc), originals)) from None
+        yield Outcome(value, outbox, originals)
+
+
+def _unstage(text: str, originals: dict) -> str:
+    for staged in sorted(originals, key=len, reverse=True):  # the longest first: folders hold their files
+        text = text.replace(staged, originals[staged])
+    return text
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """The child wrote `path`: it may be a link, a FIFO or huge; read only a
+    regular file, never through a link, and refuse more than `limit` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Refused(f"the sandboxed work did not return {path.name} ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise Refused(f"the sandboxed work returned {path.name} as something other than a file; refused")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise Refused(f"the sandboxed work returned {path.name} larger than {limit} bytes; refused")
+    return data
+
+
+def _outcome(code: int, outbox: Path, stderr: str, limits: Limits) -> Any:
+    if code in (REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT):
+        try:
+            message = clean(_read_bounded(outbox / "_message.txt", 4 * MAX_MESSAGE).decode(errors="replace").strip())
+        except Refused:
+            message = "(no message)"
+        if code == ENVIRONMENT_EXIT:
+            raise EnvironmentFailure(f"the machine failed while isolated work ran: {message}")
+        raise Refused(message if code == REFUSED_EXIT else f"reading the upload failed: {message}")
+    if code != 0:
+        why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        if code == -signal.SIGKILL and _cgroup_root("memory"):
+            why += f"; over its {limits.memory_bytes / 2**30:g} GiB memory limit?"
+        last = clean((stderr.strip().splitlines() or [""])[-1])
+        raise Refused(f"the sandboxed work failed ({why}; memory, CPU or process limit?) {last}".strip())
+    try:
+        return json.loads(_read_bounded(outbox / "_value.json", MAX_VALUE_BYTES))
+    except (ValueError, RecursionError) as exc:
+        raise Refused(f"the sandboxed work returned an unreadable value ({clean(str(exc))}); refused") from None
+
+
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+
+
+def is_environment_failure(exc: BaseException) -> bool:
+    """Whether an exception says the machine failed rather than its input:
+    out of disk or memory, too many open files, an I/O error, a lost GPU."""
+    if isinstance(exc, (EnvironmentFailure, MemoryError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+        return True
+    name = type(exc).__name__
+    return name in ("OutOfMemoryError", "AcceleratorError") or (isinstance(exc, RuntimeError) and "CUDA" in str(exc))
+
+
+def _child(call_path: str) -> int:
+    call = json.loads(Path(call_path).read_text())
+    outbox = Path(call["outbox"])
+    try:
+        function = _resolve(call["function"])
+        value = function(_decode(call["request"]), {k: Path(v) for k, v in call["inputs"].items()}, outbox)
+        (outbox / "_value.json").write_text(json.dumps(value))
+        return 0
+    except BaseException as exc:  # every outcome is reported to the parent, which decides what it means
+        if is_environment_failure(exc):
+            code, message = ENVIRONMENT_EXIT, f"{type(exc).__name__}: {exc}"
+        elif isinstance(exc, DDChallengeError):
+            code, message = REFUSED_EXIT, str(exc)
+        else:
+            code, message = CRASHED_EXIT, f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError):
+            (outbox / "_message.txt").write_text(message[:MAX_MESSAGE * 4])
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1]))

@@ -1,0 +1,224 @@
+"""An upload on its way to being scored: what form it has, what its reading
+may cost, and the isolated child that reads it (or, for Track 2, runs it).
+
+Everything an upload controls is handled here or below: `isolation.py` stages
+it (only regular files and folders, bounded in size and count) and runs the
+child; `submission.py` reads its bytes in that child under the organiser's
+`UploadRules`; what comes back is validated again here against the same
+rules before any training starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors, save_file
+
+from ddchallenge import isolation
+from ddchallenge.diffusion.model import checkpoints, META_FILE
+from ddchallenge.errors import SubmissionError
+from ddchallenge.isolation import Input, Limits
+from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
+from ddchallenge.submission import DatasetEntry, check_images, check_labels, load_submission
+
+GENERATOR_BYTES = 8 << 30  # a Stable Diffusion VAE is 0.3 GiB, the largest preset UNet 0.1 GiB
+GENERATOR_SKIP = ("training_state", "*.bin", "*.pt", "*.ckpt", "*.pkl")  # never read by generation
+COMPANIONS = ("manifest.json",)
+BUDGET_HINT = "raise --budget, pass a smaller --ipc, or score on a GPU (--device cuda); the challenge allows 600 s"  # what `pack` writes beside a submission zip or file
+MAX_ENTRIES = len(DATASETS)
+
+
+def is_generator(path: str | os.PathLike) -> bool:
+    """A Track 2 generator folder (or a training output holding checkpoints)
+    rather than images. Decided from names and types alone, links not followed."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    meta = path / META_FILE
+    return (meta.is_file() and not meta.is_symlink()) or bool(checkpoints(path))
+
+
+def upload_limits(path: Path, rules: UploadRules) -> Limits:
+    """What staging may copy: a generator folder up to GENERATOR_BYTES; images
+    no more than the rules allow for every dataset they may hold."""
+    if is_generator(path):
+        return Limits(input_bytes=GENERATOR_BYTES)
+    specs = [s for s in DATASETS.values() if rules.allows(s)]
+    return Limits(input_bytes=sum(rules.max_bytes([s]) for s in specs) + (1 << 20))
+
+
+def inspect(path: str | os.PathLike, rules: UploadRules) -> isolation.Inventory:
+    """Refuse what must not be read (links, special and sparse files, too much
+    data) from lstat alone; also done without the sandbox."""
+    path = Path(path)
+    return isolation.inspect(path, upload_limits(path, rules), GENERATOR_SKIP if is_generator(path) else ())
+
+
+def digest(path: str | os.PathLike, rules: UploadRules) -> str:
+    """sha256 over an upload's names, sizes and bytes (after `inspect`): a
+    batch trusts an earlier record only for the same upload."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for rel, size in inspect(path, rules).files:
+        h.update(f"{rel}\0{size}\0".encode(errors="surrogateescape"))
+        with open(path / rel if rel else path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(sandbox: bool, device: torch.device) -> str:
+    if not sandbox:
+        return "none (--no-sandbox)"
+    return isolation.describe(Limits(), cuda=device.type == "cuda")
+
+
+# ---------------------------------------------------------------- images
+
+@dataclass(frozen=True)
+class ReadRequest:
+    rules: UploadRules
+
+
+def read_upload(path: str | os.PathLike, rules: UploadRules, sandbox: bool = True) -> list[DatasetEntry]:
+    """Every dataset of an image upload, read under `rules`."""
+    path = Path(path)
+    inspect(path, rules)
+    if not sandbox:
+        return load_submission(path, rules=rules)
+    given = Input(path, companions=COMPANIONS)
+    with isolation.run(_read_in_child, ReadRequest(rules), {"upload": given}, upload_limits(path, rules)) as out:
+        return _collect(out, rules, official=path.is_dir() or path.suffix.lower() == ".zip")
+
+
+def _read_in_child(request: ReadRequest, inputs: dict[str, Path], outbox: Path) -> list[dict]:
+    return _write_entries(load_submission(inputs["upload"], rules=request.rules), outbox)
+
+
+# ---------------------------------------------------------------- Track 2
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    dataset: str
+    ipc: int | None  # None: the most that fit, at most MAX_IPC
+    deadline: float  # time.monotonic() value (CLOCK_MONOTONIC is shared with the child)
+    seed: int
+    device: str
+
+
+def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float, seed: int = 0, device: str = "auto",
+                    sandbox: bool = True, grace: float = 30.0) -> list[DatasetEntry]:
+    """Track 2: run a generator folder for each dataset the rules score (not
+    one of its own choosing), `budget` seconds each, and return its images.
+    Each budget starts when its run does, so the child's start-up counts; the
+    process group is killed `grace` seconds after the deadline whatever it
+    does. More images than asked for are refused."""
+    model = Path(model)
+    inspect(model, rules)
+    entries = []
+    for dataset in rules.required():
+        deadline = time.monotonic() + budget
+        request = GenerateRequest(dataset, rules.ipc, deadline, seed, device)
+        if not sandbox:
+            with tempfile.TemporaryDirectory(prefix="ddchallenge-track2-") as scratch:
+                made = _generate(request, model, Path(scratch))
+        else:
+            cuda = device != "cpu" and torch.cuda.is_available()
+            limits = Limits(input_bytes=GENERATOR_BYTES, wall_seconds=budget + grace,
+                            cpu_seconds=max(Limits().cpu_seconds, int(budget + grace) * 64))
+            given = Input(model, skip=GENERATOR_SKIP)
+            try:
+                with isolation.run(_generate_in_child, request, {"model": given}, limits, cuda=cuda) as out:
+                    made = _collect(out, rules, official=False)
+            except isolation.Refused as exc:
+                if "limit and was killed" in str(exc):
+                    raise SubmissionError(f"the generator {model} did not finish within its {budget:g} s budget and "
+                                          f"was killed; {BUDGET_HINT}") from None
+                if "budget" in str(exc):
+                    raise SubmissionError(f"{exc}; {BUDGET_HINT}") from None
+                raise
+        for entry in made:
+            _check_generated(entry, request, str(model))
+        entries.extend(made)
+    return entries
+
+
+def _generate(request: GenerateRequest, model: Path, folder: Path) -> list[DatasetEntry]:
+    from ddchallenge.generators.diffusion import run_generator
+
+    left = max(1e-3, request.deadline - time.monotonic())
+    return run_generator(str(model), request.dataset, "auto" if request.ipc is None else request.ipc, request.seed,
+                         left, request.device, folder)
+
+
+def _generate_in_child(request: GenerateRequest, inputs: dict[str, Path], outbox: Path) -> list[dict]:
+    made = _generate(request, inputs["model"], outbox)
+    for entry in made:  # refused here already, before anything is written back
+        _check_generated(entry, request, str(inputs["model"]))
+    return _write_entries(made, outbox)
+
+
+def _check_generated(entry: DatasetEntry, request: GenerateRequest, model: str) -> None:
+    if entry.spec.name != request.dataset:
+        raise SubmissionError(f"the generator {model} made {entry.spec.name} images when asked for {request.dataset}")
+    wanted = request.ipc if request.ipc is not None else MAX_IPC
+    if entry.ipc > wanted or (request.ipc is not None and entry.ipc != request.ipc):
+        raise SubmissionError(f"the generator {model} made IPC {entry.ipc} when asked for "
+                              f"{request.ipc if request.ipc is not None else f'at most {MAX_IPC}'}; refused")
+
+
+# ---------------------------------------------------------------- the way back
+
+def _write_entries(entries: list[DatasetEntry], outbox: Path) -> list[dict]:
+    metas = []
+    for i, e in enumerate(entries):
+        save_file({"images": e.images.contiguous(), "labels": e.labels.contiguous()}, outbox / f"{i}.safetensors")
+        metas.append({"dataset": e.spec.name, "ipc": e.ipc, "kind": e.kind, "source": e.source, "sha256": e.sha256,
+                      "method": e.method, "warnings": list(e.warnings)})
+    return metas
+
+
+def _collect(out: isolation.Outcome, rules: UploadRules, official: bool) -> list[DatasetEntry]:
+    """The entries the child returned, untrusted: every field checked, every
+    tensor validated again under the rules."""
+    metas = out.value
+    if not isinstance(metas, list) or not 0 < len(metas) <= MAX_ENTRIES:
+        raise SubmissionError("the sandboxed work returned no usable entries; refused")
+    entries = []
+    for i, meta in enumerate(metas):
+        try:
+            spec = get_dataset(meta["dataset"])
+            ipc, kind, source, sha = meta["ipc"], meta["kind"], meta["source"], meta["sha256"]
+            method, warnings = meta["method"], meta["warnings"]
+            if not (isinstance(ipc, int) and kind in ("official", "labelled") and isinstance(source, str)
+                    and isinstance(sha, str) and (method is None or isinstance(method, str))
+                    and isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
+                raise TypeError
+        except Exception:  # any shape of bad value: the child is not trusted
+            raise SubmissionError("the sandboxed work returned malformed entries; refused") from None
+        source = isolation.clean(out.unstage(source))
+        limit = rules.max_bytes([spec])
+        try:
+            tensors = load_safetensors(out.read(f"{i}.safetensors", limit))
+            images, labels = tensors["images"], tensors["labels"]
+        except (SafetensorError, KeyError, ValueError):
+            raise SubmissionError(f"the sandboxed work returned unreadable tensors for {source}; refused") from None
+        rules.check_count(spec, images.shape[0] if images.dim() else 0, source)
+        images = check_images(images, spec, source)
+        labels, found = check_labels(labels, images.shape[0], spec, source)
+        if found != ipc or tensors["images"].dtype != torch.float32:
+            raise SubmissionError(f"the sandboxed work returned inconsistent data for {source}; refused")
+        rules.check_ipc(spec, ipc, source, official)
+        entries.append(DatasetEntry(spec, images, labels, ipc, kind, source, isolation.clean(sha)[:64],
+                                    tuple(isolation.clean(out.unstage(w)) for w in warnings[:8]),
+                                    None if method is None else isolation.clean(method)[:64]))
+    if official:
+        rules.check_track1([e.spec.name for e in entries], "the upload")
+    return entries
+

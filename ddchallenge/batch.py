@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddchallenge.errors import UsageError
+from ddchallenge.errors import DatasetError, UsageError
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean, is_environment_failure
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
 from ddchallenge.score import ScoreResult, score
+from ddchallenge.train import resolve_device
 from ddchallenge.upload import digest
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class BatchSettings:
             raise UsageError(f"--budget must be positive seconds, got {self.budget}")
 
     def fingerprint(self) -> dict:
-        return {"rules": dataclasses.asdict(self.rules), "recipe_hash": self.recipe.hash(), "seed": self.seed,
-                "budget": self.budget}
+        # Through JSON, so that it compares equal to what a record read back holds.
+        return json.loads(json.dumps({"rules": dataclasses.asdict(self.rules), "recipe_hash": self.recipe.hash(),
+                                      "seed": self.seed, "budget": self.budget}))
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ class BatchSummary:
 
     def line(self) -> str:
         parts = [f"{self.count(s)} {s}" for s in ("scored", "done before", "failed", "environment error")]
-        return f"{len(self.outcomes)} upload(s): {', '.join(parts)}; {self.seconds:.0f} s"
+        retry = "; environment errors are not recorded: run again to retry" if self.count("environment error") else ""
+        return f"{len(self.outcomes)} upload(s): {', '.join(parts)}; {self.seconds:.0f} s{retry}"
 
 
 def upload_name(path: Path) -> str:
@@ -95,25 +98,28 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
                 sandbox: bool = True) -> BatchSummary:
     """Score `uploads` one after another, recording each in `output_dir`."""
     start = time.monotonic()
+    missing = [clean(str(u)) for u in uploads if not os.path.lexists(u)]
+    if missing:  # a mistyped path is the organiser's mistake, not an upload's failure
+        raise UsageError(f"upload not found: {', '.join(missing)}")
     names = [upload_name(Path(u)) for u in uploads]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UsageError(f"several uploads are named {', '.join(map(clean, repeated))}; results are stored by name")
+    resolve_device(device)  # a bad --device is the organiser's mistake too
     out = Path(output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create the results folder {out} ({exc.strerror})") from None
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is not a folder")
     outcomes = []
     for path, name in zip(map(Path, uploads), names):
-        outcomes.append(_one(path, name, out, settings, ref_dir, device, progress, sandbox))
+        outcomes.append(_one(path, name, out, settings, ref_dir, device, progress, sandbox, len(uploads) > 1))
         o = outcomes[-1]
-        log.info("%s: %s%s", clean(name), o.status, f" ({o.reason})" if o.reason else "")
+        if len(uploads) > 1:
+            log.info("%s: %s%s", clean(name), o.status, f" ({o.reason})" if o.reason else "")
     return BatchSummary(outcomes, time.monotonic() - start)
 
 
 def _one(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir, device: str, progress: bool,
-         sandbox: bool) -> BatchOutcome:
+         sandbox: bool, announce: bool) -> BatchOutcome:
     key = record_key(name)
     done, failed = out / f"{key}.json", out / f"{key}.failed.json"
     try:
@@ -123,7 +129,8 @@ def _one(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir, dev
     trusted = _trusted(done, failed, name, upload_sha, settings)
     if trusted is not None:
         return trusted
-    log.info("scoring %s", clean(str(path)))
+    if announce:
+        log.info("scoring %s", clean(str(path)))
     try:
         result = score(path, settings.rules, ref_dir, settings.recipe, settings.seed, device, progress, sandbox,
                        settings.budget)
@@ -138,8 +145,8 @@ def _one(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir, dev
 
 def _failure(path: Path, name: str, failed: Path, done: Path, upload_sha: str | None, settings: BatchSettings,
              exc: Exception) -> BatchOutcome:
-    if is_environment_failure(exc):
-        return BatchOutcome(name, "environment error", None, clean(f"{exc}; run the batch again to retry"), None)
+    if is_environment_failure(exc) or isinstance(exc, DatasetError):  # the machine's or the reference data's fault
+        return BatchOutcome(name, "environment error", None, clean(str(exc)), None)
     reason = clean(str(exc) if getattr(exc, "__module__", "").startswith("ddchallenge")
                    else f"internal error on this upload: {type(exc).__name__}: {exc}")
     log.debug("failure of %s", name, exc_info=exc)

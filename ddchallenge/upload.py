@@ -23,6 +23,7 @@ from safetensors.torch import load as load_safetensors, save_file
 from ddchallenge import isolation
 from ddchallenge.diffusion.model import checkpoints, META_FILE
 from ddchallenge.errors import SubmissionError
+from ddchallenge.fileio import sha256_file
 from ddchallenge.isolation import Input, Limits
 from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
 from ddchallenge.submission import DatasetEntry, check_images, check_labels, load_submission
@@ -61,11 +62,15 @@ def inspect(path: str | os.PathLike, rules: UploadRules) -> isolation.Inventory:
 
 
 def digest(path: str | os.PathLike, rules: UploadRules) -> str:
-    """sha256 over an upload's names, sizes and bytes (after `inspect`): a
-    batch trusts an earlier record only for the same upload."""
+    """sha256 of a file upload's bytes, or over a folder's names, sizes and
+    bytes (after `inspect`): a batch trusts an earlier record only for the
+    same upload."""
     path = Path(path)
+    inventory = inspect(path, rules)
+    if not inventory.folders:
+        return sha256_file(path)
     h = hashlib.sha256()
-    for rel, size in inspect(path, rules).files:
+    for rel, size in inventory.files:
         h.update(f"{rel}\0{size}\0".encode(errors="surrogateescape"))
         with open(path / rel if rel else path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from ddchallenge.batch import record_key
 from ddchallenge.data import save_reference
 from ddchallenge.protocol import get_dataset
 from ddchallenge.score import score
@@ -26,8 +27,9 @@ def test_score_official_file_end_to_end(run_cli, official_file, tmp_path):
     assert data["official_budget"] is False and data["recipe"]["epochs"] == 2
     assert data["submission_sha256"] == ds["sha256"] and len(data["recipe_hash"]) == 16
     assert data["versions"]["torch"] == torch.__version__
-    assert (out / "scores.txt").read_text() == f"correct: {data['score']}\n"
-    assert json.loads((out / "result.json").read_text())["score"] == data["score"]
+    # The record the batch layout keeps, beside the --json copy.
+    record = json.loads((out / f"{record_key('mnist5k.pt')}.json").read_text())
+    assert record["score"] == data["score"] and record["upload_sha256"] == data["submission_sha256"]
 
 
 def test_same_seed_same_accuracies_and_round_r_uses_seed_plus_r(official_file):
@@ -65,12 +67,16 @@ def test_unnormalised_submission_warns_on_stderr(run_cli, tmp_path):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (("score", "missing.pt"), 1, "error: submission not found: missing.pt"),
+        (("score", "missing.pt"), 2, "error: upload not found: missing.pt"),
         (("score", "{official}", "--dataset", "imagenet"), 2, "error: unknown dataset 'imagenet'; known datasets: cifar100"),
-        (("score", "{official}", "--epochs", -1), 2, "error: --epochs must be at least 0"),
-        (("score", "{official}", "--rounds", 0), 2, "error: --rounds must be at least 1"),
+        (("score", "{official}", "--epochs", -1), 2, "error: Invalid value for '--epochs'"),
+        (("score", "{official}", "--rounds", 0), 2, "error: Invalid value for '--rounds'"),
         (("score", "{official}", "--device", "tpu"), 2, "error: unknown device 'tpu'"),
         (("score", "{official}", "--seed", "x"), 2, "Invalid value for '--seed'"),
+        (("score", "{official}", "--seed", -1), 2, "Invalid value for '--seed'"),
+        (("score", "{official}", "--seed", 2**64), 2, "Invalid value for '--seed'"),
+        (("score", "{official}", "--ipc", 0), 2, "Invalid value for '--ipc'"),
+        (("score", "{official}", "--budget", 0), 2, "Invalid value for '--budget'"),
         (("score", "{cifar}"), 1, "error: no reference test set for cifar100"),
         (("score", "{official}", "--ref", "{tmp}"), 1, "error: reference test set not found"),
     ],
@@ -91,8 +97,7 @@ def test_bad_input_one_line_error_and_no_output(run_cli, official_file, tmp_path
         del os.environ["DDCHALLENGE_DATA"]
     assert result.exit_code == code
     assert message in result.stderr
-    if code == 1:
-        assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stdout == "" and not out.exists()
 
 
@@ -104,16 +109,18 @@ def test_batch_scoring_isolates_failures_and_resumes(run_cli, official_file, tmp
     good2.mkdir()
     (good2 / "mnist5k.pt").write_bytes(official_file.read_bytes())
     out = tmp_path / "results"
-    args = ("score", official_file, bad, good2, "--epochs", 0, "--rounds", 1, "--quiet", "--output", out)
+    args = ("score", official_file, bad, good2, "--dataset", "mnist5k", "--epochs", 0, "--rounds", 1, "--quiet",
+            "--output", out)
     r = run_cli(*args)
     assert r.exit_code == 1
-    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines()[2:]}
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines()[2:-1]}
     assert " scored " in lines["mnist5k.pt"] and " scored " in lines["second"]
     assert " failed " in lines["broken"] and "NaN or Inf" in lines["broken"]
-    assert json.loads((out / "second.json").read_text())["datasets"][0]["ipc"] == 10
-    assert "NaN or Inf" in json.loads((out / "broken.failed.json").read_text())["reason"]
-    first = (out / "mnist5k.pt.json").read_bytes()
+    assert r.stdout.splitlines()[-1].startswith("3 upload(s): 2 scored, 0 done before, 1 failed, 0 environment error")
+    assert json.loads((out / f"{record_key('second')}.json").read_text())["datasets"][0]["ipc"] == 10
+    assert "NaN or Inf" in json.loads((out / f"{record_key('broken')}.failed.json").read_text())["reason"]
+    first = (out / f"{record_key('mnist5k.pt')}.json").read_bytes()
     r = run_cli(*args)  # a rerun resumes: nothing is scored again
-    assert r.stdout.count("done before") == 3 and (out / "mnist5k.pt.json").read_bytes() == first
-    r = run_cli("score", official_file, good2, "--quiet")
-    assert r.exit_code == 2 and "several submissions need --output DIR" in r.stderr
+    assert r.stdout.count("done before") == 4 and (out / f"{record_key('mnist5k.pt')}.json").read_bytes() == first
+    r = run_cli("score", official_file, good2, "--quiet", "--json", "-")
+    assert r.exit_code == 2 and "--json takes one upload" in r.stderr

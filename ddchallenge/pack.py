@@ -118,7 +118,7 @@ def _write_folder(outdir: Path, files: dict[str, bytes], manifest: dict, archive
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (staging / ZIP_NAME).write_bytes(archive)
         # The upload must read back exactly as `score` will read it.
-        load_submission(staging / ZIP_NAME)
+        load_submission(staging / ZIP_NAME, rules=None)
         if outdir.exists() and force:
             old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=outdir.parent))
             os.replace(outdir, old / "x")

@@ -170,39 +170,42 @@ class UploadRules:
         """The IPC of a Track 1 upload."""
         return self.ipc if self.ipc is not None else TRACK1_IPC
 
-    def max_ipc(self) -> int:
+    def max_ipc(self, official: bool = False) -> int:
+        """The most images per class accepted; `official`: in a Track 1 upload."""
+        if official:
+            return self.official_ipc()
         return self.ipc if self.ipc is not None else MAX_IPC
 
     def allows(self, spec: DatasetSpec) -> bool:
         return self.datasets is None or spec.name in self.datasets
 
-    def max_images(self, spec: DatasetSpec) -> int:
-        return spec.classes * self.max_ipc()
+    def max_images(self, spec: DatasetSpec, official: bool = False) -> int:
+        return spec.classes * self.max_ipc(official)
 
-    def max_bytes(self, specs) -> int:
+    def max_bytes(self, specs, official: bool = False) -> int:
         """The largest file that can hold images of `specs` within these rules
         (float32 images plus int64 labels, and 1 MiB for the container)."""
-        per = [self.max_images(s) * (4 * s.channels * s.size * s.size + 8) for s in specs]
+        per = [self.max_images(s, official) * (4 * s.channels * s.size * s.size + 8) for s in specs]
         return max(per, default=0) + (1 << 20)
 
-    def check_count(self, spec: DatasetSpec, n: int, source: str) -> None:
+    def check_count(self, spec: DatasetSpec, n: int, source: str, official: bool = False) -> None:
         """Refuse a dataset's image count, read from a header, before its data."""
         if not self.allows(spec):
             raise UploadRuleError(f"{source} is a {spec.name} set, but the rules score {', '.join(self.required())}; "
                                   f"pass --dataset {spec.name} to score it")
-        if n > self.max_images(spec) or n % spec.classes:
-            rule = (f"IPC {self.ipc} (--ipc)" if self.ipc is not None else
+        if n > self.max_images(spec, official):
+            rule = (f"IPC {self.max_ipc(official)}" if official or self.ipc is not None else
                     f"at most IPC {MAX_IPC} without --ipc")
             raise UploadRuleError(f"{source} holds {n} {spec.name} images; the rules allow {rule}, i.e. "
-                                  f"{self.max_images(spec)} images of {spec.classes} classes")
+                                  f"{self.max_images(spec, official)} images of {spec.classes} classes")
 
     def check_ipc(self, spec: DatasetSpec, ipc: int, source: str, official: bool) -> None:
         wanted = self.official_ipc() if official else self.ipc
         if wanted is not None and ipc != wanted:
             raise UploadRuleError(f"{source} holds IPC {ipc} for {spec.name}; the rules require IPC {wanted}"
                                   + ("" if self.ipc is not None else " (the challenge's; an organiser may pass --ipc)"))
-        if ipc > self.max_ipc():
-            raise UploadRuleError(f"{source} holds IPC {ipc} for {spec.name}, over the limit of {self.max_ipc()}")
+        if ipc > self.max_ipc(official):
+            raise UploadRuleError(f"{source} holds IPC {ipc} for {spec.name}, over the limit of {self.max_ipc(official)}")
 
     def check_track1(self, names, source: str) -> None:
         """A zip or res/ folder must hold exactly the required datasets."""

@@ -114,7 +114,7 @@ def _load_folder(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
             entries.append(_from_labelled_h5(p, None, rules, official=True))
         else:
             if rules is not None:
-                _check_size(p.stat().st_size, rules.max_bytes([DATASETS[p.stem]]), str(p))
+                _check_size(p.stat().st_size, rules.max_bytes([DATASETS[p.stem]], official=True), str(p))
             data = read_limited(p, SubmissionError, "submission")
             entries.append(_from_torch_bytes(data, str(p), p.stem, None, rules, official=True))
     return entries
@@ -135,7 +135,7 @@ def _load_zip(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
                  or m.filename[:-3] not in DATASETS]
         if stray:
             raise SubmissionError(
-                f"{path} has unexpected member(s) {', '.join(map(repr, stray[:5]))}; a submission zip holds only "
+                f"{path} has unexpected member(s) {', '.join(stray[:5])}; a submission zip holds only "
                 "<dataset>.pt files at its top level (for the challenge: cifar100.pt and tinyimagenet.pt)"
             )
         if not members:
@@ -150,7 +150,7 @@ def _load_zip(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
         entries = []
         for m in sorted(members, key=lambda m: m.filename):
             # The declared size is checked before anything is inflated.
-            limit = MAX_FILE_BYTES if rules is None else rules.max_bytes([DATASETS[m.filename[:-3]]])
+            limit = MAX_FILE_BYTES if rules is None else rules.max_bytes([DATASETS[m.filename[:-3]]], official=True)
             _check_size(m.file_size, limit, f"{path}:{m.filename}")
             try:
                 with archive.open(m) as fh:
@@ -225,7 +225,7 @@ def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str |
         _check_image_tensor(obj, source)
         spec = _resolve_spec(source, stem, dataset, obj.shape[1:], obj.shape[0])
         if rules is not None:
-            rules.check_count(spec, obj.shape[0], source)
+            rules.check_count(spec, obj.shape[0], source, official)
         images = check_images(obj, spec, source)
         ipc, rest = divmod(images.shape[0], spec.classes)
         if rest or ipc == 0:
@@ -242,13 +242,13 @@ def _from_torch_bytes(data: bytes, source: str, stem: str | None, dataset: str |
         _check_image_tensor(obj["images"], source)
         spec = _resolve_spec(source, stem, dataset, obj["images"].shape[1:], obj["images"].shape[0])
         if rules is not None:
-            rules.check_count(spec, obj["images"].shape[0], source)
+            rules.check_count(spec, obj["images"].shape[0], source, official)
         images = check_images(obj["images"], spec, source)
         labels, ipc = check_labels(obj["labels"], images.shape[0], spec, source)
         if rules is not None:
             rules.check_ipc(spec, ipc, source, official)
         return DatasetEntry(spec, images, labels, ipc, "labelled", source, digest, _normalisation_warnings(images, source))
-    found = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with {len(obj)} keys"
+    found = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with keys {sorted(map(str, obj))[:8]}"
     raise SubmissionError(
         f"{source} holds {found}; expected a bare float tensor (official format) or "
         '{"images": float tensor, "labels": int64 tensor} (labelled)'
@@ -263,7 +263,7 @@ def _from_labelled_h5(path: Path, dataset: str | None, rules: UploadRules | None
         named = header.dataset if header.dataset in DATASETS else path.stem
         spec = _resolve_spec(str(path), named, dataset, header.images_shape[1:], header.images_shape[0])
         if rules is not None:
-            rules.check_count(spec, header.images_shape[0], str(path))
+            rules.check_count(spec, header.images_shape[0], str(path), official)
         found["spec"] = spec
 
     lset = read_labelled_set(path, check_header=check_header)

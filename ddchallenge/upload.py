@@ -208,13 +208,13 @@ def _collect(out: isolation.Outcome, rules: UploadRules, official: bool) -> list
         except Exception:  # any shape of bad value: the child is not trusted
             raise SubmissionError("the sandboxed work returned malformed entries; refused") from None
         source = isolation.clean(out.unstage(source))
-        limit = rules.max_bytes([spec])
+        limit = rules.max_bytes([spec], official)
         try:
             tensors = load_safetensors(out.read(f"{i}.safetensors", limit))
             images, labels = tensors["images"], tensors["labels"]
         except (SafetensorError, KeyError, ValueError):
             raise SubmissionError(f"the sandboxed work returned unreadable tensors for {source}; refused") from None
-        rules.check_count(spec, images.shape[0] if images.dim() else 0, source)
+        rules.check_count(spec, images.shape[0] if images.dim() else 0, source, official)
         images = check_images(images, spec, source)
         labels, found = check_labels(labels, images.shape[0], spec, source)
         if found != ipc or tensors["images"].dtype != torch.float32:

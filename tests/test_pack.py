@@ -11,6 +11,7 @@ import torch
 from ddchallenge.data import normalise
 from ddchallenge.labelled import write_labelled_set
 from ddchallenge.protocol import get_dataset
+from ddchallenge.protocol import UploadRules
 from ddchallenge.submission import load_submission
 
 
@@ -45,10 +46,11 @@ def test_pack_official_layout_class_major_and_round_trip(tmp_path, run_cli):
     with zipfile.ZipFile(out / "submission.zip") as z:
         assert z.namelist() == ["mnist5k.pt"]
         assert z.read("mnist5k.pt") == (out / "res" / "mnist5k.pt").read_bytes()
+    mnist5k_rules = UploadRules(datasets=("mnist5k",))
     for form in (out, out / "res", out / "submission.zip", out / "res" / "mnist5k.pt"):
-        (e,) = load_submission(form)
+        (e,) = load_submission(form, rules=mnist5k_rules)
         assert e.labels.tolist() == [i // 10 for i in range(100)] and torch.equal(e.images, tensor)
-    assert load_submission(out)[0].method == "test"
+    assert load_submission(out, rules=mnist5k_rules)[0].method == "test"
     umask = os.umask(0)
     os.umask(umask)
     for written in (out, out / "res" / "mnist5k.pt", out / "manifest.json"):
@@ -72,7 +74,7 @@ def test_track2_ipc_other_than_10_keeps_labels(tmp_path, run_cli):
     packed = torch.load(tmp_path / "sub" / "res" / "mnist5k.pt", weights_only=True)
     assert set(packed) == {"images", "labels"} and packed["labels"].tolist() == [i // 3 for i in range(30)]
     assert json.loads((tmp_path / "sub" / "manifest.json").read_text())["datasets"][0]["format"] == "labelled"
-    assert load_submission(tmp_path / "sub" / "submission.zip")[0].ipc == 3
+    assert load_submission(tmp_path / "sub" / "submission.zip", rules=UploadRules(("mnist5k",), ipc=3))[0].ipc == 3
 
 
 def test_track1_pack_needs_both_datasets_at_ipc_10(tmp_path, run_cli):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddchallenge.errors import SubmissionError
+from ddchallenge.errors import SubmissionError, UploadRuleError
 from ddchallenge.labelled import write_labelled_set
 from ddchallenge.submission import load_submission
 
@@ -62,8 +62,11 @@ def test_zip_and_folder_with_several_datasets(tmp_path):
         z.write(res / "cifar100.pt", "cifar100.pt")
         z.write(res / "tinyimagenet.pt", "tinyimagenet.pt")
     for path in (tmp_path / "sub", res, tmp_path / "submission.zip"):
-        entries = load_submission(path)
+        entries = load_submission(path, rules=None)
         assert [(e.spec.name, e.ipc) for e in entries] == [("cifar100", 10), ("tinyimagenet", 1)]
+        # The challenge's rules hold a Track 1 upload to IPC 10 for every dataset, before training.
+        with pytest.raises(UploadRuleError, match="holds IPC 1 for tinyimagenet; the rules require IPC 10"):
+            load_submission(path)
 
 
 def test_dataset_inferred_from_unique_shape(tmp_path):
@@ -193,7 +196,7 @@ def test_bad_zips(tmp_path):
         ({"/etc/cifar100.pt": blob}, "unsafe path '/etc/cifar100.pt'"),
         ({"cifar100.pt": blob, "notes.txt": b"hi"}, "unexpected member\\(s\\) notes.txt"),
         ({"res/cifar100.pt": blob}, "unexpected member\\(s\\) res/cifar100.pt"),
-        ({"cifar100.pt": blob}, "missing tinyimagenet.pt"),
+        ({"cifar100.pt": blob}, "missing tinyimagenet"),
         ({}, "holds no dataset file"),
     ]
     for i, (members, message) in enumerate(cases):
@@ -237,16 +240,14 @@ def test_symlink_in_a_submission_folder_is_refused(tmp_path):
         load_submission(tmp_path / "linked")
 
 
-def test_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
-    import ddchallenge.submission as submission_module
-
-    monkeypatch.setattr(submission_module, "MAX_FILE_BYTES", 1 << 20)
+def test_zip_bomb_is_refused_before_inflating(tmp_path):
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("cifar100.pt", bytes(8 << 20))  # 8 MiB of zeros, a few KiB packed
+        z.writestr("cifar100.pt", bytes(64 << 20))  # 64 MiB of zeros, a few KiB packed
         z.writestr("tinyimagenet.pt", b"x")
-    assert bomb.stat().st_size < 64 << 10
-    with pytest.raises(SubmissionError, match="cifar100.pt unpacks to 8388608 bytes, over the limit"):
+    assert bomb.stat().st_size < 256 << 10
+    # An IPC 10 cifar100.pt is 12.3 MB: the declared size alone refuses the member.
+    with pytest.raises(UploadRuleError, match="cifar100.pt is 67108864 bytes, more than any set the rules allow"):
         load_submission(bomb)
 
 

@@ -113,9 +113,8 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
-                             seed, budget)
-    summary = score_batch(list(uploads), output, settings, ref_dir=ref_dir, device=device, progress=not quiet,
-                          sandbox=not no_sandbox)
+                             seed, budget, sandbox=not no_sandbox)
+    summary = score_batch(list(uploads), output, settings, ref_dir=ref_dir, device=device, progress=not quiet)
     if len(uploads) > 1:
         click.echo(batch_table(summary.outcomes))
         click.echo(summary.line())

@@ -356,6 +356,64 @@ def clean(text: str, limit: int | None = MAX_MESSAGE) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
+def _required() -> Isolation:
+    iso = isolation()
+    if iso is None:
+        raise SandboxUnavailable(
+            "cannot isolate untrusted work here: `unshare --net` is missing or not permitted, so the upload would "
+            "have network access; pass --no-sandbox only for files you trust"
+        )
+    return iso
+
+
+@contextlib.contextmanager
+def workdir():
+    """A private temporary folder for one child, removed afterwards. It stays
+    the parent's (the child cannot swap what the parent reads back); the
+    child writes only its `home/` and the folders handed to it."""
+    with tempfile.TemporaryDirectory(prefix="ddchallenge-sandbox-") as tmp:
+        os.chmod(tmp, 0o711)
+        yield Path(tmp)
+
+
+def hand_over(folder: Path) -> Path:
+    """Make `folder` writable by the child (owned by the sandbox user, if any)."""
+    folder.mkdir(exist_ok=True)
+    iso = isolation()
+    if iso is not None and iso.uid is not None:
+        os.chown(folder, iso.uid, iso.uid)
+    return folder
+
+
+def spawn(argv: list[str], work: Path, limits: Limits = Limits(), cuda: bool = False) -> subprocess.CompletedProcess:
+    """Run argv isolated, with `work/home` (in a folder from `workdir()`) as its
+    home and working folder; at the wall limit kill its process group, and with a pids
+    cgroup every process it started. Output goes to files, not pipes, and the
+    parent waits for the child, not for end-of-file: a grandchild holding a
+    pipe cannot hang it. The last 64 KiB of stdout and stderr come back."""
+    iso = _required()
+    home = hand_over(work / "home")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(home), "LANG": "C.UTF-8",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
+    with _cgroups(limits) as groups, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([*iso.prefix, *argv], cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=err, start_new_session=True, preexec_fn=_limit(limits, iso.uid, groups, cuda))
+        try:
+            proc.wait(timeout=limits.wall_seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise Refused(f"the sandboxed work ran past its {limits.wall_seconds:g} s limit and was killed") from None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # what it left running in its group
+        tails = []
+        for fh in (out, err):
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - (64 << 10)))
+            tails.append(fh.read().decode(errors="replace"))
+    return subprocess.CompletedProcess(argv, proc.returncode, *tails)
+
+
 @contextlib.contextmanager
 def run(function: Callable, request: Any, inputs: dict[str, Input] | None = None, limits: Limits = Limits(),
         cuda: bool = False):
@@ -367,16 +425,9 @@ def run(function: Callable, request: Any, inputs: dict[str, Input] | None = None
 
     Raises `Refused` (the child refused its input, crashed on it, or was
     killed at a limit), `EnvironmentFailure` (this machine failed, or cannot
-    isolate). Output goes to files, not pipes, and the parent waits for the
-    child, not for end-of-file: a grandchild holding a pipe cannot hang it."""
-    iso = isolation()
-    if iso is None:
-        raise SandboxUnavailable(
-            "cannot isolate untrusted work here: `unshare --net` is missing or not permitted, so the upload would "
-            "have network access; pass --no-sandbox only for files you trust"
-        )
-    with tempfile.TemporaryDirectory(prefix="ddchallenge-sandbox-") as tmp:
-        work = Path(tmp)
+    isolate)."""
+    _required()  # before anything is staged
+    with workdir() as work:
         (work / "in").mkdir()
         staged, originals = {}, {}
         for name, given in (inputs or {}).items():
@@ -384,34 +435,15 @@ def run(function: Callable, request: Any, inputs: dict[str, Input] | None = None
             staged[name] = str(stage(given, work / "in" / name, limits))
             originals[staged[name]] = str(given.path)
             originals[str(work / "in" / name)] = str(Path(given.path).parent)
-        outbox = work / "out"
-        outbox.mkdir()
+        for folder in (work / "in", *(work / "in").iterdir()):
+            folder.chmod(0o555)
+        outbox = hand_over(work / "out")
         call = {"function": f"{function.__module__}:{function.__qualname__}", "request": _encode(request),
                 "inputs": staged, "outbox": str(outbox)}
         (work / "call.json").write_text(json.dumps(call))
-        if iso.uid is not None:  # the child may write its home and outbox, nothing of the parent's
-            for folder in (work, outbox):
-                os.chown(folder, iso.uid, iso.uid)
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
-        argv = [*iso.prefix, sys.executable, "-m", "ddchallenge.isolation", str(work / "call.json")]
-        with _cgroups(limits) as groups, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err, start_new_session=True,
-                                    preexec_fn=_limit(limits, iso.uid, groups, cuda))
-            try:
-                proc.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise Refused(f"the sandboxed work ran past its {limits.wall_seconds:g} s limit and was killed") from None
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # what it left running in its group
-            err.seek(max(0, os.fstat(err.fileno()).st_size - 4096))
-            stderr = err.read().decode(errors="replace")
+        done = spawn([sys.executable, "-m", "ddchallenge.isolation", str(work / "call.json")], work, limits, cuda)
         try:
-            value = _outcome(proc.returncode, outbox, stderr, limits)
+            value = _outcome(done.returncode, outbox, done.stderr, limits)
         except DDChallengeError as exc:
             raise type(exc)(_unstage(str(exc), originals)) from None
         yield Outcome(value, outbox, originals)

@@ -94,12 +94,18 @@ class ReadRequest:
 def read_upload(path: str | os.PathLike, rules: UploadRules, sandbox: bool = True) -> list[DatasetEntry]:
     """Every dataset of an image upload, read under `rules`."""
     path = Path(path)
-    inspect(path, rules)
+    try:
+        inspect(path, rules)
+    except isolation.Refused as exc:
+        raise SubmissionError(str(exc)) from None
     if not sandbox:
         return load_submission(path, rules=rules)
     given = Input(path, companions=COMPANIONS)
-    with isolation.run(_read_in_child, ReadRequest(rules), {"upload": given}, upload_limits(path, rules)) as out:
-        return _collect(out, rules, official=path.is_dir() or path.suffix.lower() == ".zip")
+    try:
+        with isolation.run(_read_in_child, ReadRequest(rules), {"upload": given}, upload_limits(path, rules)) as out:
+            return _collect(out, rules, official=path.is_dir() or path.suffix.lower() == ".zip")
+    except isolation.Refused as exc:
+        raise SubmissionError(str(exc)) from None
 
 
 def _read_in_child(request: ReadRequest, inputs: dict[str, Path], outbox: Path) -> list[dict]:
@@ -125,7 +131,10 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
     process group is killed `grace` seconds after the deadline whatever it
     does. More images than asked for are refused."""
     model = Path(model)
-    inspect(model, rules)
+    try:
+        inspect(model, rules)
+    except isolation.Refused as exc:
+        raise SubmissionError(str(exc)) from None
     entries = []
     for dataset in rules.required():
         deadline = time.monotonic() + budget
@@ -145,9 +154,7 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
                 if "limit and was killed" in str(exc):
                     raise SubmissionError(f"the generator {model} did not finish within its {budget:g} s budget and "
                                           f"was killed; {BUDGET_HINT}") from None
-                if "budget" in str(exc):
-                    raise SubmissionError(f"{exc}; {BUDGET_HINT}") from None
-                raise
+                raise SubmissionError(f"{exc}; {BUDGET_HINT}" if "budget" in str(exc) else str(exc)) from None
         for entry in made:
             _check_generated(entry, request, str(model))
         entries.extend(made)

@@ -32,8 +32,11 @@ def official_file(tmp_path, mnist5k_random_images):
 
 
 @pytest.fixture
-def run_cli():
-    """Invoke the real CLI; stdout and stderr kept apart."""
+def run_cli(tmp_path, monkeypatch):
+    """Invoke the real CLI in a fresh working folder (`score` records its
+    results in ./results by default); stdout and stderr kept apart."""
+    monkeypatch.chdir(tmp_path)
+
     def run(*args):
         return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     return run

@@ -1,4 +1,5 @@
-"""The sandbox that reads submissions: each test fails if its protection is missing."""
+"""The isolation of untrusted work (isolation.py) and the scoring that uses
+it (upload.py): each test fails if its protection is missing."""
 import http.server
 import json
 import os
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from ddchallenge.errors import SubmissionError
-from ddchallenge.sandbox import SandboxLimits, describe, isolation, load_isolated, run_isolated, workdir
+from ddchallenge.isolation import Limits, Refused, describe, isolation, spawn, workdir
+from ddchallenge.protocol import UploadRules
+from ddchallenge.upload import generate_upload, read_upload
 
 pytestmark = pytest.mark.skipif(isolation() is None, reason="unshare --net is not permitted on this machine")
 
@@ -32,6 +35,14 @@ def box():
         yield work
 
 
+def run_isolated(argv, work, limits=Limits()):
+    return spawn(argv, work, limits)
+
+
+def load_isolated(path):
+    return read_upload(path, UploadRules())
+
+
 def test_no_network_inside(box, loopback_port):
     code = f"import socket; socket.create_connection(('127.0.0.1', {loopback_port}), timeout=2); print('connected')"
     assert "connected" in __import__("subprocess").run(_python(code), capture_output=True, text=True).stdout
@@ -43,16 +54,28 @@ def test_clean_environment_and_private_home(box, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret-token")
     done = run_isolated(_python("import os, json; print(json.dumps(dict(os.environ)))"), box)
     env = json.loads(done.stdout)
-    assert "HF_TOKEN" not in env and env["HOME"] == str(box) and "secret-token" not in done.stdout
+    assert "HF_TOKEN" not in env and env["HOME"] == str(box / "home") and "secret-token" not in done.stdout
 
 
 def test_memory_limit(box):
-    done = run_isolated(_python("x = bytearray(3 << 30); print('allocated')"), box, SandboxLimits(memory_bytes=1 << 30))
-    assert done.returncode != 0 and "allocated" not in done.stdout and "MemoryError" in done.stderr
+    # Touch every page: a memory cgroup counts what is used, an address-space limit what is mapped.
+    code = "x = bytearray(3 << 30)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint('allocated')"
+    done = run_isolated(_python(code), box, Limits(memory_bytes=1 << 30))
+    assert done.returncode != 0 and "allocated" not in done.stdout
+    assert "memory 1 GiB (cgroup)" in describe(Limits(memory_bytes=1 << 30)) or "MemoryError" in done.stderr
+
+
+@pytest.mark.skipif("(cgroup)" not in describe().split("memory")[-1][:20], reason="no memory cgroup on this machine")
+def test_memory_limit_holds_without_an_address_space_limit(box):
+    """CUDA lifts the address-space limit; the memory cgroup still holds."""
+    code = ("import resource; print(resource.getrlimit(resource.RLIMIT_AS), flush=True)\n"
+            "x = bytearray(3 << 30)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint('allocated')")
+    done = spawn(_python(code), box, Limits(memory_bytes=1 << 30), cuda=True)
+    assert "(-1, -1)" in done.stdout and "allocated" not in done.stdout and done.returncode == -9
 
 
 def test_wall_clock_kills_the_process_group(box):
-    marker = box / "grandchild-survived"
+    marker = box / "home" / "grandchild-survived"
     script = box / "spawner.py"
     script.write_text(
         "import subprocess, sys, time\n"
@@ -60,8 +83,8 @@ def test_wall_clock_kills_the_process_group(box):
         "subprocess.Popen([sys.executable, '-c', code])\n"
         "time.sleep(60)\n"
     )
-    with pytest.raises(SubmissionError, match="ran past its 1 s limit and was killed"):
-        run_isolated([sys.executable, str(script)], box, SandboxLimits(wall_seconds=1))
+    with pytest.raises(Refused, match="ran past its 1 s limit and was killed"):
+        run_isolated([sys.executable, str(script)], box, Limits(wall_seconds=1))
     import time
 
     time.sleep(4)
@@ -74,7 +97,7 @@ def test_wall_clock_kills_the_process_group(box):
 needs_own_user = pytest.mark.skipif(isolation() is None or isolation().uid is None,
                                     reason="the child runs as a user of its own only when the scorer is root and "
                                            "`nobody` can run this Python")
-needs_process_limit = pytest.mark.skipif("process limit" not in describe(),
+needs_process_limit = pytest.mark.skipif("processes" not in describe(),
                                          reason="no pids cgroup and no user of its own: processes are not limited")
 
 
@@ -83,17 +106,17 @@ def test_process_limit(box):
     code = ("import os, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n"
             "            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('refused', type(e).__name__)\n"
             "print('forked', n)")
-    done = run_isolated(_python(code), box, SandboxLimits(processes=20, wall_seconds=20))
+    done = run_isolated(_python(code), box, Limits(processes=20, wall_seconds=20))
     forked = int(done.stdout.split("forked ")[1])
     assert "refused BlockingIOError" in done.stdout and forked < 20, done.stdout
 
 
 @pytest.mark.skipif("pids cgroup" not in describe(), reason="no pids cgroup: a process that leaves its group survives")
 def test_process_that_left_the_group_is_killed(box):
-    marker = box / "daemon-survived"
+    marker = box / "home" / "daemon-survived"
     code = ("import os, sys, time\nif os.fork() == 0:\n    os.setsid(); sys.stdout.close(); time.sleep(3)\n"
             f"    open({str(marker)!r}, 'w'); os._exit(0)\nprint('parent done')")
-    done = run_isolated(_python(code), box, SandboxLimits(wall_seconds=20))
+    done = run_isolated(_python(code), box, Limits(wall_seconds=20))
     assert "parent done" in done.stdout
     import time
 
@@ -113,9 +136,7 @@ def test_organiser_files_are_out_of_reach(box, tmp_path):
 
 
 def test_sandboxed_load_matches_in_process_load(official_file):
-    from ddchallenge.submission import load_submission
-
-    (a,), (b,) = load_isolated(official_file), load_submission(official_file)
+    (a,), (b,) = load_isolated(official_file), read_upload(official_file, UploadRules(), sandbox=False)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert (a.source, a.sha256, a.ipc, a.kind) == (b.source, b.sha256, b.ipc, b.kind)
 
@@ -143,7 +164,11 @@ def test_tensor_header_claiming_a_huge_shape(run_cli, tmp_path):
     torch.save(huge, tmp_path / "mnist5k.pt")
     assert (tmp_path / "mnist5k.pt").stat().st_size < 10_000
     r = run_cli("score", tmp_path / "mnist5k.pt", "--quiet")
-    assert r.exit_code == 1 and "claims a 10000000x1x28x28 tensor but stores only 4 bytes" in r.stderr
+    assert r.exit_code == 1 and "holds 10000000 mnist5k images; the rules allow at most IPC 100" in r.stderr
+    # Within the count the rules allow, the storage behind the header is checked before any copy.
+    torch.save(torch.zeros(1, 1, 1, 1).expand(1000, 1, 28, 28), tmp_path / "mnist5k.pt")
+    r = run_cli("score", tmp_path / "mnist5k.pt", "--quiet")
+    assert r.exit_code == 1 and "claims a 1000x1x28x28 tensor but stores only 4 bytes" in r.stderr
 
 
 def test_nan_images_refused_through_the_sandbox(run_cli, tmp_path, mnist5k_random_images):
@@ -170,33 +195,34 @@ def test_label_order_travels_with_the_images(tmp_path, mnist5k_random_images):
 
 
 def test_track2_generator_runs_in_the_sandbox(run_cli, tiny_model):
-    r = run_cli("score", tiny_model, "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-")
+    r = run_cli("score", tiny_model, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet",
+                "--json", "-")
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
     (d,) = result["datasets"]
     assert (d["dataset"], d["ipc"], d["images"], d["method"]) == ("mnist5k", 2, 20, "diffusion")
     assert d["source"].startswith(f"{tiny_model} (generated IPC 2 in ") and result["sandbox"].startswith("no network")
-    r = run_cli("score", tiny_model / "step-0000002", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json",
-                "-", "--no-sandbox")
+    r = run_cli("score", tiny_model / "step-0000002", "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds",
+                1, "--quiet", "--json", "-", "--no-sandbox")
     assert r.exit_code == 0 and json.loads(r.stdout)["sandbox"] == "none (--no-sandbox)"
-    r = run_cli("score", tiny_model, "--dataset", "cifar10", "--ipc", 1, "--quiet")
-    assert r.exit_code == 1 and "was trained for mnist5k" in r.stderr
+    # The organiser's dataset, not the generator's: by default the challenge's two, which it cannot make.
+    for extra in (("--dataset", "cifar10"), ()):
+        r = run_cli("score", tiny_model, *extra, "--ipc", 1, "--quiet")
+        assert r.exit_code == 1 and "was trained for mnist5k" in r.stderr, r.stderr
 
 
 def test_track2_generator_past_its_budget_is_killed(tiny_model, tmp_path):
     """One batch far longer than budget + grace: the run cannot reach its own
     deadline check, so only the kill stops it."""
-    from ddchallenge.sandbox import generate_isolated
-
     start = __import__("time").monotonic()
-    with pytest.raises(SubmissionError, match="did not finish within its 2 s budget and was killed"):
-        generate_isolated(tiny_model, "mnist5k", 400, budget=2, grace=1)
+    with pytest.raises(SubmissionError, match="did not finish within its 2 s budget and was killed; raise --budget"):
+        generate_upload(tiny_model, UploadRules(("mnist5k",), ipc=400), budget=2, grace=1)
     assert __import__("time").monotonic() - start < 10
 
 
-def test_track2_options_need_a_generator(run_cli, official_file):
-    r = run_cli("score", official_file, "--ipc", 5)
-    assert r.exit_code == 2 and "--ipc and --budget apply to Track 2 generator folders only" in r.stderr
+def test_a_budget_needs_a_generator(run_cli, official_file):
+    r = run_cli("score", official_file, "--budget", 5)
+    assert r.exit_code == 1 and "is not a generator folder; a Track 2 run (--budget)" in r.stderr
 
 
 def test_generator_folder_with_a_symlink_is_refused(run_cli, tiny_model, tmp_path):
@@ -206,8 +232,8 @@ def test_generator_folder_with_a_symlink_is_refused(run_cli, tiny_model, tmp_pat
     shutil.copytree(tiny_model / "step-0000004", model)
     (model / "unet" / "config.json").unlink()
     (model / "unet" / "config.json").symlink_to("/etc/passwd")
-    r = run_cli("score", model, "--ipc", 1, "--quiet")
-    assert r.exit_code == 1 and "the generator folder holds a symbolic link" in r.stderr
+    r = run_cli("score", model, "--dataset", "mnist5k", "--ipc", 1, "--quiet")
+    assert r.exit_code == 1 and "config.json is a symbolic link" in r.stderr
 
 
 def test_socket_opening_pickle_refused_through_the_default_cli(run_cli, tmp_path):

@@ -26,7 +26,7 @@ from ddchallenge.errors import DatasetError, UsageError
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean, is_environment_failure
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
-from ddchallenge.score import ScoreResult, score
+from ddchallenge.score import ScoreResult, score, upload_name
 from ddchallenge.train import resolve_device
 from ddchallenge.upload import digest
 
@@ -85,13 +85,6 @@ class BatchSummary:
         parts = [f"{self.count(s)} {s}" for s in ("scored", "done before", "failed", "environment error")]
         retry = "; environment errors are not recorded: run again to retry" if self.count("environment error") else ""
         return f"{len(self.outcomes)} upload(s): {', '.join(parts)}; {self.seconds:.0f} s{retry}"
-
-
-def upload_name(path: Path) -> str:
-    """The name a result is listed under: the file or folder name (`.` and
-    `..` resolved), the parent's for a res/ folder."""
-    name = path.resolve().name or str(path)
-    return path.resolve().parent.name if name == "res" else name
 
 
 def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, settings: BatchSettings = BatchSettings(),

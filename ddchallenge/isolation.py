@@ -290,7 +290,7 @@ def stage(given: Input, inbox: Path, limits: Limits = Limits()) -> Path:
     if free < inventory.bytes + (64 << 20):
         raise EnvironmentFailure(f"{inbox} has {free} bytes free, too few to stage {inventory.bytes} bytes of input; "
                                  "free disk space or point TMPDIR elsewhere")
-    name = path.resolve().name or "upload"  # `.` and `..` have no name of their own
+    name = Path(os.path.abspath(path)).name or "upload"  # `.` and `..` resolved; `/` has no name
     target = inbox / name
     for rel in inventory.folders:
         (target / rel).mkdir()

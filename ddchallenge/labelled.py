@@ -81,15 +81,16 @@ def _check_self_contained(f: h5py.File, path: Path) -> None:
     layouts other than contiguous or chunked, unknown filters, oversized
     chunks, objects other than /images and /labels."""
     names = list(f.keys())
+    for name in names:
+        link = f.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise SubmissionError(f"labelled set {path}: /{name} is a link ({type(link).__name__}), which can point "
+                                  "outside the file; a labelled set holds its data itself")
     extra = sorted(set(names) - {"images", "labels"})
     if extra:
         raise SubmissionError(f"labelled set {path} holds unexpected object(s) {', '.join(map(repr, extra[:5]))}; "
                               "a labelled set holds /images and /labels only")
     for name in names:
-        link = f.get(name, getlink=True)
-        if not isinstance(link, h5py.HardLink):
-            raise SubmissionError(f"labelled set {path}: /{name} is a {type(link).__name__}, which can point outside "
-                                  "the file; a labelled set holds its data itself")
         obj = f[name]
         if not isinstance(obj, h5py.Dataset):
             raise SubmissionError(f"labelled set {path}: /{name} is not a dataset")

@@ -103,6 +103,14 @@ def score_entry(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, d
     )
 
 
+def upload_name(path: Path) -> str:
+    """The name a result is listed under: the file or folder name (`.` and
+    `..` resolved, links not followed), the parent's for a res/ folder."""
+    absolute = Path(os.path.abspath(path))
+    name = absolute.name or str(path)
+    return absolute.parent.name if name == "res" else name
+
+
 def score(
     submission: str | os.PathLike,
     rules: UploadRules = UploadRules(),
@@ -139,9 +147,8 @@ def score(
         log.warning(w)
     scores = [score_entry(e, refs[e.spec.name], recipe, seed, dev, progress) for e in entries]
     methods = {e.method for e in entries}
-    name = path.resolve().name or str(path)
     return ScoreResult(
-        name=name if name != "res" else path.resolve().parent.name,
+        name=upload_name(path),
         method=methods.pop() if len(methods) == 1 else None,
         submission=str(submission), submission_sha256=sha256_file(path) if path.is_file() else None,
         score=float(np.mean([s.mean for s in scores])), datasets=scores,

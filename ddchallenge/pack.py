@@ -74,6 +74,21 @@ def _zip_bytes(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+def _check_is_labelled_set(path: Path) -> None:
+    """Name what was given when it is not a labelled set, and what to give."""
+    wanted = "pack takes labelled .h5 sets written by `ddchallenge generate`"
+    if not path.exists():
+        raise SubmissionError(f"labelled set not found: {path}; {wanted}")
+    if path.is_dir():
+        kind = "a packed submission folder" if (path / "res").is_dir() or path.name == "res" else "a folder"
+        raise SubmissionError(f"{path} is {kind}, not a labelled set; {wanted} (score a packed folder with "
+                              "`ddchallenge score`)")
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        what = {".pt": "a torch file (already packed?)", ".zip": "a zip (already packed?)"}.get(
+            path.suffix.lower(), f"a {path.suffix or 'suffix-less'} file")
+        raise SubmissionError(f"{path} is {what}, not a labelled set; {wanted}")
+
+
 def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | None = None,
          force: bool = False, input_normalised: bool = False) -> dict:
     """Pack labelled sets into OUTDIR; returns the manifest."""
@@ -86,8 +101,7 @@ def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | 
         raise OutputExistsError(f"{outdir} already exists; pass --force to replace it")
     files, entries = {}, []
     for s in map(Path, sets):
-        if not s.is_file():
-            raise SubmissionError(f"labelled set not found: {s}")
+        _check_is_labelled_set(s)
         name, data, entry = _packed_file(s, track, input_normalised)
         if name in files:
             raise SubmissionError(f"two sets for {entry['dataset']}; pack one set per dataset")

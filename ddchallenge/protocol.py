@@ -69,6 +69,9 @@ def get_dataset(name: str) -> DatasetSpec:
         raise UsageError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
 
 
+MAX_EPOCHS, MAX_ROUNDS = 100_000, 100  # far past any recipe; beyond them a typo would run for weeks
+
+
 @dataclass(frozen=True)
 class EvalRecipe:
     """How a distilled set is turned into a test accuracy.
@@ -115,9 +118,9 @@ class EvalRecipe:
 
     def with_overrides(self, **changes) -> "EvalRecipe":
         changes = {k: v for k, v in changes.items() if v is not None}
-        for key in ("epochs", "rounds"):
-            if key in changes and changes[key] < (0 if key == "epochs" else 1):
-                raise UsageError(f"--{key} must be at least {0 if key == 'epochs' else 1}, got {changes[key]}")
+        for key, low, high in (("epochs", 0, MAX_EPOCHS), ("rounds", 1, MAX_ROUNDS)):
+            if key in changes and not low <= changes[key] <= high:
+                raise UsageError(f"--{key} must be from {low} to {high}, got {changes[key]}")
         return dataclasses.replace(self, **changes)
 
 
@@ -126,6 +129,7 @@ OFFICIAL = EvalRecipe()
 
 MAX_IPC = 100  # an upload that names no IPC rule may hold at most this many images per class: a few KB of
 #                compressed or repeated bytes must not become hours of training (CIFAR-100 at IPC 100 is 10,000 images)
+MAX_RULE_IPC = 10_000  # the largest IPC an organiser may require (all of CIFAR-100 is IPC 500)
 MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED; round r uses seed + r, and every generator accepts the sum
 
 
@@ -159,8 +163,9 @@ class UploadRules:
             if len(set(names)) != len(names):
                 raise UsageError(f"--dataset names a dataset twice: {', '.join(names)}")
             object.__setattr__(self, "datasets", tuple(sorted(names)))
-        if self.ipc is not None and (isinstance(self.ipc, bool) or not isinstance(self.ipc, int) or self.ipc < 1):
-            raise UsageError(f"--ipc must be a whole number of at least 1, got {self.ipc!r}")
+        if self.ipc is not None and (isinstance(self.ipc, bool) or not isinstance(self.ipc, int)
+                                     or not 1 <= self.ipc <= MAX_RULE_IPC):
+            raise UsageError(f"--ipc must be a whole number from 1 to {MAX_RULE_IPC}, got {self.ipc!r}")
 
     def required(self) -> tuple[str, ...]:
         """The datasets a Track 1 upload must hold and a generator must make."""

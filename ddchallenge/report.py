@@ -49,8 +49,11 @@ def score_html(result: ScoreResult) -> str:
             f"ddchallenge {result.versions['ddchallenge']}</p>{table}</body></html>\n")
 
 
-def image_grid_png(entry: DatasetEntry, max_classes: int = 20, max_per_class: int = 10) -> bytes:
-    """A PNG grid: one row per class (the first `max_classes`), up to
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def image_grid(entry: DatasetEntry, max_classes: int = 20, max_per_class: int = 10, fmt: str = "PNG") -> bytes:
+    """An image grid (PNG or JPEG): one row per class (the first `max_classes`), up to
     `max_per_class` de-normalised images in each, blank where a class has fewer."""
     from PIL import Image
     from torchvision.utils import make_grid
@@ -67,7 +70,7 @@ def image_grid_png(entry: DatasetEntry, max_classes: int = 20, max_per_class: in
     grid = make_grid(tiles, nrow=cols, padding=2, pad_value=1.0)
     pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buf = io.BytesIO()
-    Image.fromarray(pixels[:, :, 0] if spec.channels == 1 else pixels).save(buf, format="PNG")
+    Image.fromarray(pixels[:, :, 0] if spec.channels == 1 else pixels).save(buf, format=fmt)
     return buf.getvalue()
 
 

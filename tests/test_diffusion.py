@@ -43,7 +43,7 @@ def test_resume_ends_where_uninterrupted_run_ends(tmp_path, tiny_model, monkeypa
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("power cut")
-    monkeypatch.setattr(ddchallenge.report, "image_grid_png", crash)
+    monkeypatch.setattr(ddchallenge.report, "image_grid", crash)
     with pytest.raises(KeyboardInterrupt):
         train(config, out, device="cpu", progress=False, resume=True)
     assert sorted(p.name for p in out.iterdir()) == [".tmp-step-0000004", "step-0000002"]

@@ -327,5 +327,5 @@ def test_upload_rules_validate_their_options():
         UploadRules(("imagenet",))
     with pytest.raises(Exception, match="names a dataset twice"):
         UploadRules(("mnist5k", "MNIST5K"))
-    with pytest.raises(Exception, match="--ipc must be a whole number of at least 1"):
+    with pytest.raises(Exception, match="--ipc must be a whole number from 1 to 10000"):
         UploadRules(ipc=0)

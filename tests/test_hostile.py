@@ -276,6 +276,8 @@ def test_records_are_keyed_retried_and_checked(run_cli, official_file, tmp_path,
     assert rows == {"team": "scored", "team.failed": "failed"}
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{record_key('team')}.json",
                                                             f"{record_key('team.failed')}.failed.json"])
+    board = run_cli("leaderboard", out)  # the folder: its scored records, not the failed ones
+    assert board.exit_code == 0 and len(board.stdout.strip().splitlines()) == 3 and " team " in board.stdout
     # A record that does not belong to the upload's bytes is not trusted.
     record = out / f"{record_key('team')}.json"
     data = json.loads(record.read_text())

@@ -515,7 +515,10 @@ def _child(call_path: str) -> int:
         (outbox / "_value.json").write_text(json.dumps(value))
         return 0
     except BaseException as exc:  # every outcome is reported to the parent, which decides what it means
-        if is_environment_failure(exc):
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+            # Here it is the child's own memory limit that was hit: the input's doing.
+            code, message = CRASHED_EXIT, f"over its memory limit ({type(exc).__name__})"
+        elif is_environment_failure(exc):
             code, message = ENVIRONMENT_EXIT, f"{type(exc).__name__}: {exc}"
         elif isinstance(exc, DDChallengeError):
             code, message = REFUSED_EXIT, str(exc)

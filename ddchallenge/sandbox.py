@@ -330,10 +330,10 @@ def _worker(task: str, *args: str) -> int:
             path, dataset = args[:2]
             entries = load_submission(path, dataset or None)
         else:
-            from ddchallenge.generators.diffusion import run_generator
+            from ddchallenge.generators.track2 import run_track2
 
             model, dataset, ipc, deadline, seed, device = args[:6]
-            entries = run_generator(model, dataset, ipc if ipc == "auto" else int(ipc), int(seed),
+            entries = run_track2(model, dataset, ipc if ipc == "auto" else int(ipc), int(seed),
                                     max(1e-3, float(deadline) - time.monotonic()), device, out)
     except DDChallengeError as exc:
         (out / "error.txt").write_text(str(exc))

@@ -153,10 +153,10 @@ def _generated(model: Path, dataset: str | None, ipc: int | str, budget: float, 
         from ddchallenge.sandbox import generate_isolated
 
         return generate_isolated(model, dataset, ipc, budget, seed, device)
-    from ddchallenge.generators.diffusion import run_generator
+    from ddchallenge.generators.track2 import run_track2
 
     with tempfile.TemporaryDirectory(prefix="ddchallenge-track2-") as tmp:
-        return run_generator(str(model), dataset, ipc, seed, budget, device, Path(tmp))
+        return run_track2(str(model), dataset, ipc, seed, budget, device, Path(tmp))
 
 
 @dataclass(frozen=True)

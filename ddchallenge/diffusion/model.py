@@ -7,6 +7,7 @@
       scheduler/              the training noise schedule (DDPMScheduler.save_pretrained)
       vae/                    latent space only: the AutoencoderKL, copied in so the folder is
                               self-contained (a sandboxed Track 2 run has no network)
+      codebooks/              D4M prototypes and D3M class vectors, when made (diffusion/codebook.py)
       samples.png             a grid of samples at this step
       training_state/         for --resume only: raw weights, optimiser state
 
@@ -36,7 +37,7 @@ META_FILE = "ddchallenge.json"
 FORMAT = "ddchallenge-diffusion"
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-SERVING_PARTS = ("unet", "scheduler", "vae")  # what generation reads (and the model hash covers)
+SERVING_PARTS = ("unet", "scheduler", "vae", "codebooks")  # what generation reads (and the model hash covers)
 
 
 class ModelError(DDChallengeError):
@@ -300,5 +301,7 @@ def describe(config: TrainConfig, spec: DatasetSpec, step: int, latent_scale: fl
         "space": config.space, "latent_shape": list(latent) if latent else None, "latent_scale": float(latent_scale),
         "prediction": config.prediction, "step": step, "train_config": config.to_json(), "vae": vae_provenance,
         "versions": {"ddchallenge": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
+        # How Track 2 runs this folder (generators.track2); `prototypes` and `invert` replace it.
+        "generate": {"method": "diffusion", "settings": {}},
     }
 

@@ -152,7 +152,7 @@ def _ipc(value: str) -> int | str:
 @click.option("--guidance", type=float, help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
 @click.option("--batch-size", type=int, help="diffusion: images per sampling batch (default 500).")
 @click.option("--strength", type=float, help="d4m: how far each prototype is noised before denoising, in (0, 1] "
-              "(default 0.7; 1 = pure noise).")
+              "(default 0.5; 1 = pure noise).")
 @click.option("--per-class", type=int, help="d3m: which stored set of K vectors per class (default: the folder's).")
 @click.option("--oversample", type=float, default=1.0, show_default=True,
               help="Any method: make ceil(R x IPC) candidates per class and keep IPC by herding (R >= 1).")
@@ -236,7 +236,7 @@ def train_vae_command(dataset, output, preset, steps, seed, root, device, force,
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--ipc", "ipcs", type=int, multiple=True, required=True, help="Clusters per class; repeat for several.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means++ draws.")
-@click.option("--strength", type=float, help="Recorded for Track 2: d4m strength (default 0.7).")
+@click.option("--strength", type=float, help="Recorded for Track 2: d4m strength (default 0.5).")
 @click.option("--oversample", type=float, default=1.0, show_default=True, help="Recorded for Track 2: selection R.")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option

@@ -256,16 +256,17 @@ def prototypes_command(model, ipcs, seed, strength, oversample, root, device):
 @click.option("--per-class", type=int, required=True, help="K: conditioning vectors learned per class.")
 @click.option("--steps", type=int, default=300, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Training images per step.")
+@click.option("--lr", type=float, default=5e-3, show_default=True, help="Adam learning rate of the vectors.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the grouping and the training draws.")
 @click.option("--oversample", type=float, default=1.0, show_default=True, help="Recorded for Track 2: selection R.")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
-def invert_command(model, per_class, steps, batch_size, seed, oversample, root, device):
+def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, root, device):
     """D3M: learn K class vectors per class with MODEL's denoiser frozen, for `generate --method d3m`."""
     from ddchallenge.diffusion.invert import invert
 
     r = invert(str(model), per_class, steps=steps, seed=seed, device=device, root=root, batch_size=batch_size,
-               oversample=oversample)
+               lr=lr, oversample=oversample)
     click.echo(f"wrote {r.path}: {r.per_class} vectors per class, {r.steps} steps, diffusion loss "
                f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s")
 

@@ -97,6 +97,8 @@ def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, 
         raise UsageError(f"--per-class must be between 1 and {MAX_PER_CLASS}, got {per_class}")
     if steps < 1 or batch_size < 1:
         raise UsageError(f"--steps and --batch-size must be at least 1, got {steps} and {batch_size}")
+    if not lr > 0:
+        raise UsageError(f"--lr must be positive, got {lr:g}")
     if oversample < 1:
         raise UsageError(f"--oversample must be at least 1, got {oversample:g}")
     start = time.perf_counter()

@@ -161,7 +161,7 @@ def _ipc(value: str) -> int | str:
 
 @cli.command()
 @click.option("--dataset", required=True, help="Dataset to distil (see protocol.DATASETS).")
-@click.option("--method", required=True, help="Generation method: random, herding, diffusion.")
+@click.option("--method", required=True, help="Generation method: random, herding, diffusion, d4m, d3m.")
 @click.option("--ipc", required=True, help="Images per class, or 'auto': the most that fit --budget.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 on a Track 1 dataset; 2: enforce the budget.")
@@ -173,16 +173,23 @@ def _ipc(value: str) -> int | str:
 @click.option("--steps", type=int, help="diffusion: sampling steps (default 20).")
 @click.option("--guidance", type=float, help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
 @click.option("--batch-size", type=int, help="diffusion: images per sampling batch (default 500).")
+@click.option("--strength", type=float, help="d4m: how far each prototype is noised before denoising, in (0, 1] "
+              "(default 0.5; 1 = pure noise).")
+@click.option("--per-class", type=int, help="d3m: which stored set of K vectors per class (default: the folder's).")
+@click.option("--oversample", type=float, default=1.0, show_default=True,
+              help="Any method: make ceil(R x IPC) candidates per class and keep IPC by herding (R >= 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
-             output, force):
+             strength, per_class, oversample, output, force):
     """Synthesise IPC labelled images per class into a labelled set."""
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
-    given = dict(model=model, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size)
+    given = dict(model=model, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size,
+                 strength=strength, per_class=per_class)
     config = GenerateConfig(dataset, method, _ipc(ipc), seed, track=int(track) if track else None, budget=budget,
-                            device=device, root=root, options={k: v for k, v in given.items() if v is not None})
+                            device=device, root=root, options={k: v for k, v in given.items() if v is not None},
+                            oversample=oversample)
     r = run_generate(config, output, force=force)
     click.echo(f"wrote {r.path}: {r.dataset}, {r.method}, IPC {r.ipc}, {r.images} images in {r.seconds:.1f} s "
                f"({r.images_per_second:.1f} images/s), seed {seed}")
@@ -245,6 +252,46 @@ def train_vae_command(dataset, output, preset, steps, seed, root, device, force,
                   progress=not quiet)
     click.echo(f"wrote {r.output}: {r.steps} steps in {r.seconds:.0f} s, latent {'x'.join(map(str, r.latent_shape))}, "
                f"test reconstruction error {r.test_l1:.4f} (mean |pixel| in [0, 1])")
+
+
+@cli.command("prototypes")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--ipc", "ipcs", type=int, multiple=True, required=True, help="Clusters per class; repeat for several.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the k-means++ draws.")
+@click.option("--strength", type=float, help="Recorded for Track 2: d4m strength (default 0.5).")
+@click.option("--oversample", type=float, default=1.0, show_default=True, help="Recorded for Track 2: selection R.")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@device_option
+def prototypes_command(model, ipcs, seed, strength, oversample, root, device):
+    """D4M: store k-means prototypes of every class in MODEL (a `train` folder) for `generate --method d4m`."""
+    from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH, make_prototypes
+
+    reports = make_prototypes(str(model), list(ipcs), seed=seed, device=device, root=root,
+                              strength=DEFAULT_STRENGTH if strength is None else strength, oversample=oversample)
+    for r in reports:
+        click.echo(f"wrote {r.path}: IPC {r.ipc} prototypes, k-means {'converged' if r.converged else 'stopped'} "
+                   f"in at most {r.iterations} iterations per class, {r.seconds:.1f} s")
+
+
+@cli.command("invert")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--per-class", type=int, required=True, help="K: conditioning vectors learned per class.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Training images per step.")
+@click.option("--lr", type=float, default=5e-3, show_default=True, help="Adam learning rate of the vectors.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the grouping and the training draws.")
+@click.option("--oversample", type=float, default=1.0, show_default=True, help="Recorded for Track 2: selection R.")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@device_option
+def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, root, device):
+    """D3M: learn K class vectors per class with MODEL's denoiser frozen, for `generate --method d3m`."""
+    from ddchallenge.diffusion.invert import invert
+
+    r = invert(str(model), per_class, steps=steps, seed=seed, device=device, root=root, batch_size=batch_size,
+               lr=lr, oversample=oversample)
+    click.echo(f"wrote {r.path}: {r.per_class} vectors per class, {r.steps} steps, diffusion loss "
+               f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s")
 
 
 @cli.command()

@@ -130,6 +130,7 @@ OFFICIAL = EvalRecipe()
 MAX_IPC = 100  # an upload that names no IPC rule may hold at most this many images per class: a few KB of
 #                compressed or repeated bytes must not become hours of training (CIFAR-100 at IPC 100 is 10,000 images)
 MAX_RULE_IPC = 10_000  # the largest IPC an organiser may require (all of CIFAR-100 is IPC 500)
+MAX_OVERSAMPLE = 100  # Track 2 selection: candidates per kept image; beyond, generation alone would take days
 MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED; round r uses seed + r, and every generator accepts the sum
 
 

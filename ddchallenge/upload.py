@@ -162,10 +162,10 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
 
 
 def _generate(request: GenerateRequest, model: Path, folder: Path) -> list[DatasetEntry]:
-    from ddchallenge.generators.diffusion import run_generator
+    from ddchallenge.generators.track2 import run_track2
 
     left = max(1e-3, request.deadline - time.monotonic())
-    return run_generator(str(model), request.dataset, "auto" if request.ipc is None else request.ipc, request.seed,
+    return run_track2(str(model), request.dataset, "auto" if request.ipc is None else request.ipc, request.seed,
                          left, request.device, folder)
 
 

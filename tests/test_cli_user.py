@@ -3,6 +3,7 @@ of every command given a bad value (one line, non-zero exit, nothing written).""
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ BASE = {
     "train": ["mnist5k", "-o", "model", "--preset", "tiny", "--steps", "1", "--quiet"],
     "train-vae": ["mnist5k", "-o", "vae", "--preset", "tiny", "--steps", "1", "--quiet"],
     "pack": ["{official}", "-o", "packed"],
+    "prototypes": ["{model}", "--ipc", "1"],
+    "invert": ["{model}", "--per-class", "1", "--steps", "1"],
     "show": ["{official}", "-o", "grid.png"],
     "verify": [str(ROOT / "submissions" / "mnist5k-random.toml")],
     "leaderboard": ["{official}"],
@@ -62,19 +65,23 @@ def _commands(group, prefix):
 
 
 @pytest.mark.parametrize("command, flag, value", _options(), ids=lambda x: str(x)[:20])
-def test_every_bad_option_is_one_line_and_writes_nothing(run_cli, official_file, tmp_path, command, flag, value):
-    args = [a.format(official=official_file) for a in BASE[command]]
+def test_every_bad_option_is_one_line_and_writes_nothing(run_cli, official_file, tiny_model, tmp_path, command, flag,
+                                                         value):
+    model = tmp_path / "model"
+    if "{model}" in BASE[command]:  # a copy: a command that wrongly ran would write into it
+        shutil.copytree(tiny_model / "step-0000004", model)
+    args = [a.format(official=official_file, model=model) for a in BASE[command]]
     if flag in args:  # replace the valid value by the bad one
         i = args.index(flag)
         args = args[:i] + args[i + 2:]
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = sorted(map(str, tmp_path.rglob("*")))
     if value == "" and flag in ("--json", "--output", "-o"):
         value = str(tmp_path / "no-such-folder" / "\0bad")
     r = run_cli(*command.split(), *args, flag, value)
     assert r.exit_code in (1, 2), (r.exit_code, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(map(str, tmp_path.rglob("*"))) == before
 
 
 @pytest.mark.parametrize("where", [".", "./", ".."])

@@ -7,6 +7,7 @@
       scheduler/              the training noise schedule (DDPMScheduler.save_pretrained)
       vae/                    latent space only: the AutoencoderKL, copied in so the folder is
                               self-contained (a sandboxed Track 2 run has no network)
+      codebooks/              D4M prototypes and D3M class vectors, when made (diffusion/codebook.py)
       samples.png             a grid of samples at this step
       training_state/         for --resume only: raw weights, optimiser state
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ META_FILE = "ddchallenge.json"
 FORMAT = "ddchallenge-diffusion"
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-SERVING_PARTS = ("unet", "scheduler", "vae")  # what generation reads (and the model hash covers)
+SERVING_PARTS = ("unet", "scheduler", "vae", "codebooks")  # what generation reads (and the model hash covers)
 
 
 class ModelError(DDChallengeError):
@@ -174,6 +176,23 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(p for p in output.iterdir() if CHECKPOINT.match(p.name) and (p / META_FILE).is_file())
 
 
+def generator_dataset(path: str | os.PathLike) -> str:
+    """The dataset a generator folder says it was trained for (read as
+    bounded JSON only)."""
+    path = Path(path)
+    folder = path if (path / META_FILE).is_file() else checkpoints(path)[-1]
+    meta_path = folder / META_FILE
+    if meta_path.is_symlink() or meta_path.stat().st_size > 1 << 20:
+        raise ModelError(f"{meta_path} is a symbolic link or larger than 1 MiB; refused")
+    try:
+        name = json.loads(meta_path.read_text()).get("dataset")
+    except (ValueError, AttributeError, RecursionError) as exc:
+        raise ModelError(f"{meta_path} is not valid JSON ({exc})") from None
+    if not isinstance(name, str):
+        raise ModelError(f"{meta_path} does not name its dataset")
+    return name
+
+
 @dataclass
 class Generator:
     """A loaded generator, ready to sample."""
@@ -275,5 +294,7 @@ def describe(config: TrainConfig, spec: DatasetSpec, step: int, latent_scale: fl
         "space": config.space, "latent_shape": list(latent) if latent else None, "latent_scale": float(latent_scale),
         "prediction": config.prediction, "step": step, "train_config": config.to_json(), "vae": vae_provenance,
         "versions": {"ddchallenge": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
+        # How Track 2 runs this folder (generators.track2); `prototypes` and `invert` replace it.
+        "generate": {"method": "diffusion", "settings": {}},
     }
 

@@ -61,16 +61,29 @@ def image_noise(shape: tuple[int, ...], pairs: list[tuple[int, int]], seed: int)
 
 @torch.no_grad()
 def denoise(gen: Generator, noise: torch.Tensor, labels: torch.Tensor, sampler: str, steps: int,
-            guidance: float, device: torch.device) -> torch.Tensor:
-    """One batch from noise to uint8 pixels (N, C, H, W) on the CPU."""
+            guidance: float, device: torch.device, start: torch.Tensor | None = None,
+            strength: float = 1.0) -> torch.Tensor:
+    """One batch from noise to uint8 pixels (N, C, H, W) on the CPU. With
+    `start` (samples in the denoiser's space), each image begins as its start
+    noised to `strength` of the schedule and only the last round(strength *
+    steps) sampler steps run (the img2img scheme D4M uses)."""
     scheduler = _sampler(sampler, gen.scheduler_config)  # fresh: multistep samplers keep per-run state
     scheduler.set_timesteps(steps, device=device)
-    x = noise.to(device) * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    if start is None:
+        x = noise.to(device) * scheduler.init_noise_sigma
+    else:
+        skip = steps - active_steps(steps, strength)
+        timesteps = timesteps[skip:]
+        if hasattr(scheduler, "set_begin_index"):  # the multistep solver must know it starts part-way
+            scheduler.set_begin_index(skip)
+        t0 = timesteps[:1].repeat(len(noise))
+        x = scheduler.add_noise(start.to(device), noise.to(device), t0)
     y = labels.to(device)
     guided = guidance != 1.0
     y_in = torch.cat([y, torch.full_like(y, gen.null_class)]) if guided else y
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for t in scheduler.timesteps:
+    for t in timesteps:
         x_in = scheduler.scale_model_input(x, t)
         with autocast:
             out = gen.unet(torch.cat([x_in, x_in]) if guided else x_in, t, class_labels=y_in).sample.float()
@@ -83,21 +96,38 @@ def denoise(gen: Generator, noise: torch.Tensor, labels: torch.Tensor, sampler: 
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+def active_steps(steps: int, strength: float) -> int:
+    """Sampler steps run from a start noised to `strength` (at least one)."""
+    return max(1, min(steps, round(steps * strength)))
+
+
 def sample(gen: Generator, classes: list[int], ipc: int, seed: int, *, sampler: str = DEFAULT_SAMPLER,
            steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, batch_size: int = DEFAULT_BATCH,
            device: torch.device = torch.device("cpu"),
-           between_batches: Callable[[int], bool] = lambda done: True) -> tuple[np.ndarray, np.ndarray]:
+           between_batches: Callable[[int], bool] = lambda done: True,
+           starts: torch.Tensor | None = None, strength: float = 1.0,
+           conditions: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Up to `ipc` images for each class in `classes`: (uint8 (N, C, H, W),
     int64 (N,)), class-major. `between_batches(images_done)` runs after each
-    batch; when it returns False the run stops and keeps the whole slots made."""
+    batch; when it returns False the run stops and keeps the whole slots made.
+
+    `starts` (classes, M, *sample_shape): image i of class k starts from
+    starts[k, i % M] noised to `strength` (D4M). `conditions` (classes, K)
+    int64: image i of class k is conditioned on embedding row
+    conditions[k, i % K] instead of k (D3M). The labels returned are always
+    the classes."""
     check_options(sampler, steps, guidance, batch_size)
     pairs = [(k, i) for i in range(ipc) for k in classes]  # slot-major
     done = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         noise = image_noise(gen.sample_shape, chunk, seed)
-        labels = torch.tensor([k for k, _ in chunk], dtype=torch.int64)
-        done.append(denoise(gen, noise, labels, sampler, steps, guidance, device))
+        if conditions is None:
+            labels = torch.tensor([k for k, _ in chunk], dtype=torch.int64)
+        else:
+            labels = torch.stack([conditions[k, i % conditions.shape[1]] for k, i in chunk]).long()
+        init = None if starts is None else torch.stack([starts[k, i % starts.shape[1]] for k, i in chunk])
+        done.append(denoise(gen, noise, labels, sampler, steps, guidance, device, start=init, strength=strength))
         if not between_batches(start + len(chunk)):
             break
     slots = sum(len(d) for d in done) // len(classes)
@@ -108,7 +138,7 @@ def sample(gen: Generator, classes: list[int], ipc: int, seed: int, *, sampler: 
 
 
 def images_per_second(gen: Generator, classes: int, seed: int, *, sampler: str, steps: int, guidance: float,
-                      batch_size: int, device: torch.device) -> float:
+                      batch_size: int, device: torch.device, strength: float = 1.0) -> float:
     """Measured throughput: one small warm-up batch (first-call costs), then
     one timed full batch of throw-away images."""
     check_options(sampler, steps, guidance, batch_size)
@@ -117,7 +147,10 @@ def images_per_second(gen: Generator, classes: int, seed: int, *, sampler: str, 
     g = torch.Generator().manual_seed(seed)
     denoise(gen, torch.randn((min(batch_size, 8), *shape), generator=g), labels[:8], sampler, 2, guidance, device)
     start = time.perf_counter()
-    denoise(gen, torch.randn((batch_size, *shape), generator=g), labels, sampler, steps, guidance, device)
+    noise = torch.randn((batch_size, *shape), generator=g)
+    # A partial start (strength < 1) runs fewer steps: time exactly that.
+    denoise(gen, noise, labels, sampler, steps, guidance, device, start=None if strength >= 1 else noise,
+            strength=strength)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return batch_size / (time.perf_counter() - start)

@@ -7,11 +7,16 @@ A method joins by adding one module that decorates a function with
 `GenerationRequest` and returns (images uint8 (K*IPC, C, H, W), labels int64
 (K*IPC,), provenance dict), class-major. The provenance (which model, which
 settings) is recorded in the labelled set.
+
+Selection (`--oversample R`, generators/selection.py) works with every
+method: the method is asked for ceil(R x IPC) images per class and the
+runner keeps IPC of them; the whole run counts against the budget.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ class GenerateConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     root: str | None = None  # data root holding training stores (default: the per-user cache)
     options: dict = field(default_factory=dict)  # method-specific settings, recorded with the set
+    oversample: float = 1.0  # selection: make ceil(R x IPC) candidates per class, keep IPC by herding (1: none)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class GenerationRequest:
     root: str | None
     options: dict
     deadline: float | None  # time.monotonic() value; None: no budget
+    oversample: float = 1.0  # candidates per kept image; `ipc` above already counts the candidates
+    keep: int | None = None  # images per class kept after selection (None: --ipc auto, decided from what is made)
 
     def check_deadline(self) -> None:
         """Methods call this between units of work, so an over-budget run
@@ -79,7 +87,7 @@ def register(name: str, options: tuple[str, ...] = (), auto_ipc: bool = False):
 
 
 def _method(name: str) -> Method:
-    from ddchallenge.generators import baselines, diffusion  # noqa: F401  (register their methods)
+    from ddchallenge.generators import baselines, d3m, d4m, diffusion  # noqa: F401  (register their methods)
 
     try:
         return GENERATORS[name]
@@ -134,13 +142,31 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     if config.ipc == "auto" and not method.auto_ipc:
         auto = ", ".join(sorted(n for n, m in GENERATORS.items() if m.auto_ipc))
         raise UsageError(f"--method {config.method} cannot pick its IPC; --ipc auto works with: {auto}")
+    from ddchallenge.generators.selection import SELECTION_RESERVE, candidates, check_oversample, select
+
+    check_oversample(config.oversample)
+    selecting = config.oversample > 1
     output = Path(output)
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to overwrite it")
     start = time.monotonic()
-    request = GenerationRequest(spec, None if config.ipc == "auto" else config.ipc, config.seed, config.device,
-                                config.root, dict(config.options), None if budget is None else start + budget)
+    # With selection, the method must stop early enough to leave time for it.
+    method_deadline = None if budget is None else start + budget * (1 - SELECTION_RESERVE if selecting else 1)
+    made_ipc = None if config.ipc == "auto" else candidates(config.ipc, config.oversample)
+    request = GenerationRequest(spec, made_ipc, config.seed, config.device, config.root, dict(config.options),
+                                method_deadline, config.oversample, None if config.ipc == "auto" else config.ipc)
     images, labels, provenance = method.run(request)
+    if selecting:
+        made = len(labels) // spec.classes
+        keep = config.ipc if config.ipc != "auto" else math.floor(made / config.oversample + 1e-9)
+        if keep < 1:
+            raise BudgetExceeded(f"the budget left {made} candidates per class, fewer than --oversample "
+                                 f"{config.oversample:g} needs for one kept image; nothing was written")
+        _check_output(images, labels, spec, made, config.method)
+        from ddchallenge.train import resolve_device
+
+        images, labels, provenance["selection"] = select(images, labels, spec, keep, config.seed,
+                                                         resolve_device(config.device))
     seconds = time.monotonic() - start
     if budget is not None and seconds > budget:
         raise BudgetExceeded(f"generation took {seconds:.1f} s, over the {budget:.0f} s budget; nothing was written")

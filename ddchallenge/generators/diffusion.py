@@ -1,7 +1,10 @@
 """The `diffusion` method: sample a trained class-conditional diffusion
 generator (`ddchallenge train`, or any folder/Hub id in its format).
 
-Options: model (required), sampler, steps, guidance, batch_size.
+Options: model (required), sampler, steps, guidance, batch_size. The
+helpers here (settings, loading, fixed or auto IPC sampling) also serve the
+d4m and d3m methods, which differ only in where each image starts and what
+it is conditioned on.
 
 `--ipc auto`: a calibration batch measures images per second on this
 machine, which sets the largest IPC worth planning for; sampling then goes
@@ -11,15 +14,14 @@ whole slots made. A slower stretch therefore costs images, not the run.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-from pathlib import Path
 
 import numpy as np
+import torch
 
-from ddchallenge.diffusion.model import load_generator
+from ddchallenge.diffusion.model import Generator, load_generator
 from ddchallenge.diffusion.sample import (
     DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, check_options, images_per_second, sample,
 )
@@ -32,55 +34,63 @@ log = logging.getLogger(__name__)
 MARGIN = 2.0  # --ipc auto starts a batch only if twice its expected duration is left
 
 
-@register("diffusion", options=("model", "sampler", "steps", "guidance", "batch_size"), auto_ipc=True)
-def diffusion(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
-    opts = dict(req.options)
-    if not opts.get("model"):
-        raise UsageError("--method diffusion needs --model MODEL_DIR|HUB_ID (a folder written by `ddchallenge train`)")
+SAMPLING = ("sampler", "steps", "guidance", "batch_size")  # options every diffusion-based method takes
+
+
+def sampling_settings(req: GenerationRequest) -> dict:
+    """The sampler settings of a request, defaults filled in and checked."""
     defaults = dict(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, batch_size=DEFAULT_BATCH)
-    settings = {k: default if opts.get(k) is None else type(default)(opts[k]) for k, default in defaults.items()}
+    settings = {k: default if req.options.get(k) is None else type(default)(req.options[k])
+                for k, default in defaults.items()}
     check_options(**settings)
+    return settings
+
+
+def load_model(req: GenerationRequest, method: str) -> tuple[Generator, torch.device]:
+    if not req.options.get("model"):
+        raise UsageError(f"--method {method} needs --model MODEL_DIR|HUB_ID (a folder written by `ddchallenge train`)")
     device = resolve_device(req.device)
-    gen = load_generator(opts["model"], req.spec).to(device)
+    return load_generator(req.options["model"], req.spec).to(device), device
+
+
+def run_sampling(req: GenerationRequest, gen: Generator, settings: dict, device: torch.device,
+                 **start) -> tuple[np.ndarray, np.ndarray]:
+    """IPC images per class, or with --ipc auto as many whole slots as the
+    deadline allows; `start` passes D4M starts/strength or D3M conditions
+    through to `sample`."""
     if req.ipc is not None:
-        images, labels = sample(gen, list(range(req.spec.classes)), req.ipc, req.seed, device=device,
-                                between_batches=lambda done: req.check_deadline() or True, **settings)
-    else:
-        images, labels = _auto_ipc(req, gen, settings, device)
+        return sample(gen, list(range(req.spec.classes)), req.ipc, req.seed, device=device,
+                      between_batches=lambda done: req.check_deadline() or True, **settings, **start)
+    return _auto_ipc(req, gen, settings, device, start)
+
+
+@register("diffusion", options=("model",) + SAMPLING, auto_ipc=True)
+def diffusion(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
+    settings = sampling_settings(req)
+    gen, device = load_model(req, "diffusion")
+    images, labels = run_sampling(req, gen, settings, device)
     return images, labels, {"model": gen.provenance, "sampling": settings}
 
 
-def _auto_ipc(req: GenerationRequest, gen, settings: dict, device) -> tuple[np.ndarray, np.ndarray]:
+def _auto_ipc(req: GenerationRequest, gen: Generator, settings: dict, device: torch.device,
+              start: dict) -> tuple[np.ndarray, np.ndarray]:
     classes = req.spec.classes  # generate() has made sure there is a deadline
-    rate = images_per_second(gen, classes, req.seed, device=device, **settings)
-    start, left = time.monotonic(), req.deadline - time.monotonic()
+    rate = images_per_second(gen, classes, req.seed, device=device, strength=start.get("strength", 1.0), **settings)
+    begin, left = time.monotonic(), req.deadline - time.monotonic()
     if settings["batch_size"] / rate * MARGIN > left:
         raise BudgetExceeded(f"at the measured {rate:.1f} images/s, one batch of {settings['batch_size']} does not fit "
                              f"in the {max(left, 0):.0f} s left of the budget; nothing was written")
     planned = max(1, math.floor(rate * left / classes))
 
     def keep_going(done: int) -> bool:
-        per_image = (time.monotonic() - start) / done
+        per_image = (time.monotonic() - begin) / done
         return req.deadline - time.monotonic() > MARGIN * per_image * settings["batch_size"]
 
     images, labels = sample(gen, list(range(classes)), planned, req.seed, device=device, between_batches=keep_going,
-                            **settings)
+                            **settings, **start)
     if len(labels) == 0:
         raise BudgetExceeded(f"the budget ran out before one image of every class was made ({rate:.1f} images/s "
                              f"measured); nothing was written")
     log.info("calibration: %.1f images/s on %s; made IPC %d (%d images) in %.0f s of the %.0f s left",
-             rate, device, len(labels) // classes, len(labels), time.monotonic() - start, left)
+             rate, device, len(labels) // classes, len(labels), time.monotonic() - begin, left)
     return images, labels
-
-
-def run_generator(model: str, dataset: str, ipc: int | str, seed: int, budget: float, device: str, folder: Path):
-    """Track 2: the images a generator folder makes within `budget` seconds,
-    written to `folder` and read back as submission entries (used in the
-    sandbox's child and, with --no-sandbox, in process)."""
-    from ddchallenge.generators import GenerateConfig, generate
-    from ddchallenge.submission import load_submission
-
-    config = GenerateConfig(dataset, "diffusion", ipc, seed, budget=budget, device=device, options={"model": str(model)})
-    report = generate(config, folder / "generated.h5")
-    return [dataclasses.replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)")
-            for e in load_submission(report.path, dataset)]

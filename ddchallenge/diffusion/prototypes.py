@@ -1,0 +1,91 @@
+"""D4M prototypes (Su et al., CVPR 2024): per class, k-means with IPC clusters
+over the training images in the denoiser's space (pixels in [-1, 1], or the
+VAE posterior means); the centres are stored in the model folder and
+`generate --method d4m` turns each back into an image by noising it part-way
+and denoising it with the class label.
+
+Why centres: they cover the class (one per mode, weighted by its mass), so
+IPC images made from them are representative and diverse at once, where
+plain sampling gives IPC draws that crowd the middle of the class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddchallenge.diffusion.codebook import encode_training, model_folder, store
+from ddchallenge.diffusion.model import generator_dataset, load_generator
+from ddchallenge.errors import UsageError
+from ddchallenge.kmeans import kmeans
+from ddchallenge.protocol import MAX_OVERSAMPLE, get_dataset
+from ddchallenge.train import resolve_device
+
+DEFAULT_STRENGTH = 0.5  # best of 0.5, 0.7, 0.9 on mnist5k at IPC 10 (docs/benchmarks.md)
+MAX_IPC = 1000
+
+
+def class_seed(seed: int, k: int) -> int:
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
+def codebook_name(ipc: int) -> str:
+    return f"d4m-ipc{ipc}"
+
+
+def make_command(folder: str | Path, ipc: int) -> str:
+    return f"ddchallenge prototypes {folder} --ipc {ipc}"
+
+
+def check_strength(strength: float) -> None:
+    if not 0 < strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1] (the fraction of the noise schedule a prototype is noised "
+                         f"to; 1 = pure noise), got {strength:g}")
+
+
+@dataclass(frozen=True)
+class PrototypeReport:
+    path: Path  # the safetensors file written
+    ipc: int  # clusters per class
+    iterations: int  # the most Lloyd steps any class needed
+    converged: bool  # every class converged
+    seconds: float
+
+
+def make_prototypes(ref: str, ipcs: list[int], seed: int = 0, device: str = "auto", root=None,
+                    strength: float = DEFAULT_STRENGTH, oversample: float = 1.0) -> list[PrototypeReport]:
+    """Cluster every class of the model's dataset into each IPC in `ipcs` and
+    store the centres; the folder's Track 2 method becomes d4m with
+    `strength` and `oversample`."""
+    import time
+
+    check_strength(strength)
+    if not 1 <= oversample <= MAX_OVERSAMPLE:
+        raise UsageError(f"--oversample must be from 1 to {MAX_OVERSAMPLE}, got {oversample:g}")
+    if not ipcs or any(not 1 <= i <= MAX_IPC for i in ipcs):
+        raise UsageError(f"--ipc must be between 1 and {MAX_IPC} (give it once per codebook), got {ipcs}")
+    folder = model_folder(ref)
+    spec = get_dataset(generator_dataset(folder))
+    dev = resolve_device(device)
+    gen = load_generator(str(folder), spec).to(dev)
+    codes, _, labels = encode_training(gen, spec, root, dev)
+    reports = []
+    for ipc in sorted(set(ipcs)):
+        start = time.perf_counter()
+        centres, iterations, converged = [], 0, True
+        for k in range(spec.classes):
+            members = codes[labels == k]
+            if len(members) < ipc:
+                raise UsageError(f"class {k} of {spec.name} has {len(members)} training images, fewer than IPC {ipc}")
+            # One seed per (seed, class): adding classes or IPCs never changes another class's centres.
+            result = kmeans(members, ipc, seed=class_seed(seed, k))
+            centres.append(result.centres.reshape(ipc, *gen.sample_shape))
+            iterations, converged = max(iterations, result.iterations), converged and result.converged
+        record = {"method": "d4m", "ipc": ipc, "classes": spec.classes, "sample_shape": list(gen.sample_shape),
+                  "space": gen.meta["space"], "seed": seed, "kmeans_iterations": iterations, "converged": converged}
+        path = store(gen, codebook_name(ipc), {"centres": torch.stack(centres)}, record,
+                     {"method": "d4m", "settings": {"strength": strength, "oversample": oversample}})
+        reports.append(PrototypeReport(path, ipc, iterations, converged, time.perf_counter() - start))
+    return reports

@@ -1,0 +1,228 @@
+"""D4M prototypes, D3M class vectors, selection and the Track 2 interface,
+through the CLI on a copy of the tiny model."""
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ddchallenge.diffusion.model import model_hash
+from ddchallenge.fileio import sha256_file
+from ddchallenge.kmeans import kmeans
+
+GEN = ["generate", "--dataset", "mnist5k", "--steps", 2, "--batch-size", 16]
+
+
+@pytest.fixture(scope="module")
+def coded_model(tiny_model, tmp_path_factory):
+    """The tiny model's last checkpoint with d4m codebooks for IPC 2 and 3 and
+    d3m vectors for K 2 (invert last: the folder's Track 2 method is d3m)."""
+    from click.testing import CliRunner
+
+    from ddchallenge.cli import cli
+
+    folder = tmp_path_factory.mktemp("coded") / "m"
+    shutil.copytree(tiny_model / "step-0000004", folder, ignore=shutil.ignore_patterns("training_state"))
+    for args in (["prototypes", folder, "--ipc", 2, "--ipc", 3, "--device", "cpu"],
+                 ["invert", folder, "--per-class", 2, "--steps", 3, "--batch-size", 8, "--device", "cpu"]):
+        r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.stderr
+    return folder
+
+
+def _read(path):
+    with h5py.File(path) as f:
+        return f["images"][()], f["labels"][()], json.loads(f.attrs["config"])
+
+
+def _meta(folder):
+    return json.loads((folder / "ddchallenge.json").read_text())
+
+
+def test_kmeans_finds_separated_clusters_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = (centres[:, None, :] + 0.1 * torch.randn(3, 50, 2, generator=g)).reshape(-1, 2)
+    a, b = kmeans(points, 3, seed=1), kmeans(points, 3, seed=1)
+    assert a.converged and torch.equal(a.centres, b.centres) and torch.equal(a.assignment, b.assignment)
+    assert (torch.cdist(centres, a.centres).min(1).values < 0.1).all()  # every true centre found
+    assert len(set(a.assignment.tolist())) == 3
+    same = kmeans(torch.ones(5, 3), 3, seed=0)  # fewer distinct points than clusters: still k centres
+    assert same.centres.shape == (3, 3) and same.converged
+
+
+def test_d4m_counts_determinism_and_provenance(coded_model, tmp_path, run_cli):
+    args = [*GEN, "--method", "d4m", "--model", coded_model, "--ipc", 3]
+    for name, extra in (("a", []), ("b", []), ("c", ["--seed", 1])):
+        r = run_cli(*args, *extra, "-o", tmp_path / f"{name}.h5")
+        assert r.exit_code == 0, r.stderr
+    (xa, ya, config), (xb, _, _), (xc, _, _) = (_read(tmp_path / f"{n}.h5") for n in "abc")
+    assert xa.shape == (30, 1, 28, 28) and list(ya) == [k for k in range(10) for _ in range(3)]
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+    assert not np.array_equal(xa, xc)
+    book = config["provenance"]["codebook"]
+    record = _meta(coded_model)["codebooks"]["d4m-ipc3"]
+    assert book["sha256"] == record["sha256"] == sha256_file(coded_model / "codebooks" / "d4m-ipc3.safetensors")
+    assert config["provenance"]["model"]["model_sha256"] == model_hash(coded_model)
+    assert config["provenance"]["strength"] == 0.5
+    # The model hash covers the codebook bytes themselves, not only their record.
+    copy = tmp_path / "copy"
+    shutil.copytree(coded_model, copy)
+    (copy / "codebooks" / "d4m-ipc3.safetensors").write_bytes(b"x")
+    assert model_hash(copy) != model_hash(coded_model)
+
+
+def test_d4m_auto_ipc_takes_the_largest_stored_codebook_that_fits(coded_model, tmp_path, run_cli):
+    r = run_cli(*GEN, "--method", "d4m", "--model", coded_model, "--ipc", "auto", "--budget", 120,
+                "-o", tmp_path / "x.h5")
+    assert r.exit_code == 0, r.stderr
+    assert "IPC 3, 30 images" in r.stdout
+
+
+def test_d3m_counts_determinism_and_provenance(coded_model, tmp_path, run_cli):
+    args = [*GEN, "--method", "d3m", "--model", coded_model, "--ipc", 3]
+    assert run_cli(*args, "-o", tmp_path / "a.h5").exit_code == 0
+    assert run_cli(*args, "-o", tmp_path / "b.h5").exit_code == 0
+    x, y, config = _read(tmp_path / "a.h5")
+    assert x.shape == (30, 1, 28, 28) and list(y) == [k for k in range(10) for _ in range(3)]
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+    record = _meta(coded_model)["codebooks"]["d3m-k2"]
+    assert config["provenance"]["codebook"]["sha256"] == record["sha256"]
+    assert config["provenance"]["model"]["model_sha256"] == model_hash(coded_model)
+
+
+def test_d3m_vectors_start_at_the_class_embedding_and_are_trained(coded_model):
+    from safetensors.torch import load_file
+
+    from diffusers import UNet2DModel
+
+    vectors = load_file(coded_model / "codebooks" / "d3m-k2.safetensors")["vectors"]
+    table = UNet2DModel.from_pretrained(coded_model / "unet").class_embedding.weight.detach()
+    assert vectors.shape == (10, 2, table.shape[1])
+    moved = (vectors - table[:10, None, :]).norm(dim=-1)
+    # Each started at its class's row and only moved by a few steps (3 here): some moved, none went far.
+    assert (moved > 0).any() and (moved < 0.5 * table[:10].norm(dim=-1)[:, None]).all()
+
+
+def test_selection_keeps_exactly_ipc(coded_model, tmp_path, run_cli, monkeypatch):
+    from ddchallenge.generators import selection
+
+    monkeypatch.setattr(selection, "SELECTION_EPOCHS", 1)
+    out = tmp_path / "s.h5"
+    r = run_cli(*GEN, "--method", "d4m", "--model", coded_model, "--ipc", 2, "--oversample", 2, "-o", out)
+    assert r.exit_code == 0, r.stderr
+    x, y, config = _read(out)
+    assert x.shape == (20, 1, 28, 28) and list(y) == [k for k in range(10) for _ in range(2)]
+    sel = config["provenance"]["selection"]
+    assert (sel["candidates_per_class"], sel["kept_per_class"], config["oversample"]) == (4, 2, 2.0)
+    r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 2, "--oversample", 1.5,
+                "-o", tmp_path / "r.h5")
+    assert r.exit_code == 0, r.stderr
+    assert _read(tmp_path / "r.h5")[0].shape == (20, 1, 28, 28)
+
+
+def test_codebook_folder_scores_as_track2_submission(coded_model, run_cli, tmp_path):
+    r = run_cli("score", coded_model, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    result = json.loads(r.stdout)
+    (d,) = result["datasets"]
+    assert (d["method"], d["ipc"], d["images"]) == ("d3m", 2, 20) and result["sandbox"].startswith("no network")
+    # The folder's generate section picks the method; d4m in process this time.
+    folder = tmp_path / "d4m"
+    shutil.copytree(coded_model, folder)
+    meta = _meta(folder)
+    meta["generate"] = {"method": "d4m", "settings": {"strength": 0.5}}
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    r = run_cli("score", folder, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-", "--no-sandbox")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["datasets"][0]["method"] == "d4m"
+
+
+def test_folder_without_generate_section_is_plain_diffusion(coded_model, tmp_path):
+    from ddchallenge.generators.track2 import folder_method
+
+    assert folder_method(coded_model) == ("d3m", {"per_class": 2, "oversample": 1.0})
+    meta = _meta(coded_model)
+    del meta["generate"]
+    (tmp_path / "ddchallenge.json").write_text(json.dumps(meta))
+    assert folder_method(tmp_path) == ("diffusion", {})
+
+
+def _tampered(coded_model, tmp_path):
+    folder = tmp_path / "t"
+    shutil.copytree(coded_model, folder)
+    with open(folder / "codebooks" / "d4m-ipc2.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    return folder
+
+
+def _missing(coded_model, tmp_path):
+    folder = tmp_path / "t"
+    shutil.copytree(coded_model, folder)
+    (folder / "codebooks" / "d4m-ipc2.safetensors").unlink()
+    return folder
+
+
+def _wrong_shape(coded_model, tmp_path):
+    """A codebook with 9 classes, recorded with its true hash: only the shape check can catch it."""
+    folder = tmp_path / "t"
+    shutil.copytree(coded_model, folder)
+    path = folder / "codebooks" / "d4m-ipc2.safetensors"
+    save_file({"centres": torch.zeros(9, 2, 1, 28, 28)}, path)
+    meta = _meta(folder)
+    meta["codebooks"]["d4m-ipc2"]["sha256"] = sha256_file(path)
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _wrong_space(coded_model, tmp_path):
+    folder = tmp_path / "t"
+    shutil.copytree(coded_model, folder)
+    meta = _meta(folder)
+    meta["codebooks"]["d4m-ipc2"]["sample_shape"] = [4, 14, 14]
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("method, extra, make, message", [
+    ("d4m", ["--strength", 0], None, "--strength must be in (0, 1]"),
+    ("d4m", ["--strength", 1.5], None, "--strength must be in (0, 1]"),
+    ("d4m", ["--oversample", 0.5], None, "--oversample must be from 1 to 100"),
+    ("d3m", ["--per-class", 0], None, "--per-class must be at least 1"),
+    ("d4m", ["--ipc", 5], None, "has no d4m codebook for IPC 5 (stored: 2, 3); make it with `ddchallenge prototypes"),
+    ("d3m", ["--per-class", 4], None, "has no d3m vectors for K 4 (stored: 2); make them with `ddchallenge invert"),
+    ("d4m", [], _tampered, "does not match the sha256 recorded in ddchallenge.json"),
+    ("d4m", [], _missing, "the d4m-ipc2 codebook file codebooks/d4m-ipc2.safetensors is missing"),
+    ("d4m", [], _wrong_shape, "holds a (9, 2, 1, 28, 28) tensor; this model needs (10, 2, 1, 28, 28)"),
+    ("d4m", [], _wrong_space, "was made in a [4, 14, 14] space; this model samples [1, 28, 28]"),
+    ("diffusion", ["--strength", 0.5], None, "--strength does not apply to --method diffusion"),
+])
+def test_bad_input_is_refused(coded_model, tmp_path, run_cli, method, extra, make, message):
+    model = make(coded_model, tmp_path) if make else coded_model
+    out = tmp_path / "x.h5"
+    args = {"--method": method, "--model": model, "--ipc": 2}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        args[flag] = value
+    r = run_cli(*GEN, *[x for kv in args.items() for x in kv], "-o", out)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.exit_code in (1, 2) and len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["invert", "{m}", "--per-class", 0], "--per-class must be between 1 and 100"),
+    (["prototypes", "{m}", "--ipc", 2, "--strength", 0], "--strength must be in (0, 1]"),
+    (["prototypes", "{m}", "--ipc", 0], "--ipc must be between 1 and 1000"),
+    (["prototypes", "{m}", "--ipc", 2, "--oversample", 0], "--oversample must be from 1 to 100"),
+    (["prototypes", "{m}/nowhere", "--ipc", 2], "is not a local model folder"),
+])
+def test_bad_codebook_commands_are_refused(coded_model, run_cli, args, message):
+    before = (coded_model / "ddchallenge.json").read_bytes()
+    r = run_cli(*[str(a).format(m=coded_model) for a in args])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.exit_code in (1, 2) and len(errors) == 1 and message in errors[0], r.stderr
+    assert (coded_model / "ddchallenge.json").read_bytes() == before

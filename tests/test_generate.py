@@ -85,3 +85,13 @@ def test_existing_output_needs_force(run_cli, tmp_path):
     assert r.exit_code == 1 and "already exists; pass --force" in r.stderr and out.read_bytes() == b"keep me"
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out, "--force")
     assert r.exit_code == 0 and read_labelled_set(out).images.shape[0] == 10
+
+
+def test_library_refuses_seeds_out_of_range(tmp_path):
+    from ddchallenge.errors import UsageError
+    from ddchallenge.generators import GenerateConfig, generate
+
+    for seed in (-1, 2**64):
+        with pytest.raises(UsageError, match="--seed must be a whole number from 0 to 2147483647"):
+            generate(GenerateConfig("mnist5k", "random", 1, seed), tmp_path / "x.h5")
+    assert not (tmp_path / "x.h5").exists()

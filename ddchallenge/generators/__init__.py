@@ -27,7 +27,7 @@ import numpy as np
 
 from ddchallenge.errors import DDChallengeError, OutputExistsError, UsageError
 from ddchallenge.labelled import write_labelled_set
-from ddchallenge.protocol import TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, get_dataset
+from ddchallenge.protocol import TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, check_seed, get_dataset
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def _method(name: str) -> Method:
 
 def check_track(config: GenerateConfig, spec: DatasetSpec) -> float | None:
     """Validate the track rules; return the budget in seconds (None: untimed)."""
+    check_seed(config.seed)
     if config.ipc == "auto":
         if config.track == 1:
             raise UsageError(f"Track 1 fixes IPC at {TRACK1_IPC}; --ipc auto is for a time budget")

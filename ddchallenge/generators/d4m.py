@@ -27,6 +27,7 @@ from ddchallenge.diffusion.sample import images_per_second
 from ddchallenge.generators import BudgetExceeded, GenerationRequest, register
 from ddchallenge.generators.diffusion import MARGIN, SAMPLING, load_model, run_sampling, sampling_settings
 from ddchallenge.generators.selection import candidates
+from ddchallenge.protocol import MAX_IPC
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _auto_ipc(req: GenerationRequest, gen: Generator, settings: dict, device: to
         raise ModelError(f"{folder} has no d4m codebook; make one with `{make_command(folder, 10)}`")
     rate = images_per_second(gen, req.spec.classes, req.seed, device=device, strength=strength, **settings)
     left = req.deadline - time.monotonic()
-    fits = [p for p in have if MARGIN * req.spec.classes * candidates(p, req.oversample) / rate <= left]
+    fits = [p for p in have if p <= MAX_IPC and MARGIN * req.spec.classes * candidates(p, req.oversample) / rate <= left]
     if not fits:
         raise BudgetExceeded(f"at the measured {rate:.1f} images/s, the smallest stored d4m codebook (IPC {have[0]}) "
                              f"does not fit in the {max(left, 0):.0f} s left of the budget; nothing was written")

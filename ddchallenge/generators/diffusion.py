@@ -27,6 +27,7 @@ from ddchallenge.diffusion.sample import (
 )
 from ddchallenge.errors import UsageError
 from ddchallenge.generators import BudgetExceeded, GenerationRequest, register
+from ddchallenge.protocol import MAX_IPC
 from ddchallenge.train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def _auto_ipc(req: GenerationRequest, gen: Generator, settings: dict, device: to
     if settings["batch_size"] / rate * MARGIN > left:
         raise BudgetExceeded(f"at the measured {rate:.1f} images/s, one batch of {settings['batch_size']} does not fit "
                              f"in the {max(left, 0):.0f} s left of the budget; nothing was written")
-    planned = max(1, math.floor(rate * left / classes))
+    planned = max(1, min(MAX_IPC, math.floor(rate * left / classes)))  # a scorer accepts no more than MAX_IPC
 
     def keep_going(done: int) -> bool:
         per_image = (time.monotonic() - begin) / done

@@ -54,6 +54,10 @@ class Refused(DDChallengeError):
     """The input, or the isolated work on it, failed: the input's fault."""
 
 
+class TimedOut(Refused):
+    """The isolated work ran past its wall limit and was killed."""
+
+
 class SandboxUnavailable(EnvironmentFailure):
     """This machine cannot isolate untrusted work."""
 
@@ -403,7 +407,7 @@ def spawn(argv: list[str], work: Path, limits: Limits = Limits(), cuda: bool = F
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise Refused(f"the sandboxed work ran past its {limits.wall_seconds:g} s limit and was killed") from None
+            raise TimedOut(f"the sandboxed work ran past its {limits.wall_seconds:g} s limit and was killed") from None
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # what it left running in its group

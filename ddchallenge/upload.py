@@ -150,10 +150,10 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
             try:
                 with isolation.run(_generate_in_child, request, {"model": given}, limits, cuda=cuda) as out:
                     made = _collect(out, rules, official=False)
+            except isolation.TimedOut:
+                raise SubmissionError(f"the generator {model} did not finish within its {budget:g} s budget and "
+                                      f"was killed; {BUDGET_HINT}") from None
             except isolation.Refused as exc:
-                if "limit and was killed" in str(exc):
-                    raise SubmissionError(f"the generator {model} did not finish within its {budget:g} s budget and "
-                                          f"was killed; {BUDGET_HINT}") from None
                 raise SubmissionError(f"{exc}; {BUDGET_HINT}" if "budget" in str(exc) else str(exc)) from None
         for entry in made:
             _check_generated(entry, request, str(model))
@@ -166,7 +166,7 @@ def _generate(request: GenerateRequest, model: Path, folder: Path) -> list[Datas
 
     left = max(1e-3, request.deadline - time.monotonic())
     return run_track2(str(model), request.dataset, "auto" if request.ipc is None else request.ipc, request.seed,
-                         left, request.device, folder)
+                      left, request.device, folder)
 
 
 def _generate_in_child(request: GenerateRequest, inputs: dict[str, Path], outbox: Path) -> list[dict]:

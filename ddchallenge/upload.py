@@ -92,16 +92,14 @@ class ReadRequest:
 
 
 def read_upload(path: str | os.PathLike, rules: UploadRules, sandbox: bool = True) -> list[DatasetEntry]:
-    """Every dataset of an image upload, read under `rules`."""
+    """Every dataset of an image upload, read under `rules`. Staging into the
+    sandbox runs the same `inspect` checks; without it they run here."""
     path = Path(path)
     try:
-        inspect(path, rules)
-    except isolation.Refused as exc:
-        raise SubmissionError(str(exc)) from None
-    if not sandbox:
-        return load_submission(path, rules=rules)
-    given = Input(path, companions=COMPANIONS)
-    try:
+        if not sandbox:
+            inspect(path, rules)
+            return load_submission(path, rules=rules)
+        given = Input(path, companions=COMPANIONS)
         with isolation.run(_read_in_child, ReadRequest(rules), {"upload": given}, upload_limits(path, rules)) as out:
             return _collect(out, rules, official=path.is_dir() or path.suffix.lower() == ".zip")
     except isolation.Refused as exc:

@@ -129,7 +129,7 @@ def _one(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir, dev
                        settings.sandbox, settings.budget)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
         return _failure(path, name, failed, done, upload_sha, settings, exc)
-    record = {**json.loads(result.to_json()), "key": key, "upload_sha256": upload_sha,
+    record = {**dataclasses.asdict(result), "key": key, "upload_sha256": upload_sha,
               "settings": settings.fingerprint()}
     atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
     _remove(failed)

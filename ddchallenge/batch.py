@@ -76,7 +76,10 @@ class BatchOutcome:
 @dataclass(frozen=True)
 class BatchSummary:
     outcomes: list[BatchOutcome]
-    seconds: float
+    seconds: float  # wall time
+    busy_seconds: float = 0.0  # time spent scoring, summed over attempts (parallel ones add up)
+    on_gpu: bool = False  # whether the scoring held a GPU (busy_seconds are then GPU-seconds)
+    retried: int = 0  # attempts made again after a lost worker or a machine failure (a cluster's)
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -84,13 +87,34 @@ class BatchSummary:
     def line(self) -> str:
         parts = [f"{self.count(s)} {s}" for s in ("scored", "done before", "failed", "environment error")]
         retry = "; environment errors are not recorded: run again to retry" if self.count("environment error") else ""
-        return f"{len(self.outcomes)} upload(s): {', '.join(parts)}; {self.seconds:.0f} s{retry}"
+        busy = f"{self.busy_seconds:.0f} {'GPU' if self.on_gpu else 'CPU-task'}-seconds"
+        return (f"{len(self.outcomes)} upload(s): {', '.join(parts)}; {self.retried} retried; "
+                f"{self.seconds:.0f} s wall, {busy}{retry}")
 
 
-def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, settings: BatchSettings = BatchSettings(),
-                ref_dir: str | os.PathLike | None = None, device: str = "auto", progress: bool = True) -> BatchSummary:
-    """Score `uploads` one after another, recording each in `output_dir`."""
-    start = time.monotonic()
+@dataclass(frozen=True)
+class Pending:
+    """An upload that needs scoring: no record can be trusted for these bytes."""
+
+    path: Path
+    name: str
+    upload_sha: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one try at scoring an upload gave, classified where it ran (a
+    cluster task returns it to the driver, so it stays plain data)."""
+
+    result: ScoreResult | None = None
+    reason: str | None = None  # why it failed, escaped for display
+    environment: bool = False  # the machine's fault, not the upload's: never recorded
+    seconds: float = 0.0
+
+
+def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, device: str) -> tuple[list[Path], list[str]]:
+    """The organiser's mistakes, refused before anything is scored; the
+    uploads' paths and names."""
     missing = [clean(str(u)) for u in uploads if not os.path.lexists(u)]
     if missing:  # a mistyped path is the organiser's mistake, not an upload's failure
         raise UsageError(f"upload not found: {', '.join(missing)}")
@@ -102,52 +126,81 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is not a folder")
-    outcomes = []
-    for path, name in zip(map(Path, uploads), names):
-        outcomes.append(_one(path, name, out, settings, ref_dir, device, progress, len(uploads) > 1))
-        o = outcomes[-1]
+    return [Path(u) for u in uploads], names
+
+
+def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, settings: BatchSettings = BatchSettings(),
+                ref_dir: str | os.PathLike | None = None, device: str = "auto", progress: bool = True) -> BatchSummary:
+    """Score `uploads` one after another, recording each in `output_dir`."""
+    start = time.monotonic()
+    paths, names = check_batch(uploads, output_dir, device)
+    out = Path(output_dir)
+    outcomes, busy = [], 0.0
+    for path, name in zip(paths, names):
+        todo = triage(path, name, out, settings)
+        if isinstance(todo, Pending):
+            if len(uploads) > 1:
+                log.info("scoring %s", clean(str(path)))
+            tried = attempt(path, settings, ref_dir, device, progress)
+            busy += tried.seconds
+            todo = settle(todo, out, settings, tried)
+        outcomes.append(todo)
         if len(uploads) > 1:
-            log.info("%s: %s%s", clean(name), o.status, f" ({o.reason})" if o.reason else "")
-    return BatchSummary(outcomes, time.monotonic() - start)
+            log.info("%s: %s%s", clean(name), todo.status, f" ({todo.reason})" if todo.reason else "")
+    return BatchSummary(outcomes, time.monotonic() - start, busy, resolve_device(device).type == "cuda")
 
 
-def _one(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir, device: str, progress: bool,
-         announce: bool) -> BatchOutcome:
-    key = record_key(name)
-    done, failed = out / f"{key}.json", out / f"{key}.failed.json"
+def triage(path: Path, name: str, out: Path, settings: BatchSettings) -> BatchOutcome | Pending:
+    """The outcome already recorded for this upload, if one can be trusted;
+    otherwise what scoring it needs."""
     try:
         upload_sha = digest(path, settings.rules)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
-        return _failure(path, name, failed, done, None, settings, exc)
-    trusted = _trusted(done, failed, name, upload_sha, settings)
-    if trusted is not None:
-        return trusted
-    if announce:
-        log.info("scoring %s", clean(str(path)))
+        return settle(Pending(path, name, ""), out, settings, classify(exc))
+    key = record_key(name)
+    return _trusted(out / f"{key}.json", out / f"{key}.failed.json", name, upload_sha, settings) or \
+        Pending(path, name, upload_sha)
+
+
+def attempt(path: Path, settings: BatchSettings, ref_dir, device: str, progress: bool) -> Attempt:
+    """Score one upload; whatever happens is classified, nothing is raised."""
+    start = time.monotonic()
     try:
         result = score(path, settings.rules, ref_dir, settings.recipe, settings.seed, device, progress,
                        settings.sandbox, settings.budget)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
-        return _failure(path, name, failed, done, upload_sha, settings, exc)
-    record = {**dataclasses.asdict(result), "key": key, "upload_sha256": upload_sha,
-              "settings": settings.fingerprint()}
-    atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
-    _remove(failed)
-    return BatchOutcome(name, "scored", result.score, None, done, result)
+        return dataclasses.replace(classify(exc), seconds=time.monotonic() - start)
+    return Attempt(result, seconds=time.monotonic() - start)
 
 
-def _failure(path: Path, name: str, failed: Path, done: Path, upload_sha: str | None, settings: BatchSettings,
-             exc: Exception) -> BatchOutcome:
-    if is_environment_failure(exc) or isinstance(exc, DatasetError):  # the machine's or the reference data's fault
-        return BatchOutcome(name, "environment error", None, clean(str(exc)), None)
-    reason = clean(str(exc) if getattr(exc, "__module__", "").startswith("ddchallenge")
-                   else f"internal error on this upload: {type(exc).__name__}: {exc}")
-    log.debug("failure of %s", name, exc_info=exc)
-    record = {"status": "failed", "name": name, "key": failed.name[: -len(".failed.json")], "submission": str(path),
-              "reason": reason, "upload_sha256": upload_sha, "settings": settings.fingerprint()}
+def classify(exc: Exception) -> Attempt:
+    """Whose fault an exception is: the machine's or the reference data's
+    (not recorded, retried), or the upload's (recorded as its failure)."""
+    if is_environment_failure(exc) or isinstance(exc, DatasetError):
+        return Attempt(reason=clean(str(exc)), environment=True)
+    log.debug("failure", exc_info=exc)
+    return Attempt(reason=clean(str(exc) if getattr(exc, "__module__", "").startswith("ddchallenge")
+                                else f"internal error on this upload: {type(exc).__name__}: {exc}"))
+
+
+def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) -> BatchOutcome:
+    """Record what an attempt gave (atomically; a success replaces an earlier
+    failure and the other way round) and say what happened."""
+    key = record_key(todo.name)
+    done, failed = out / f"{key}.json", out / f"{key}.failed.json"
+    if tried.environment:
+        return BatchOutcome(todo.name, "environment error", None, tried.reason, None)
+    if tried.result is not None:
+        record = {**dataclasses.asdict(tried.result), "key": key, "upload_sha256": todo.upload_sha,
+                  "settings": settings.fingerprint()}
+        atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
+        _remove(failed)
+        return BatchOutcome(todo.name, "scored", tried.result.score, None, done, tried.result)
+    record = {"status": "failed", "name": todo.name, "key": key, "submission": str(todo.path), "reason": tried.reason,
+              "upload_sha256": todo.upload_sha or None, "settings": settings.fingerprint()}
     atomic_write_bytes(failed, json.dumps(record, indent=2, sort_keys=True).encode())
     _remove(done)
-    return BatchOutcome(name, "failed", None, reason, failed)
+    return BatchOutcome(todo.name, "failed", None, tried.reason, failed)
 
 
 def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: BatchSettings) -> BatchOutcome | None:

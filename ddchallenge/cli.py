@@ -105,8 +105,11 @@ seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0
 @click.option("--no-sandbox", is_flag=True, help="Read the upload in this process (trusted files only).")
 @click.option("--budget", type=BUDGET,
               help="Track 2: seconds a generator folder may run per dataset (default 600); anything else fails.")
+@click.option("--cluster", metavar="local|auto|ADDRESS",
+              help="Score on a Ray cluster, one task per upload (needs the [cluster] extra): 'local' starts Ray on "
+                   "this machine, 'auto' joins this machine's cluster, or a head's host:port.")
 def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
-          budget):
+          budget, cluster):
     """Score UPLOADS with the official evaluation recipe.
 
     Each is an official <dataset>.pt file, a labelled .h5 set, a res/ folder
@@ -118,7 +121,8 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
 
     Every upload is scored in its own sandbox and recorded in --output as it
     finishes; a failure never stops the rest, and a rerun skips what is
-    recorded for the same bytes and settings.
+    recorded for the same bytes and settings. With --cluster, uploads are
+    scored in parallel as Ray tasks, with the same results.
     """
     from ddchallenge.batch import BatchSettings, score_batch
     from ddchallenge.protocol import OFFICIAL, UploadRules
@@ -128,7 +132,13 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
                              seed, budget, sandbox=not no_sandbox)
-    summary = score_batch(list(uploads), output, settings, ref_dir=ref_dir, device=device, progress=not quiet)
+    if cluster is not None:
+        from ddchallenge.cluster import score_batch_on_cluster
+
+        summary = score_batch_on_cluster(list(uploads), output, cluster, settings, ref_dir=ref_dir, device=device,
+                                         progress=not quiet)
+    else:
+        summary = score_batch(list(uploads), output, settings, ref_dir=ref_dir, device=device, progress=not quiet)
     if len(uploads) > 1:
         click.echo(batch_table(summary.outcomes))
         click.echo(summary.line())

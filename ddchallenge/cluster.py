@@ -1,0 +1,215 @@
+"""Batch scoring on a Ray cluster: every upload that needs scoring becomes one
+Ray task, which scores it exactly as the plain batch does (same sandbox, same
+seeds, same code path: `batch.attempt`), and the driver records each result
+in the plain batch's layout as the tasks finish.
+
+What travels where: uploads and reference data are read by the workers from
+shared storage at the same absolute path on every node (an upload can be a
+generator folder of gigabytes, which Ray's object store would copy to every
+worker); only the small results travel back through Ray. Each task checks
+that it sees the same upload bytes the driver hashed, and the same
+ddchallenge version, before it scores.
+
+Failures: a task returns the upload's own failure as data, so any exception
+Ray raises (a worker or node lost, a task that could not run) and any
+machine failure the task reports is the cluster's fault. Those attempts are
+retried here, at most MAX_ATTEMPTS times per upload, then reported as an
+environment error and never recorded, like the plain batch does.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ddchallenge import __version__
+from ddchallenge.batch import (Attempt, BatchOutcome, BatchSettings, BatchSummary, Pending, attempt, check_batch,
+                               settle, triage)
+from ddchallenge.errors import EnvironmentFailure, UsageError
+from ddchallenge.isolation import clean
+from ddchallenge.upload import digest
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # per upload; a lost worker or node costs one
+INSTALL_HINT = "--cluster needs Ray: pip install 'ddchallenge[cluster]' (or pip install 'ray>=2.9,<3')"
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(INSTALL_HINT) from None
+    return ray
+
+
+@contextlib.contextmanager
+def connected(cluster: str):
+    """Ray, connected to `cluster`: "local" starts a Ray instance on this
+    machine for the batch, "auto" joins the one this machine belongs to
+    (`ray start`) or the Ray session this process already has, anything
+    else is a cluster address (host:port or ray://host:port)."""
+    ray = _import_ray()
+    if cluster not in ("local", "auto"):
+        _probe(cluster)
+    if ray.is_initialized():
+        if cluster != "auto":
+            raise UsageError(f"this process is already connected to Ray; score on that session with cluster='auto', "
+                             f"not {clean(cluster)!r}")
+        yield ray  # the caller's session: used as it is and left running
+        return
+    options = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if cluster == "local":
+            ray.init(include_dashboard=False, **options)
+        else:
+            ray.init(address=cluster, **options)
+    except Exception as exc:  # noqa: BLE001  Ray raises ConnectionError, ValueError, RuntimeError...
+        first = clean(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 300)
+        raise EnvironmentFailure(f"cannot reach the Ray cluster {clean(cluster)!r} ({first}); start one with "
+                                 "`ray start --head`, or use --cluster local") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def check_cluster(cluster: str) -> tuple[str, int] | None:
+    """The head's host and port of an address; None for local and auto."""
+    if cluster in ("local", "auto"):
+        return None
+    host, _, port = cluster.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        raise UsageError(f"--cluster must be local, auto or a head's HOST:PORT (or ray://HOST:PORT), got "
+                         f"{clean(cluster)!r}")
+    return host.strip("[]"), int(port)
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Refuse an address nothing listens on now: Ray itself keeps retrying
+    an unreachable head for many minutes."""
+    host, port = check_cluster(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise EnvironmentFailure(f"no Ray cluster answers at {clean(address)} ({clean(str(exc), 200)}); start one "
+                                 "with `ray start --head`, or use --cluster local") from None
+
+
+def task_resources(cluster_gpus: float, device: str) -> tuple[dict, str]:
+    """What each task asks Ray for, and the device it scores on: one GPU
+    when the cluster has GPUs (Ray then shows the task only its own), else
+    one CPU, scored with one thread so tasks do not fight over cores."""
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device} names one GPU of this machine; on a cluster every task gets its own "
+                         "GPU: use --device auto or cuda")
+    if device == "cpu" or (device == "auto" and not cluster_gpus):
+        return {"num_cpus": 1, "num_gpus": 0}, "cpu"
+    if not cluster_gpus:
+        raise UsageError(f"--device {device} asked for, but the Ray cluster has no GPUs; use --device auto or cpu")
+    return {"num_cpus": 1, "num_gpus": 1}, "cuda"
+
+
+def score_on_node(todo: Pending, settings: BatchSettings, ref_dir: str | None, device: str, driver_version: str) -> Attempt:
+    """A task's body: check that this node sees what the driver saw, then
+    score exactly as the plain batch does."""
+    import torch
+
+    node = socket.gethostname()
+    if driver_version != __version__:
+        return Attempt(reason=f"node {node} runs ddchallenge {__version__}, the driver {driver_version}; install "
+                       "the same version on every node", environment=True)
+    if device == "cpu":
+        torch.set_num_threads(1)  # the CPU the task asked for; a plain batch with one thread gives the same bits
+    try:
+        same = digest(todo.path, settings.rules) == todo.upload_sha
+    except Exception as exc:  # noqa: BLE001  the driver could hash it: this node sees something else
+        return Attempt(reason=f"node {node} cannot read {clean(str(todo.path))}: {clean(str(exc), 200)}",
+                       environment=True)
+    if not same:
+        return Attempt(reason=f"node {node} sees other bytes at {clean(str(todo.path))} than the driver (is the "
+                       "shared storage in sync?)", environment=True)
+    return attempt(todo.path, settings, ref_dir, device, progress=False)
+
+
+def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, cluster: str,
+                           settings: BatchSettings = BatchSettings(), ref_dir: str | os.PathLike | None = None,
+                           device: str = "auto", progress: bool = True) -> BatchSummary:
+    """Score `uploads` as Ray tasks on `cluster` (see `connected`), recording
+    each in `output_dir` as it finishes; a rerun skips what is recorded."""
+    start = time.monotonic()
+    _import_ray()  # the organiser's mistakes are refused before anything starts
+    check_cluster(cluster)
+    if device.startswith("cuda:"):
+        task_resources(0, device)
+    paths, names = check_batch(uploads, output_dir, device)
+    out = Path(output_dir)
+    # Workers may start in another folder: they get absolute paths (links are not followed here either).
+    paths = [Path(os.path.abspath(p)) for p in paths]
+    ref = os.path.abspath(ref_dir) if ref_dir is not None else None
+    outcomes: dict[int, BatchOutcome] = {}
+    todo: dict[int, Pending] = {}
+    for i, (path, name) in enumerate(zip(paths, names)):
+        found = triage(path, name, out, settings)
+        if isinstance(found, Pending):
+            todo[i] = found
+        else:
+            outcomes[i] = found
+    busy, retried, on_gpu = 0.0, 0, False
+    if todo:
+        with connected(cluster) as ray:
+            busy, retried, on_gpu = _run(ray, todo, outcomes, names, out, settings, ref, device, progress, len(paths))
+    return BatchSummary([outcomes[i] for i in range(len(paths))], time.monotonic() - start, busy, on_gpu, retried)
+
+
+def _run(ray, todo: dict[int, Pending], outcomes: dict[int, BatchOutcome], names: list[str], out: Path,
+         settings: BatchSettings, ref: str | None, device: str, progress: bool, total: int) -> tuple[float, int, bool]:
+    """Submit every pending upload, retry what the cluster lost, record the
+    rest as it finishes (filling `outcomes`); the seconds spent, the retries,
+    and whether tasks held GPUs."""
+    resources, task_device = task_resources(ray.cluster_resources().get("GPU", 0), device)
+    remote = ray.remote(max_retries=0)(score_on_node).options(**resources)
+    tries = {i: 0 for i in todo}
+    in_flight = {}
+    busy, retried = 0.0, 0
+
+    def submit(i: int) -> None:
+        tries[i] += 1
+        in_flight[remote.remote(todo[i], settings, ref, task_device, __version__)] = i
+
+    for i in todo:
+        submit(i)
+    bar = tqdm(total=total, initial=len(outcomes), desc="uploads", unit="upload", disable=not progress)
+    try:
+        while in_flight:
+            (ready,), _ = ray.wait(list(in_flight), num_returns=1)
+            i = in_flight.pop(ready)
+            tried = _result(ray, ready)
+            busy += tried.seconds
+            if tried.environment and tries[i] < MAX_ATTEMPTS:
+                log.warning("%s: attempt %d of %d lost (%s); trying again", clean(names[i]), tries[i], MAX_ATTEMPTS,
+                            tried.reason)
+                retried += 1
+                submit(i)
+                continue
+            outcomes[i] = settle(todo[i], out, settings, tried)
+            bar.update()
+    finally:
+        bar.close()
+        for left in in_flight:  # interrupted: leave nothing running for a driver that is gone
+            ray.cancel(left, force=True)
+    return busy, retried, task_device == "cuda"
+
+
+def _result(ray, ready) -> Attempt:
+    """A task's attempt; anything Ray raises instead is the cluster's fault."""
+    try:
+        return ray.get(ready)
+    except Exception as exc:  # noqa: BLE001  WorkerCrashedError, NodeDiedError, RayTaskError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return Attempt(reason=clean(f"{type(exc).__name__}: {first}", 300), environment=True)

@@ -1,0 +1,131 @@
+"""Batch scoring on a real local Ray instance (2 CPUs), started by the tests."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddchallenge.batch import BatchSettings, record_key, score_batch
+from ddchallenge.cluster import score_batch_on_cluster
+from ddchallenge.protocol import OFFICIAL, UploadRules
+
+ray = pytest.importorskip("ray", reason="the [cluster] extra is not installed")
+
+SETTINGS = BatchSettings(UploadRules(("mnist5k",)), OFFICIAL.with_overrides(epochs=2, rounds=2), seed=7)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head on this machine; its address, for drivers in other processes."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def uploads(tmp_path, mnist5k_random_images):
+    """Two good uploads (different images) and one of NaNs."""
+    paths = []
+    for name, images in (("alpha", mnist5k_random_images), ("beta", mnist5k_random_images.roll(1, dims=3)),
+                         ("broken", torch.full((100, 1, 28, 28), float("nan")))):
+        (tmp_path / name).mkdir()
+        torch.save(images.clone(), tmp_path / name / "mnist5k.pt")
+        paths.append(tmp_path / name)
+    return paths
+
+
+def accuracies(summary):
+    return {o.name: o.result.datasets[0].accuracies for o in summary.outcomes if o.result is not None}
+
+
+def test_a_local_cluster_started_by_the_cli(uploads, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ddchallenge", "score", str(uploads[0]), str(uploads[1]), "--dataset",
+                        "mnist5k", "--epochs", "0", "--rounds", "1", "--output", "res", "--cluster", "local", "--quiet"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].startswith("2 upload(s): 2 scored, 0 done before, 0 failed, 0 environment "
+                                                "error; 0 retried;"), r.stdout
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [f"{record_key('alpha')}.json",
+                                                                   f"{record_key('beta')}.json"]
+
+
+def test_cluster_batch_equals_plain_batch_and_resumes(cluster, uploads, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a one-CPU task uses: the same bits need the same thread count
+    try:
+        plain = score_batch(uploads, tmp_path / "plain", SETTINGS, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = score_batch_on_cluster(uploads, tmp_path / "ray", "auto", SETTINGS, device="auto", progress=False)
+    assert [o.status for o in on_ray.outcomes] == ["scored", "scored", "failed"]
+    assert accuracies(on_ray) == accuracies(plain) and len(accuracies(on_ray)) == 2
+    assert "NaN or Inf" in on_ray.outcomes[2].reason
+    # The plain batch's layout: leaderboard-ready records, the failure recorded alone.
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(
+        [f"{record_key('alpha')}.json", f"{record_key('beta')}.json", f"{record_key('broken')}.failed.json"])
+    record = json.loads((tmp_path / "ray" / f"{record_key('alpha')}.json").read_text())
+    assert record["datasets"][0]["accuracies"] == plain.outcomes[0].result.datasets[0].accuracies
+    assert record["settings"] == SETTINGS.fingerprint() and record["seed"] == 7
+    assert on_ray.retried == 0 and not on_ray.on_gpu and on_ray.busy_seconds > 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ray").iterdir()}
+    again = score_batch_on_cluster(uploads, tmp_path / "ray", "auto", SETTINGS, progress=False)
+    assert [o.status for o in again.outcomes] == ["done before"] * 3 and again.busy_seconds == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ray").iterdir()} == before
+
+
+def _task_pids() -> list[int]:
+    """Ray workers running a scoring task (Ray titles a busy worker ray::<function>)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::score_on_node"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_killed_worker_is_retried_and_the_upload_scored(cluster, uploads, tmp_path):
+    out = tmp_path / "results"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ddchallenge", "score", str(uploads[0]), str(uploads[2]), "--dataset", "mnist5k",
+         "--epochs", "30", "--rounds", "1", "--output", str(out), "--cluster", cluster, "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and driver.poll() is None:
+        pids = _task_pids()
+        if len(pids) == 2:  # both uploads are being scored: kill one of their workers mid-task
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    stdout, stderr = driver.communicate(timeout=300)
+    assert killed is not None, stderr
+    assert driver.returncode == 1, stderr  # the NaN upload failed on its own merits
+    assert "1 scored, 0 done before, 1 failed, 0 environment error; 1 retried" in stdout.splitlines()[-1], stdout
+    assert "attempt 1 of 3 lost" in stderr and "WorkerCrashedError" in stderr
+    assert (out / f"{record_key('alpha')}.json").exists() and (out / f"{record_key('broken')}.failed.json").exists()
+    assert len(list(out.iterdir())) == 2
+
+
+def test_cluster_mistakes_are_one_line_and_start_nothing(run_cli, uploads, tmp_path, monkeypatch):
+    base = ("score", uploads[0], "--dataset", "mnist5k", "--epochs", 0, "--rounds", 1, "--output", tmp_path / "r")
+    for value, code, message in (("a b", 2, "--cluster must be local, auto or a head's HOST:PORT"),
+                                 ("head:99999", 2, "--cluster must be local, auto"),
+                                 ("127.0.0.1:1", 1, "no Ray cluster answers at 127.0.0.1:1")):
+        r = run_cli(*base, "--cluster", value)
+        assert r.exit_code == code and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    r = run_cli(*base, "--cluster", "local", "--device", "cuda:3")
+    assert r.exit_code != 0 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the [cluster] extra were not installed
+    r = run_cli(*base, "--cluster", "local")
+    assert r.exit_code == 2 and "pip install 'ddchallenge[cluster]'" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "r").exists()

@@ -399,6 +399,9 @@ def spawn(argv: list[str], work: Path, limits: Limits = Limits(), cuda: bool = F
     home = hand_over(work / "home")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(home), "LANG": "C.UTF-8",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
+    # The GPUs this process may use are the child's too: a scheduler (Ray, Slurm) or the organiser
+    # narrows them with these, and "cuda" must then mean the same card in both.
+    env.update({k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER") if k in os.environ})
     with _cgroups(limits) as groups, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([*iso.prefix, *argv], cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=err, start_new_session=True, preexec_fn=_limit(limits, iso.uid, groups, cuda))

@@ -52,9 +52,11 @@ def test_no_network_inside(box, loopback_port):
 
 def test_clean_environment_and_private_home(box, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret-token")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # a scheduler's choice of GPU holds inside too
     done = run_isolated(_python("import os, json; print(json.dumps(dict(os.environ)))"), box)
     env = json.loads(done.stdout)
     assert "HF_TOKEN" not in env and env["HOME"] == str(box / "home") and "secret-token" not in done.stdout
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
 
 
 def test_memory_limit(box):

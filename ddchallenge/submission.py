@@ -45,7 +45,7 @@ class DatasetEntry:
     ipc: int  # images per class
     kind: str  # "official" (bare tensor, class-major) or "labelled"
     source: str  # file (and zip member) the images came from
-    sha256: str  # of the exact bytes read
+    sha256: str  # of the exact bytes read (a Track 2 generator's set: of its images and labels)
     warnings: tuple[str, ...] = field(default=())
     method: str | None = None  # generating method, when the set or pack's manifest records it
 

@@ -57,13 +57,20 @@ def test_a_local_cluster_started_by_the_cli(uploads, tmp_path):
                                                                    f"{record_key('beta')}.json"]
 
 
-def test_cluster_batch_equals_plain_batch_and_resumes(cluster, uploads, tmp_path):
+def one_thread_plain_batch(uploads, out, settings, monkeypatch):
+    """A plain batch with the one thread a one-CPU task uses, here and in the
+    sandbox child: on a CPU the last bits depend on the thread count."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what a one-CPU task uses: the same bits need the same thread count
+    torch.set_num_threads(1)
     try:
-        plain = score_batch(uploads, tmp_path / "plain", SETTINGS, device="cpu", progress=False)
+        return score_batch(uploads, out, settings, device="cpu", progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cluster_batch_equals_plain_batch_and_resumes(cluster, uploads, tmp_path, monkeypatch):
+    plain = one_thread_plain_batch(uploads, tmp_path / "plain", SETTINGS, monkeypatch)
     on_ray = score_batch_on_cluster(uploads, tmp_path / "ray", "auto", SETTINGS, device="auto", progress=False)
     assert [o.status for o in on_ray.outcomes] == ["scored", "scored", "failed"]
     assert accuracies(on_ray) == accuracies(plain) and len(accuracies(on_ray)) == 2
@@ -97,13 +104,13 @@ def test_a_killed_worker_is_retried_and_the_upload_scored(cluster, uploads, tmp_
     out = tmp_path / "results"
     driver = subprocess.Popen(
         [sys.executable, "-m", "ddchallenge", "score", str(uploads[0]), str(uploads[2]), "--dataset", "mnist5k",
-         "--epochs", "30", "--rounds", "1", "--output", str(out), "--cluster", cluster, "--quiet"],
+         "--epochs", "10", "--rounds", "1", "--output", str(out), "--cluster", cluster, "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and driver.poll() is None:
         pids = _task_pids()
-        if len(pids) == 2:  # both uploads are being scored: kill one of their workers mid-task
+        if pids:  # an upload is being scored: kill its worker mid-task
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
@@ -129,3 +136,16 @@ def test_cluster_mistakes_are_one_line_and_start_nothing(run_cli, uploads, tmp_p
     r = run_cli(*base, "--cluster", "local")
     assert r.exit_code == 2 and "pip install 'ddchallenge[cluster]'" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_track2_generators_run_inside_the_task(cluster, uploads, tiny_model, tmp_path, monkeypatch):
+    settings = BatchSettings(UploadRules(("mnist5k",), 1), OFFICIAL.with_overrides(epochs=0, rounds=1), budget=120)
+    batch = [uploads[0], tiny_model]
+    plain = one_thread_plain_batch(batch, tmp_path / "plain", settings, monkeypatch)
+    on_ray = score_batch_on_cluster(batch, tmp_path / "ray", "auto", settings, progress=False)
+    assert [o.status for o in on_ray.outcomes] == ["failed", "scored"]
+    assert "is not a generator folder" in on_ray.outcomes[0].reason
+    generated = on_ray.outcomes[1].result.datasets[0]
+    assert generated.ipc == 1 and generated.images == 10 and generated.method == "diffusion"
+    assert accuracies(on_ray) == accuracies(plain)
+    assert generated.sha256 == plain.outcomes[1].result.datasets[0].sha256  # the same images were generated

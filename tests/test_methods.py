@@ -136,9 +136,16 @@ def test_codebook_folder_scores_as_track2_submission(coded_model, run_cli, tmp_p
     meta = _meta(folder)
     meta["generate"] = {"method": "d4m", "settings": {"strength": 0.5}}
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
-    r = run_cli("score", folder, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-", "--no-sandbox")
+    args = ("score", folder, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-")
+    r = run_cli(*args, "--no-sandbox", "--output", "in-process")
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["datasets"][0]["method"] == "d4m"
+    in_process = json.loads(r.stdout)["datasets"][0]
+    assert in_process["method"] == "d4m"
+    # Where the folder was staged is no part of the set's identity: the same seed names the same images.
+    r = run_cli(*args)
+    assert r.exit_code == 0, r.stderr
+    boxed = json.loads(r.stdout)["datasets"][0]
+    assert (boxed["sha256"], boxed["accuracies"]) == (in_process["sha256"], in_process["accuracies"])
 
 
 def test_folder_without_generate_section_is_plain_diffusion(coded_model, tmp_path):

@@ -12,8 +12,11 @@ adding one touches this table and that module only.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
+
+import torch
 
 from ddchallenge.diffusion.model import META_FILE, ModelError, checkpoints
 from ddchallenge.submission import DatasetEntry
@@ -64,5 +67,15 @@ def run_track2(model: str, dataset: str, ipc: int | str, seed: int, budget: floa
     config = GenerateConfig(dataset, method, ipc, seed, budget=budget, device=device,
                             options={"model": str(model), **settings}, oversample=oversample)
     report = generate(config, folder / "generated.h5")
-    return [dataclasses.replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)")
+    # The file records where the folder was staged, a fresh path each run: the set is named by its
+    # images and labels instead, so that the same generator and seed give the same record.
+    return [dataclasses.replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)",
+                                sha256=content_sha256(e.images, e.labels))
             for e in load_submission(report.path, dataset)]
+
+
+def content_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of a set's float32 images then int64 labels, C order."""
+    h = hashlib.sha256(images.to(torch.float32).contiguous().numpy().tobytes())
+    h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddchallenge.nets import reference_convnet
+from ddchallenge.evaluation.device import resolve_device
+from ddchallenge.evaluation.nets import reference_convnet
+from ddchallenge.evaluation.train import RoundSeeds, train_round
 from ddchallenge.protocol import OFFICIAL, get_dataset
-from ddchallenge.train import RoundSeeds, resolve_device, train_round
 
 
 # --- the baseline: official-style loop ---------------------------------------

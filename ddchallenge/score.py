@@ -18,11 +18,12 @@ import torch
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
 from ddchallenge.errors import SubmissionError, UsageError
+from ddchallenge.evaluation.device import resolve_device
+from ddchallenge.evaluation.train import accuracy, train_round
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import OFFICIAL, TRACK2_BUDGET_SECONDS, EvalRecipe, UploadRules, check_seed
 from ddchallenge.submission import DatasetEntry
-from ddchallenge.train import accuracy, resolve_device, train_round
 from ddchallenge.upload import describe as describe_upload_isolation, generate_upload, is_generator, read_upload
 
 log = logging.getLogger(__name__)

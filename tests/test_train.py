@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from ddchallenge import train as train_module
+from ddchallenge.evaluation import train as train_module
 from ddchallenge.errors import UsageError
 from ddchallenge.protocol import OFFICIAL, get_dataset
-from ddchallenge.train import RoundSeeds, accuracy, resolve_device, train_round
+from ddchallenge.evaluation.device import resolve_device
+from ddchallenge.evaluation.train import RoundSeeds, accuracy, train_round
 
 
 def test_official_recipe_constants():
@@ -74,3 +75,14 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_evaluation_is_one_package_and_diffusion_does_not_import_the_training_loop():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ddchallenge"
+    for old in ("train", "nets", "augment"):
+        assert importlib.util.find_spec(f"ddchallenge.{old}") is None
+    for path in (root / "diffusion").glob("*.py"):
+        assert "ddchallenge.evaluation.train" not in path.read_text(), path

@@ -9,7 +9,6 @@ synchronisation until the round ends.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,28 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ddchallenge.augment import augment, parse_strategy
-from ddchallenge.errors import UsageError
-from ddchallenge.nets import reference_convnet
+from ddchallenge.evaluation.augment import augment, parse_strategy
+from ddchallenge.evaluation.device import training_numerics
+from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.protocol import DatasetSpec, EvalRecipe
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise UsageError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-    return dev
 
 
 @dataclass(frozen=True)
@@ -53,29 +34,6 @@ class RoundSeeds:
     @classmethod
     def from_seed(cls, seed: int) -> "RoundSeeds":
         return cls(*(int(s) for s in np.random.SeedSequence(seed).generate_state(4)))
-
-
-@contextlib.contextmanager
-def _training_numerics(device: torch.device):
-    """CUDA: deterministic cuDNN kernels, so the same seed on the same device
-    gives the same accuracies. CPU: flush denormal floats to zero. Rotated and
-    scaled batches (zero fill, bilinear weights) create denormals in the
-    backward pass, and x86 arithmetic on them is slow enough to make such a
-    batch ~25% slower; values below 1e-38 cannot change an accuracy, and GPU
-    kernels flush them routinely."""
-    if device.type == "cuda":
-        saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-        return
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)  # PyTorch's default; it offers no getter to restore from
 
 
 def train_round(
@@ -108,7 +66,7 @@ def train_round(
 
     lr = recipe.lr
     opt = new_optimiser(lr)
-    with _training_numerics(device):
+    with training_numerics(device):
         for ep in tqdm(range(recipe.passes), desc=desc, unit="ep", disable=not progress, leave=False):
             order = torch.randperm(n, device=device, generator=shuffle_gen)
             choice = torch.randint(len(groups) or 1, (batches,), generator=group_gen).tolist()

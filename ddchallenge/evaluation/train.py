@@ -16,6 +16,7 @@ summation order of the grouped kernels (tests/test_train.py checks it).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.augment import augment, parse_strategy
-from ddchallenge.evaluation.device import training_numerics
+from ddchallenge.evaluation.device import keep_freed_memory, training_numerics
 from ddchallenge.evaluation.nets import StackedConvNet, reference_convnet
 from ddchallenge.protocol import DatasetSpec, EvalRecipe
 
@@ -229,8 +230,10 @@ def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, b
     """Fraction of correctly classified test images, no augmentation."""
     device = next(net.parameters()).device
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for s in range(0, images.shape[0], batch_size):
-        xb = images[s : s + batch_size].to(device, torch.float32)
-        yb = labels[s : s + batch_size].to(device)
-        correct += (net(xb).argmax(1) == yb).sum()
+    # A CPU test batch's activations are 512 MiB: keep them, as training does.
+    with keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext():
+        for s in range(0, images.shape[0], batch_size):
+            xb = images[s : s + batch_size].to(device, torch.float32)
+            yb = labels[s : s + batch_size].to(device)
+            correct += (net(xb).argmax(1) == yb).sum()
     return correct.item() / images.shape[0]

@@ -174,3 +174,26 @@ def test_stacking_refuses_what_it_cannot_stack(mnist5k_spec):
         net(torch.zeros(3, 4, 3, 32, 32))
     with pytest.raises(UsageError, match="at least one seed"):
         train_rounds(spec, torch.zeros(4, 3, 32, 32), torch.zeros(4), SMALL, [], CPU, False)
+
+
+def test_round_accuracies_refuses_a_together_that_is_not_a_choice(mnist5k_spec, mnist5k_random_images, mnist_test):
+    y = torch.arange(100) // 10
+    with pytest.raises(UsageError, match="together must be True, False or None"):
+        round_accuracies(mnist5k_spec, mnist5k_random_images, y, *mnist_test, SMALL, [0], CPU, False, together="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_rounds_together_on_cuda_give_what_each_gives_alone(mnist5k_spec, mnist5k_random_images, mnist_test, compile):
+    """The GPU path (grouped cuDNN convolutions; with compile, CUDA graphs)
+    against rounds alone on the same GPU: weights to float summation order,
+    accuracies within one test image, as on the CPU."""
+    cuda = torch.device("cuda")
+    y = torch.arange(100) // 10
+    seeds = [3, 4, 5]
+    alone = [train_round(mnist5k_spec, mnist5k_random_images, y, SMALL, s, cuda, False) for s in seeds]
+    together = train_rounds(mnist5k_spec, mnist5k_random_images, y, SMALL, seeds, cuda, False, compile=compile)
+    for a, t in zip(alone, together):
+        torch.testing.assert_close(_params(t), _params(a), rtol=0, atol=1e-3)
+        assert abs(accuracy(a, *mnist_test) - accuracy(t, *mnist_test)) <= 1 / len(mnist_test[1])

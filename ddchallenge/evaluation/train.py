@@ -209,6 +209,8 @@ def round_accuracies(
     (`together=None`: `together_by_default(device)`); the same numbers either
     way up to float summation order."""
     seeds = list(seeds)
+    if together is not None and not isinstance(together, bool):
+        raise UsageError(f"together must be True, False or None (the device's default), got {together!r}")
     if together is None:
         together = together_by_default(device)
     accs: list[float] = []

@@ -236,18 +236,24 @@ def main() -> None:
     # would otherwise be charged to whichever loop runs first.
     train_round(spec, x, y, OFFICIAL.with_overrides(epochs=0), 0, device, progress=False)
     official_style_round(spec, x, y, 0, device)
-    ours = seconds_per_epoch(lambda: train_round(spec, x, y, recipe, 0, device, progress=False),
-                             args.epochs, args.repeats, device)
-    base = seconds_per_epoch(lambda: official_style_round(spec, x, y, args.epochs, device),
-                             args.epochs, args.repeats, device)
-    mo, mb = statistics.median(ours) * 1e3, statistics.median(base) * 1e3
+    seeds = list(range(args.rounds))
+    arms = {
+        "base": lambda: official_style_round(spec, x, y, args.epochs, device),
+        "ours": lambda: train_round(spec, x, y, recipe, 0, device, progress=False),
+    }
+    if args.rounds:
+        train_rounds(spec, x, y, OFFICIAL.with_overrides(epochs=0), seeds, device, progress=False)
+        arms["together"] = lambda: train_rounds(spec, x, y, recipe, seeds, device, progress=False)
+    # The arms alternate (base, ours, together, base, ...) so that load from
+    # other work on the machine falls on all of them alike.
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(args.repeats):
+        for k, fn in arms.items():
+            times[k] += seconds_per_epoch(fn, args.epochs, 1, device)
+    mb, mo = (statistics.median(times[k]) * 1e3 for k in ("base", "ours"))
     cells = [f"{args.shape} {tuple(x.shape)}", where, f"{mb:.0f}", f"{mo:.0f}", f"{mb / mo:.2f}x"]
     if args.rounds:
-        seeds = list(range(args.rounds))
-        train_rounds(spec, x, y, OFFICIAL.with_overrides(epochs=0), seeds, device, progress=False)
-        tog = seconds_per_epoch(lambda: train_rounds(spec, x, y, recipe, seeds, device, progress=False),
-                                args.epochs, args.repeats, device)
-        mt = statistics.median(tog) * 1e3 / args.rounds
+        mt = statistics.median(times["together"]) * 1e3 / args.rounds
         cells += [f"{mt:.0f} ({args.rounds} together)", f"{mb / mt:.2f}x"]
     else:
         cells += ["-", "-"]
@@ -260,6 +266,9 @@ def main() -> None:
                                                                               "ddchallenge score |" if args.whole else ""))
     print("|---" * (len(cells)) + "|")
     print("| " + " | ".join(cells) + " |")
+    print("per run, ms/epoch (together: per round-epoch): " + "; ".join(
+        f"{k} " + " ".join(f"{t * 1e3 / (args.rounds if k == 'together' else 1):.0f}" for t in v)
+        for k, v in times.items()))
 
 
 if __name__ == "__main__":

@@ -181,9 +181,11 @@ def together_by_default(device: torch.device) -> bool:
     """Whether `round_accuracies` trains a dataset's rounds together when not told.
 
     CPU: no. Measured on the 2-core development machine (docs/benchmarks.md),
-    three rounds together are slower than three alone: oneDNN's grouped
-    convolution, above all its weight gradient, is slower than R plain ones,
-    and a CPU step is compute-bound, so there is no launch overhead to save.
+    three rounds together are 5 % (mnist5k) to 14 % (CIFAR-100 shape) slower
+    than three alone, and two as fast as two alone at the Tiny-ImageNet
+    shape: oneDNN's grouped convolution, above all its weight gradient, is
+    slower than R plain ones, and a CPU step is compute-bound, so there is
+    no launch overhead to save.
     CUDA: not yet, because it has not been measured. It is the path meant
     for the GPU (a CIFAR-100 round there is launch-bound, ~4 steps of ~3.6 ms
     per epoch), and `bench/evaluator_speed.py --together` measures it; switch

@@ -31,6 +31,8 @@ def test_freed_training_memory_is_reused_without_page_faults_and_returned_afterw
     assert _faults_of_a_step(256 * MIB) > pages // 2
     rss = _resident()
     with keep_freed_memory():
+        with keep_freed_memory():  # nested: the inner exit keeps the outer's settings
+            assert _faults_of_a_step(256 * MIB) < pages // 10
         assert _faults_of_a_step(256 * MIB) < pages // 10
         assert _resident() > rss + 200 * MIB  # kept while training
     assert _resident() < rss + 64 * MIB  # handed back afterwards

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+import threading
 
 import torch
 
@@ -96,16 +97,30 @@ def keep_freed_memory():
     glibc's defaults come back and the free memory is returned (malloc_trim).
     Nothing changes numerically. Other C libraries: nothing is done.
     """
+    global _keepers
     libc = _glibc()
     if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP)
-    libc.mallopt(_M_TOP_PAD, _KEEP)
+    # The settings are the process's: with rounds in several threads (or one
+    # context inside another), the first to enter sets them, the last to
+    # leave restores them.
+    with _keep_lock:
+        if _keepers == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, _KEEP)
+            libc.mallopt(_M_TOP_PAD, _KEEP)
+        _keepers += 1
     try:
         yield
     finally:
-        for param, value in _GLIBC_DEFAULTS:
-            libc.mallopt(param, value)
-        libc.malloc_trim(0)
+        with _keep_lock:
+            _keepers -= 1
+            if _keepers == 0:
+                for param, value in _GLIBC_DEFAULTS:
+                    libc.mallopt(param, value)
+                libc.malloc_trim(0)
+
+
+_keep_lock = threading.Lock()
+_keepers = 0  # contexts inside keep_freed_memory now

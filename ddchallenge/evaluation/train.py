@@ -174,7 +174,7 @@ def train_rounds(
     return [net.eval() for net in nets]
 
 
-MAX_ROUNDS_TOGETHER = 8  # rounds in one batched model; more run as further groups (memory: ~2 GiB a round at 64 px)
+MAX_ROUNDS_TOGETHER = 8  # rounds in one batched model; more run as further groups (~2.5 GiB a round at 64 px)
 
 
 def together_by_default(device: torch.device) -> bool:

@@ -21,7 +21,7 @@ from ddchallenge.diffusion.config import train_config, vae_config
 from ddchallenge.diffusion.model import Generator, PixelCodec, build_scheduler, build_unet
 from ddchallenge.diffusion.sample import images_per_second
 from ddchallenge.diffusion.train import train
-from ddchallenge.train import resolve_device
+from ddchallenge.evaluation.device import resolve_device
 
 
 def _vae(preset: str, channels: int):

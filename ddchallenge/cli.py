@@ -66,7 +66,7 @@ def cli() -> None:
 
 def _check_device(ctx, param, value: str) -> str:
     """Every command refuses a device it could not use, whether or not this run needs one."""
-    from ddchallenge.train import resolve_device
+    from ddchallenge.evaluation.device import resolve_device
 
     resolve_device(value)
     return value

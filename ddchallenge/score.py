@@ -18,11 +18,12 @@ import torch
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
 from ddchallenge.errors import SubmissionError, UsageError
+from ddchallenge.evaluation.device import resolve_device
+from ddchallenge.evaluation.train import round_accuracies
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import OFFICIAL, TRACK2_BUDGET_SECONDS, EvalRecipe, UploadRules, check_seed
 from ddchallenge.submission import DatasetEntry
-from ddchallenge.train import accuracy, resolve_device, train_round
 from ddchallenge.upload import describe as describe_upload_isolation, generate_upload, is_generator, read_upload
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,13 @@ def versions() -> dict:
 
 
 def score_entry(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, device: torch.device,
-                progress: bool = True) -> DatasetScore:
+                progress: bool = True, together: bool | None = None) -> DatasetScore:
+    """Train and test the dataset's rounds (seeds seed, seed + 1, ...);
+    `together`: see `round_accuracies` (None: the device's default)."""
     start = time.perf_counter()
     seeds = [seed + r for r in range(recipe.rounds)]
-    accs = []
-    for r, s in enumerate(seeds):
-        net = train_round(entry.spec, entry.images, entry.labels, recipe, s, device, progress,
-                          desc=f"{entry.spec.name} round {r + 1}/{recipe.rounds}")
-        accs.append(accuracy(net, ref["images_val"], ref["labels_val"], recipe.eval_batch_size))
+    accs = round_accuracies(entry.spec, entry.images, entry.labels, ref["images_val"], ref["labels_val"], recipe,
+                            seeds, device, progress, desc=entry.spec.name, together=together)
     return DatasetScore(
         dataset=entry.spec.name, ipc=entry.ipc, images=int(entry.images.shape[0]), kind=entry.kind, method=entry.method,
         source=entry.source, sha256=entry.sha256, seeds=seeds, accuracies=accs,
@@ -121,11 +121,15 @@ def score(
     progress: bool = True,
     sandbox: bool = True,
     budget: float | None = None,
+    together: bool | None = None,
 ) -> ScoreResult:
     """Validate everything first (the upload under `rules`, the reference
     sets), then train. A Track 2 generator folder is first run (in the
     sandbox) for each dataset the rules score, within `budget` seconds each
-    (default 600); `budget` given for anything else is that upload's error."""
+    (default 600); `budget` given for anything else is that upload's error.
+    `together`: train each dataset's rounds as one batched model (True), one
+    at a time (False), or as the device's default (None; see
+    `ddchallenge.evaluation.train.together_by_default`)."""
     start = time.perf_counter()
     check_seed(seed)
     if budget is not None and not budget > 0:
@@ -145,7 +149,7 @@ def score(
     notes = [w for e in entries for w in e.warnings]
     for w in notes:
         log.warning(w)
-    scores = [score_entry(e, refs[e.spec.name], recipe, seed, dev, progress) for e in entries]
+    scores = [score_entry(e, refs[e.spec.name], recipe, seed, dev, progress, together) for e in entries]
     methods = {e.method for e in entries}
     return ScoreResult(
         name=upload_name(path),

@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ddchallenge import train as train_module
-from ddchallenge.augment import GROUPS, apply_group, draw_params, parse_strategy
+from ddchallenge.evaluation import train as train_module
+from ddchallenge.evaluation.augment import GROUPS, apply_group, draw_params, parse_strategy
 from ddchallenge.errors import UsageError
 from ddchallenge.protocol import OFFICIAL, get_dataset
 

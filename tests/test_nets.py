@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddchallenge.nets import reference_convnet
+from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.protocol import get_dataset
 
 

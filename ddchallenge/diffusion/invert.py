@@ -29,7 +29,7 @@ from ddchallenge.diffusion.model import Generator, generator_dataset, load_gener
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
 from ddchallenge.protocol import MAX_OVERSAMPLE, get_dataset
-from ddchallenge.train import resolve_device
+from ddchallenge.evaluation.device import resolve_device
 
 DEFAULT_STEPS = 300
 DEFAULT_BATCH = 64

@@ -21,7 +21,7 @@ from ddchallenge.diffusion.model import generator_dataset, load_generator
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
 from ddchallenge.protocol import MAX_OVERSAMPLE, get_dataset
-from ddchallenge.train import resolve_device
+from ddchallenge.evaluation.device import resolve_device
 
 DEFAULT_STRENGTH = 0.5  # best of 0.5, 0.7, 0.9 on mnist5k at IPC 10 (docs/benchmarks.md)
 MAX_IPC = 1000

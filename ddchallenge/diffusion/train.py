@@ -32,7 +32,7 @@ from ddchallenge.diffusion.model import (
 )
 from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
 from ddchallenge.protocol import DatasetSpec, get_dataset
-from ddchallenge.train import resolve_device
+from ddchallenge.evaluation.device import resolve_device
 
 log = logging.getLogger(__name__)
 

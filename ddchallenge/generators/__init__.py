@@ -164,7 +164,7 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
             raise BudgetExceeded(f"the budget left {made} candidates per class, fewer than --oversample "
                                  f"{config.oversample:g} needs for one kept image; nothing was written")
         _check_output(images, labels, spec, made, config.method)
-        from ddchallenge.train import resolve_device
+        from ddchallenge.evaluation.device import resolve_device
 
         images, labels, provenance["selection"] = select(images, labels, spec, keep, config.seed,
                                                          resolve_device(config.device))

@@ -14,9 +14,9 @@ import torch
 
 from ddchallenge.data import load_train, normalise
 from ddchallenge.errors import DatasetError
+from ddchallenge.evaluation.device import resolve_device
+from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.generators import GenerationRequest, register
-from ddchallenge.nets import reference_convnet
-from ddchallenge.train import resolve_device
 
 
 def _class_members(labels: np.ndarray, k: int, ipc: int) -> np.ndarray:

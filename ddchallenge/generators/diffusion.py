@@ -26,9 +26,9 @@ from ddchallenge.diffusion.sample import (
     DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, check_options, images_per_second, sample,
 )
 from ddchallenge.errors import UsageError
+from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.generators import BudgetExceeded, GenerationRequest, register
 from ddchallenge.protocol import MAX_IPC
-from ddchallenge.train import resolve_device
 
 log = logging.getLogger(__name__)
 

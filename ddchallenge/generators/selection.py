@@ -47,8 +47,8 @@ def select(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, keep: int,
            device: torch.device) -> tuple[np.ndarray, np.ndarray, dict]:
     """Keep `keep` images per class of a class-major candidate set; returns
     the kept (images, labels) class-major and a provenance record."""
+    from ddchallenge.evaluation.train import train_round
     from ddchallenge.generators.baselines import herding_order
-    from ddchallenge.train import train_round
 
     per_class = len(labels) // spec.classes
     recipe = OFFICIAL.with_overrides(epochs=SELECTION_EPOCHS, rounds=1)

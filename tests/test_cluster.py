@@ -69,7 +69,7 @@ def one_thread_plain_batch(uploads, out, settings, monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_cluster_batch_equals_plain_batch_and_resumes(cluster, uploads, tmp_path, monkeypatch):
+def test_cluster_batch_equals_plain_batch_and_resumes(cluster, uploads, tmp_path, monkeypatch, run_cli):
     plain = one_thread_plain_batch(uploads, tmp_path / "plain", SETTINGS, monkeypatch)
     on_ray = score_batch_on_cluster(uploads, tmp_path / "ray", "auto", SETTINGS, device="auto", progress=False)
     assert [o.status for o in on_ray.outcomes] == ["scored", "scored", "failed"]
@@ -82,6 +82,9 @@ def test_cluster_batch_equals_plain_batch_and_resumes(cluster, uploads, tmp_path
     assert record["datasets"][0]["accuracies"] == plain.outcomes[0].result.datasets[0].accuracies
     assert record["settings"] == SETTINGS.fingerprint() and record["seed"] == 7
     assert on_ray.retried == 0 and not on_ray.on_gpu and on_ray.busy_seconds > 0
+    board = run_cli("leaderboard", tmp_path / "ray")
+    assert board.exit_code == 0 and "alpha" in board.stdout and "beta" in board.stdout
+    assert "broken" not in board.stdout
     before = {p.name: p.read_bytes() for p in (tmp_path / "ray").iterdir()}
     again = score_batch_on_cluster(uploads, tmp_path / "ray", "auto", SETTINGS, progress=False)
     assert [o.status for o in again.outcomes] == ["done before"] * 3 and again.busy_seconds == 0

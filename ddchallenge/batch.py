@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddchallenge.errors import DatasetError, UsageError
+from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean, is_environment_failure
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
 from ddchallenge.score import ScoreResult, score, upload_name
-from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.upload import digest
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,17 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ddchallenge import __version__
-from ddchallenge.batch import (Attempt, BatchOutcome, BatchSettings, BatchSummary, Pending, attempt, check_batch,
-                               settle, triage)
+from ddchallenge.batch import (
+    Attempt,
+    BatchOutcome,
+    BatchSettings,
+    BatchSummary,
+    Pending,
+    attempt,
+    check_batch,
+    settle,
+    triage,
+)
 from ddchallenge.errors import EnvironmentFailure, UsageError
 from ddchallenge.isolation import clean
 from ddchallenge.upload import digest

@@ -75,6 +75,25 @@ def _sgd(params, lr: float, recipe: EvalRecipe) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
+def _optimise(params: list[torch.Tensor], losses, recipe: EvalRecipe, device: torch.device, progress: bool,
+              desc: str) -> None:
+    """The official schedule, shared by one round and rounds together:
+    `recipe.passes` passes, each one SGD step per loss that `losses()`
+    yields (its batches, drawn as the pass begins), and a new optimiser after
+    the lr-drop pass, as the official loop builds one: momentum restarts."""
+    lr = recipe.lr
+    opt = _sgd(params, lr, recipe)
+    with training_numerics(device):
+        for ep in tqdm(range(recipe.passes), desc=desc, unit="ep", disable=not progress, leave=False):
+            for loss in losses():
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if ep == recipe.lr_drop_epoch:
+                lr *= recipe.lr_drop_factor
+                opt = _sgd(params, lr, recipe)
+
+
 def train_round(
     spec: DatasetSpec,
     images: torch.Tensor,
@@ -93,22 +112,15 @@ def train_round(
     y = labels.to(device, torch.int64)
     n = x.shape[0]
     batches = -(-n // recipe.batch_size)
-    lr = recipe.lr
-    opt = _sgd(net.parameters(), lr, recipe)
-    with training_numerics(device):
-        for ep in tqdm(range(recipe.passes), desc=desc, unit="ep", disable=not progress, leave=False):
-            order, choice = rnd.epoch_plan(n, batches, groups, device)
-            for b in range(batches):
-                idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
-                xb, yb = rnd.batch(x, y, idx, groups[choice[b]] if groups else None)
-                loss = F.cross_entropy(net(xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            if ep == recipe.lr_drop_epoch:
-                # The official loop builds a new optimiser: momentum restarts.
-                lr *= recipe.lr_drop_factor
-                opt = _sgd(net.parameters(), lr, recipe)
+
+    def losses():
+        order, choice = rnd.epoch_plan(n, batches, groups, device)
+        for b in range(batches):
+            idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
+            xb, yb = rnd.batch(x, y, idx, groups[choice[b]] if groups else None)
+            yield F.cross_entropy(net(xb), yb)
+
+    _optimise(list(net.parameters()), losses, recipe, device, progress, desc)
     return net.eval()
 
 
@@ -151,25 +163,19 @@ def train_rounds(
     y = labels.to(device, torch.int64)
     n = x.shape[0]
     batches = -(-n // recipe.batch_size)
-    lr = recipe.lr
-    opt = _sgd(stacked.parameters(), lr, recipe)
-    with training_numerics(device):
-        for ep in tqdm(range(recipe.passes), desc=desc, unit="ep", disable=not progress, leave=False):
-            plans = [r.epoch_plan(n, batches, groups, device) for r in rounds]
-            for b in range(batches):
-                sl = slice(b * recipe.batch_size, (b + 1) * recipe.batch_size)
-                xs, ys = zip(*(r.batch(x, y, order[sl], groups[choice[b]] if groups else None)
-                               for r, (order, choice) in zip(rounds, plans)))
-                logits = forward(torch.stack(xs))
-                # The sum of the rounds' mean losses: d(sum)/d(round r's slice)
-                # is round r's own gradient.
-                loss = sum(F.cross_entropy(logits[i], ys[i]) for i in range(len(rounds)))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            if ep == recipe.lr_drop_epoch:
-                lr *= recipe.lr_drop_factor
-                opt = _sgd(stacked.parameters(), lr, recipe)
+
+    def losses():
+        plans = [r.epoch_plan(n, batches, groups, device) for r in rounds]
+        for b in range(batches):
+            sl = slice(b * recipe.batch_size, (b + 1) * recipe.batch_size)
+            xs, ys = zip(*(r.batch(x, y, order[sl], groups[choice[b]] if groups else None)
+                           for r, (order, choice) in zip(rounds, plans)))
+            logits = forward(torch.stack(xs))
+            # The sum of the rounds' mean losses: d(sum)/d(round r's slice)
+            # is round r's own gradient.
+            yield sum(F.cross_entropy(logits[i], ys[i]) for i in range(len(rounds)))
+
+    _optimise(list(stacked.parameters()), losses, recipe, device, progress, desc)
     nets = stacked.unstack([r.net.to(device) for r in rounds])
     return [net.eval() for net in nets]
 

@@ -24,7 +24,7 @@ from ddchallenge.diffusion.prototypes import make_prototypes
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.generators import GenerateConfig, generate
 from ddchallenge.protocol import OFFICIAL
-from ddchallenge.report import image_grid_png
+from ddchallenge.report import image_grid
 from ddchallenge.score import score
 from ddchallenge.submission import load_submission
 
@@ -72,7 +72,7 @@ def main() -> None:
                                       oversample=r), out, force=True)
         if args.images and r == 1:
             entry = load_submission(out, "mnist5k")[0]
-            atomic_write_bytes(args.images / f"mnist5k-{name}-samples.png", image_grid_png(entry, 10, args.ipc))
+            atomic_write_bytes(args.images / f"mnist5k-{name}-samples.png", image_grid(entry, 10, args.ipc))
         start = time.perf_counter()
         result = score(out, recipe=recipe, seed=0, device=args.device, progress=False, sandbox=False)
         d = result.datasets[0]

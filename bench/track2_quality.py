@@ -1,6 +1,7 @@
 """Quality of the Track 2 methods on mnist5k against real images: random,
 herding, diffusion, d4m (one run per --strength) and d3m, each without and
-with selection (--oversample R), generated from one trained model and
+with selection (--oversample R) and with distribution matching
+(--match-steps N), generated from one trained model and
 scored with the evaluation recipe (official by default).
 
     python bench/track2_quality.py --model /work/mnist5k-model --out /tmp/t2q \
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--strength", type=float, nargs="+", default=[0.7])
     ap.add_argument("--oversample", type=float, default=3.0, help="R of the selection runs (1: none)")
+    ap.add_argument("--match-steps", type=int, nargs="+", default=[0],
+                    help="distribution matching steps; one run per value (0: none)")
     ap.add_argument("--methods", nargs="+", default=["random", "herding", "diffusion", "d4m", "d3m"])
     ap.add_argument("--invert-steps", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=OFFICIAL.epochs)
@@ -62,14 +65,15 @@ def main() -> None:
             if method not in ("random", "herding"):
                 options = {"model": str(folder), **options}
             for r in sorted({1.0, args.oversample}):
-                runs.append((method, options, r))
+                runs += [(method, options, r, m) for m in args.match_steps]
     print(f"| set | IPC | accuracy % (mean ± std, {recipe.rounds} rounds, {recipe.epochs} epochs) | per round | "
           "generation s |\n|---|---|---|---|---|", flush=True)
-    for method, options, r in runs:
-        name = method + "".join(f"-s{v:g}" for k, v in options.items() if k == "strength") + (f"-R{r:g}" if r > 1 else "")
+    for method, options, r, m in runs:
+        name = (method + "".join(f"-s{v:g}" for k, v in options.items() if k == "strength")
+                + (f"-R{r:g}" if r > 1 else "") + (f"-M{m}" if m else ""))
         out = args.out / f"{name}.h5"
         rep = generate(GenerateConfig("mnist5k", method, args.ipc, seed=0, device=args.device, options=options,
-                                      oversample=r), out, force=True)
+                                      oversample=r, match_steps=m), out, force=True)
         if args.images and r == 1:
             entry = load_submission(out, "mnist5k")[0]
             atomic_write_bytes(args.images / f"mnist5k-{name}-samples.png", image_grid(entry, 10, args.ipc))

@@ -188,10 +188,13 @@ def _ipc(value: str) -> int | str:
 @click.option("--per-class", type=int, help="d3m: which stored set of K vectors per class (default: the folder's).")
 @click.option("--oversample", type=float, default=1.0, show_default=True,
               help="Any method: make ceil(R x IPC) candidates per class and keep IPC by herding (R >= 1).")
+@click.option("--match-steps", type=int, default=0, show_default=True,
+              help="Any method: refine the kept images by N steps of distribution matching against a pool of the "
+              "class (the generator's own samples; training images for random/herding); 0: none.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
-             strength, per_class, oversample, output, force):
+             strength, per_class, oversample, match_steps, output, force):
     """Synthesise IPC labelled images per class into a labelled set."""
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
@@ -199,7 +202,7 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
                  strength=strength, per_class=per_class)
     config = GenerateConfig(dataset, method, _ipc(ipc), seed, track=int(track) if track else None, budget=budget,
                             device=device, root=root, options={k: v for k, v in given.items() if v is not None},
-                            oversample=oversample)
+                            oversample=oversample, match_steps=match_steps)
     r = run_generate(config, output, force=force)
     click.echo(f"wrote {r.path}: {r.dataset}, {r.method}, IPC {r.ipc}, {r.images} images in {r.seconds:.1f} s "
                f"({r.images_per_second:.1f} images/s), seed {seed}")
@@ -264,20 +267,26 @@ def train_vae_command(dataset, output, preset, steps, seed, root, device, force,
                f"test reconstruction error {r.test_l1:.4f} (mean |pixel| in [0, 1])")
 
 
+match_steps_record = click.option("--match-steps", type=int, default=0, show_default=True,
+                                  help="Recorded for Track 2: distribution matching steps.")
+
+
 @cli.command("prototypes")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--ipc", "ipcs", type=int, multiple=True, required=True, help="Clusters per class; repeat for several.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the k-means++ draws.")
 @click.option("--strength", type=float, help="Recorded for Track 2: d4m strength (default 0.5).")
 @click.option("--oversample", type=float, default=1.0, show_default=True, help="Recorded for Track 2: selection R.")
+@match_steps_record
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
-def prototypes_command(model, ipcs, seed, strength, oversample, root, device):
+def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, root, device):
     """D4M: store k-means prototypes of every class in MODEL (a `train` folder) for `generate --method d4m`."""
     from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH, make_prototypes
 
     reports = make_prototypes(str(model), list(ipcs), seed=seed, device=device, root=root,
-                              strength=DEFAULT_STRENGTH if strength is None else strength, oversample=oversample)
+                              strength=DEFAULT_STRENGTH if strength is None else strength, oversample=oversample,
+                              match_steps=match_steps)
     for r in reports:
         click.echo(f"wrote {r.path}: IPC {r.ipc} prototypes, k-means {'converged' if r.converged else 'stopped'} "
                    f"in at most {r.iterations} iterations per class, {r.seconds:.1f} s")
@@ -292,14 +301,15 @@ def prototypes_command(model, ipcs, seed, strength, oversample, root, device):
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the grouping and the training draws.")
 @click.option("--oversample", type=float, default=1.0, show_default=True, help="Recorded for Track 2: selection R.")
+@match_steps_record
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
-def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, root, device):
+def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, match_steps, root, device):
     """D3M: learn K class vectors per class with MODEL's denoiser frozen, for `generate --method d3m`."""
     from ddchallenge.diffusion.invert import invert
 
     r = invert(str(model), per_class, steps=steps, seed=seed, device=device, root=root, batch_size=batch_size,
-               lr=lr, oversample=oversample)
+               lr=lr, oversample=oversample, match_steps=match_steps)
     click.echo(f"wrote {r.path}: {r.per_class} vectors per class, {r.steps} steps, diffusion loss "
                f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s")
 

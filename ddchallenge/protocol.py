@@ -131,7 +131,13 @@ MAX_IPC = 100  # an upload that names no IPC rule may hold at most this many ima
 #                compressed or repeated bytes must not become hours of training (CIFAR-100 at IPC 100 is 10,000 images)
 MAX_RULE_IPC = 10_000  # the largest IPC an organiser may require (all of CIFAR-100 is IPC 500)
 MAX_OVERSAMPLE = 100  # Track 2 selection: candidates per kept image; beyond, generation alone would take days
+MAX_MATCH_STEPS = 100_000  # distribution matching steps; beyond, a typo would run for days
 MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED; round r uses seed + r, and every generator accepts the sum
+
+
+def check_match_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_MATCH_STEPS:
+        raise UsageError(f"--match-steps must be a whole number from 0 (no matching) to {MAX_MATCH_STEPS}, got {steps!r}")
 
 
 def check_seed(seed: int) -> int:

@@ -63,7 +63,7 @@ def test_track_rules(run_cli, tmp_path):
 def test_budget_exceeded_writes_nothing(tmp_path, monkeypatch):
     import time
 
-    @register("slow-test-method")
+    @register("slow-test-method", pool=lambda req: None)
     def slow(req):
         time.sleep(0.3)
         req.check_deadline()

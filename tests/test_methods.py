@@ -124,6 +124,54 @@ def test_selection_keeps_exactly_ipc(coded_model, tmp_path, run_cli, monkeypatch
     assert _read(tmp_path / "r.h5")[0].shape == (20, 1, 28, 28)
 
 
+def test_matching_refines_the_kept_images_reproducibly(coded_model, tmp_path, run_cli, monkeypatch):
+    from ddchallenge.generators import matching
+
+    monkeypatch.setattr(matching, "POOL_PER_CLASS", 3)
+    args = (*GEN, "--method", "d4m", "--model", coded_model, "--ipc", 2)
+    for name, extra in (("plain", ()), ("a", ("--match-steps", 3)), ("b", ("--match-steps", 3))):
+        r = run_cli(*args, *extra, "-o", tmp_path / f"{name}.h5")
+        assert r.exit_code == 0, r.stderr
+    plain, a, b = (_read(tmp_path / f"{n}.h5") for n in ("plain", "a", "b"))
+    assert a[0].shape == (20, 1, 28, 28) and list(a[1]) == [k for k in range(10) for _ in range(2)]
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], plain[0])  # same seed, same bytes; it moved
+    record = a[2]["provenance"]["matching"]
+    assert (a[2]["match_steps"], record["steps"], record["pool_per_class"]) == (3, 3, 3)
+    # The real-image baselines match against the training images.
+    r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--match-steps", 1,
+                "-o", tmp_path / "r.h5")
+    assert r.exit_code == 0, r.stderr
+    assert _read(tmp_path / "r.h5")[2]["provenance"]["matching"]["pool_per_class"] == 400  # mnist5k: 400 training images per class
+
+
+def test_matching_moves_class_means_toward_the_pool(monkeypatch):
+    from ddchallenge.data import load_train, normalise
+    from ddchallenge.evaluation.nets import reference_convnet
+    from ddchallenge.generators import matching
+    from ddchallenge.protocol import get_dataset
+
+    monkeypatch.setattr(matching, "MATCH_BATCH", 16)
+    spec = get_dataset("mnist5k")
+    images, labels = load_train(spec)
+    start = np.concatenate([images[labels == k][:1] for k in range(10)])  # one real image per class
+    start_labels = np.arange(10)
+
+    def gap(x):  # class-mean distance in the features of three fixed nets, no augmentation
+        pool = normalise(np.concatenate([images[labels == k][:64] for k in range(10)]), spec)
+        total = 0.0
+        for s in range(3):
+            torch.manual_seed(1000 + s)
+            embed = reference_convnet(spec).features
+            with torch.no_grad():
+                means = embed(pool).flatten(1).view(10, 64, -1).mean(1)
+                total += float(((means - embed(normalise(x, spec)).flatten(1)) ** 2).sum())
+        return total
+
+    out, record = matching.match(start, start_labels, images, labels, spec, 10, 0, torch.device("cpu"))
+    assert out.dtype == np.uint8 and out.shape == start.shape and record["steps"] == 10
+    assert gap(out) < 0.8 * gap(start)
+
+
 def test_codebook_folder_scores_as_track2_submission(coded_model, run_cli, tmp_path):
     r = run_cli("score", coded_model, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-")
     assert r.exit_code == 0, r.stderr
@@ -151,7 +199,7 @@ def test_codebook_folder_scores_as_track2_submission(coded_model, run_cli, tmp_p
 def test_folder_without_generate_section_is_plain_diffusion(coded_model, tmp_path):
     from ddchallenge.generators.track2 import folder_method
 
-    assert folder_method(coded_model) == ("d3m", {"per_class": 2, "oversample": 1.0})
+    assert folder_method(coded_model) == ("d3m", {"per_class": 2, "oversample": 1.0, "match_steps": 0})
     meta = _meta(coded_model)
     del meta["generate"]
     (tmp_path / "ddchallenge.json").write_text(json.dumps(meta))
@@ -207,6 +255,7 @@ def _wrong_space(coded_model, tmp_path):
     ("d4m", [], _wrong_shape, "holds a (9, 2, 1, 28, 28) tensor; this model needs (10, 2, 1, 28, 28)"),
     ("d4m", [], _wrong_space, "was made in a [4, 14, 14] space; this model samples [1, 28, 28]"),
     ("diffusion", ["--strength", 0.5], None, "--strength does not apply to --method diffusion"),
+    ("d4m", ["--match-steps", -1], None, "--match-steps must be a whole number from 0 (no matching) to 100000"),
 ])
 def test_bad_input_is_refused(coded_model, tmp_path, run_cli, method, extra, make, message):
     model = make(coded_model, tmp_path) if make else coded_model
@@ -225,6 +274,7 @@ def test_bad_input_is_refused(coded_model, tmp_path, run_cli, method, extra, mak
     (["prototypes", "{m}", "--ipc", 2, "--strength", 0], "--strength must be in (0, 1]"),
     (["prototypes", "{m}", "--ipc", 0], "--ipc must be between 1 and 1000"),
     (["prototypes", "{m}", "--ipc", 2, "--oversample", 0], "--oversample must be from 1 to 100"),
+    (["invert", "{m}", "--per-class", 2, "--match-steps", -3], "--match-steps must be a whole number from 0"),
     (["prototypes", "{m}/nowhere", "--ipc", 2], "is not a local model folder"),
 ])
 def test_bad_codebook_commands_are_refused(coded_model, run_cli, args, message):

@@ -28,7 +28,7 @@ from ddchallenge.diffusion.codebook import encode_training, model_folder, store
 from ddchallenge.diffusion.model import Generator, generator_dataset, load_generator
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
-from ddchallenge.protocol import MAX_OVERSAMPLE, get_dataset
+from ddchallenge.protocol import MAX_OVERSAMPLE, check_match_steps, get_dataset
 from ddchallenge.evaluation.device import resolve_device
 
 DEFAULT_STEPS = 300
@@ -93,7 +93,8 @@ MAX_STEPS, MAX_BATCH = 1_000_000, 65_536  # far past any useful run; beyond, a t
 
 
 def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, device: str = "auto", root=None,
-           batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, oversample: float = 1.0) -> InvertReport:
+           batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, oversample: float = 1.0,
+           match_steps: int = 0) -> InvertReport:
     """Learn and store K = `per_class` vectors per class; the folder's Track 2
     method becomes d3m with K and `oversample`."""
     if not 1 <= per_class <= MAX_PER_CLASS:
@@ -105,6 +106,7 @@ def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, 
         raise UsageError(f"--lr must be in (0, 10], got {lr:g}")
     if not 1 <= oversample <= MAX_OVERSAMPLE:
         raise UsageError(f"--oversample must be from 1 to {MAX_OVERSAMPLE}, got {oversample:g}")
+    check_match_steps(match_steps)
     start = time.perf_counter()
     folder = model_folder(ref)
     spec = get_dataset(generator_dataset(folder))
@@ -150,6 +152,7 @@ def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, 
     record = {"method": "d3m", "per_class": per_class, "classes": spec.classes, "dim": int(vectors.shape[-1]),
               "sample_shape": list(gen.sample_shape), "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr}
     path = store(gen, codebook_name(per_class), {"vectors": vectors}, record,
-                 {"method": "d3m", "settings": {"per_class": per_class, "oversample": oversample}})
+                 {"method": "d3m", "settings": {"per_class": per_class, "oversample": oversample,
+                                               "match_steps": match_steps}})
     return InvertReport(path, per_class, steps, float(np.mean(losses[:10])), float(np.mean(losses[-10:])),
                         time.perf_counter() - start)

@@ -20,7 +20,7 @@ from ddchallenge.diffusion.codebook import encode_training, model_folder, store
 from ddchallenge.diffusion.model import generator_dataset, load_generator
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
-from ddchallenge.protocol import MAX_OVERSAMPLE, get_dataset
+from ddchallenge.protocol import MAX_OVERSAMPLE, check_match_steps, get_dataset
 from ddchallenge.evaluation.device import resolve_device
 
 DEFAULT_STRENGTH = 0.5  # best of 0.5, 0.7, 0.9 on mnist5k at IPC 10 (docs/benchmarks.md)
@@ -55,7 +55,8 @@ class PrototypeReport:
 
 
 def make_prototypes(ref: str, ipcs: list[int], seed: int = 0, device: str = "auto", root=None,
-                    strength: float = DEFAULT_STRENGTH, oversample: float = 1.0) -> list[PrototypeReport]:
+                    strength: float = DEFAULT_STRENGTH, oversample: float = 1.0,
+                    match_steps: int = 0) -> list[PrototypeReport]:
     """Cluster every class of the model's dataset into each IPC in `ipcs` and
     store the centres; the folder's Track 2 method becomes d4m with
     `strength` and `oversample`."""
@@ -64,6 +65,7 @@ def make_prototypes(ref: str, ipcs: list[int], seed: int = 0, device: str = "aut
     check_strength(strength)
     if not 1 <= oversample <= MAX_OVERSAMPLE:
         raise UsageError(f"--oversample must be from 1 to {MAX_OVERSAMPLE}, got {oversample:g}")
+    check_match_steps(match_steps)
     if not ipcs or any(not 1 <= i <= MAX_IPC for i in ipcs):
         raise UsageError(f"--ipc must be between 1 and {MAX_IPC} (give it once per codebook), got {ipcs}")
     folder = model_folder(ref)
@@ -86,6 +88,7 @@ def make_prototypes(ref: str, ipcs: list[int], seed: int = 0, device: str = "aut
         record = {"method": "d4m", "ipc": ipc, "classes": spec.classes, "sample_shape": list(gen.sample_shape),
                   "space": gen.meta["space"], "seed": seed, "kmeans_iterations": iterations, "converged": converged}
         path = store(gen, codebook_name(ipc), {"centres": torch.stack(centres)}, record,
-                     {"method": "d4m", "settings": {"strength": strength, "oversample": oversample}})
+                     {"method": "d4m", "settings": {"strength": strength, "oversample": oversample,
+                                                   "match_steps": match_steps}})
         reports.append(PrototypeReport(path, ipc, iterations, converged, time.perf_counter() - start))
     return reports

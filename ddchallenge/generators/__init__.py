@@ -3,14 +3,17 @@ exactly IPC labelled images per class, and the runner that enforces the track
 rules, times the run and writes the labelled set.
 
 A method joins by adding one module that decorates a function with
-`@register("name", options=..., auto_ipc=...)`; the function takes a
+`@register("name", pool=..., options=..., auto_ipc=...)`; the function takes a
 `GenerationRequest` and returns (images uint8 (K*IPC, C, H, W), labels int64
 (K*IPC,), provenance dict), class-major. The provenance (which model, which
 settings) is recorded in the labelled set.
 
 Selection (`--oversample R`, generators/selection.py) works with every
 method: the method is asked for ceil(R x IPC) images per class and the
-runner keeps IPC of them; the whole run counts against the budget.
+runner keeps IPC of them. Distribution matching (`--match-steps N`,
+generators/matching.py) then refines the kept images toward a pool of the
+class that the method supplies (`register(..., pool=...)`). The whole run,
+pool and matching included, counts against the budget.
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ import numpy as np
 
 from ddchallenge.errors import DDChallengeError, OutputExistsError, UsageError
 from ddchallenge.labelled import write_labelled_set
-from ddchallenge.protocol import TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, check_seed, get_dataset
+from ddchallenge.protocol import (
+    TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, check_match_steps, check_seed, get_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ class GenerateConfig:
     root: str | None = None  # data root holding training stores (default: the per-user cache)
     options: dict = field(default_factory=dict)  # method-specific settings, recorded with the set
     oversample: float = 1.0  # selection: make ceil(R x IPC) candidates per class, keep IPC by herding (1: none)
+    match_steps: int = 0  # distribution matching steps on the kept images against the method's pool (0: none)
 
 
 @dataclass(frozen=True)
@@ -74,14 +80,16 @@ class Method:
     run: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray, dict]]
     options: tuple[str, ...]  # the method-specific options it accepts
     auto_ipc: bool  # can pick the IPC that fits a budget
+    pool: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray]]  # images of each class to match against
 
 
 GENERATORS: dict[str, Method] = {}
 
 
-def register(name: str, options: tuple[str, ...] = (), auto_ipc: bool = False):
+def register(name: str, *, pool: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray]],
+             options: tuple[str, ...] = (), auto_ipc: bool = False):
     def add(fn):
-        GENERATORS[name] = Method(fn, options, auto_ipc)
+        GENERATORS[name] = Method(fn, options, auto_ipc, pool)
         return fn
     return add
 
@@ -143,16 +151,20 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     if config.ipc == "auto" and not method.auto_ipc:
         auto = ", ".join(sorted(n for n, m in GENERATORS.items() if m.auto_ipc))
         raise UsageError(f"--method {config.method} cannot pick its IPC; --ipc auto works with: {auto}")
+    from ddchallenge.evaluation.device import resolve_device
+    from ddchallenge.generators.matching import MATCHING_RESERVE, match
     from ddchallenge.generators.selection import SELECTION_RESERVE, candidates, check_oversample, select
 
     check_oversample(config.oversample)
-    selecting = config.oversample > 1
+    check_match_steps(config.match_steps)
+    selecting, matching = config.oversample > 1, config.match_steps > 0
     output = Path(output)
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to overwrite it")
     start = time.monotonic()
-    # With selection, the method must stop early enough to leave time for it.
-    method_deadline = None if budget is None else start + budget * (1 - SELECTION_RESERVE if selecting else 1)
+    # With selection or matching, the method must stop early enough to leave time for them.
+    reserve = SELECTION_RESERVE * selecting + MATCHING_RESERVE * matching
+    method_deadline = None if budget is None else start + budget * (1 - reserve)
     made_ipc = None if config.ipc == "auto" else candidates(config.ipc, config.oversample)
     request = GenerationRequest(spec, made_ipc, config.seed, config.device, config.root, dict(config.options),
                                 method_deadline, config.oversample, None if config.ipc == "auto" else config.ipc)
@@ -164,10 +176,14 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
             raise BudgetExceeded(f"the budget left {made} candidates per class, fewer than --oversample "
                                  f"{config.oversample:g} needs for one kept image; nothing was written")
         _check_output(images, labels, spec, made, config.method)
-        from ddchallenge.evaluation.device import resolve_device
-
         images, labels, provenance["selection"] = select(images, labels, spec, keep, config.seed,
                                                          resolve_device(config.device))
+    if matching:
+        deadline = None if budget is None else start + budget
+        request = dataclasses.replace(request, deadline=deadline)
+        pool, pool_labels = method.pool(request)
+        images, provenance["matching"] = match(images, labels, pool, pool_labels, spec, config.match_steps,
+                                               config.seed, resolve_device(config.device), request.check_deadline)
     seconds = time.monotonic() - start
     if budget is not None and seconds > budget:
         raise BudgetExceeded(f"generation took {seconds:.1f} s, over the {budget:.0f} s budget; nothing was written")

@@ -26,7 +26,12 @@ def _class_members(labels: np.ndarray, k: int, ipc: int) -> np.ndarray:
     return members
 
 
-@register("random")
+def training_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
+    """What matching (`--match-steps`) pulls a real-image set toward: the class's training images."""
+    return load_train(req.spec, req.root)
+
+
+@register("random", pool=training_pool)
 def random_real(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
     images, labels = load_train(req.spec, req.root)
     rng = np.random.default_rng(req.seed)
@@ -55,7 +60,7 @@ def herding_order(features: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
-@register("herding")
+@register("herding", pool=training_pool)
 def herding(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
     images, labels = load_train(req.spec, req.root)
     device = resolve_device(req.device)

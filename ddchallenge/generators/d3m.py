@@ -16,10 +16,10 @@ from ddchallenge.diffusion.invert import class_embedding, codebook_name, extend_
 from ddchallenge.diffusion.model import ModelError
 from ddchallenge.errors import UsageError
 from ddchallenge.generators import GenerationRequest, register
-from ddchallenge.generators.diffusion import SAMPLING, load_model, run_sampling, sampling_settings
+from ddchallenge.generators.diffusion import SAMPLING, generated_pool, load_model, run_sampling, sampling_settings
 
 
-@register("d3m", options=("model", "per_class") + SAMPLING, auto_ipc=True)
+@register("d3m", pool=generated_pool, options=("model", "per_class") + SAMPLING, auto_ipc=True)
 def d3m(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     settings = sampling_settings(req)
     gen, device = load_model(req, "d3m")

@@ -25,14 +25,16 @@ from ddchallenge.diffusion.model import Generator, ModelError
 from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH, check_strength, codebook_name, make_command
 from ddchallenge.diffusion.sample import images_per_second
 from ddchallenge.generators import BudgetExceeded, GenerationRequest, register
-from ddchallenge.generators.diffusion import MARGIN, SAMPLING, load_model, run_sampling, sampling_settings
+from ddchallenge.generators.diffusion import (
+    MARGIN, SAMPLING, generated_pool, load_model, run_sampling, sampling_settings,
+)
 from ddchallenge.generators.selection import candidates
 from ddchallenge.protocol import MAX_IPC
 
 log = logging.getLogger(__name__)
 
 
-@register("d4m", options=("model", "strength") + SAMPLING, auto_ipc=True)
+@register("d4m", pool=generated_pool, options=("model", "strength") + SAMPLING, auto_ipc=True)
 def d4m(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     strength = DEFAULT_STRENGTH if req.options.get("strength") is None else float(req.options["strength"])
     check_strength(strength)

@@ -65,7 +65,19 @@ def run_sampling(req: GenerationRequest, gen: Generator, settings: dict, device:
     return _auto_ipc(req, gen, settings, device, start)
 
 
-@register("diffusion", options=("model",) + SAMPLING, auto_ipc=True)
+def generated_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
+    """What matching (`--match-steps`) pulls a generator's set toward: the
+    model's own class-conditional samples, without guidance (the class's
+    spread, not its modes), from their own seed stream."""
+    from ddchallenge.generators.matching import POOL_PER_CLASS, pool_seed
+
+    settings = {**sampling_settings(req), "guidance": 1.0}
+    gen, device = load_model(req, "diffusion")
+    return sample(gen, list(range(req.spec.classes)), POOL_PER_CLASS, pool_seed(req.seed), device=device,
+                  between_batches=lambda done: req.check_deadline() or True, **settings)
+
+
+@register("diffusion", pool=generated_pool, options=("model",) + SAMPLING, auto_ipc=True)
 def diffusion(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     settings = sampling_settings(req)
     gen, device = load_model(req, "diffusion")

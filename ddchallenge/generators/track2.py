@@ -23,10 +23,11 @@ from ddchallenge.submission import DatasetEntry
 
 # method -> settings a folder may give it (anything else in the section is refused)
 METHODS: dict[str, tuple[str, ...]] = {
-    "diffusion": ("sampler", "steps", "guidance", "batch_size", "oversample"),
-    "d4m": ("strength", "sampler", "steps", "guidance", "batch_size", "oversample"),
-    "d3m": ("per_class", "sampler", "steps", "guidance", "batch_size", "oversample"),
+    "diffusion": ("sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
+    "d4m": ("strength", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
+    "d3m": ("per_class", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
 }
+WHOLE = ("steps", "batch_size", "per_class", "match_steps")  # settings that must be whole numbers
 MAX_META_BYTES = 1 << 20
 
 
@@ -46,7 +47,8 @@ def folder_method(model: str | Path) -> tuple[str, dict]:
     if method not in METHODS:
         raise ModelError(f"{meta_path} names method {method!r}; Track 2 runs {', '.join(sorted(METHODS))}")
     for key, value in settings.items():
-        if isinstance(value, bool) or not isinstance(value, str if key == "sampler" else (int, float)):
+        kind = str if key == "sampler" else int if key in WHOLE else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
             raise ModelError(f"{meta_path}: setting {key!r} has the wrong type ({value!r})")
     unknown = sorted(set(settings) - set(METHODS[method]))
     if unknown:
@@ -64,8 +66,9 @@ def run_track2(model: str, dataset: str, ipc: int | str, seed: int, budget: floa
 
     method, settings = folder_method(model)
     oversample = float(settings.pop("oversample", 1.0))
+    match_steps = settings.pop("match_steps", 0)
     config = GenerateConfig(dataset, method, ipc, seed, budget=budget, device=device,
-                            options={"model": str(model), **settings}, oversample=oversample)
+                            options={"model": str(model), **settings}, oversample=oversample, match_steps=match_steps)
     report = generate(config, folder / "generated.h5")
     # The file records where the folder was staged, a fresh path each run: the set is named by its
     # images and labels instead, so that the same generator and seed give the same record.

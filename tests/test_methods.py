@@ -206,6 +206,48 @@ def test_folder_without_generate_section_is_plain_diffusion(coded_model, tmp_pat
     assert folder_method(tmp_path) == ("diffusion", {})
 
 
+@pytest.mark.parametrize("section, message", [
+    ({"method": "gan", "settings": {}}, "names method 'gan'; Track 2 runs d3m, d4m, diffusion"),
+    ({"method": "d4m", "settings": {"match_steps": 2.5}}, "setting 'match_steps' has the wrong type (2.5)"),
+    ({"method": "d4m", "settings": {"steps": 20.5}}, "setting 'steps' has the wrong type (20.5)"),
+    ({"method": "d4m", "settings": {"strength": True}}, "setting 'strength' has the wrong type (True)"),
+    ({"method": "diffusion", "settings": {"strength": 0.5}}, "setting 'strength' does not apply to method diffusion"),
+    (["d4m"], "the 'generate' section is not {method, settings}"),
+])
+def test_bad_folder_generate_section_is_refused(coded_model, tmp_path, section, message):
+    from ddchallenge.diffusion.model import ModelError
+    from ddchallenge.generators.track2 import folder_method
+
+    meta = _meta(coded_model)
+    meta["generate"] = section
+    (tmp_path / "ddchallenge.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError) as caught:
+        folder_method(tmp_path)
+    assert message in str(caught.value)
+
+
+def test_track2_folder_settings_reach_the_run(coded_model, tmp_path, monkeypatch):
+    from ddchallenge import generators
+    from ddchallenge.generators.track2 import run_track2
+
+    seen = []
+
+    def capture(config, output):
+        seen.append(config)
+        raise KeyboardInterrupt  # stop before anything is made
+
+    monkeypatch.setattr(generators, "generate", capture)
+    meta = _meta(coded_model)
+    meta["generate"] = {"method": "d4m", "settings": {"strength": 0.3, "oversample": 2, "match_steps": 7}}
+    folder = tmp_path / "f"
+    shutil.copytree(coded_model, folder)
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    with pytest.raises(KeyboardInterrupt):
+        run_track2(str(folder), "mnist5k", 2, 0, 600.0, "cpu", tmp_path)
+    (config,) = seen
+    assert (config.method, config.oversample, config.match_steps, config.options["strength"]) == ("d4m", 2.0, 7, 0.3)
+
+
 def _tampered(coded_model, tmp_path):
     folder = tmp_path / "t"
     shutil.copytree(coded_model, folder)

@@ -15,11 +15,13 @@ step on the images in normalised space (lr 1, momentum 0.5, as in the DM
 paper). The kept images start from the method's own, so a few hundred steps
 refine them rather than draw from scratch.
 
-Why: a method's images are each a plausible sample, but at small IPC the
-set as a whole under-represents the class's spread, which is what the
+Why: a generator's images are each a plausible but typical sample, so at
+small IPC the set under-represents the class's spread, which is what the
 evaluation ConvNet learns from; matching the class mean in many random
-feature spaces pulls the set toward covering it. Measured on mnist5k in
-docs/benchmarks.md.
+feature spaces pulls the set toward covering it. Measured on mnist5k
+(docs/benchmarks.md, official recipe): it lifts diffusion and d3m above
+random real images, and lowers d4m, whose prototype-based images already
+cover the real modes better than the generator's pool does.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from ddchallenge.evaluation.augment import augment, parse_strategy
 from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.protocol import OFFICIAL, DatasetSpec
 
-POOL_PER_CLASS = 100  # generated pool images per class: 10x IPC 10, a few seconds of sampling on a GPU
+POOL_PER_CLASS = 100  # generated pool images per class: 10x IPC 10
 MATCH_BATCH = 64  # pool images per class in each step
 MATCH_LR, MATCH_MOMENTUM = 1.0, 0.5  # the DM paper's image optimiser
 MATCHING_RESERVE = 0.3  # share of a Track 2 budget kept back from the method for the pool and the matching

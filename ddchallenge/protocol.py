@@ -12,6 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from ddchallenge.errors import UploadRuleError, UsageError
 
 
@@ -138,6 +140,12 @@ MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED; round r uses seed + r, and every 
 def check_match_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_MATCH_STEPS:
         raise UsageError(f"--match-steps must be a whole number from 0 (no matching) to {MAX_MATCH_STEPS}, got {steps!r}")
+
+
+def derive_seed(*parts: int) -> int:
+    """One independent seed from a tuple (seed, stream, index, ...): the same
+    parts always give the same seed, different parts unrelated ones."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def check_seed(seed: int) -> int:

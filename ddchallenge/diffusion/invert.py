@@ -28,7 +28,7 @@ from ddchallenge.diffusion.codebook import encode_training, model_folder, store
 from ddchallenge.diffusion.model import Generator, generator_dataset, load_generator
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
-from ddchallenge.protocol import MAX_OVERSAMPLE, check_match_steps, get_dataset
+from ddchallenge.protocol import MAX_OVERSAMPLE, check_match_steps, derive_seed, get_dataset
 from ddchallenge.evaluation.device import resolve_device
 
 DEFAULT_STEPS = 300
@@ -43,10 +43,6 @@ def codebook_name(per_class: int) -> str:
 
 def make_command(folder: str | Path, per_class: int) -> str:
     return f"ddchallenge invert {folder} --per-class {per_class}"
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def class_embedding(gen: Generator) -> torch.nn.Embedding:
@@ -122,7 +118,7 @@ def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, 
         members = torch.nonzero(labels == k).flatten()
         if len(members) < per_class:
             raise UsageError(f"class {k} of {spec.name} has {len(members)} training images, fewer than K {per_class}")
-        groups = kmeans(mean[members], per_class, seed=_seed(seed, k)).assignment
+        groups = kmeans(mean[members], per_class, seed=derive_seed(seed, k)).assignment
         rows[members] = first_row + k * per_class + groups
 
     init = emb.weight.detach()[:spec.classes, None, :].repeat(1, per_class, 1)  # each class's own row
@@ -135,7 +131,7 @@ def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, 
     prediction = gen.meta["prediction"]
     losses = []
     for step in range(steps):
-        g = torch.Generator(dev).manual_seed(_seed(seed, step, 7))
+        g = torch.Generator(dev).manual_seed(derive_seed(seed, step, 7))
         idx = torch.randint(len(labels), (batch_size,), generator=g, device=dev)
         x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=dev)
         noise = torch.randn(x0.shape, generator=g, device=dev)

@@ -13,14 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ddchallenge.diffusion.codebook import encode_training, model_folder, store
 from ddchallenge.diffusion.model import generator_dataset, load_generator
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
-from ddchallenge.protocol import MAX_OVERSAMPLE, check_match_steps, get_dataset
+from ddchallenge.protocol import MAX_OVERSAMPLE, check_match_steps, derive_seed, get_dataset
 from ddchallenge.evaluation.device import resolve_device
 
 DEFAULT_STRENGTH = 0.5  # best of 0.5, 0.7, 0.9 on mnist5k at IPC 10 (docs/benchmarks.md)
@@ -28,7 +27,7 @@ MAX_IPC = 1000
 
 
 def class_seed(seed: int, k: int) -> int:
-    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+    return derive_seed(seed, k)
 
 
 def codebook_name(ipc: int) -> str:

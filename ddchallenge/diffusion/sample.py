@@ -21,6 +21,7 @@ import torch
 
 from ddchallenge.diffusion.model import Generator
 from ddchallenge.errors import UsageError
+from ddchallenge.protocol import derive_seed
 
 SAMPLERS = ("dpm++", "ddim")
 DEFAULT_SAMPLER = "dpm++"
@@ -54,7 +55,7 @@ def image_noise(shape: tuple[int, ...], pairs: list[tuple[int, int]], seed: int)
     """Starting noise of the (class, index) pairs, each from its own CPU generator."""
     out = torch.empty((len(pairs), *shape))
     for row, (k, i) in enumerate(pairs):
-        state = int(np.random.SeedSequence([seed, k, i]).generate_state(1)[0])
+        state = derive_seed(seed, k, i)
         out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(state))
     return out
 

@@ -31,7 +31,7 @@ from ddchallenge.diffusion.model import (
     META_FILE, Generator, PixelCodec, build_scheduler, build_unet, checkpoints, describe, latent_shape, load_vae,
 )
 from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
-from ddchallenge.protocol import DatasetSpec, get_dataset
+from ddchallenge.protocol import DatasetSpec, derive_seed, get_dataset
 from ddchallenge.evaluation.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ STATE = "training_state"
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+    return derive_seed(seed, step, stream)
 
 
 class BatchOrder:

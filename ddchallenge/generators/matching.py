@@ -33,7 +33,7 @@ from ddchallenge.data.reference import denormalise
 from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.augment import augment, parse_strategy
 from ddchallenge.evaluation.nets import reference_convnet
-from ddchallenge.protocol import OFFICIAL, DatasetSpec
+from ddchallenge.protocol import OFFICIAL, DatasetSpec, derive_seed
 
 POOL_PER_CLASS = 100  # generated pool images per class: 10x IPC 10
 MATCH_BATCH = 64  # pool images per class in each step
@@ -42,13 +42,9 @@ MATCHING_RESERVE = 0.3  # share of a Track 2 budget kept back from the method fo
 CHUNK_IMAGES = 4096  # pool images per forward pass: bounds activation memory on 200-class datasets
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 def pool_seed(seed: int) -> int:
     """The seed a generator's pool is sampled with: its own stream, not the images' noise."""
-    return _seed(seed, 0x706F6F6C)
+    return derive_seed(seed, 0x706F6F6C)
 
 
 def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, spec: DatasetSpec,
@@ -70,26 +66,24 @@ def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels:
     for step in range(steps):
         check_deadline()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(seed, step, 1))
+            torch.manual_seed(derive_seed(seed, step, 1))
             net = reference_convnet(spec)
         embed = net.features.to(device).requires_grad_(False)
-        host = np.random.default_rng(_seed(seed, step, 2))
-        draws = torch.Generator(device).manual_seed(_seed(seed, step, 3))
-        group = groups[host.integers(len(groups))] if groups else None
+        host = np.random.default_rng(derive_seed(seed, step, 2))
+        draws = torch.Generator(device).manual_seed(derive_seed(seed, step, 3))
+        group = groups[host.integers(len(groups))]
         optimiser.zero_grad(set_to_none=True)
         total = 0.0
         for first in range(0, classes, per_chunk):
             chunk = range(first, min(classes, first + per_chunk))
-            batch = np.concatenate([host.choice(members[k], min(MATCH_BATCH, len(members[k])), replace=False)
-                                    for k in chunk])
             counts = [min(MATCH_BATCH, len(members[k])) for k in chunk]
+            batch = np.concatenate([host.choice(members[k], n, replace=False) for k, n in zip(chunk, counts)])
             with torch.no_grad():
                 x = normalise(real[batch], spec).to(device)
-                target = embed(x if group is None else augment(x, group, draws)).flatten(1)
+                target = embed(augment(x, group, draws)).flatten(1)
                 target = torch.stack([t.mean(0) for t in target.split(counts)])
             mine = torch.cat([kept[k] for k in chunk])
-            s = syn[mine]
-            feats = embed(s if group is None else augment(s, group, draws)).flatten(1)
+            feats = embed(augment(syn[mine], group, draws)).flatten(1)
             means = torch.stack([f.mean(0) for f in feats.split([len(kept[k]) for k in chunk])])
             loss = ((target - means) ** 2).sum()
             loss.backward()

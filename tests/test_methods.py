@@ -125,9 +125,13 @@ def test_selection_keeps_exactly_ipc(coded_model, tmp_path, run_cli, monkeypatch
 
 
 def test_matching_refines_the_kept_images_reproducibly(coded_model, tmp_path, run_cli, monkeypatch):
-    from ddchallenge.generators import matching
+    from ddchallenge.generators import baselines, diffusion, matching
 
     monkeypatch.setattr(matching, "POOL_PER_CLASS", 3)
+    loads = []
+    for module, name in ((diffusion, "load_generator"), (baselines, "load_train")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: loads.append(name) or real(*a, **k))
     args = (*GEN, "--method", "d4m", "--model", coded_model, "--ipc", 2)
     for name, extra in (("plain", ()), ("a", ("--match-steps", 3)), ("b", ("--match-steps", 3))):
         r = run_cli(*args, *extra, "-o", tmp_path / f"{name}.h5")
@@ -137,11 +141,13 @@ def test_matching_refines_the_kept_images_reproducibly(coded_model, tmp_path, ru
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], plain[0])  # same seed, same bytes; it moved
     record = a[2]["provenance"]["matching"]
     assert (a[2]["match_steps"], record["steps"], record["pool_per_class"]) == (3, 3, 3)
+    assert loads == ["load_generator"] * 3  # one load per run: the pool reuses the method's model
     # The real-image baselines match against the training images.
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--match-steps", 1,
                 "-o", tmp_path / "r.h5")
     assert r.exit_code == 0, r.stderr
     assert _read(tmp_path / "r.h5")[2]["provenance"]["matching"]["pool_per_class"] == 400  # mnist5k: 400 training images per class
+    assert loads == ["load_generator"] * 3 + ["load_train"]
 
 
 def test_matching_moves_class_means_toward_the_pool(monkeypatch):

@@ -67,6 +67,15 @@ class GenerationRequest:
     deadline: float | None  # time.monotonic() value; None: no budget
     oversample: float = 1.0  # candidates per kept image; `ipc` above already counts the candidates
     keep: int | None = None  # images per class kept after selection (None: --ipc auto, decided from what is made)
+    # What the run has loaded (a model, the training images), shared by the method and its matching pool, so
+    # that matching does not read and hash the same folder again inside the budget.
+    loaded: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def once(self, key: tuple, load: Callable[[], object]):
+        """`load()` the first time `key` is asked for in this run; afterwards the same object."""
+        if key not in self.loaded:
+            self.loaded[key] = load()
+        return self.loaded[key]
 
     def check_deadline(self) -> None:
         """Methods call this between units of work, so an over-budget run

@@ -26,14 +26,15 @@ def _class_members(labels: np.ndarray, k: int, ipc: int) -> np.ndarray:
     return members
 
 
-def training_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
-    """What matching (`--match-steps`) pulls a real-image set toward: the class's training images."""
-    return load_train(req.spec, req.root)
+def training_images(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
+    """The dataset's training images, read once per run: they are also what
+    matching (`--match-steps`) pulls a real-image set toward."""
+    return req.once(("train",), lambda: load_train(req.spec, req.root))
 
 
-@register("random", pool=training_pool)
+@register("random", pool=training_images)
 def random_real(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = load_train(req.spec, req.root)
+    images, labels = training_images(req)
     rng = np.random.default_rng(req.seed)
     picks = []
     for k in range(req.spec.classes):
@@ -60,9 +61,9 @@ def herding_order(features: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
-@register("herding", pool=training_pool)
+@register("herding", pool=training_images)
 def herding(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = load_train(req.spec, req.root)
+    images, labels = training_images(req)
     device = resolve_device(req.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(req.seed)

@@ -51,7 +51,8 @@ def load_model(req: GenerationRequest, method: str) -> tuple[Generator, torch.de
     if not req.options.get("model"):
         raise UsageError(f"--method {method} needs --model MODEL_DIR|HUB_ID (a folder written by `ddchallenge train`)")
     device = resolve_device(req.device)
-    return load_generator(req.options["model"], req.spec).to(device), device
+    ref = req.options["model"]
+    return req.once(("model", ref, str(device)), lambda: load_generator(ref, req.spec).to(device)), device
 
 
 def run_sampling(req: GenerationRequest, gen: Generator, settings: dict, device: torch.device,

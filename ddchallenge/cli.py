@@ -190,7 +190,8 @@ def _ipc(value: str) -> int | str:
               help="Any method: make ceil(R x IPC) candidates per class and keep IPC by herding (R >= 1).")
 @click.option("--match-steps", type=int, default=0, show_default=True,
               help="Any method: refine the kept images by N steps of distribution matching against a pool of the "
-              "class (the generator's own samples; training images for random/herding); 0: none.")
+              "class (d4m: a finer stored codebook redrawn; other generators: their own unguided samples; random/herding: "
+              "the training images); 0: none.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,

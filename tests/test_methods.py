@@ -141,13 +141,23 @@ def test_matching_refines_the_kept_images_reproducibly(coded_model, tmp_path, ru
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], plain[0])  # same seed, same bytes; it moved
     record = a[2]["provenance"]["matching"]
     assert (a[2]["match_steps"], record["steps"], record["pool_per_class"]) == (3, 3, 3)
+    # d4m's pool: the finer stored codebook (IPC 3 for a set of IPC 2) redrawn, named by its hash.
+    assert record["pool"]["source"] == "d4m codebook redrawn"
+    assert record["pool"]["codebook"]["sha256"] == _meta(coded_model)["codebooks"]["d4m-ipc3"]["sha256"]
     assert loads == ["load_generator"] * 3  # one load per run: the pool reuses the method's model
+    # No codebook finer than IPC 3 is stored: the model's unguided samples instead.
+    r = run_cli(*GEN, "--method", "d4m", "--model", coded_model, "--ipc", 3, "--match-steps", 1, "-o", tmp_path / "c.h5")
+    assert r.exit_code == 0, r.stderr
+    pool = _read(tmp_path / "c.h5")[2]["provenance"]["matching"]["pool"]
+    assert (pool["source"], pool["sampling"]["guidance"]) == ("unguided samples", 1.0)
+    del loads[:]
     # The real-image baselines match against the training images.
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--match-steps", 1,
                 "-o", tmp_path / "r.h5")
     assert r.exit_code == 0, r.stderr
-    assert _read(tmp_path / "r.h5")[2]["provenance"]["matching"]["pool_per_class"] == 400  # mnist5k: 400 training images per class
-    assert loads == ["load_generator"] * 3 + ["load_train"]
+    record = _read(tmp_path / "r.h5")[2]["provenance"]["matching"]
+    assert (record["pool_per_class"], record["pool"]["source"]) == (400, "training images")  # mnist5k: 400 per class
+    assert loads == ["load_train"]
 
 
 def test_matching_moves_class_means_toward_the_pool(monkeypatch):

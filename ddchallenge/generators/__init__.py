@@ -89,13 +89,13 @@ class Method:
     run: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray, dict]]
     options: tuple[str, ...]  # the method-specific options it accepts
     auto_ipc: bool  # can pick the IPC that fits a budget
-    pool: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray]]  # images of each class to match against
+    pool: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray, dict]]  # images of each class to match against, and what they are
 
 
 GENERATORS: dict[str, Method] = {}
 
 
-def register(name: str, *, pool: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray]],
+def register(name: str, *, pool: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray, dict]],
              options: tuple[str, ...] = (), auto_ipc: bool = False):
     def add(fn):
         GENERATORS[name] = Method(fn, options, auto_ipc, pool)
@@ -189,10 +189,11 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
                                                          resolve_device(config.device))
     if matching:
         deadline = None if budget is None else start + budget
-        request = dataclasses.replace(request, deadline=deadline)
-        pool, pool_labels = method.pool(request)
+        request = dataclasses.replace(request, deadline=deadline, keep=len(labels) // spec.classes)
+        pool, pool_labels, pool_record = method.pool(request)
         images, provenance["matching"] = match(images, labels, pool, pool_labels, spec, config.match_steps,
                                                config.seed, resolve_device(config.device), request.check_deadline)
+        provenance["matching"]["pool"] = pool_record
     seconds = time.monotonic() - start
     if budget is not None and seconds > budget:
         raise BudgetExceeded(f"generation took {seconds:.1f} s, over the {budget:.0f} s budget; nothing was written")

@@ -27,12 +27,16 @@ def _class_members(labels: np.ndarray, k: int, ipc: int) -> np.ndarray:
 
 
 def training_images(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
-    """The dataset's training images, read once per run: they are also what
-    matching (`--match-steps`) pulls a real-image set toward."""
+    """The dataset's training images, read once per run (the method and its matching pool share them)."""
     return req.once(("train",), lambda: load_train(req.spec, req.root))
 
 
-@register("random", pool=training_images)
+def training_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What matching (`--match-steps`) pulls a real-image set toward: the class's training images."""
+    return (*training_images(req), {"source": "training images"})
+
+
+@register("random", pool=training_pool)
 def random_real(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
     images, labels = training_images(req)
     rng = np.random.default_rng(req.seed)
@@ -61,7 +65,7 @@ def herding_order(features: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
-@register("herding", pool=training_images)
+@register("herding", pool=training_pool)
 def herding(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
     images, labels = training_images(req)
     device = resolve_device(req.device)

@@ -23,7 +23,7 @@ import torch
 from ddchallenge.diffusion.codebook import check_shape, load, stored
 from ddchallenge.diffusion.model import Generator, ModelError
 from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH, check_strength, codebook_name, make_command
-from ddchallenge.diffusion.sample import images_per_second
+from ddchallenge.diffusion.sample import images_per_second, sample
 from ddchallenge.generators import BudgetExceeded, GenerationRequest, register
 from ddchallenge.generators.diffusion import (
     MARGIN, SAMPLING, generated_pool, load_model, run_sampling, sampling_settings,
@@ -34,14 +34,40 @@ from ddchallenge.protocol import MAX_IPC
 log = logging.getLogger(__name__)
 
 
-@register("d4m", pool=generated_pool, options=("model", "strength") + SAMPLING, auto_ipc=True)
+
+def codebook_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What matching (`--match-steps`) pulls a d4m set toward: every centre
+    of a stored codebook finer than the set (IPC above the kept IPC: the
+    smallest with at least POOL_PER_CLASS centres, else the largest) redrawn once, the way the method draws, from the pool's own seed
+    stream. Those redraws stay on the real class's modes, at a finer grain
+    than the set; the generator's unguided samples (the other methods' pool,
+    and the fallback when no finer codebook is stored) are narrower than the
+    real class, and matching toward them lowered d4m (docs/benchmarks.md)."""
+    from ddchallenge.generators.matching import POOL_PER_CLASS, pool_seed
+
+    gen, device = load_model(req, "d4m")
+    finer = [p for p in _stored_ipcs(gen) if p > req.keep]
+    if not finer:
+        log.info("no d4m codebook finer than IPC %d is stored; matching against the model's unguided samples "
+                 "(`%s` makes one)", req.keep, make_command(gen.provenance["folder"], POOL_PER_CLASS))
+        return generated_pool(req)
+    ipc = min((p for p in finer if p >= POOL_PER_CLASS), default=max(finer))  # bounded: the pool is redrawn in budget
+    centres, book = _centres(req, gen, ipc)
+    strength, settings = _strength(req), sampling_settings(req)
+    images, labels = sample(gen, list(range(req.spec.classes)), ipc, pool_seed(req.seed), device=device,
+                            between_batches=lambda done: req.check_deadline() or True, starts=centres,
+                            strength=strength, **settings)
+    return images, labels, {"source": "d4m codebook redrawn", "codebook": book,
+                            "strength": strength, "sampling": settings, "seed": pool_seed(req.seed)}
+
+
+@register("d4m", pool=codebook_pool, options=("model", "strength") + SAMPLING, auto_ipc=True)
 def d4m(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
-    strength = DEFAULT_STRENGTH if req.options.get("strength") is None else float(req.options["strength"])
-    check_strength(strength)
+    strength = _strength(req)
     settings = sampling_settings(req)
     gen, device = load_model(req, "d4m")
     folder = gen.provenance["folder"]
-    have = sorted(int(r["ipc"]) for r in stored(gen, "d4m").values() if isinstance(r.get("ipc"), int))
+    have = _stored_ipcs(gen)
     if req.keep is not None:
         ipc = req.keep
         if ipc not in have:
@@ -50,18 +76,31 @@ def d4m(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     else:
         ipc = _auto_ipc(req, gen, settings, device, strength, have)
         req = dataclasses.replace(req, ipc=candidates(ipc, req.oversample))
-    name = codebook_name(ipc)
+    centres, book = _centres(req, gen, ipc)
+    images, labels = run_sampling(req, gen, settings, device, starts=centres, strength=strength)
+    return images, labels, {"model": gen.provenance, "sampling": settings, "strength": strength, "codebook": book}
+
+
+def _strength(req: GenerationRequest) -> float:
+    strength = DEFAULT_STRENGTH if req.options.get("strength") is None else float(req.options["strength"])
+    check_strength(strength)
+    return strength
+
+
+def _stored_ipcs(gen: Generator) -> list[int]:
+    return sorted(int(r["ipc"]) for r in stored(gen, "d4m").values() if isinstance(r.get("ipc"), int))
+
+
+def _centres(req: GenerationRequest, gen: Generator, ipc: int) -> tuple[torch.Tensor, dict]:
+    """The checked centres of the folder's IPC codebook and the record naming it."""
+    folder, name = gen.provenance["folder"], codebook_name(ipc)
     tensors, record = load(gen, name, make_command(folder, ipc))
     centres = tensors.get("centres")
     if centres is None:
         raise ModelError(f"{folder}: codebook {name} holds no 'centres' tensor; remake it with "
                          f"`{make_command(folder, ipc)}`")
     check_shape(gen, name, centres, (req.spec.classes, ipc, *gen.sample_shape), make_command(folder, ipc))
-    images, labels = run_sampling(req, gen, settings, device, starts=centres, strength=strength)
-    provenance = {"model": gen.provenance, "sampling": settings, "strength": strength,
-                  "codebook": {"name": name, "file": record["file"], "sha256": record["sha256"],
-                               "seed": record.get("seed")}}
-    return images, labels, provenance
+    return centres, {"name": name, "file": record["file"], "sha256": record["sha256"], "seed": record.get("seed")}
 
 
 def _auto_ipc(req: GenerationRequest, gen: Generator, settings: dict, device: torch.device, strength: float,

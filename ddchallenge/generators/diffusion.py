@@ -66,7 +66,7 @@ def run_sampling(req: GenerationRequest, gen: Generator, settings: dict, device:
     return _auto_ipc(req, gen, settings, device, start)
 
 
-def generated_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
+def generated_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     """What matching (`--match-steps`) pulls a generator's set toward: the
     model's own class-conditional samples, without guidance (the class's
     spread, not its modes), from their own seed stream."""
@@ -74,8 +74,10 @@ def generated_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
 
     settings = {**sampling_settings(req), "guidance": 1.0}
     gen, device = load_model(req, "diffusion")
-    return sample(gen, list(range(req.spec.classes)), POOL_PER_CLASS, pool_seed(req.seed), device=device,
-                  between_batches=lambda done: req.check_deadline() or True, **settings)
+    images, labels = sample(gen, list(range(req.spec.classes)), POOL_PER_CLASS, pool_seed(req.seed), device=device,
+                            between_batches=lambda done: req.check_deadline() or True, **settings)
+    return images, labels, {"source": "unguided samples", "sampling": settings,
+                            "seed": pool_seed(req.seed)}
 
 
 @register("diffusion", pool=generated_pool, options=("model",) + SAMPLING, auto_ipc=True)

@@ -10,7 +10,8 @@ class to its modes; the pool should show its spread), so Track 2 generation
 still reads no training data; for the real-image baselines, the class's
 training images. Each step draws a new network (its own seed), one DSA group
 for the step (the evaluation's augmentations, so what is matched is what
-training will see), MATCH_BATCH pool images per class, and takes one SGD
+training will see; one draw shared by pool and kept images, DM's Siamese
+augmentation), MATCH_BATCH pool images per class, and takes one SGD
 step on the images in normalised space (lr 1, momentum 0.5, as in the DM
 paper). The kept images start from the method's own, so a few hundred steps
 refine them rather than draw from scratch.
@@ -31,7 +32,7 @@ import torch
 from ddchallenge.data import normalise
 from ddchallenge.data.reference import denormalise
 from ddchallenge.errors import UsageError
-from ddchallenge.evaluation.augment import augment, parse_strategy
+from ddchallenge.evaluation.augment import apply_group, draw_params, parse_strategy
 from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.protocol import OFFICIAL, DatasetSpec, derive_seed
 
@@ -72,6 +73,13 @@ def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels:
         host = np.random.default_rng(derive_seed(seed, step, 2))
         draws = torch.Generator(device).manual_seed(derive_seed(seed, step, 3))
         group = groups[host.integers(len(groups))]
+        # Siamese augmentation, as in DM: one draw of the group for the whole step, applied alike to pool and
+        # kept images, so the two means are compared under the same transformation.
+        drawn = draw_params(group, 1, *spec.image_shape[1:], draws)
+
+        def same(x: torch.Tensor) -> torch.Tensor:
+            return apply_group(group, x, {k: v.expand(len(x), *v.shape[1:]) for k, v in drawn.items()})
+
         optimiser.zero_grad(set_to_none=True)
         total = 0.0
         for first in range(0, classes, per_chunk):
@@ -80,10 +88,10 @@ def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels:
             batch = np.concatenate([host.choice(members[k], n, replace=False) for k, n in zip(chunk, counts)])
             with torch.no_grad():
                 x = normalise(real[batch], spec).to(device)
-                target = embed(augment(x, group, draws)).flatten(1)
+                target = embed(same(x)).flatten(1)
                 target = torch.stack([t.mean(0) for t in target.split(counts)])
             mine = torch.cat([kept[k] for k in chunk])
-            feats = embed(augment(syn[mine], group, draws)).flatten(1)
+            feats = embed(same(syn[mine])).flatten(1)
             means = torch.stack([f.mean(0) for f in feats.split([len(kept[k]) for k in chunk])])
             loss = ((target - means) ** 2).sum()
             loss.backward()
@@ -93,7 +101,7 @@ def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels:
     out = (denormalise(syn.detach().cpu(), spec) * 255).round().to(torch.uint8).numpy()
     record = {"steps": steps, "pool_per_class": int(min(len(m) for m in members)), "batch_per_class": MATCH_BATCH,
               "lr": MATCH_LR, "momentum": MATCH_MOMENTUM, "seed": seed, "features": "reference ConvNet, a fresh "
-              "initialisation per step", "augmentation": OFFICIAL.dsa_strategy}
+              "initialisation per step", "augmentation": OFFICIAL.dsa_strategy + ", one Siamese draw per step"}
     if losses:
         record["loss_first_last"] = [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))]
     return out, record

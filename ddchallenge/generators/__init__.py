@@ -89,7 +89,8 @@ class Method:
     run: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray, dict]]
     options: tuple[str, ...]  # the method-specific options it accepts
     auto_ipc: bool  # can pick the IPC that fits a budget
-    pool: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray, dict]]  # images of each class to match against, and what they are
+    # The images of each class that matching pulls toward, and a record of what they are.
+    pool: Callable[[GenerationRequest], tuple[np.ndarray, np.ndarray, dict]]
 
 
 GENERATORS: dict[str, Method] = {}

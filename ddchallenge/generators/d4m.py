@@ -5,7 +5,9 @@ class (`ddchallenge prototypes`, diffusion/prototypes.py) noised to
 Options: model (required), strength (default prototypes.DEFAULT_STRENGTH),
 sampler, steps, guidance, batch_size. The folder's codebook for the IPC asked
 for is used (image i of class k from centre i, or i mod IPC when selection
-asks for more candidates); generation reads no training data.
+asks for more candidates); generation reads no training data. Matching
+(`--match-steps`) pulls the set toward a finer stored codebook redrawn
+(`codebook_pool`).
 
 `--ipc auto`: a calibration batch measures images per second at this
 strength, and the largest stored IPC whose candidates fit the time left
@@ -34,12 +36,11 @@ from ddchallenge.protocol import MAX_IPC
 log = logging.getLogger(__name__)
 
 
-
 def codebook_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     """What matching (`--match-steps`) pulls a d4m set toward: every centre
     of a stored codebook finer than the set (IPC above the kept IPC: the
-    smallest with at least POOL_PER_CLASS centres, else the largest) redrawn once, the way the method draws, from the pool's own seed
-    stream. Those redraws stay on the real class's modes, at a finer grain
+    smallest with at least POOL_PER_CLASS centres, else the largest) redrawn
+    once, the way the method draws, from the pool's own seed stream. Those redraws stay on the real class's modes, at a finer grain
     than the set; the generator's unguided samples (the other methods' pool,
     and the fallback when no finer codebook is stored) are narrower than the
     real class, and matching toward them lowered d4m (docs/benchmarks.md)."""

@@ -40,10 +40,11 @@ def codebook_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]
     """What matching (`--match-steps`) pulls a d4m set toward: every centre
     of a stored codebook finer than the set (IPC above the kept IPC: the
     smallest with at least POOL_PER_CLASS centres, else the largest) redrawn
-    once, the way the method draws, from the pool's own seed stream. Those redraws stay on the real class's modes, at a finer grain
-    than the set; the generator's unguided samples (the other methods' pool,
-    and the fallback when no finer codebook is stored) are narrower than the
-    real class, and matching toward them lowered d4m (docs/benchmarks.md)."""
+    once, the way the method draws, from the pool's own seed stream. Those
+    redraws stay on the real class's modes, at a finer grain than the set;
+    the generator's unguided samples (the other methods' pool, and the
+    fallback when no finer codebook is stored) are narrower than the real
+    class, and matching toward them lowered d4m (docs/benchmarks.md)."""
     from ddchallenge.generators.matching import POOL_PER_CLASS, pool_seed
 
     gen, device = load_model(req, "d4m")

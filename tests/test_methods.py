@@ -188,6 +188,23 @@ def test_matching_moves_class_means_toward_the_pool(monkeypatch):
     assert gap(out) < 0.8 * gap(start)
 
 
+def test_matching_augments_pool_and_kept_images_alike():
+    """Siamese augmentation: a set that is its own whole pool has nothing to
+    match under any draw (loss 0, pixels unchanged); with independent draws
+    per image the two means would differ at every step."""
+    from ddchallenge.data import load_train
+    from ddchallenge.generators import matching
+    from ddchallenge.protocol import get_dataset
+
+    spec = get_dataset("mnist5k")
+    images, labels = load_train(spec)
+    kept = np.concatenate([images[labels == k][:2] for k in range(10)])
+    kept_labels = np.repeat(np.arange(10), 2)
+    out, record = matching.match(kept, kept_labels, kept, kept_labels, spec, 6, 0, torch.device("cpu"))
+    assert np.array_equal(out, kept)
+    assert record["loss_first_last"] == [0.0, 0.0]
+
+
 def test_codebook_folder_scores_as_track2_submission(coded_model, run_cli, tmp_path):
     r = run_cli("score", coded_model, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-")
     assert r.exit_code == 0, r.stderr

@@ -280,39 +280,39 @@ def test_track2_folder_settings_reach_the_run(coded_model, tmp_path, monkeypatch
     assert (config.method, config.oversample, config.match_steps, config.options["strength"]) == ("d4m", 2.0, 7, 0.3)
 
 
-def _tampered(coded_model, tmp_path):
+def _tampered(coded_model, tmp_path, ipc=2):
     folder = tmp_path / "t"
     shutil.copytree(coded_model, folder)
-    with open(folder / "codebooks" / "d4m-ipc2.safetensors", "r+b") as f:
+    with open(folder / "codebooks" / f"d4m-ipc{ipc}.safetensors", "r+b") as f:
         f.seek(-1, 2)
         f.write(b"\x01")
     return folder
 
 
-def _missing(coded_model, tmp_path):
+def _missing(coded_model, tmp_path, ipc=2):
     folder = tmp_path / "t"
     shutil.copytree(coded_model, folder)
-    (folder / "codebooks" / "d4m-ipc2.safetensors").unlink()
+    (folder / "codebooks" / f"d4m-ipc{ipc}.safetensors").unlink()
     return folder
 
 
-def _wrong_shape(coded_model, tmp_path):
+def _wrong_shape(coded_model, tmp_path, ipc=2):
     """A codebook with 9 classes, recorded with its true hash: only the shape check can catch it."""
     folder = tmp_path / "t"
     shutil.copytree(coded_model, folder)
-    path = folder / "codebooks" / "d4m-ipc2.safetensors"
-    save_file({"centres": torch.zeros(9, 2, 1, 28, 28)}, path)
+    path = folder / "codebooks" / f"d4m-ipc{ipc}.safetensors"
+    save_file({"centres": torch.zeros(9, ipc, 1, 28, 28)}, path)
     meta = _meta(folder)
-    meta["codebooks"]["d4m-ipc2"]["sha256"] = sha256_file(path)
+    meta["codebooks"][f"d4m-ipc{ipc}"]["sha256"] = sha256_file(path)
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
     return folder
 
 
-def _wrong_space(coded_model, tmp_path):
+def _wrong_space(coded_model, tmp_path, ipc=2):
     folder = tmp_path / "t"
     shutil.copytree(coded_model, folder)
     meta = _meta(folder)
-    meta["codebooks"]["d4m-ipc2"]["sample_shape"] = [4, 14, 14]
+    meta["codebooks"][f"d4m-ipc{ipc}"]["sample_shape"] = [4, 14, 14]
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
     return folder
 
@@ -338,6 +338,22 @@ def test_bad_input_is_refused(coded_model, tmp_path, run_cli, method, extra, mak
     for flag, value in zip(extra[::2], extra[1::2]):
         args[flag] = value
     r = run_cli(*GEN, *[x for kv in args.items() for x in kv], "-o", out)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.exit_code in (1, 2) and len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (_tampered, "does not match the sha256 recorded in ddchallenge.json"),
+    (_missing, "the d4m-ipc3 codebook file codebooks/d4m-ipc3.safetensors is missing"),
+    (_wrong_shape, "holds a (9, 3, 1, 28, 28) tensor; this model needs (10, 3, 1, 28, 28)"),
+    (_wrong_space, "was made in a [4, 14, 14] space; this model samples [1, 28, 28]"),
+])
+def test_bad_pool_codebook_is_refused(coded_model, tmp_path, run_cli, make, message):
+    """Matching an IPC-2 d4m set reads the finer IPC-3 codebook: the same checks guard it."""
+    out = tmp_path / "x.h5"
+    r = run_cli(*GEN, "--method", "d4m", "--model", make(coded_model, tmp_path, ipc=3), "--ipc", 2,
+                "--match-steps", 1, "-o", out)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.exit_code in (1, 2) and len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr and not out.exists()

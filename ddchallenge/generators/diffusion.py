@@ -76,8 +76,7 @@ def generated_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict
     gen, device = load_model(req, "diffusion")
     images, labels = sample(gen, list(range(req.spec.classes)), POOL_PER_CLASS, pool_seed(req.seed), device=device,
                             between_batches=lambda done: req.check_deadline() or True, **settings)
-    return images, labels, {"source": "unguided samples", "sampling": settings,
-                            "seed": pool_seed(req.seed)}
+    return images, labels, {"source": "unguided samples", "sampling": settings, "seed": pool_seed(req.seed)}
 
 
 @register("diffusion", pool=generated_pool, options=("model",) + SAMPLING, auto_ipc=True)

@@ -9,12 +9,13 @@ for diffusion and d3m, POOL_PER_CLASS of the generator's own
 class-conditional samples without guidance (guidance narrows a class to its
 modes; the pool should show its spread); for d4m, a finer stored codebook
 redrawn (generators/d4m.py); so Track 2 generation still reads no training
-data. For the real-image baselines, the class's training images. Each step draws a new network (its own seed), one DSA group
-for the step (the evaluation's augmentations, so what is matched is what
-training will see; one draw shared by pool and kept images, DM's Siamese
-augmentation), MATCH_BATCH pool images per class, and takes one SGD
-step on the images in normalised space (lr 1, momentum 0.5, as in the DM
-paper). The kept images start from the method's own, so a few hundred steps
+data. For the real-image baselines, the class's training images.
+
+Each step draws a new network (its own seed), one DSA group for the step
+(the evaluation's augmentations, so what is matched is what training will
+see; one draw shared by pool and kept images, DM's Siamese augmentation),
+MATCH_BATCH pool images per class, and takes one SGD step on the images in
+normalised space (lr 1, momentum 0.5, as in the DM paper). The kept images start from the method's own, so a few hundred steps
 refine them rather than draw from scratch.
 
 Why: a generator's images are each a plausible but typical sample, so at

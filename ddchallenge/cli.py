@@ -371,34 +371,38 @@ def verify(recipes, with_score, device, quiet):
         click.echo(f"ok {v.recipe.name}: sha256 {v.sha256}{extra}")
 
 
+record_key_option = click.option(
+    "--record-key", type=click.Path(dir_okay=False, path_type=Path), envvar="DDCHALLENGE_RECORD_KEY",
+    help="Organiser's key FILE (or $DDCHALLENGE_RECORD_KEY), kept outside the results folder: records are signed "
+         "with it, and records not signed with it are refused.")
+
+
 @cli.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "html"]), default="table", show_default=True)
-def leaderboard(results, fmt):
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "html"]), default="table", show_default=True,
+              help="Output format (html: a table fragment).")
+@click.option("--include-unofficial", is_flag=True,
+              help="Also show records made with a non-official budget, ranked apart.")
+@record_key_option
+def leaderboard(results, fmt, include_unofficial, record_key):
     """Rank score RESULTS: JSON records written by `score`, or folders of
-    them (a batch's --output; its failed records are left out)."""
-    import json
+    them (a batch's --output). Each record is checked (types, ranges, means,
+    recipe hash); one that fails is refused with a line on stderr and the
+    rest are ranked. Failed uploads are counted, not ranked."""
+    from ddchallenge.records import load_key
+    from ddchallenge.report import footer, leaderboard as show, load_leaderboard, record_files
 
-    from ddchallenge.report import leaderboard as make_board
-
-    files = []
-    for path in results:
-        if path.is_dir():
-            files += sorted(p for p in path.glob("*.json") if not p.name.endswith(".failed.json"))
-        else:
-            files.append(path)
-    if not files:
-        raise errors.DDChallengeError(f"no score results in {', '.join(map(str, results))}")
-    loaded = []
-    for path in files:
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or not all(k in data for k in ("datasets", "official_budget", "submission")):
-                raise ValueError("not a score result")
-            loaded.append(data)
-        except (OSError, ValueError, RecursionError) as exc:
-            raise errors.DDChallengeError(f"{path} is not a score result JSON written by `ddchallenge score` ({exc})") from None
-    click.echo(make_board(loaded, fmt))
+    if not record_files(results):
+        raise errors.DDChallengeError(f"no score results in {', '.join(clean(str(p)) for p in results)}")
+    key = None if record_key is None else load_key(record_key, [p for p in results if p.is_dir()])
+    board = load_leaderboard(list(results), include_unofficial, key)
+    for _, reason in board.refused:
+        click.echo(f"refused: {clean(reason, None)}", err=True)
+    if not board.official and not board.unofficial:
+        raise errors.DDChallengeError(f"nothing to rank: {footer(board)}")
+    click.echo(show(board, fmt))
+    if fmt == "csv":  # the CSV stays one table; its footer goes with the logs
+        click.echo(footer(board), err=True)
 
 
 @cli.group()

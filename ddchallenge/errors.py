@@ -23,6 +23,11 @@ class DatasetError(DDChallengeError):
     """A dataset or reference test set that is missing or malformed."""
 
 
+class RecordError(DDChallengeError):
+    """A score record read back (a results folder, a leaderboard input) that is
+    malformed, inconsistent or unsigned: the message names the file and field."""
+
+
 class OutputExistsError(DDChallengeError):
     """An output that exists and would be overwritten without --force."""
 

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import io
+import math
+import os
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 from ddchallenge.data import denormalise
-from ddchallenge.errors import UsageError
+from ddchallenge.errors import RecordError, UsageError
 from ddchallenge.isolation import clean
+from ddchallenge.records import is_failed, read_record
 from ddchallenge.score import ScoreResult
 from ddchallenge.submission import DatasetEntry
 
@@ -77,38 +83,178 @@ def image_grid(entry: DatasetEntry, max_classes: int = 20, max_per_class: int = 
 LEADERBOARD_FORMATS = ("table", "md", "csv", "html")
 
 
-def leaderboard(results: list[dict], fmt: str = "table") -> str:
-    """Rank score results (the JSON `score` writes) by challenge score.
+@dataclass(frozen=True)
+class DatasetCell:
+    """One dataset's numbers in a leaderboard row (fractions in [0, 1])."""
 
-    Columns are the union of the results' datasets; a result missing one shows
-    '-' there and that dataset counts 0 in its score, as a missing file does in
-    the challenge. Equal scores share a rank. Results made with a non-official
-    budget are marked, since they do not compare with official ones."""
+    ipc: int
+    mean: float
+    std: float
+    accuracies: tuple[float, ...]  # one per round
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ranked record. Text fields marked display-safe hold only printable
+    ASCII (anything else escaped as `\\u0430`, a backslash as `\\\\`), so that
+    look-alike names can be told apart; `record` is the raw record, checked
+    by `records.read_record` but still untrusted text: escape it for display."""
+
+    rank: int  # 1-based within its section; equal scores share a rank
+    name: str  # display-safe upload name
+    score: float  # mean over the board's datasets of each dataset's mean (a dataset it lacks counts 0)
+    datasets: dict[str, DatasetCell]  # the datasets it was scored on, by name
+    method: str | None  # display-safe generating method from the upload's own provenance, None if unrecorded
+    recipe_hash: str  # recomputed from the recorded recipe settings
+    official: bool  # scored with the official budget (recomputed)
+    path: str  # the record file it was read from
+    record: dict  # the raw record
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    """Records ranked by `load_leaderboard`: score descending, ties by name."""
+
+    official: list[Entry]
+    unofficial: list[Entry]  # non-official budgets, ranked apart; empty unless include_unofficial
+    refused: list[tuple[str, str]]  # (file, reason) of each record that is not a valid (signed) record
+    failed: int  # valid failed-upload records (a batch's .failed.json)
+    datasets: list[str]  # the board's dataset columns: the union over its entries, sorted
+    duplicates: int = 0  # records given more than once (same name, upload, recipe and seed), listed once
+    unofficial_left_out: int = 0  # unofficial records not shown (include_unofficial False)
+
+
+def display_name(text: str, limit: int = 200) -> str:
+    """Untrusted text as printable ASCII: non-ASCII and control characters
+    escaped (`\\u0430lice` is not `alice`), a backslash doubled so that no
+    name can spell another's escape, length bounded."""
+    shown = text.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def record_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """The record files `paths` name: files as given, folders' `*.json` (not
+    following links, in name order)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir() and not path.is_symlink():
+            files += sorted(p for p in path.iterdir() if p.name.endswith(".json"))
+        else:
+            files.append(path)
+    return files
+
+
+def load_leaderboard(paths: list[str | os.PathLike], include_unofficial: bool = False,
+                     key: bytes | None = None) -> Leaderboard:
+    """Read score records (files, or folders of them) as untrusted input and
+    rank them. Each record that is not valid (see `records.read_record`;
+    with `key`, also one not signed under it) is refused with its reason,
+    never ranked; failed-upload records are counted; a record given twice
+    (same name, upload bytes, recipe and seed) is listed once; non-official
+    budgets are ranked apart, and only with `include_unofficial`."""
+    refused, failed, seen, kept = [], 0, set(), []
+    duplicates = 0
+    for path in record_files(paths):
+        try:
+            data = read_record(path, key)
+        except RecordError as exc:
+            refused.append((str(path), str(exc)))
+            continue
+        if is_failed(data):
+            failed += 1
+            continue
+        # Identity of a result: who, which bytes (per dataset), under which recipe and seed.
+        ident = (data["name"], tuple(sorted((d["dataset"], d["sha256"]) for d in data["datasets"])),
+                 data["recipe_hash"], data["seed"])
+        if ident in seen:
+            duplicates += 1
+            continue
+        seen.add(ident)
+        kept.append((path, data))
+    datasets = sorted({d["dataset"] for _, r in kept for d in r["datasets"]})
+    official = [(p, r) for p, r in kept if r["official_budget"]]
+    unofficial = [(p, r) for p, r in kept if not r["official_budget"]]
+    return Leaderboard(_rank(official, datasets), _rank(unofficial, datasets) if include_unofficial else [],
+                       refused, failed, datasets, duplicates, 0 if include_unofficial else len(unofficial))
+
+
+def _method(record: dict) -> str | None:
+    """The method the upload's own provenance records: the result's, else the
+    one every dataset records."""
+    if isinstance(record.get("method"), str):
+        return record["method"]
+    methods = {d.get("method") for d in record["datasets"]}
+    method = methods.pop() if len(methods) == 1 else None
+    return method if isinstance(method, str) else None
+
+
+def _rank(kept: list[tuple[Path, dict]], datasets: list[str]) -> list[Entry]:
+    rows = []
+    for path, r in kept:
+        cells = {d["dataset"]: DatasetCell(d["ipc"], float(d["mean"]), float(d["std"]),
+                                           tuple(float(a) for a in d["accuracies"])) for d in r["datasets"]}
+        total = math.fsum(cells[n].mean if n in cells else 0.0 for n in datasets) / len(datasets)
+        method = _method(r)
+        rows.append(Entry(0, display_name(r["name"]), total, cells, None if method is None else display_name(method),
+                          r["recipe_hash"], r["official_budget"], str(path), r))
+    # Scores are finite (refused otherwise), so this order is total; ties by name, then by file.
+    rows.sort(key=lambda e: (-e.score, e.record["name"], e.path))
+    ranked, rank = [], 0
+    for i, e in enumerate(rows):
+        if i == 0 or e.score != rows[i - 1].score:
+            rank = i + 1
+        ranked.append(dataclasses.replace(e, rank=rank))
+    return ranked
+
+
+def leaderboard(board: Leaderboard, fmt: str = "table") -> str:
+    """The board as text: official entries ranked; unofficial ones (when
+    loaded) in a section of their own; a footer line counting what was left
+    out (in csv, no footer: `footer` gives it)."""
     if fmt not in LEADERBOARD_FORMATS:
         raise UsageError(f"unknown format {fmt!r}; formats: {', '.join(LEADERBOARD_FORMATS)}")
-    datasets = sorted({d["dataset"] for r in results for d in r["datasets"]})
-    scored = []
-    for r in results:
-        by_name = {d["dataset"]: d for d in r["datasets"]}
-        total = sum(by_name[n]["mean"] if n in by_name else 0.0 for n in datasets) / len(datasets)
-        scored.append((total, r, by_name))
-    scored.sort(key=lambda t: -t[0])
-    rows, rank = [], 0
-    for i, (total, r, by_name) in enumerate(scored):
-        if i == 0 or total != scored[i - 1][0]:
-            rank = i + 1
-        cells = [f"{_pct(by_name[n]['mean'])} ± {_pct(by_name[n]['std'])}" if n in by_name else "-" for n in datasets]
-        ipcs = "/".join(str(by_name[n]["ipc"]) if n in by_name else "-" for n in datasets)
-        # Name and method come from the upload: escaped for the format they are shown in.
-        shown = [_escape(str(r.get("name") or r["submission"]), fmt), _escape(str(r.get("method") or "?"), fmt)]
-        rows.append([rank, *shown, ipcs, *cells, _pct(total), "yes" if r["official_budget"] else "NO"])
-    headers = ["rank", "submission", "method", "IPC", *[f"{n} %" for n in datasets], "score %", "official budget"]
+    headers = ["rank", "submission", "method", "IPC", *[f"{n} %" for n in board.datasets], "score %",
+               "official budget"]
+    sections = [_rows(board.official, board.datasets, fmt)]
+    if board.unofficial:
+        sections.append(_rows(board.unofficial, board.datasets, fmt))
     if fmt == "csv":
         out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows([headers, *rows])
+        csv.writer(out, lineterminator="\n").writerows([headers, *[row for rows in sections for row in rows]])
         return out.getvalue()
-    return tabulate(rows, headers=headers, tablefmt={"table": "simple", "md": "github", "html": "html"}[fmt],
-                    disable_numparse=True)
+    style = {"table": "simple", "md": "github", "html": "html"}[fmt]
+    parts = [tabulate(sections[0], headers=headers, tablefmt=style, disable_numparse=True)]
+    if board.unofficial:
+        title = f"{NOT_OFFICIAL}: ranked apart, not comparable with the ranking above"
+        parts += [f"<h3>{title}</h3>" if fmt == "html" else f"\n{'### ' if fmt == 'md' else ''}{title}\n",
+                  tabulate(sections[1], headers=headers, tablefmt=style, disable_numparse=True)]
+    parts.append(f"<p>{html.escape(footer(board))}</p>" if fmt == "html" else f"\n{footer(board)}")
+    return "\n".join(parts)
+
+
+def footer(board: Leaderboard) -> str:
+    """One line counting what the board shows and what it left out."""
+    parts = [f"{len(board.official)} ranked"]
+    if board.unofficial:
+        parts.append(f"{len(board.unofficial)} not the official budget (ranked apart)")
+    if board.unofficial_left_out:
+        parts.append(f"{board.unofficial_left_out} not the official budget left out (--include-unofficial shows them)")
+    parts += [f"{board.failed} failed", f"{len(board.refused)} refused"]
+    if board.duplicates:
+        parts.append(f"{board.duplicates} given twice, listed once")
+    return "; ".join(parts)
+
+
+def _rows(entries: list[Entry], datasets: list[str], fmt: str) -> list[list]:
+    rows = []
+    for e in entries:
+        cells = [f"{_pct(e.datasets[n].mean)} ± {_pct(e.datasets[n].std)}" if n in e.datasets else "-"
+                 for n in datasets]
+        ipcs = "/".join(str(e.datasets[n].ipc) if n in e.datasets else "-" for n in datasets)
+        # Name and method are already printable ASCII; escaped again for the format they are shown in.
+        shown = [_escape(e.name, fmt), _escape(e.method or "?", fmt)]
+        rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), "yes" if e.official else "NO"])
+    return rows
 
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|~])")

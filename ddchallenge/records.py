@@ -1,0 +1,333 @@
+"""Score records read back as untrusted input.
+
+A record is the JSON `score` writes (`--json`, or a batch's `<key>.json`
+and `<key>.failed.json`). Whoever can write a results folder can edit or
+plant one, so nothing in it is believed on its face: every field is checked
+for type and range, and every number that can be recomputed is (each
+dataset's mean and std from its accuracies, the score from the means, the
+recipe hash and the official-budget flag from the recipe settings). A record
+that fails raises `RecordError` naming the file and the field.
+
+That catches a forged or broken record, not a careful one: a record whose
+numbers agree with each other passes. For a folder other people can write,
+the organiser signs records with a key kept outside it (`--record-key`):
+each record then carries an HMAC-SHA256 over its canonical JSON, and a
+record without a valid one is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import stat
+from pathlib import Path
+
+from ddchallenge.errors import RecordError, UsageError
+from ddchallenge.isolation import clean
+from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED, EvalRecipe
+
+MAX_RECORD_BYTES = 16 << 20  # a record of 6 datasets x 100 rounds is a few KB; this only bounds the read
+MAX_TEXT = 4096  # characters of any one text field (names, paths, reasons, warnings)
+MAX_ITEMS = 1000  # entries of any list or table in a record (warnings, versions)
+MAX_METHOD = 64  # as submission.MAX_METHOD: what an upload's manifest may name
+TOLERANCE = 1e-9  # recomputed means, stds and scores agree with the recorded ones to this
+MAC_FIELD = "mac"
+KEY_ENV = "DDCHALLENGE_RECORD_KEY"  # names the key FILE, as --record-key does
+MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 4096
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_STATUS_FAILED = "failed"
+
+
+def _show(value) -> str:
+    return clean(repr(value), 60)
+
+
+class _Fields:
+    """Typed access to one JSON object of a record; each failure names the
+    file and the field's path (`datasets[1].mean`)."""
+
+    def __init__(self, data, where: str, prefix: str = ""):
+        self.where, self.prefix = where, prefix
+        if not isinstance(data, dict):
+            raise self.error(prefix.rstrip(".") or "the record", "must be a JSON object", data)
+        self.data = data
+
+    def error(self, field: str, expected: str, value) -> RecordError:
+        return RecordError(f"{self.where}: {self.prefix}{field} {expected}, got {_show(value)}")
+
+    def get(self, field: str):
+        if field not in self.data:
+            raise RecordError(f"{self.where}: {self.prefix}{field} is missing")
+        return self.data[field]
+
+    def text(self, field: str, limit: int = MAX_TEXT, optional: bool = False, empty: bool = True) -> str | None:
+        value = self.get(field)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or len(value) > limit or (not empty and not value):
+            kind = "a text" if empty else "a non-empty text"
+            raise self.error(field, f"must be {kind} of at most {limit} characters" + (" or null" if optional else ""),
+                             value)
+        return value
+
+    def whole(self, field: str, low: int, high: int) -> int:
+        value = self.get(field)
+        # bool is an int in Python, never in a record
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.error(field, f"must be a whole number from {low} to {high}", value)
+        return value
+
+    def number(self, field: str, low: float = 0.0, high: float = math.inf) -> float:
+        return _number(self.get(field), low, high, lambda what, v: self.error(field, what, v))
+
+    def flag(self, field: str) -> bool:
+        value = self.get(field)
+        if not isinstance(value, bool):
+            raise self.error(field, "must be true or false (a JSON boolean)", value)
+        return value
+
+    def items(self, field: str, low: int = 0, high: int = MAX_ITEMS) -> list:
+        value = self.get(field)
+        if not isinstance(value, list) or not low <= len(value) <= high:
+            raise self.error(field, f"must be a list of {low} to {high} items", value)
+        return value
+
+    def sha256(self, field: str, optional: bool = False) -> str | None:
+        value = self.get(field)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            raise self.error(field, "must be a sha256 (64 lowercase hex digits)" + (" or null" if optional else ""),
+                             value)
+        return value
+
+
+def _number(value, low: float, high: float, error) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise error(f"must be a finite number from {low:g} to {high:g}", value)
+    return float(value)
+
+
+def _fmean(xs: list[float]) -> float:
+    return math.fsum(xs) / len(xs)
+
+
+_RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(EvalRecipe)}
+_RECIPE_BOUNDS = {"epochs": (0, MAX_EPOCHS), "rounds": (1, MAX_ROUNDS)}
+_RECIPE_INT_MAX = 1 << 20  # width, depth, batch sizes: far past any recipe
+
+
+def check_recipe(record: _Fields) -> EvalRecipe:
+    """The recorded recipe settings, rebuilt; its hash and budget flag are
+    recomputed from them, never read."""
+    fields = _Fields(record.get("recipe"), record.where, "recipe.")
+    unknown = sorted(set(fields.data) - set(_RECIPE_FIELDS))
+    if unknown:
+        raise RecordError(f"{record.where}: recipe has unknown setting(s) {clean(', '.join(map(str, unknown)), 200)}")
+    values = {}
+    for name, f in _RECIPE_FIELDS.items():
+        if f.type in ("int", int):
+            values[name] = fields.whole(name, *_RECIPE_BOUNDS.get(name, (1, _RECIPE_INT_MAX)))
+        elif f.type in ("float", float):
+            value = fields.get(name)
+            _number(value, 0.0, 1e6, lambda what, v, n=name: fields.error(n, what, v))
+            values[name] = value  # as recorded: int or float, so that the hash is recomputed from the same JSON
+        else:
+            values[name] = fields.text(name, 200)
+    return EvalRecipe(**values)
+
+
+def check_score_record(data, where: str) -> dict:
+    """`data` if it is a whole, self-consistent score result; else RecordError."""
+    record = _Fields(data, where)
+    record.text("name", empty=False)
+    record.text("method", MAX_METHOD, optional=True)
+    record.text("submission")
+    record.sha256("submission_sha256", optional=True)
+    seed = record.whole("seed", 0, MAX_SEED)
+    recipe = check_recipe(record)
+    recipe_hash = record.get("recipe_hash")
+    if recipe_hash != recipe.hash():
+        raise record.error("recipe_hash", f"must be {recipe.hash()}, the hash of the recorded recipe settings",
+                           recipe_hash)
+    if record.flag("official_budget") != recipe.is_official:
+        raise record.error("official_budget", f"must be {str(recipe.is_official).lower()} for the recorded recipe "
+                           f"settings", record.data["official_budget"])
+    means = [_check_dataset(_Fields(d, where, f"datasets[{i}]."), recipe, seed)
+             for i, d in enumerate(record.items("datasets", 1, len(DATASETS)))]
+    names = [d["dataset"] for d in record.data["datasets"]]
+    if len(set(names)) != len(names):
+        raise record.error("datasets", "must name each dataset once", names)
+    score = record.number("score", 0.0, 1.0)
+    if abs(score - _fmean(means)) > TOLERANCE:
+        raise record.error("score", f"must be the mean of the dataset means ({_fmean(means)!r})", score)
+    record.text("device", 200)
+    record.text("sandbox")
+    record.number("seconds")
+    for i, w in enumerate(record.items("warnings")):
+        if not isinstance(w, str) or len(w) > MAX_TEXT:
+            raise record.error(f"warnings[{i}]", f"must be a text of at most {MAX_TEXT} characters", w)
+    versions = _Fields(record.get("versions"), where, "versions.")
+    if len(versions.data) > MAX_ITEMS:
+        raise record.error("versions", f"must hold at most {MAX_ITEMS} entries", len(versions.data))
+    for name in versions.data:
+        versions.text(name, 200)
+    _check_batch_fields(record)
+    return data
+
+
+def _check_dataset(d: _Fields, recipe: EvalRecipe, seed: int) -> float:
+    name = d.text("dataset", 64)
+    if name not in DATASETS:
+        raise d.error("dataset", f"must be a known dataset ({', '.join(DATASETS)})", name)
+    spec = DATASETS[name]
+    ipc = d.whole("ipc", 1, MAX_RULE_IPC)
+    if d.whole("images", 1, spec.classes * MAX_RULE_IPC) != spec.classes * ipc:
+        raise d.error("images", f"must be {spec.classes * ipc} ({spec.classes} classes at IPC {ipc})",
+                      d.data["images"])
+    if d.get("kind") not in ("official", "labelled"):
+        raise d.error("kind", "must be 'official' or 'labelled'", d.data["kind"])
+    d.text("method", MAX_METHOD, optional=True)
+    d.text("source")
+    d.sha256("sha256")
+    seeds = d.items("seeds", recipe.rounds, recipe.rounds)
+    if seeds != [seed + r for r in range(recipe.rounds)] or any(isinstance(s, bool) for s in seeds):
+        raise d.error("seeds", f"must be seed, seed + 1, ... ({recipe.rounds} rounds from seed {seed})", seeds)
+    accs = [_number(a, 0.0, 1.0, lambda what, v, i=i: d.error(f"accuracies[{i}]", what, v))
+            for i, a in enumerate(d.items("accuracies", recipe.rounds, recipe.rounds))]
+    mean = d.number("mean", 0.0, 1.0)
+    if abs(mean - _fmean(accs)) > TOLERANCE:
+        raise d.error("mean", f"must be the mean of the accuracies ({_fmean(accs)!r})", mean)
+    std = d.number("std", 0.0, 0.5)
+    expected = math.sqrt(_fmean([(a - mean) ** 2 for a in accs]))
+    if abs(std - expected) > TOLERANCE:
+        raise d.error("std", f"must be the population std of the accuracies ({expected!r})", std)
+    d.number("seconds")
+    return mean
+
+
+def _check_batch_fields(record: _Fields) -> None:
+    """What a batch adds to a record: its file key, the upload's sha256 and
+    the settings it was scored under (optional: `score --json` has none)."""
+    if "key" in record.data:
+        record.text("key", 200)
+    if "upload_sha256" in record.data:
+        record.sha256("upload_sha256", optional=record.data.get("status") == _STATUS_FAILED)
+    if "settings" in record.data:
+        settings = _Fields(record.get("settings"), record.where, "settings.")
+        if "recipe_hash" in record.data and settings.get("recipe_hash") != record.data["recipe_hash"]:
+            raise settings.error("recipe_hash", "must be the record's recipe_hash", settings.data["recipe_hash"])
+    if MAC_FIELD in record.data:
+        record.text(MAC_FIELD, 64)
+
+
+def check_failed_record(data, where: str) -> dict:
+    """`data` if it is a whole failed-upload record (a batch's `.failed.json`)."""
+    record = _Fields(data, where)
+    if record.get("status") != _STATUS_FAILED:
+        raise record.error("status", "must be 'failed'", record.data["status"])
+    record.text("name", empty=False)
+    record.text("submission")
+    record.text("reason")
+    record.text("key", 200)
+    record.sha256("upload_sha256", optional=True)
+    _Fields(record.get("settings"), where, "settings.")
+    if MAC_FIELD in record.data:
+        record.text(MAC_FIELD, 64)
+    return data
+
+
+def is_failed(data) -> bool:
+    return isinstance(data, dict) and data.get("status") == _STATUS_FAILED
+
+
+def canonical(record: dict) -> bytes:
+    """The bytes a MAC covers: the record without its MAC, keys sorted, no
+    spaces, ASCII only; NaN and infinities cannot be written."""
+    body = {k: v for k, v in record.items() if k != MAC_FIELD}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def mac(record: dict, key: bytes) -> str:
+    return hmac.new(key, canonical(record), hashlib.sha256).hexdigest()
+
+
+def sign(record: dict, key: bytes | None) -> dict:
+    """`record` with its MAC under `key` (unchanged without a key). The record
+    goes through JSON first, so that what is signed is what is read back."""
+    record = json.loads(json.dumps(record, allow_nan=False))
+    if key is not None:
+        record[MAC_FIELD] = mac(record, key)
+    return record
+
+
+def check_mac(record: dict, key: bytes | None, where: str) -> None:
+    if key is None:
+        return
+    given = record.get(MAC_FIELD)
+    if not isinstance(given, str):
+        raise RecordError(f"{where}: not signed with the organiser's record key (no {MAC_FIELD} field); "
+                          "records made without --record-key, or planted")
+    if not hmac.compare_digest(given, mac(record, key)):
+        raise RecordError(f"{where}: its {MAC_FIELD} does not match the organiser's record key: the record was "
+                          "changed after it was signed, or signed with another key")
+
+
+def read_record(path: str | os.PathLike, key: bytes | None = None) -> dict:
+    """A score or failed record read from `path` as untrusted input: a plain
+    file (no link) of a sane size, JSON, checked field by field, and signed
+    under `key` when one is given. RecordError on anything else."""
+    path = Path(path)
+    where = clean(str(path), 300)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise RecordError(f"{where}: cannot be read as a record ({exc.strerror or exc}; links are not followed)") \
+            from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise RecordError(f"{where}: is not a plain file")
+        if info.st_size > MAX_RECORD_BYTES:
+            raise RecordError(f"{where}: is {info.st_size} bytes; a record is at most {MAX_RECORD_BYTES}")
+        raw = fh.read(MAX_RECORD_BYTES + 1)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RecordError(f"{where}: is not JSON ({clean(str(exc), 120)})") from None
+    if is_failed(data):
+        check_failed_record(data, where)
+    else:
+        check_score_record(data, where)
+    check_mac(data, key, where)
+    return data
+
+
+def load_key(path: str | os.PathLike, outside: list[str | os.PathLike] = ()) -> bytes:
+    """The organiser's record key from a file (its bytes, surrounding
+    whitespace removed); refused when it lies inside one of `outside` (a
+    results folder), since whoever can write records could then read it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes() if path.is_file() and path.stat().st_size <= MAX_KEY_BYTES * 2 else None
+    except OSError as exc:
+        raise UsageError(f"--record-key {clean(str(path))}: cannot be read ({exc.strerror})") from None
+    if data is None:
+        raise UsageError(f"--record-key {clean(str(path))}: must be a file of {MIN_KEY_BYTES} to {MAX_KEY_BYTES} "
+                         "bytes (e.g. `head -c 32 /dev/urandom | base64 > KEYFILE`)")
+    key = data.strip()
+    if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+        raise UsageError(f"--record-key {clean(str(path))}: holds {len(key)} bytes; a key is {MIN_KEY_BYTES} to "
+                         f"{MAX_KEY_BYTES} bytes (e.g. `head -c 32 /dev/urandom | base64 > KEYFILE`)")
+    real = path.resolve()
+    for folder in outside:
+        if real.is_relative_to(Path(folder).resolve()):
+            raise UsageError(f"--record-key {clean(str(path))} lies inside the results folder {clean(str(folder))}; "
+                             "keep it where those who can write records cannot read it")
+    return key

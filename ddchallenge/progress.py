@@ -1,0 +1,62 @@
+"""Progress bars: one look for every step that can take more than a few
+seconds, on stderr, each naming what it counts.
+
+Bars are off unless a command turns them on (`shown`): importing the library
+prints nothing, and a sandboxed child (a fresh process) never writes bars into
+the stderr its parent reads back for error messages. The command line's
+`--quiet` is the one switch; library functions that predate this take a
+`progress` flag and pass it here.
+
+    with shown(not quiet):
+        for k in bar(range(classes), desc="k-means IPC 10", unit="class"):
+            ...
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
+
+_SHOWN: contextvars.ContextVar[bool] = contextvars.ContextVar("ddchallenge_progress", default=False)
+
+
+@contextlib.contextmanager
+def shown(on: bool = True) -> Iterator[None]:
+    """Show (or, with False, hide) the bars of everything run inside."""
+    token = _SHOWN.set(bool(on))
+    try:
+        yield
+    finally:
+        _SHOWN.reset(token)
+
+
+def is_shown() -> bool:
+    return _SHOWN.get()
+
+
+def bar(iterable: Iterable | None = None, *, desc: str, unit: str, total: float | None = None, initial: int = 0,
+        show: bool | None = None) -> tqdm:
+    """A bar over `iterable` (or `total` units, advanced with `.update(n)`),
+    shown when `show` is True, or when None and inside `shown()`. A bar
+    opened inside another one is cleared when it ends; an outer one stays
+    as the record of what was done."""
+    on = is_shown() if show is None else show
+    return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, disable=not on, file=sys.stderr,
+                dynamic_ncols=True, leave=None, mininterval=0.5)
+
+
+class Fraction:
+    """Moves a bar of whole units by fractional progress (the images of a
+    batch part-way through its sampler steps), never past its total."""
+
+    def __init__(self, progress: tqdm):
+        self.bar, self.whole = progress, 0
+
+    def to(self, done: float) -> None:
+        target = int(done if self.bar.total is None else min(done, self.bar.total))
+        if target > self.whole:
+            self.bar.update(target - self.whole)
+            self.whole = target

@@ -3,8 +3,13 @@
     OUTDIR/res/<dataset>.pt   float32, class-major, normalised with the dataset's mean and std:
                               a bare tensor at IPC 10 (the official format), else
                               {"images", "labels"} (Track 2 sets keep their labels)
-    OUTDIR/manifest.json      what each file is, its sha256 and the generator's provenance
-    OUTDIR/submission.zip     the upload: the res/ files at the top level
+    OUTDIR/res/manifest.json  what each file is, its sha256 and the generator's provenance
+    OUTDIR/manifest.json      the same, plus the zip's sha256
+    OUTDIR/submission.zip     the upload: the res/ files (manifest included) at the top level
+
+The manifest travels inside the upload, so the method and provenance a
+score records come from the bytes scored, never from a file beside them
+(the zip's copy cannot list the zip's own sha256: only the outer one does).
 
 The folder is built beside OUTDIR and renamed into place at the end, so an
 interrupted pack leaves the old folder or none. Same inputs, same bytes.
@@ -28,7 +33,7 @@ from ddchallenge.errors import OutputExistsError, SubmissionError, UsageError
 from ddchallenge.fileio import sha256_bytes, sha256_file, torch_bytes
 from ddchallenge.labelled import read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, TRACK1_IPC, get_dataset
-from ddchallenge.submission import check_image_shape, check_labels, load_submission
+from ddchallenge.submission import MANIFEST, check_image_shape, check_labels, load_submission
 
 ZIP_NAME = "submission.zip"
 # A fixed timestamp keeps the zip's bytes a function of its contents only.
@@ -114,11 +119,16 @@ def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | 
     if track == 1 and packed - TRACK1_DATASETS:
         extra = ", ".join(sorted(packed - TRACK1_DATASETS))
         raise SubmissionError(f"Track 1 takes only {', '.join(sorted(TRACK1_DATASETS))}; remove {extra}")
+    inner = {"ddchallenge_version": __version__, "track": track, "datasets": entries}
+    files[MANIFEST] = _json_bytes(inner)
     archive = _zip_bytes(files)
-    manifest = {"ddchallenge_version": __version__, "track": track, "datasets": entries,
-                "zip": {"file": ZIP_NAME, "sha256": sha256_bytes(archive)}}
+    manifest = {**inner, "zip": {"file": ZIP_NAME, "sha256": sha256_bytes(archive)}}
     _write_folder(outdir, files, manifest, archive, force)
     return manifest
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _write_folder(outdir: Path, files: dict[str, bytes], manifest: dict, archive: bytes, force: bool) -> None:
@@ -129,7 +139,7 @@ def _write_folder(outdir: Path, files: dict[str, bytes], manifest: dict, archive
         (staging / "res").mkdir()
         for name, data in files.items():
             (staging / "res" / name).write_bytes(data)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (staging / MANIFEST).write_bytes(_json_bytes(manifest))
         (staging / ZIP_NAME).write_bytes(archive)
         # The upload must read back exactly as `score` will read it.
         load_submission(staging / ZIP_NAME, rules=None)

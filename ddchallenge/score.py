@@ -43,6 +43,7 @@ class DatasetScore:
     mean: float
     std: float  # population std over rounds (numpy's default, ddof=0)
     seconds: float
+    provenance: dict | None = None  # what the upload says made it (submission.bounded_provenance); untrusted
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def score_entry(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, d
         dataset=entry.spec.name, ipc=entry.ipc, images=int(entry.images.shape[0]), kind=entry.kind, method=entry.method,
         source=entry.source, sha256=entry.sha256, seeds=seeds, accuracies=accs,
         mean=float(np.mean(accs)), std=float(np.std(accs)), seconds=time.perf_counter() - start,
+        provenance=entry.provenance,
     )
 
 

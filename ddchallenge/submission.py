@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -30,9 +31,12 @@ from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, DatasetSpec, UploadR
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_METHOD = 64  # characters of a method name kept from an upload's manifest or attributes
+MANIFEST = "manifest.json"  # what `pack` writes: inside the zip, in res/ and beside them
+# Provenance kept in a record: a flat object, this many keys of this many characters at most.
+MAX_PROVENANCE_KEYS, MAX_PROVENANCE_KEY, MAX_PROVENANCE_VALUE = 32, 64, 2048
 FORMS = "an official <dataset>.pt file, a labelled .h5 set, a res/ folder or a submission .zip"
 # Files a Codabench/Codalab res/ folder may hold beside the submission.
-IGNORED_IN_FOLDER = {"metadata"}
+IGNORED_IN_FOLDER = {"metadata", MANIFEST}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class DatasetEntry:
     sha256: str  # of the exact bytes read (a Track 2 generator's set: of its images and labels)
     warnings: tuple[str, ...] = field(default=())
     method: str | None = None  # generating method, when the set or pack's manifest records it
+    provenance: dict | None = None  # the set's attributes (see `bounded_provenance`), when the upload holds them
 
 
 def load_submission(path: str | os.PathLike, dataset: str | None = None,
@@ -67,9 +72,11 @@ def load_submission(path: str | os.PathLike, dataset: str | None = None,
         dataset = rules.datasets[0]
     if path.is_dir():
         entries = _load_folder(path, rules)
-        entries = _with_methods(entries, (path if (path / "res").is_dir() else path.parent) / "manifest.json")
+        # Only a manifest inside the upload speaks for it, so the same bytes give the same record.
+        inside = [path / "res" / MANIFEST, path / MANIFEST] if (path / "res").is_dir() else [path / MANIFEST]
+        entries = _with_methods(entries, next(filter(None, map(_read_manifest_file, inside)), None))
     elif path.suffix.lower() == ".zip":
-        entries = _with_methods(_load_zip(path, rules), path.parent / "manifest.json")
+        entries = _with_methods(*_load_zip(path, rules))
     elif path.suffix.lower() in (".h5", ".hdf5"):
         return [_from_labelled_h5(path, dataset, rules)]
     elif path.suffix.lower() == ".pt":
@@ -120,7 +127,8 @@ def _load_folder(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
     return entries
 
 
-def _load_zip(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
+def _load_zip(path: Path, rules: UploadRules | None) -> tuple[list[DatasetEntry], bytes | None]:
+    """The zip's datasets and the bytes of its own manifest.json, if any."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -131,16 +139,19 @@ def _load_zip(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
             pure = PurePosixPath(m.filename.replace("\\", "/"))
             if pure.is_absolute() or ".." in pure.parts or ":" in m.filename:
                 raise SubmissionError(f"{path} has a member with an unsafe path {m.filename!r}; refused")
+        _refuse_duplicates([m.filename for m in members], str(path))
+        manifest = next((m for m in members if m.filename == MANIFEST), None)
+        members = [m for m in members if m is not manifest]
         stray = [m.filename for m in members if "/" in m.filename or not m.filename.endswith(".pt")
                  or m.filename[:-3] not in DATASETS]
         if stray:
             raise SubmissionError(
                 f"{path} has unexpected member(s) {', '.join(stray[:5])}; a submission zip holds only "
-                "<dataset>.pt files at its top level (for the challenge: cifar100.pt and tinyimagenet.pt)"
+                "<dataset>.pt files (and the manifest.json `pack` writes) at its top level (for the challenge: "
+                "cifar100.pt and tinyimagenet.pt)"
             )
         if not members:
             raise SubmissionError(f"{path} holds no dataset file; expected cifar100.pt and tinyimagenet.pt")
-        _refuse_duplicates([m.filename for m in members], str(path))
         names = {m.filename[:-3] for m in members}
         if rules is not None:
             rules.check_track1(names, str(path))
@@ -162,7 +173,7 @@ def _load_zip(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
             if len(data) != m.file_size:
                 raise SubmissionError(f"{path}:{m.filename} does not match its declared size; refused")
             entries.append(_from_torch_bytes(data, f"{path}:{m.filename}", m.filename[:-3], None, rules, official=True))
-    return entries
+        return entries, _read_manifest_member(archive, manifest)
 
 
 def _is_dataset_file(name: str) -> bool:
@@ -275,23 +286,82 @@ def _from_labelled_h5(path: Path, dataset: str | None, rules: UploadRules | None
         rules.check_ipc(spec, ipc, str(path), official)
     method = lset.attrs.get("method")
     return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_file(path),
-                        method=method[:MAX_METHOD] if isinstance(method, str) else None)
+                        method=method[:MAX_METHOD] if isinstance(method, str) else None,
+                        provenance=bounded_provenance(lset.attrs))
 
 
-def _with_methods(entries: list[DatasetEntry], manifest: Path) -> list[DatasetEntry]:
-    """Methods from the manifest `pack` wrote beside the files, for the files
-    whose sha256 it lists; the manifest is informational, so a missing or
-    unreadable one changes nothing."""
+def bounded_provenance(value) -> dict | None:
+    """Untrusted provenance (a set's attributes, a manifest's entry) made
+    safe to record and show: a flat object of at most MAX_PROVENANCE_KEYS
+    text keys; nested values become their JSON text; text is cut to
+    MAX_PROVENANCE_VALUE characters; anything else is dropped. None when
+    nothing is left."""
+    if not isinstance(value, dict):
+        return None
+    kept = {}
+    for key, v in value.items():
+        if len(kept) == MAX_PROVENANCE_KEYS:
+            break
+        if not isinstance(key, str) or not key or len(key) > MAX_PROVENANCE_KEY:
+            continue
+        if isinstance(v, (dict, list)):
+            try:
+                v = json.dumps(v, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                continue
+        if (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, int) and abs(v) > 1 << 63):
+            continue
+        if isinstance(v, str):
+            v = v[:MAX_PROVENANCE_VALUE]
+        elif not (v is None or isinstance(v, (bool, int, float))):
+            continue
+        kept[key] = v
+    return kept or None
+
+
+def _read_manifest_file(path: Path) -> bytes | None:
     try:
-        if not manifest.is_file() or manifest.is_symlink() or manifest.stat().st_size > MAX_MANIFEST_BYTES:
-            return entries
-        listed = json.loads(manifest.read_text())["datasets"]
-        methods = {d["sha256"]: d["source"]["provenance"].get("method") for d in listed}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read(MAX_MANIFEST_BYTES + 1)  # a file grown since stat() is still read only so far
+    except OSError:
+        return None
+
+
+def _read_manifest_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo | None) -> bytes | None:
+    if member is None or member.file_size > MAX_MANIFEST_BYTES:
+        return None
+    try:
+        with archive.open(member) as fh:
+            return fh.read(MAX_MANIFEST_BYTES + 1)  # never inflated past the cap, whatever the header says
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError):
+        return None
+
+
+def _with_methods(entries: list[DatasetEntry], manifest: bytes | None) -> list[DatasetEntry]:
+    """Methods and provenance from the manifest `pack` put inside the upload,
+    for the files whose sha256 it lists; the manifest is informational, so a
+    missing or unreadable one changes nothing."""
+    if manifest is None or len(manifest) > MAX_MANIFEST_BYTES:
         return entries
-    # Text only, and short: the method is shown in tables and leaderboards.
-    methods = {k: v[:MAX_METHOD] for k, v in methods.items() if isinstance(k, str) and isinstance(v, str)}
-    return [dataclasses.replace(e, method=methods.get(e.sha256, e.method)) for e in entries]
+    try:
+        listed = json.loads(manifest)["datasets"]
+        found = {d["sha256"]: (d["source"]["provenance"].get("method"), bounded_provenance(d["source"]["provenance"]))
+                 for d in listed}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return entries
+    found = {k: v for k, v in found.items() if isinstance(k, str) and v[1] is not None}
+    out = []
+    for e in entries:
+        method, provenance = found.get(e.sha256, (None, None))
+        if provenance is None:
+            out.append(e)
+            continue
+        # Text only, and short: the method is shown in tables and leaderboards.
+        out.append(dataclasses.replace(e, method=method[:MAX_METHOD] if isinstance(method, str) else e.method,
+                                       provenance=provenance))
+    return out
 
 
 def _check_image_tensor(x: torch.Tensor, source: str) -> None:

@@ -26,7 +26,7 @@ from ddchallenge.errors import SubmissionError
 from ddchallenge.fileio import sha256_file
 from ddchallenge.isolation import Input, Limits
 from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
-from ddchallenge.submission import DatasetEntry, check_images, check_labels, load_submission
+from ddchallenge.submission import DatasetEntry, bounded_provenance, check_images, check_labels, load_submission
 
 GENERATOR_BYTES = 8 << 30  # a Stable Diffusion VAE is 0.3 GiB, the largest preset UNet 0.1 GiB
 GENERATOR_SKIP = ("training_state", "*.bin", "*.pt", "*.ckpt", "*.pkl")  # never read by generation
@@ -190,7 +190,7 @@ def _write_entries(entries: list[DatasetEntry], outbox: Path) -> list[dict]:
     for i, e in enumerate(entries):
         save_file({"images": e.images.contiguous(), "labels": e.labels.contiguous()}, outbox / f"{i}.safetensors")
         metas.append({"dataset": e.spec.name, "ipc": e.ipc, "kind": e.kind, "source": e.source, "sha256": e.sha256,
-                      "method": e.method, "warnings": list(e.warnings)})
+                      "method": e.method, "warnings": list(e.warnings), "provenance": e.provenance})
     return metas
 
 
@@ -227,7 +227,8 @@ def _collect(out: isolation.Outcome, rules: UploadRules, official: bool) -> list
         rules.check_ipc(spec, ipc, source, official)
         entries.append(DatasetEntry(spec, images, labels, ipc, kind, source, isolation.clean(sha)[:64],
                                     tuple(isolation.clean(out.unstage(w)) for w in warnings[:8]),
-                                    None if method is None else isolation.clean(method)[:64]))
+                                    None if method is None else isolation.clean(method)[:64],
+                                    bounded_provenance(meta.get("provenance"))))
     if official:
         rules.check_track1([e.spec.name for e in entries], "the upload")
     return entries

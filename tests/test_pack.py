@@ -43,19 +43,73 @@ def test_pack_official_layout_class_major_and_round_trip(tmp_path, run_cli):
     assert (entry["format"], entry["ipc"], entry["shape"]) == ("official", 10, [100, 1, 28, 28])
     assert entry["source"]["provenance"]["method"] == "test"
     assert manifest["zip"]["sha256"] == hashlib.sha256((out / "submission.zip").read_bytes()).hexdigest()
+    # The upload carries its own manifest (without the zip's hash, which it cannot hold); res/ is the zip unpacked.
+    inner = {k: v for k, v in manifest.items() if k != "zip"}
     with zipfile.ZipFile(out / "submission.zip") as z:
-        assert z.namelist() == ["mnist5k.pt"]
+        assert z.namelist() == ["manifest.json", "mnist5k.pt"]
         assert z.read("mnist5k.pt") == (out / "res" / "mnist5k.pt").read_bytes()
+        assert json.loads(z.read("manifest.json")) == inner
+        assert z.read("manifest.json") == (out / "res" / "manifest.json").read_bytes()
     mnist5k_rules = UploadRules(datasets=("mnist5k",))
     for form in (out, out / "res", out / "submission.zip", out / "res" / "mnist5k.pt"):
         (e,) = load_submission(form, rules=mnist5k_rules)
         assert e.labels.tolist() == [i // 10 for i in range(100)] and torch.equal(e.images, tensor)
-    assert load_submission(out, rules=mnist5k_rules)[0].method == "test"
+    for form in (out, out / "res", out / "submission.zip"):
+        (e,) = load_submission(form, rules=mnist5k_rules)
+        assert e.method == "test" and e.provenance["seed"] == 0 and json.loads(e.provenance["config"]) == {"k": 1}
     umask = os.umask(0)
     os.umask(umask)
     for written in (out, out / "res" / "mnist5k.pt", out / "manifest.json"):
         want = (0o777 if written.is_dir() else 0o666) & ~umask
         assert written.stat().st_mode & 0o777 == want, written
+
+
+def test_method_and_provenance_come_from_the_upload_alone(tmp_path, run_cli):
+    """The same zip bytes give the same method wherever they lie; a manifest
+    beside an upload speaks for nothing; a hostile manifest inside one is
+    bounded or ignored, never an error."""
+    make_set(tmp_path / "s.h5")
+    assert run_cli("pack", tmp_path / "s.h5", "-o", tmp_path / "sub").exit_code == 0
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "submission.zip").write_bytes((tmp_path / "sub" / "submission.zip").read_bytes())
+    rules = UploadRules(datasets=("mnist5k",))
+    (e,) = load_submission(alone / "submission.zip", rules=rules)
+    assert e.method == "test" and e.provenance["method"] == "test"
+    sha = e.sha256
+
+    def zip_with(members, name="z.zip"):
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("mnist5k.pt", (tmp_path / "sub" / "res" / "mnist5k.pt").read_bytes())
+            for member, data in members:
+                z.writestr(member, data)
+        return path
+
+    def manifest(provenance):
+        return json.dumps({"datasets": [{"sha256": sha, "source": {"provenance": provenance}}]})
+
+    bare = zip_with([])
+    (tmp_path / "manifest.json").write_text(manifest({"method": "forged"}))  # beside the zip: not the upload's
+    (e,) = load_submission(bare, rules=rules)
+    assert e.method is None and e.provenance is None
+    huge = {"method": "m" * 100, "nested": {"a": [1, 2]}, "nan": float("nan"), "big": 10 ** 30, "": "x"} | {
+        f"k{i}": "v" * 5000 for i in range(100)}
+    (e,) = load_submission(zip_with([("manifest.json", manifest(huge))], "h.zip"), rules=rules)
+    assert e.method == "m" * 64 and len(e.provenance) == 32 and max(map(len, map(str, e.provenance.values()))) <= 2048
+    assert e.provenance["nested"] == '{"a":[1,2]}' and not {"nan", "big", ""} & set(e.provenance)
+    for bad in ("not json", "[" * 100_000, json.dumps({"datasets": "x"}), manifest(["list"]),
+                manifest({"method": ["not", "text"]})):
+        (e,) = load_submission(zip_with([("manifest.json", bad)], "b.zip"), rules=rules)
+        assert e.method is None, bad[:20]
+    # Over 1 MiB inflated (from a few KiB): ignored, never inflated past the cap.
+    (e,) = load_submission(zip_with([("manifest.json", " " * (2 << 20) + manifest({"method": "late"}))], "c.zip"),
+                           rules=rules)
+    assert e.method is None
+    r = run_cli("score", zip_with([("manifest.json", "{}"), ("manifest.json", "{}")], "d.zip"), "--dataset", "mnist5k")
+    assert r.exit_code == 1 and "more than one file for manifest" in r.stderr
+    r = run_cli("score", zip_with([("x/manifest.json", "{}")], "e.zip"), "--dataset", "mnist5k")
+    assert r.exit_code == 1 and "unexpected member(s) x/manifest.json" in r.stderr
 
 
 def test_pack_twice_gives_the_same_bytes(tmp_path):

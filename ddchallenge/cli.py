@@ -380,18 +380,35 @@ record_key_option = click.option(
 @cli.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "html"]), default="table", show_default=True,
-              help="Output format (html: a table fragment).")
+              help="Output format; html writes a static site into -o (index.html, a page and sample grid per upload).")
 @click.option("--include-unofficial", is_flag=True,
               help="Also show records made with a non-official budget, ranked apart.")
 @record_key_option
-def leaderboard(results, fmt, include_unofficial, record_key):
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="--format html: the folder to write the site into.")
+@click.option("--force", is_flag=True, help="--format html: replace the -o folder if it exists.")
+@click.option("--no-sandbox", is_flag=True,
+              help="--format html: read the uploads for sample grids in this process (trusted files only).")
+def leaderboard(results, fmt, include_unofficial, record_key, output, force, no_sandbox):
     """Rank score RESULTS: JSON records written by `score`, or folders of
     them (a batch's --output). Each record is checked (types, ranges, means,
     recipe hash); one that fails is refused with a line on stderr and the
-    rest are ranked. Failed uploads are counted, not ranked."""
+    rest are ranked. Failed uploads are counted, not ranked.
+
+    With --format html -o SITE, writes a site to publish as it is: SITE/index.html
+    and, per upload, a page with its rounds, recipe, sandbox, provenance and a
+    sample grid made from the upload the record names (when it is still there
+    with the bytes scored; paths are relative to where this runs)."""
     from ddchallenge.records import load_key
     from ddchallenge.report import footer, leaderboard as show, load_leaderboard, record_files
 
+    if fmt == "html" and output is None:
+        raise errors.UsageError("--format html writes a site (index.html, a page and a sample grid per upload): "
+                                "pass -o FOLDER")
+    if fmt != "html" and (output is not None or force or no_sandbox):
+        raise errors.UsageError("-o, --force and --no-sandbox go with --format html; other formats print to stdout")
+    if output is not None and output.exists() and not force:
+        raise errors.OutputExistsError(f"{clean(str(output))} already exists; pass --force to replace it")
     if not record_files(results):
         raise errors.DDChallengeError(f"no score results in {', '.join(clean(str(p)) for p in results)}")
     key = None if record_key is None else load_key(record_key, [p for p in results if p.is_dir()])
@@ -400,6 +417,13 @@ def leaderboard(results, fmt, include_unofficial, record_key):
         click.echo(f"refused: {clean(reason, None)}", err=True)
     if not board.official and not board.unofficial:
         raise errors.DDChallengeError(f"nothing to rank: {footer(board)}")
+    if fmt == "html":
+        from ddchallenge.site import write_site
+
+        site = write_site(board, output, force=force, sandbox=not no_sandbox)
+        click.echo(f"wrote {clean(str(site.folder / 'index.html'))}: {footer(board)}; {site.pages} upload page(s), "
+                   f"{site.grids} sample grid(s)")
+        return
     click.echo(show(board, fmt))
     if fmt == "csv":  # the CSV stays one table; its footer goes with the logs
         click.echo(footer(board), err=True)

@@ -274,3 +274,56 @@ def test_site_in_headless_chromium(run_cli, results, tmp_path):
     (bob,) = list((site / "uploads").glob("bob-*.html"))
     page = in_browser(bob)
     assert page["images"] == [] and page["nogrid"][0].startswith("No sample grid: the upload is not at")
+
+
+def test_a_record_naming_a_link_a_fifo_or_a_generator_gets_no_grid(run_cli, tmp_path, official_file):
+    """The path a record names is untrusted: a link or a FIFO is refused
+    (without hanging), a generator is not run; the page says why."""
+    import os
+
+    from ddchallenge.diffusion.model import META_FILE
+
+    out = tmp_path / "results"
+    out.mkdir()
+    sha = hashlib.sha256(official_file.read_bytes()).hexdigest()
+    link = tmp_path / "link.pt"
+    link.symlink_to(official_file)
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    generator = tmp_path / "generator"
+    generator.mkdir()
+    (generator / META_FILE).write_text("{}")
+    for name, where in [("link", link), ("fifo", fifo), ("generator", generator)]:
+        write_record(out, name, {"mnist5k": [0.5, 0.5, 0.5]}, submission=where, shas={"mnist5k": sha})
+    site = tmp_path / "site"
+    build(run_cli, out, site)
+    said = {p.name.split("-")[0]: " ".join(" ".join(parse(p).text).split()) for p in (site / "uploads").glob("*.html")}
+    assert "link.pt" in said["link"] and "symbolic link" in said["link"] and "No sample grid: the upload at" in said["link"]
+    assert "No sample grid: the upload at" in said["fifo"] and "fifo.pt is a FIFO" in said["fifo"]
+    assert "No sample grid: a Track 2 generator's images are made while it is scored and not kept" in said["generator"]
+    assert not list((site / "uploads").glob("*.png"))
+
+
+def test_packed_zip_scored_then_published_shows_its_own_provenance(run_cli, tmp_path):
+    """End to end: pack (the manifest goes inside the zip), score the zip
+    alone in another folder, publish: the method, provenance and grid come
+    from the zip's own bytes."""
+    from ddchallenge.labelled import write_labelled_set
+
+    rng = np.random.default_rng(0)
+    write_labelled_set(tmp_path / "s.h5", rng.integers(0, 256, (100, 1, 28, 28), dtype=np.uint8),
+                       np.repeat(np.arange(10), 10), dataset="mnist5k", ipc=10, method="test", seed=0, config={"k": 1})
+    assert run_cli("pack", tmp_path / "s.h5", "-o", tmp_path / "sub").exit_code == 0
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    shutil.copy(tmp_path / "sub" / "submission.zip", uploads / "team.zip")  # no manifest beside it
+    r = run_cli("score", "uploads/team.zip", "--dataset", "mnist5k", "--epochs", 0, "--rounds", 1, "--quiet",
+                "--output", "results")
+    assert r.exit_code == 0, r.output
+    record = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert record["method"] == "test" and record["datasets"][0]["provenance"]["seed"] == 0
+    build(run_cli, "results", "site", "--include-unofficial")
+    (page,) = (tmp_path / "site" / "uploads").glob("team_zip-*.html")
+    text = " ".join(" ".join(parse(page).text).split())
+    assert "Method test" in text and "Provenance Key Value config {\"k\":1} dataset mnist5k" in text
+    assert len(list((tmp_path / "site" / "uploads").glob("team_zip-*-mnist5k.png"))) == 1

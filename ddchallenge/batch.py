@@ -4,35 +4,43 @@ finishes, and nothing one upload does stops the others.
 Records live in one folder, keyed so that no two uploads can share one:
 `<key>.json` (a score result) or `<key>.failed.json` (the upload's own
 failure), where the key is the upload's name made safe for a file name plus
-a hash of the exact name. A rerun trusts a record only if it reads back
-whole, names the same upload, and was made from the same bytes under the
-same settings; anything else is scored again. An environment failure (out of
-disk or memory, a lost GPU, no sandbox) is not the upload's fault: it is
-reported, nothing is recorded, and the next run tries again.
+a hash of the exact name. A rerun reads a record as untrusted input
+(`records.read_record`: every field checked, every number that can be is
+recomputed, and with the organiser's key its MAC): one that fails is set
+aside as `<file>.rejected-<n>` and the upload scored again. It trusts a valid
+record only if it names the same upload and was made from the same bytes
+under the same settings; anything else is scored again. One batch at a time
+writes a folder (a lock on `.lock` in it); a second is refused.
+
+An environment failure (out of disk or memory, a lost GPU, no sandbox) is
+not the upload's fault: it is reported, nothing is recorded, and the next
+run tries again.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddchallenge.errors import DatasetError, UsageError
+from ddchallenge.errors import DatasetError, RecordError, ResultsBusyError, UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean, is_environment_failure
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
+from ddchallenge.records import read_record, sign
 from ddchallenge.score import ScoreResult, score, upload_name
 from ddchallenge.upload import digest
 
 log = logging.getLogger(__name__)
 
-MAX_RECORD_BYTES = 16 << 20
+LOCK_FILE = ".lock"
 
 
 def record_key(name: str) -> str:
@@ -50,12 +58,19 @@ class BatchSettings:
     seed: int = 0
     budget: float | None = None  # Track 2 seconds per dataset; None: 600 for generator folders
     sandbox: bool = True  # False: read uploads in this process (trusted files only)
+    # The organiser's record key (records.load_key): records are signed with it and trusted only when signed.
+    # Not a setting of the result: left out of the fingerprint, of repr and of what is sent to a cluster's workers.
+    mac_key: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Checked once here, so that no per-upload error is the organiser's.
         check_seed(self.seed)
         if self.budget is not None and not self.budget > 0:
             raise UsageError(f"--budget must be positive seconds, got {self.budget}")
+
+    def __getstate__(self) -> dict:
+        # Workers never sign (the driver records), so the key never leaves the organiser's process.
+        return {k: v for k, v in self.__dict__.items() if k != "mac_key"}
 
     def fingerprint(self) -> dict:
         # Through JSON, so that it compares equal to what a record read back holds.
@@ -136,17 +151,18 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     paths, names = check_batch(uploads, output_dir, device)
     out = Path(output_dir)
     outcomes, busy = [], 0.0
-    for path, name in zip(paths, names):
-        todo = triage(path, name, out, settings)
-        if isinstance(todo, Pending):
+    with ResultsLock(out):
+        for path, name in zip(paths, names):
+            todo = triage(path, name, out, settings)
+            if isinstance(todo, Pending):
+                if len(uploads) > 1:
+                    log.info("scoring %s", clean(str(path)))
+                tried = attempt(path, settings, ref_dir, device, progress)
+                busy += tried.seconds
+                todo = settle(todo, out, settings, tried)
+            outcomes.append(todo)
             if len(uploads) > 1:
-                log.info("scoring %s", clean(str(path)))
-            tried = attempt(path, settings, ref_dir, device, progress)
-            busy += tried.seconds
-            todo = settle(todo, out, settings, tried)
-        outcomes.append(todo)
-        if len(uploads) > 1:
-            log.info("%s: %s%s", clean(name), todo.status, f" ({todo.reason})" if todo.reason else "")
+                log.info("%s: %s%s", clean(name), todo.status, f" ({todo.reason})" if todo.reason else "")
     return BatchSummary(outcomes, time.monotonic() - start, busy, resolve_device(device).type == "cuda")
 
 
@@ -191,43 +207,123 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
     if tried.environment:
         return BatchOutcome(todo.name, "environment error", None, tried.reason, None)
     if tried.result is not None:
-        record = {**dataclasses.asdict(tried.result), "key": key, "upload_sha256": todo.upload_sha,
-                  "settings": settings.fingerprint()}
+        record = sign({**dataclasses.asdict(tried.result), "key": key, "upload_sha256": todo.upload_sha,
+                       "settings": settings.fingerprint()}, settings.mac_key)
         atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
         _remove(failed)
         return BatchOutcome(todo.name, "scored", tried.result.score, None, done, tried.result)
-    record = {"status": "failed", "name": todo.name, "key": key, "submission": str(todo.path), "reason": tried.reason,
-              "upload_sha256": todo.upload_sha or None, "settings": settings.fingerprint()}
+    record = sign({"status": "failed", "name": todo.name, "key": key, "submission": str(todo.path),
+                   "reason": tried.reason, "upload_sha256": todo.upload_sha or None, "settings": settings.fingerprint()},
+                  settings.mac_key)
     atomic_write_bytes(failed, json.dumps(record, indent=2, sort_keys=True).encode())
     _remove(done)
     return BatchOutcome(todo.name, "failed", None, tried.reason, failed)
 
 
 def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: BatchSettings) -> BatchOutcome | None:
-    """The outcome an earlier run recorded, if it can be trusted."""
+    """The outcome an earlier run recorded, if it can be trusted. A record
+    that is not a valid (signed, with a key) record is set aside, kept."""
     for path in (done, failed):
-        if not path.exists():
+        if not os.path.lexists(path):
             continue
         try:
-            if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
-                raise ValueError("not a plain file of a sensible size")
-            record = json.loads(path.read_text())
-            if not isinstance(record, dict):
-                raise ValueError("not an object")
-            if record.get("upload_sha256") != upload_sha or record.get("settings") != settings.fingerprint():
-                log.info("%s was made from other bytes or settings; scoring %s again", path, clean(name))
-                return None
-            if path is done:
-                result = ScoreResult.from_dict(record)
-                if result.name != name:
-                    raise ValueError("names another upload")
-                return BatchOutcome(name, "done before", result.score, None, path, result)
-            if record.get("name") != name or not isinstance(record.get("reason"), str):
-                raise ValueError("names another upload")
+            record = read_record(path, settings.mac_key)
+            if (path is done) == (record.get("status") == "failed"):
+                raise RecordError(f"{clean(str(path))}: holds a {'failed' if path is done else 'score'} record under "
+                                  "the other kind's file name")
+            if record["name"] != name or record.get("key") != record_key(name):
+                raise RecordError(f"{clean(str(path))}: names another upload ({clean(record['name'], 80)})")
+        except RecordError as exc:
+            log.warning("%s; set aside as %s, scoring %s again", exc, _set_aside(path), clean(name))
+            continue
+        if record.get("upload_sha256") != upload_sha or record.get("settings") != settings.fingerprint() \
+                or (path is done and record["seed"] != settings.seed):
+            log.info("%s was made from other bytes or settings; scoring %s again", path, clean(name))
+            return None
+        if path is failed:
             return BatchOutcome(name, "done before", None, clean(record["reason"]), path)
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            log.warning("%s is not a record this run can trust (%s); scoring %s again", path, exc, clean(name))
+        try:
+            result = ScoreResult.from_dict(record)
+        except (KeyError, TypeError) as exc:  # valid, but fields this version does not know
+            log.warning("%s cannot be read by this version (%s); set aside as %s, scoring %s again", path,
+                        clean(str(exc), 120), _set_aside(path), clean(name))
+            continue
+        return BatchOutcome(name, "done before", result.score, None, path, result)
     return None
+
+
+def _set_aside(path: Path) -> str:
+    """Rename a record that cannot be trusted to `<name>.rejected-<n>` (kept
+    for whoever investigates; never read as a record again)."""
+    for n in range(1, 10_000):
+        target = path.with_name(f"{path.name}.rejected-{n}")
+        if not os.path.lexists(target):
+            try:
+                os.rename(path, target)  # under the results lock: no other batch takes the same name
+            except OSError as exc:
+                return f"nothing (it could not be renamed: {exc.strerror}; the new record replaces it)"
+            return target.name
+    return "nothing (too many set aside already; the new record replaces it)"
+
+
+class ResultsLock:
+    """One batch at a time writes a results folder: an exclusive, non-blocking
+    flock on `<folder>/.lock`, removed again on release (a folder this lock
+    created is removed too if nothing was recorded in it)."""
+
+    def __init__(self, out: Path):
+        self.out, self.path, self.fd = out, out / LOCK_FILE, None
+        self.created = not os.path.lexists(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 200).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise ResultsBusyError(
+                        f"another batch ({clean(holder, 100) or 'unknown process'}) is writing {clean(str(out))} "
+                        f"now; wait for it to finish, or give this one another --output") from None
+                # A holder may have released and removed the file between our open and flock: lock a fresh one.
+                try:
+                    current = os.stat(self.path, follow_symlinks=False).st_ino
+                except FileNotFoundError:
+                    current = None
+                if current == os.fstat(fd).st_ino:
+                    self.fd = fd
+                else:
+                    os.close(fd)
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+        except OSError as exc:
+            raise ResultsBusyError(f"cannot lock the results folder {clean(str(out))} ({exc.strerror or exc}: "
+                                   f"{clean(str(self.path))}); it must be a folder this user can write") from None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still held, so that no one locks a file that is about to vanish
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        if self.created:
+            try:
+                self.out.rmdir()  # only if empty: nothing was recorded
+            except OSError:
+                pass
+
+    def __enter__(self) -> "ResultsLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def _remove(path: Path) -> None:

@@ -78,6 +78,12 @@ device_option = click.option(
 
 
 BUDGET = click.FloatRange(0, 7 * 86_400, min_open=True)  # seconds; a week is no longer a budget
+record_key_option = click.option(
+    "--record-key", type=click.Path(dir_okay=False, path_type=Path), envvar="DDCHALLENGE_RECORD_KEY",
+    help="Organiser's key FILE (or $DDCHALLENGE_RECORD_KEY), kept outside the results folder: records are signed "
+         "with it, and records not signed with it are refused.")
+
+
 seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                            help="Seed; scoring round r uses seed + r.")
 
@@ -108,8 +114,9 @@ seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0
 @click.option("--cluster", metavar="local|auto|ADDRESS",
               help="Score on a Ray cluster, one task per upload (needs the [cluster] extra): 'local' starts Ray on "
                    "this machine, 'auto' joins this machine's cluster, or a head's host:port.")
+@record_key_option
 def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
-          budget, cluster):
+          budget, cluster, record_key):
     """Score UPLOADS with the official evaluation recipe.
 
     Each is an official <dataset>.pt file, a labelled .h5 set, a res/ folder
@@ -125,13 +132,15 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
     scored in parallel as Ray tasks, with the same results.
     """
     from ddchallenge.batch import BatchSettings, score_batch
+    from ddchallenge.records import load_key
     from ddchallenge.protocol import OFFICIAL, UploadRules
     from ddchallenge.report import batch_table, score_table
 
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
-                             seed, budget, sandbox=not no_sandbox)
+                             seed, budget, sandbox=not no_sandbox,
+                             mac_key=None if record_key is None else load_key(record_key, [output]))
     if cluster is not None:
         from ddchallenge.cluster import score_batch_on_cluster
 
@@ -369,12 +378,6 @@ def verify(recipes, with_score, device, quiet):
         v = run_verify(path, with_score=with_score, device=device, progress=not quiet)
         extra = f", score {100 * v.result.score:.2f} % in [{100 * v.recipe.band.min:.1f}, {100 * v.recipe.band.max:.1f}]" if v.result else ""
         click.echo(f"ok {v.recipe.name}: sha256 {v.sha256}{extra}")
-
-
-record_key_option = click.option(
-    "--record-key", type=click.Path(dir_okay=False, path_type=Path), envvar="DDCHALLENGE_RECORD_KEY",
-    help="Organiser's key FILE (or $DDCHALLENGE_RECORD_KEY), kept outside the results folder: records are signed "
-         "with it, and records not signed with it are refused.")
 
 
 @cli.command()

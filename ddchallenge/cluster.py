@@ -34,6 +34,7 @@ from ddchallenge.batch import (
     BatchSettings,
     BatchSummary,
     Pending,
+    ResultsLock,
     attempt,
     check_batch,
     settle,
@@ -158,6 +159,7 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
         task_resources(0, device)
     paths, names = check_batch(uploads, output_dir, device)
     out = Path(output_dir)
+    lock = ResultsLock(out)  # one batch at a time writes `out`; released below, or when this frame goes on error
     # Workers may start in another folder: they get absolute paths (links are not followed here either).
     paths = [Path(os.path.abspath(p)) for p in paths]
     ref = os.path.abspath(ref_dir) if ref_dir is not None else None
@@ -173,6 +175,7 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
     if todo:
         with connected(cluster) as ray:
             busy, retried, on_gpu = _run(ray, todo, outcomes, names, out, settings, ref, device, progress, len(paths))
+    lock.release()
     return BatchSummary([outcomes[i] for i in range(len(paths))], time.monotonic() - start, busy, on_gpu, retried)
 
 

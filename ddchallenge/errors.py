@@ -28,6 +28,10 @@ class RecordError(DDChallengeError):
     malformed, inconsistent or unsigned: the message names the file and field."""
 
 
+class ResultsBusyError(DDChallengeError):
+    """A results folder another batch is writing right now."""
+
+
 class OutputExistsError(DDChallengeError):
     """An output that exists and would be overwritten without --force."""
 

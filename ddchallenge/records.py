@@ -34,6 +34,7 @@ MAX_RECORD_BYTES = 16 << 20  # a record of 6 datasets x 100 rounds is a few KB; 
 MAX_TEXT = 4096  # characters of any one text field (names, paths, reasons, warnings)
 MAX_ITEMS = 1000  # entries of any list or table in a record (warnings, versions)
 MAX_METHOD = 64  # as submission.MAX_METHOD: what an upload's manifest may name
+MAX_PROVENANCE_KEYS = 64  # submission.bounded_provenance keeps 32
 TOLERANCE = 1e-9  # recomputed means, stds and scores agree with the recorded ones to this
 MAC_FIELD = "mac"
 KEY_ENV = "DDCHALLENGE_RECORD_KEY"  # names the key FILE, as --record-key does
@@ -209,6 +210,16 @@ def _check_dataset(d: _Fields, recipe: EvalRecipe, seed: int) -> float:
     if abs(std - expected) > TOLERANCE:
         raise d.error("std", f"must be the population std of the accuracies ({expected!r})", std)
     d.number("seconds")
+    if d.data.get("provenance") is not None:  # what the upload says made it (optional): a flat object of scalars
+        provenance = _Fields(d.data["provenance"], d.where, f"{d.prefix}provenance.")
+        if len(provenance.data) > MAX_PROVENANCE_KEYS:
+            raise d.error("provenance", f"must hold at most {MAX_PROVENANCE_KEYS} entries", len(provenance.data))
+        for key, value in provenance.data.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                _number(value, -math.inf, math.inf, lambda what, v, k=key: provenance.error(k, what, v))
+            elif not (value is None or isinstance(value, bool) or (isinstance(value, str) and len(value) <= MAX_TEXT)):
+                raise provenance.error(clean(key, 64), f"must be a text of at most {MAX_TEXT} characters, a number, "
+                                       "a boolean or null", value)
     return mean
 
 

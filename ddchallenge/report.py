@@ -274,5 +274,12 @@ def _escape(text: str, fmt: str) -> str:
 
 def batch_table(outcomes) -> str:
     """The summary of a batch, one row per upload, names and reasons escaped."""
-    rows = [[clean(o.name), o.status, "-" if o.score is None else _pct(o.score), o.reason or ""] for o in outcomes]
+    rows = [[clean(o.name), o.status, _score_cell(o.score), o.reason or ""] for o in outcomes]
     return tabulate(rows, headers=["upload", "status", "score %", "reason"], tablefmt="simple", disable_numparse=True)
+
+
+def _score_cell(score) -> str:
+    # Records are checked before they are trusted; a table still never shows (or crashes on) anything but a number.
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return "-"
+    return _pct(score)

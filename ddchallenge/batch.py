@@ -32,7 +32,7 @@ from pathlib import Path
 from ddchallenge.errors import DatasetError, RecordError, ResultsBusyError, UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.fileio import atomic_write_bytes
-from ddchallenge.isolation import clean, is_environment_failure
+from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
 from ddchallenge.records import read_record, sign
 from ddchallenge.score import ScoreResult, score, upload_name
@@ -191,10 +191,16 @@ def attempt(path: Path, settings: BatchSettings, ref_dir, device: str, progress:
 
 def classify(exc: Exception) -> Attempt:
     """Whose fault an exception is: the machine's or the reference data's
-    (not recorded, retried), or the upload's (recorded as its failure)."""
+    (not recorded, retried), or the upload's (recorded as its failure).
+    Running out of memory is the upload's where its own work ran out (in the
+    sandbox, within its limits, or marked by `isolation.upload_code`), the
+    machine's where the scorer's training did (the rules bound its inputs)."""
     if is_environment_failure(exc) or isinstance(exc, DatasetError):
         return Attempt(reason=clean(str(exc)), environment=True)
     log.debug("failure", exc_info=exc)
+    provoked_by_upload = provoked(exc) if raised_in_upload_code(exc) else None
+    if provoked_by_upload is not None:
+        return Attempt(reason=clean(f"the work on this upload {provoked_by_upload}"))
     return Attempt(reason=clean(str(exc) if getattr(exc, "__module__", "").startswith("ddchallenge")
                                 else f"internal error on this upload: {type(exc).__name__}: {exc}"))
 

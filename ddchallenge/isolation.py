@@ -7,6 +7,15 @@ holds with CUDA), the user `nobody` when the parent is root and `nobody` can
 run this Python, and a private folder holding a read-only copy of its input.
 A wall-clock limit kills its whole process group.
 
+Whose fault a failure is: what the work inside the child can provoke is its
+input's (running out of host memory within its limit, out of GPU memory
+within its share, a device-side assert); only what it cannot cause is the
+machine's (no sandbox, CUDA failing to start before the work runs, a full
+disk, a lost GPU). A CUDA child gets a GPU memory share before any of the
+work runs; where no memory cgroup can be made, its host memory is held by a
+watchdog in the parent (RLIMIT_AS cannot be used: CUDA maps far more
+address space than it uses).
+
 What goes in: a frozen dataclass (as JSON) and staged input paths. What
 comes back: the function's JSON value and the files it wrote to its outbox,
 both untrusted: read with bounds by the caller. This module knows nothing of
@@ -29,6 +38,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -36,6 +46,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +69,22 @@ class TimedOut(Refused):
     """The isolated work ran past its wall limit and was killed."""
 
 
+class MemoryExceeded(Refused):
+    """The isolated work used more host memory than its limit and was killed."""
+
+
 class SandboxUnavailable(EnvironmentFailure):
     """This machine cannot isolate untrusted work."""
 
 
+MEMORY_ENV = "DDCHALLENGE_MEMORY_LIMIT"  # the child's host memory limit in bytes, in its environment
+
+
 @dataclass(frozen=True)
 class Limits:
-    memory_bytes: int = 16 << 30  # memory of the child: a memory cgroup where one can be made, else address space
+    memory_bytes: int = 16 << 30  # host memory of the child: a memory cgroup where one can be made, else
+    # address space (RLIMIT_AS), or for a CUDA child a watchdog on its resident memory
+    gpu_memory_bytes: int = 16 << 30  # GPU memory share of a CUDA child (PyTorch's allocator), per visible GPU
     file_bytes: int = 8 << 30  # largest file the child may write
     cpu_seconds: int = 900  # CPU time of the child
     processes: int = 512  # processes and threads (pids cgroup; RLIMIT_NPROC as `nobody`)
@@ -124,6 +144,11 @@ def _cgroup_root(controller: str) -> tuple[Path, str] | None:
     return None
 
 
+def size(n: int) -> str:
+    """Bytes in words: GiB from 1 GiB up, else MiB."""
+    return f"{n / 2**30:g} GiB" if n >= 1 << 30 else f"{n / 2**20:g} MiB"
+
+
 def describe(limits: Limits = Limits(), cuda: bool = False) -> str:
     """What `run` enforces on this machine, in words, for records."""
     iso = isolation()
@@ -132,13 +157,15 @@ def describe(limits: Limits = Limits(), cuda: bool = False) -> str:
     parts = ["no network (unshare)"]
     if iso.uid is not None:
         parts.append("user nobody")
-    gib = limits.memory_bytes / 2**30
+    memory = size(limits.memory_bytes)
     if _cgroup_root("memory"):
-        parts.append(f"memory {gib:g} GiB (cgroup)")
-    elif cuda:
-        parts.append("memory NOT limited (CUDA needs more address space than it uses, and no memory cgroup)")
+        parts.append(f"memory {memory} (cgroup)")
+    elif cuda:  # CUDA maps far more address space than it uses: RLIMIT_AS cannot be used
+        parts.append(f"memory {memory} (watchdog on resident memory)")
     else:
-        parts.append(f"address space {gib:g} GiB (rlimit)")
+        parts.append(f"address space {memory} (rlimit)")
+    if cuda:
+        parts.append(f"GPU memory {size(limits.gpu_memory_bytes)} (allocator share)")
     if _cgroup_root("pids"):
         parts.append(f"{limits.processes} processes (pids cgroup)")
     elif iso.uid is not None:
@@ -392,21 +419,29 @@ def hand_over(folder: Path) -> Path:
 def spawn(argv: list[str], work: Path, limits: Limits = Limits(), cuda: bool = False) -> subprocess.CompletedProcess:
     """Run argv isolated, with `work/home` (in a folder from `workdir()`) as its
     home and working folder; at the wall limit kill its process group, and with a pids
-    cgroup every process it started. Output goes to files, not pipes, and the
-    parent waits for the child, not for end-of-file: a grandchild holding a
-    pipe cannot hang it. The last 64 KiB of stdout and stderr come back."""
+    cgroup every process it started. A CUDA child without a memory cgroup is
+    watched: past its host memory limit it is killed (`MemoryExceeded`).
+    Output goes to files, not pipes, and the parent waits for the child, not
+    for end-of-file: a grandchild holding a pipe cannot hang it. The last
+    64 KiB of stdout and stderr come back."""
     iso = _required()
     home = hand_over(work / "home")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(home), "LANG": "C.UTF-8",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
+           MEMORY_ENV: str(limits.memory_bytes)}  # so that the work knows it is limited (keep_freed_memory)
     # The GPUs this process may use are the child's too: a scheduler (Ray, Slurm) or the organiser
     # narrows them with these, and "cuda" must then mean the same card in both.
     env.update({k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER") if k in os.environ})
+    if cuda:
+        _release_gpu_cache()
     with _cgroups(limits) as groups, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([*iso.prefix, *argv], cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=err, start_new_session=True, preexec_fn=_limit(limits, iso.uid, groups, cuda))
+        watch = cuda and "memory" not in groups
+        watchdog = _Watchdog(proc.pid, limits.memory_bytes, groups.get("pids")) if watch else None
         try:
-            proc.wait(timeout=limits.wall_seconds)
+            with watchdog or contextlib.nullcontext():
+                proc.wait(timeout=limits.wall_seconds)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -414,11 +449,126 @@ def spawn(argv: list[str], work: Path, limits: Limits = Limits(), cuda: bool = F
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # what it left running in its group
+        if watchdog is not None and watchdog.exceeded:
+            raise MemoryExceeded(f"the sandboxed work used more than {size(limits.memory_bytes)} of host memory "
+                                 "and was killed")
         tails = []
         for fh in (out, err):
             fh.seek(max(0, os.fstat(fh.fileno()).st_size - (64 << 10)))
             tails.append(fh.read().decode(errors="replace"))
     return subprocess.CompletedProcess(argv, proc.returncode, *tails)
+
+
+def _release_gpu_cache() -> None:
+    """Hand the GPU memory this process's allocator keeps cached (a previous
+    upload's training) back to the card before a CUDA child starts: the
+    child's share must be there for it to take."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the host memory watchdog
+
+WATCH_SECONDS = 0.1  # between two readings of the child's resident memory
+SCAN_SHARE = 0.05  # at most this share of one core spent finding the child's processes in /proc
+
+
+def _proc_stat(pid: int) -> tuple[int, int, int, int] | None:
+    """(parent, process group, session, start time) of a process, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    try:
+        fields = data[data.rindex(b")") + 2:].split()  # the name, in parentheses, may hold anything
+        return int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def _resident(pid: int) -> int:
+    """Bytes of anonymous and shared memory a process holds in RAM: what it
+    allocated, not the libraries it maps (file pages the kernel can drop)."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith((b"RssAnon:", b"RssShmem:")):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
+class _Watchdog:
+    """Polls the resident memory of a child and of every process it started
+    (found by parent link, process group, session and, where there is one,
+    its pids cgroup) and kills them all once together they hold more than
+    `limit` bytes. A memory cgroup does this in the kernel; this is for CUDA
+    children where none can be made. Between two readings (0.1 s) a child
+    can overshoot by what it allocates in that time."""
+
+    def __init__(self, root: int, limit: int, group: Path | None):
+        self.root, self.limit, self.group = root, limit, group
+        self.exceeded = False
+        self.members: dict[int, int] = {}  # pid -> start time (a pid is reused only with another start time)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ddchallenge-memory-watchdog", daemon=True)
+
+    def __enter__(self) -> "_Watchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _scan(self) -> None:
+        """Add the child's processes started since the last scan."""
+        table = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
+                table[int(entry)] = st
+        self.members = {pid: start for pid, start in self.members.items() if table.get(pid, (0, 0, 0, -1))[3] == start}
+        found = {self.root} | {pid for pid, st in table.items() if self.root in (st[1], st[2])}
+        if self.group is not None:
+            with contextlib.suppress(OSError, ValueError):
+                found |= {int(p) for p in (self.group / "cgroup.procs").read_text().split()}
+        children: dict[int, list[int]] = {}
+        for pid, st in table.items():
+            children.setdefault(st[0], []).append(pid)
+        todo = [pid for pid in found | set(self.members) if pid in table]
+        while todo:
+            pid = todo.pop()
+            if pid not in self.members:
+                self.members[pid] = table[pid][3]
+            todo.extend(c for c in children.get(pid, ()) if c not in self.members)
+
+    def _watch(self) -> None:
+        next_scan = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_scan:
+                self._scan()
+                took = time.monotonic() - now
+                next_scan = now + max(WATCH_SECONDS, took / SCAN_SHARE)
+            if sum(_resident(pid) for pid in self.members) > self.limit:
+                self.exceeded = True
+                self._kill()
+                return
+            if self._stop.wait(WATCH_SECONDS):
+                return
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.root, signal.SIGKILL)
+        for pid, start in self.members.items():
+            st = _proc_stat(pid)
+            if st is not None and st[3] == start:  # the same process, not a later one given its pid
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -430,9 +580,12 @@ def run(function: Callable, request: Any, inputs: dict[str, Input] | None = None
     name to an `Input`, staged read-only first (the function gets
     {name: staged path}).
 
-    Raises `Refused` (the child refused its input, crashed on it, or was
-    killed at a limit), `EnvironmentFailure` (this machine failed, or cannot
-    isolate)."""
+    With `cuda`, the child takes its GPU memory share (`limits.gpu_memory_bytes`)
+    before `function` runs.
+
+    Raises `Refused` (the child refused its input, crashed on it, ran out of
+    memory within its limits, or was killed at a limit), `EnvironmentFailure`
+    (this machine failed, or cannot isolate)."""
     _required()  # before anything is staged
     with workdir() as work:
         (work / "in").mkdir()
@@ -446,7 +599,7 @@ def run(function: Callable, request: Any, inputs: dict[str, Input] | None = None
             folder.chmod(0o555)
         outbox = hand_over(work / "out")
         call = {"function": f"{function.__module__}:{function.__qualname__}", "request": _encode(request),
-                "inputs": staged, "outbox": str(outbox)}
+                "inputs": staged, "outbox": str(outbox), "gpu_memory_bytes": limits.gpu_memory_bytes if cuda else None}
         (work / "call.json").write_text(json.dumps(call))
         done = spawn([sys.executable, "-m", "ddchallenge.isolation", str(work / "call.json")], work, limits, cuda)
         try:
@@ -500,40 +653,135 @@ def _outcome(code: int, outbox: Path, stderr: str, limits: Limits) -> Any:
 
 
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+# What a CUDA error says when the work asked for more GPU memory than it may have (the caching allocator's
+# OutOfMemoryError, or a library's own allocation failing), or fed a kernel an index out of range.
+_CUDA_OUT_OF_MEMORY = ("out of memory", "ALLOC_FAILED")
+_CUDA_ASSERT = "device-side assert"
 
 
-def is_environment_failure(exc: BaseException) -> bool:
+def _is_cuda_error(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name in ("OutOfMemoryError", "AcceleratorError") or (isinstance(exc, RuntimeError) and "CUDA" in str(exc))
+
+
+def provoked(exc: BaseException, gpu_share: int | None = None) -> str | None:
+    """Why `exc`, raised by work on an input, is the input's doing although it
+    looks like the machine's, in one line; None when it is not such a failure.
+    Running out of host memory (the work's limit is far below the machine's),
+    out of GPU memory (the work's share: `gpu_share` bytes where known), or a
+    device-side assert (a kernel given an index out of range) is what the
+    input asks for, not what the machine lacks."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        limit = os.environ.get(MEMORY_ENV, "")
+        within = f" within its {size(int(limit))} limit" if limit.isdigit() else ""
+        return f"ran out of host memory{within} ({type(exc).__name__})"
+    if not _is_cuda_error(exc):
+        return None
+    text = str(exc)
+    if type(exc).__name__ == "OutOfMemoryError" or any(s in text for s in _CUDA_OUT_OF_MEMORY):
+        share = f" within its {size(gpu_share)} share" if gpu_share else ""
+        asked = re.search(r"Tried to allocate [0-9.]+ ?[KMGT]?i?B", text)
+        return f"ran out of GPU memory{share}" + (f" ({asked.group(0)})" if asked else "")
+    if _CUDA_ASSERT in text:
+        return "a GPU kernel rejected what it was given (device-side assert triggered)"
+    return None
+
+
+_UPLOAD_CODE = "_ddchallenge_upload_code"  # the attribute `upload_code` marks exceptions with
+
+
+@contextlib.contextmanager
+def upload_code():
+    """Marks the work inside as work on an upload, for `is_environment_failure`:
+    an exception leaving it carries the mark. The sandboxed child's function
+    always is; `--no-sandbox` runs the same work in the scorer's process and
+    marks it with this. The GPU memory this process keeps cached is handed
+    back first, so that what the work cannot get is what it asked for."""
+    _release_gpu_cache()
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(exc, _UPLOAD_CODE, True)
+        raise
+
+
+def raised_in_upload_code(exc: BaseException) -> bool:
+    return getattr(exc, _UPLOAD_CODE, False) is True
+
+
+def is_environment_failure(exc: BaseException, upload_code: bool | None = None) -> bool:
     """Whether an exception says the machine failed rather than its input:
-    out of disk or memory, too many open files, an I/O error, a lost GPU."""
-    if isinstance(exc, (EnvironmentFailure, MemoryError)):
+    out of disk, too many open files, an I/O error, a lost GPU, no sandbox.
+
+    `upload_code`: it was raised by work on an upload (the sandboxed child's
+    function; None: whether `upload_code()` marked it). There, what the upload
+    can provoke (`provoked`: host or GPU memory within its limits, a
+    device-side assert) is the upload's failure. Elsewhere (the scorer's own
+    training, whose inputs the rules bound), out of memory means the machine
+    has too little."""
+    if isinstance(exc, EnvironmentFailure):
+        return True
+    if upload_code is None:
+        upload_code = raised_in_upload_code(exc)
+    if upload_code and provoked(exc) is not None:
+        return False
+    if isinstance(exc, MemoryError):
         return True
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         return True
-    name = type(exc).__name__
-    return name in ("OutOfMemoryError", "AcceleratorError") or (isinstance(exc, RuntimeError) and "CUDA" in str(exc))
+    return _is_cuda_error(exc)
+
+
+def _share_gpu(share: int) -> int:
+    """Limit this process's PyTorch allocator to `share` bytes of each visible
+    GPU (the whole card where it has less); the share in force. This starts
+    CUDA, before any of the work runs: a failure here is the machine's."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EnvironmentFailure("CUDA is not available inside the sandbox, though it is outside")
+    in_force = share
+    for index in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, share / total), index)
+        in_force = min(in_force, total)
+    return in_force
 
 
 def _child(call_path: str) -> int:
     call = json.loads(Path(call_path).read_text())
     outbox = Path(call["outbox"])
+    code, message, share = 0, "", None
     try:
-        function = _resolve(call["function"])
-        value = function(_decode(call["request"]), {k: Path(v) for k, v in call["inputs"].items()}, outbox)
-        (outbox / "_value.json").write_text(json.dumps(value))
-        return 0
-    except BaseException as exc:  # every outcome is reported to the parent, which decides what it means
-        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
-            # Here it is the child's own memory limit that was hit: the input's doing.
-            code, message = CRASHED_EXIT, f"over its memory limit ({type(exc).__name__})"
-        elif is_environment_failure(exc):
-            code, message = ENVIRONMENT_EXIT, f"{type(exc).__name__}: {exc}"
-        elif isinstance(exc, DDChallengeError):
-            code, message = REFUSED_EXIT, str(exc)
-        else:
-            code, message = CRASHED_EXIT, f"{type(exc).__name__}: {exc}"
-        with contextlib.suppress(OSError):
-            (outbox / "_message.txt").write_text(message[:MAX_MESSAGE * 4])
-        return code
+        if call.get("gpu_memory_bytes"):
+            share = _share_gpu(int(call["gpu_memory_bytes"]))
+    except BaseException as exc:  # noqa: BLE001  nothing of the work has run: the machine failed
+        code, message = ENVIRONMENT_EXIT, f"CUDA could not be started for the work: {type(exc).__name__}: {exc}"
+    if code == 0:
+        try:
+            function = _resolve(call["function"])
+            value = function(_decode(call["request"]), {k: Path(v) for k, v in call["inputs"].items()}, outbox)
+            (outbox / "_value.json").write_text(json.dumps(value))
+            return 0
+        except BaseException as exc:  # every outcome is reported to the parent, which decides what it means
+            code, message = _report(exc, share)
+    with contextlib.suppress(OSError):
+        (outbox / "_message.txt").write_text(message[:MAX_MESSAGE * 4])
+    return code
+
+
+def _report(exc: BaseException, share: int | None) -> tuple[int, str]:
+    """The exit code and message for what the work raised: here everything
+    that runs is work on the input (see `is_environment_failure`)."""
+    reason = provoked(exc, share)
+    if reason is not None:
+        return REFUSED_EXIT, f"the sandboxed work {reason}"
+    if is_environment_failure(exc, upload_code=True):
+        return ENVIRONMENT_EXIT, f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, DDChallengeError):
+        return REFUSED_EXIT, str(exc)
+    return CRASHED_EXIT, f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

@@ -41,3 +41,81 @@ def test_freed_training_memory_is_reused_without_page_faults_and_returned_afterw
 def _resident() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+# What the probe below prints: whether a 512 MiB malloc is served by mmap (glibc's mallinfo2 counts mmapped
+# blocks) before, inside and after keep_freed_memory, and whether a 256 MiB tensor could be made inside it.
+# 512 MiB is above the largest dynamic mmap threshold (32 MiB) and above any free block the heap holds here: with
+# mmap allowed it is always mmapped.
+PROBE = """
+import ctypes, json, resource, sys
+from ddchallenge.evaluation.device import keep_freed_memory
+import torch
+
+libc = ctypes.CDLL(None)
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+
+def mmapped():
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(512 << 20)
+    during = libc.mallinfo2().hblks
+    libc.free(block)
+    return during > before
+
+if sys.argv[1] != "none":  # room for the 256 MiB tensor or the probe: the 2 GiB pad would not fit
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (int(sys.argv[1]) << 20), resource.RLIM_INFINITY))
+seen = {"before": mmapped()}
+try:
+    with keep_freed_memory():
+        seen["inside"] = mmapped()
+        seen["tensor"] = float(torch.ones(64 << 20).sum())
+except (MemoryError, RuntimeError) as exc:
+    seen["error"] = type(exc).__name__
+seen["after"] = mmapped()
+print(json.dumps(seen))
+"""
+
+
+def _probe(limit_mib, **env):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PROBE, str(limit_mib)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(device_module._glibc() is None, reason="keep_freed_memory only tunes glibc's malloc")
+def test_under_an_address_space_limit_a_valid_allocation_succeeds_and_the_settings_stay_as_found():
+    # Without a limit: mmap is off inside (the speed-up), and on again afterwards.
+    assert _probe("none") == {"before": True, "inside": False, "tensor": 64 * 2**20, "after": True}
+    # Under RLIMIT_AS with 768 MiB of room, the 256 MiB tensor fits; with the 2 GiB pad it would not.
+    assert _probe(768) == {"before": True, "inside": True, "tensor": 64 * 2**20, "after": True}
+    # Settings found at start-up (here: mmap off, from glibc's environment variable) are what comes back,
+    # not glibc's defaults.
+    assert _probe("none", MALLOC_MMAP_MAX_="0") == {"before": False, "inside": False, "tensor": 64 * 2**20,
+                                                    "after": False}
+    # Inside the sandbox (its memory limit is in the environment), nothing is changed either.
+    from ddchallenge.isolation import MEMORY_ENV
+
+    assert _probe("none", **{MEMORY_ENV: str(1 << 30)})["inside"] is True
+
+
+def test_the_settings_glibc_started_with_are_read_from_its_environment():
+    start = device_module._start_values
+    assert start({}) == {-4: 65536, -1: 128 * 1024, -2: 128 * 1024}
+    given = {"GLIBC_TUNABLES": "glibc.malloc.top_pad=0x100000:glibc.malloc.mmap_max=0:glibc.other=1",
+             "MALLOC_MMAP_MAX_": "7", "MALLOC_TRIM_THRESHOLD_": "010", "MALLOC_TOP_PAD_": "12"}
+    # The tunable wins over the older variable; octal and hex as glibc reads them.
+    assert start(given) == {-4: 0, -1: 8, -2: 0x100000}
+    # What glibc would not read is ignored, as glibc ignores it.
+    assert start({"MALLOC_TOP_PAD_": "12k", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=-1"}) == start({})

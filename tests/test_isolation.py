@@ -270,3 +270,114 @@ def test_socket_opening_pickle_refused_through_the_default_cli(run_cli, tmp_path
     time.sleep(0.2)
     assert len(accepted) == 1
     listener.close()
+
+
+# ---------------------------------------------------------------- whose fault: limits the upload can reach
+
+ALLOCATE_300_MB = "x = bytearray(300 << 20)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint('allocated', flush=True)\n"
+
+
+@pytest.fixture
+def no_memory_cgroup(monkeypatch):
+    """This machine as one without a memory cgroup: a CUDA child's host memory is then the watchdog's."""
+    from ddchallenge import isolation as isolation_module
+
+    found = isolation_module._cgroup_root
+    monkeypatch.setattr(isolation_module, "_cgroup_root", lambda c: None if c == "memory" else found(c))
+
+
+@pytest.mark.parametrize("code", [
+    ALLOCATE_300_MB + "import time; time.sleep(60)",
+    # A grandchild in a session of its own, the child waiting for it: found by its parent link.
+    "import subprocess, sys\nsubprocess.run([sys.executable, '-c', %r], start_new_session=True)"
+    % (ALLOCATE_300_MB + "import time; time.sleep(60)"),
+], ids=["child", "grandchild-in-own-session"])
+def test_watchdog_kills_a_cuda_child_past_its_host_memory_and_it_is_the_uploads_failure(box, no_memory_cgroup, code):
+    from ddchallenge.batch import classify
+    from ddchallenge.isolation import MemoryExceeded
+
+    limits = Limits(memory_bytes=100 << 20, wall_seconds=30)
+    assert "memory 100 MiB (watchdog on resident memory), GPU memory 16 GiB (allocator share)" in describe(limits, cuda=True)
+    with pytest.raises(MemoryExceeded) as caught:
+        spawn(_python(code), box, limits, cuda=True)  # without the watchdog: killed at 30 s, TimedOut
+    assert str(caught.value) == "the sandboxed work used more than 100 MiB of host memory and was killed"
+    tried = classify(SubmissionError(str(caught.value)))  # as upload.py hands it on
+    assert not tried.environment and tried.reason == str(caught.value)
+    assert not classify(caught.value).environment
+    # Within its limit a CUDA child runs to the end; without CUDA, RLIMIT_AS holds instead (no watchdog).
+    assert spawn(_python("print('small')"), box, limits, cuda=True).stdout == "small\n"
+    done = spawn(_python(ALLOCATE_300_MB), box, limits)
+    assert done.returncode != 0 and "MemoryError" in done.stderr and "address space 100 MiB (rlimit)" in describe(limits)
+
+
+OOM = "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB is free."
+
+
+def test_cuda_out_of_memory_in_upload_code_is_the_uploads_failure_elsewhere_the_machines():
+    from ddchallenge.batch import classify
+    from ddchallenge.isolation import is_environment_failure, provoked, upload_code
+
+    oom = torch.cuda.OutOfMemoryError(OOM)
+    assert is_environment_failure(oom, upload_code=True) is False
+    assert provoked(oom, 16 << 30) == "ran out of GPU memory within its 16 GiB share (Tried to allocate 20.00 GiB)"
+    # The scorer's own training: the rules bound its inputs, so running out there is the machine's.
+    assert is_environment_failure(torch.cuda.OutOfMemoryError(OOM)) is True
+    assert classify(torch.cuda.OutOfMemoryError(OOM)).environment
+    # Work on an upload in the scorer's process (--no-sandbox) is marked, and classified as the upload's.
+    with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
+        with upload_code():
+            raise torch.cuda.OutOfMemoryError(OOM)
+    tried = classify(caught.value)
+    assert not tried.environment and tried.reason == "the work on this upload ran out of GPU memory (Tried to allocate 20.00 GiB)"
+    # Other variants the upload can provoke, and failures it cannot.
+    for exc, uploads in [(RuntimeError("CUDA error: out of memory"), True), (MemoryError(), True),
+                         (RuntimeError("CUDA error: device-side assert triggered"), True),
+                         (RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate (CUDA)"), True),
+                         (RuntimeError("CUDA error: uncorrectable ECC error encountered"), False),
+                         (OSError(28, "No space left on device"), False)]:
+        assert is_environment_failure(exc, upload_code=True) is not uploads, exc
+        assert is_environment_failure(exc) is True, exc
+
+
+def _raise_cuda_oom(request, inputs, outbox):
+    raise torch.cuda.OutOfMemoryError(OOM)
+
+
+def _write_marker(request, inputs, outbox):
+    (outbox / "ran").write_text("the work ran")
+    return "done"
+
+
+def _call_child(tmp_path, function, gpu_memory_bytes=None):
+    """The sandboxed child's entry point, run here (no GPU needed): its exit code and what the parent makes of it."""
+    from ddchallenge.isolation import _child, _outcome
+
+    outbox = tmp_path / "out"
+    outbox.mkdir(parents=True)
+    call = {"function": f"{function.__module__}:{function.__qualname__}", "request": None, "inputs": {},
+            "outbox": str(outbox), "gpu_memory_bytes": gpu_memory_bytes}
+    (tmp_path / "call.json").write_text(json.dumps(call))
+    code = _child(str(tmp_path / "call.json"))
+    try:
+        return code, _outcome(code, outbox, "", Limits()), outbox
+    except Exception as exc:  # noqa: BLE001
+        return code, exc, outbox
+
+
+def test_child_reports_cuda_out_of_memory_as_the_uploads_and_a_cuda_start_failure_as_the_machines(tmp_path, monkeypatch):
+    from ddchallenge.batch import classify
+    from ddchallenge.errors import EnvironmentFailure
+    from ddchallenge.isolation import REFUSED_EXIT
+
+    code, refused, _ = _call_child(tmp_path / "a", _raise_cuda_oom)
+    assert code == REFUSED_EXIT and isinstance(refused, Refused)
+    assert str(refused) == "the sandboxed work ran out of GPU memory (Tried to allocate 20.00 GiB)"
+    assert not classify(SubmissionError(str(refused))).environment
+    # A GPU share is asked for where this machine has no CUDA: CUDA fails before any of the work runs.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, failed, outbox = _call_child(tmp_path / "b", _write_marker, gpu_memory_bytes=1 << 30)
+    assert isinstance(failed, EnvironmentFailure) and not (outbox / "ran").exists()
+    assert "CUDA could not be started for the work" in str(failed) and classify(failed).environment
+    # Without a share asked for, the same function runs.
+    code, value, outbox = _call_child(tmp_path / "c", _write_marker)
+    assert (code, value) == (0, "done") and (outbox / "ran").exists()

@@ -410,6 +410,9 @@ def leaderboard(results, fmt, include_unofficial, record_key, output, force, no_
                                 "pass -o FOLDER")
     if fmt != "html" and (output is not None or force or no_sandbox):
         raise errors.UsageError("-o, --force and --no-sandbox go with --format html; other formats print to stdout")
+    if output is not None and any(Path(r).resolve().is_relative_to(output.resolve()) for r in results):
+        # --force replaces the whole folder: never the records being ranked
+        raise errors.UsageError(f"-o {clean(str(output))} holds the records being ranked; write the site elsewhere")
     if output is not None and output.exists() and not force:
         raise errors.OutputExistsError(f"{clean(str(output))} already exists; pass --force to replace it")
     if not record_files(results):

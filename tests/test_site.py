@@ -202,6 +202,11 @@ def test_html_needs_an_output_folder_and_keeps_an_existing_one(run_cli, results,
     assert r.exit_code == 1 and "already exists; pass --force" in r.stderr and (site / "precious.txt").exists()
     build(run_cli, results, site, "--force", "--no-sandbox")
     assert not (site / "precious.txt").exists() and (site / "index.html").is_file()
+    before = sorted(p.name for p in results.iterdir())
+    for inside in (results, results.parent):  # --force must never replace the records themselves
+        r = run_cli("leaderboard", results, "--format", "html", "-o", inside, "--force")
+        assert r.exit_code == 2 and "holds the records being ranked" in r.stderr
+    assert sorted(p.name for p in results.iterdir()) == before
     empty = tmp_path / "empty"
     empty.mkdir()
     write_failed(empty, "dave")

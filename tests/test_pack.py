@@ -64,6 +64,7 @@ def test_pack_official_layout_class_major_and_round_trip(tmp_path, run_cli):
         assert written.stat().st_mode & 0o777 == want, written
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # the zip with two manifests is made on purpose
 def test_method_and_provenance_come_from_the_upload_alone(tmp_path, run_cli):
     """The same zip bytes give the same method wherever they lie; a manifest
     beside an upload speaks for nothing; a hostile manifest inside one is

@@ -56,7 +56,7 @@ class BatchSettings:
     rules: UploadRules = UploadRules()
     recipe: EvalRecipe = OFFICIAL
     seed: int = 0
-    budget: float | None = None  # Track 2 seconds per dataset; None: 600 for generator folders
+    budget: float | None = None  # Track 2 seconds per dataset (generator folders only); None: Track 1, images only
     sandbox: bool = True  # False: read uploads in this process (trusted files only)
     # The organiser's record key (records.load_key): records are signed with it and trusted only when signed.
     # Not a setting of the result: left out of the fingerprint, of repr and of what is sent to a cluster's workers.
@@ -170,7 +170,7 @@ def triage(path: Path, name: str, out: Path, settings: BatchSettings) -> BatchOu
     """The outcome already recorded for this upload, if one can be trusted;
     otherwise what scoring it needs."""
     try:
-        upload_sha = digest(path, settings.rules)
+        upload_sha = digest(path, settings.rules, track2=settings.budget is not None)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
         return settle(Pending(path, name, ""), out, settings, classify(exc))
     key = record_key(name)

@@ -110,7 +110,8 @@ seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--no-sandbox", is_flag=True, help="Read the upload in this process (trusted files only).")
 @click.option("--budget", type=BUDGET,
-              help="Track 2: seconds a generator folder may run per dataset (default 600); anything else fails.")
+              help="Track 2: seconds a generator folder may run per dataset (the challenge's: 600); anything else "
+                   "fails. Without it (Track 1) an upload that is or holds a generator fails.")
 @click.option("--cluster", metavar="local|auto|ADDRESS",
               help="Score on a Ray cluster, one task per upload (needs the [cluster] extra): 'local' starts Ray on "
                    "this machine, 'auto' joins this machine's cluster, or a head's host:port.")

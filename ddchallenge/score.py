@@ -17,14 +17,14 @@ import torch
 
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
-from ddchallenge.errors import SubmissionError, UsageError
+from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.evaluation.train import round_accuracies
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean
-from ddchallenge.protocol import OFFICIAL, TRACK2_BUDGET_SECONDS, EvalRecipe, UploadRules, check_seed
+from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
 from ddchallenge.submission import DatasetEntry
-from ddchallenge.upload import describe as describe_upload_isolation, generate_upload, is_generator, read_upload
+from ddchallenge.upload import GENERATOR, describe as describe_upload_isolation, generate_upload, read_upload, upload_kind
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,11 @@ def score(
     together: bool | None = None,
 ) -> ScoreResult:
     """Validate everything first (the upload under `rules`, the reference
-    sets), then train. A Track 2 generator folder is first run (in the
-    sandbox) for each dataset the rules score, within `budget` seconds each
-    (default 600); `budget` given for anything else is that upload's error.
+    sets), then train. The track is the organiser's: with a `budget`
+    (Track 2) the upload must be a generator folder, which is first run (in
+    the sandbox) for each dataset the rules score, within `budget` seconds
+    each (the challenge's is 600); without one (Track 1) it must be images,
+    and an upload that is or holds a generator is refused (`upload_kind`).
     `together`: train each dataset's rounds as one batched model (True), one
     at a time (False), or as the device's default (None; see
     `ddchallenge.evaluation.train.together_by_default`)."""
@@ -138,13 +140,10 @@ def score(
         raise UsageError(f"--budget must be positive seconds, got {budget}")
     dev = resolve_device(device)
     path = Path(submission)
-    if is_generator(path):
+    if upload_kind(path, track2=budget is not None) == GENERATOR:
         log.info("running generator %s for %s (IPC %s, budget %g s each)", clean(str(path)),
-                 ", ".join(rules.required()), rules.ipc or "auto", budget or TRACK2_BUDGET_SECONDS)
-        entries = generate_upload(path, rules, budget or TRACK2_BUDGET_SECONDS, seed, device, sandbox)
-    elif budget is not None:
-        raise SubmissionError(f"{path} is not a generator folder; a Track 2 run (--budget) scores folders written by "
-                              "`ddchallenge train`")
+                 ", ".join(rules.required()), rules.ipc or "auto", budget)
+        entries = generate_upload(path, rules, budget, seed, device, sandbox)
     else:
         entries = read_upload(path, rules, sandbox)
     refs = {e.spec.name: load_reference(e.spec, ref_dir) for e in entries}

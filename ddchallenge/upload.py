@@ -1,5 +1,6 @@
-"""An upload on its way to being scored: what form it has, what its reading
-may cost, and the isolated child that reads it (or, for Track 2, runs it).
+"""An upload on its way to being scored: what kind it is (`upload_kind`,
+from the organiser's rules alone), what its reading may cost, and the
+isolated child that reads it (or, for Track 2, runs it).
 
 Everything an upload controls is handled here or below: `isolation.py` stages
 it (only regular files and folders, bounded in size and count) and runs the
@@ -13,6 +14,7 @@ import hashlib
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save_file
 
 from ddchallenge import isolation
-from ddchallenge.diffusion.model import checkpoints, META_FILE
-from ddchallenge.errors import SubmissionError
+from ddchallenge.diffusion.model import checkpoints, generator_marker, META_FILE
+from ddchallenge.errors import SubmissionError, UploadRuleError
 from ddchallenge.fileio import sha256_file
 from ddchallenge.isolation import Input, Limits
 from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
@@ -33,11 +35,13 @@ GENERATOR_SKIP = ("training_state", "*.bin", "*.pt", "*.ckpt", "*.pkl")  # never
 COMPANIONS = ("manifest.json",)
 BUDGET_HINT = "raise --budget, pass a smaller --ipc, or score on a GPU (--device cuda); the challenge allows 600 s"  # what `pack` writes beside a submission zip or file
 MAX_ENTRIES = len(DATASETS)
+IMAGES, GENERATOR = "images", "generator"  # the kinds of upload
 
 
 def is_generator(path: str | os.PathLike) -> bool:
-    """A Track 2 generator folder (or a training output holding checkpoints)
-    rather than images. Decided from names and types alone, links not followed."""
+    """A Track 2 generator folder (or a training output holding checkpoints).
+    Decided from names and types alone, links not followed; what is scored
+    as what is `upload_kind`'s decision, not this."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return False
@@ -45,28 +49,81 @@ def is_generator(path: str | os.PathLike) -> bool:
     return (meta.is_file() and not meta.is_symlink()) or bool(checkpoints(path))
 
 
-def upload_limits(path: Path, rules: UploadRules) -> Limits:
+def upload_kind(path: str | os.PathLike, track2: bool) -> str:
+    """The one place that decides how an upload is scored: from the
+    organiser's rules (`track2`: a Track 2 budget was given), never from the
+    upload. Track 2 runs generator folders only. Every Track 1 path (a file,
+    a zip, a res/ folder, the Codabench program, a batch without a budget)
+    reads images only, and refuses an upload that is or holds a generator
+    anywhere (ddchallenge.json, a diffusers config, weights, step-*
+    checkpoints), named in one line; a zip's members are checked where it is
+    opened (`refuse_generator_zip`), in the sandbox."""
+    path = Path(path)
+    if track2:
+        if not is_generator(path):
+            raise SubmissionError(f"{path} is not a generator folder; a Track 2 run (--budget) scores folders "
+                                  "written by `ddchallenge train`")
+        return GENERATOR
+    if path.is_dir() and not path.is_symlink():
+        try:  # names and types only (lstat), bounded in count; nothing is opened
+            inventory = isolation.inspect(path, Limits(input_bytes=GENERATOR_BYTES))
+        except isolation.Refused as exc:
+            raise SubmissionError(str(exc)) from None
+        found = generator_marker([*inventory.folders, *(rel for rel, _ in inventory.files)])
+        if found:
+            raise UploadRuleError(track1_refusal(str(path), found))
+    return IMAGES
+
+
+def track1_refusal(where: str, found: str) -> str:
+    return (f"{where} holds a generator or model ({found}); a Track 1 upload holds images only, and generators are "
+            "scored only in a Track 2 run, with --budget SECONDS")
+
+
+def refuse_generator_zip(path: Path) -> None:
+    """A zip read as Track 1 images must not hold a generator folder (its
+    member names are read here, in the child that reads the upload)."""
+    if path.is_dir() or path.suffix.lower() != ".zip":
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # reading it names the damage
+    found = generator_marker(names)
+    if found:
+        raise UploadRuleError(track1_refusal(str(path), found))
+
+
+def upload_limits(kind: str, rules: UploadRules) -> Limits:
     """What staging may copy: a generator folder up to GENERATOR_BYTES; images
     no more than the rules allow for every dataset they may hold."""
-    if is_generator(path):
+    if kind == GENERATOR:
         return Limits(input_bytes=GENERATOR_BYTES)
     specs = [s for s in DATASETS.values() if rules.allows(s)]
     return Limits(input_bytes=sum(rules.max_bytes([s]) for s in specs) + (1 << 20))
 
 
-def inspect(path: str | os.PathLike, rules: UploadRules) -> isolation.Inventory:
-    """Refuse what must not be read (links, special and sparse files, too much
-    data) from lstat alone; also done without the sandbox."""
+def inspect(path: str | os.PathLike, rules: UploadRules, track2: bool | None) -> isolation.Inventory:
+    """The upload's kind under the rules (`upload_kind`), then refuse what
+    must not be read (links, special and sparse files, too much data) from
+    lstat alone; also done without the sandbox. `track2` None: hashing only,
+    no kind decided (the bounds follow the upload's shape; scoring decides)."""
     path = Path(path)
-    return isolation.inspect(path, upload_limits(path, rules), GENERATOR_SKIP if is_generator(path) else ())
+    if track2 is None:
+        kind = GENERATOR if is_generator(path) else IMAGES
+    else:
+        kind = upload_kind(path, track2)
+    return isolation.inspect(path, upload_limits(kind, rules), GENERATOR_SKIP if kind == GENERATOR else ())
 
 
-def digest(path: str | os.PathLike, rules: UploadRules) -> str:
+def digest(path: str | os.PathLike, rules: UploadRules, track2: bool | None = None) -> str:
     """sha256 of a file upload's bytes, or over a folder's names, sizes and
-    bytes (after `inspect`): a batch trusts an earlier record only for the
-    same upload."""
+    bytes (after `inspect`; with `track2` given, an upload of the wrong kind
+    for the track is refused here already): a batch trusts an earlier record
+    only for the same upload."""
     path = Path(path)
-    inventory = inspect(path, rules)
+    inventory = inspect(path, rules, track2)
     if not inventory.folders:
         return sha256_file(path)
     h = hashlib.sha256()
@@ -92,21 +149,25 @@ class ReadRequest:
 
 
 def read_upload(path: str | os.PathLike, rules: UploadRules, sandbox: bool = True) -> list[DatasetEntry]:
-    """Every dataset of an image upload, read under `rules`. Staging into the
-    sandbox runs the same `inspect` checks; without it they run here."""
+    """Every dataset of a Track 1 (image) upload, read under `rules`; one
+    that is or holds a generator is refused (`upload_kind`). Staging into
+    the sandbox runs the same `inspect` checks; without it they run here."""
     path = Path(path)
     try:
         if not sandbox:
-            inspect(path, rules)
+            inspect(path, rules, track2=False)
+            refuse_generator_zip(path)
             return load_submission(path, rules=rules)
+        upload_kind(path, track2=False)
         given = Input(path, companions=COMPANIONS)
-        with isolation.run(_read_in_child, ReadRequest(rules), {"upload": given}, upload_limits(path, rules)) as out:
+        with isolation.run(_read_in_child, ReadRequest(rules), {"upload": given}, upload_limits(IMAGES, rules)) as out:
             return _collect(out, rules, official=path.is_dir() or path.suffix.lower() == ".zip")
     except isolation.Refused as exc:
         raise SubmissionError(str(exc)) from None
 
 
 def _read_in_child(request: ReadRequest, inputs: dict[str, Path], outbox: Path) -> list[dict]:
+    refuse_generator_zip(inputs["upload"])
     return _write_entries(load_submission(inputs["upload"], rules=request.rules), outbox)
 
 
@@ -130,15 +191,15 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
     does. More images than asked for are refused."""
     model = Path(model)
     try:
-        inspect(model, rules)
+        inspect(model, rules, track2=True)
     except isolation.Refused as exc:
         raise SubmissionError(str(exc)) from None
     entries = []
     for dataset in rules.required():
         deadline = time.monotonic() + budget
         request = GenerateRequest(dataset, rules.ipc, deadline, seed, device)
-        if not sandbox:
-            with tempfile.TemporaryDirectory(prefix="ddchallenge-track2-") as scratch:
+        if not sandbox:  # the upload's work, as in the child: running out of memory there is its own failure
+            with tempfile.TemporaryDirectory(prefix="ddchallenge-track2-") as scratch, isolation.upload_code():
                 made = _generate(request, model, Path(scratch))
         else:
             cuda = device != "cpu" and torch.cuda.is_available()

@@ -4,7 +4,9 @@
 
 INPUT/res/ holds the participant's files (<dataset>.pt), INPUT/ref/ the
 reference test sets (<dataset>_test.pt). Every dataset with a reference set
-must be in res/, and nothing else. Writes OUTPUT/scores.txt (`correct: <score>`),
+must be in res/, and nothing else: this program scores Track 1 only, and a
+res/ that is or holds a generator (a model folder, weights, a diffusers
+config) is refused. Writes OUTPUT/scores.txt (`correct: <score>`),
 OUTPUT/result.json and OUTPUT/detailed_results.html. With no options the
 recipe is the official one; the options exist for local smoke runs.
 
@@ -22,6 +24,7 @@ from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.protocol import OFFICIAL, UploadRules
 from ddchallenge.report import score_html, score_table
 from ddchallenge.score import score
+from ddchallenge.upload import upload_kind
 
 
 def run(input_dir: Path, output_dir: Path, epochs: int | None, rounds: int | None, device: str) -> float:
@@ -31,6 +34,8 @@ def run(input_dir: Path, output_dir: Path, epochs: int | None, rounds: int | Non
     wanted = sorted(p.name[: -len("_test.pt")] for p in ref.glob("*_test.pt"))
     if not wanted:
         raise SubmissionError(f"{ref} holds no <dataset>_test.pt reference set")
+    # Codabench scores Track 1 only: res/ holds images, and a generator anywhere in it is refused.
+    upload_kind(res, track2=False)
     present = sorted(p.stem for p in res.glob("*.pt"))
     missing = [d for d in wanted if d not in present]
     if missing:

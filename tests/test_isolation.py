@@ -198,18 +198,18 @@ def test_label_order_travels_with_the_images(tmp_path, mnist5k_random_images):
 
 def test_track2_generator_runs_in_the_sandbox(run_cli, tiny_model):
     r = run_cli("score", tiny_model, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet",
-                "--json", "-")
+                "--json", "-", "--budget", 600)
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
     (d,) = result["datasets"]
     assert (d["dataset"], d["ipc"], d["images"], d["method"]) == ("mnist5k", 2, 20, "diffusion")
     assert d["source"].startswith(f"{tiny_model} (generated IPC 2 in ") and result["sandbox"].startswith("no network")
     r = run_cli("score", tiny_model / "step-0000002", "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds",
-                1, "--quiet", "--json", "-", "--no-sandbox")
+                1, "--quiet", "--json", "-", "--no-sandbox", "--budget", 600)
     assert r.exit_code == 0 and json.loads(r.stdout)["sandbox"] == "none (--no-sandbox)"
     # The organiser's dataset, not the generator's: by default the challenge's two, which it cannot make.
     for extra in (("--dataset", "cifar10"), ()):
-        r = run_cli("score", tiny_model, *extra, "--ipc", 1, "--quiet")
+        r = run_cli("score", tiny_model, *extra, "--ipc", 1, "--quiet", "--budget", 600)
         assert r.exit_code == 1 and "was trained for mnist5k" in r.stderr, r.stderr
 
 
@@ -234,7 +234,7 @@ def test_generator_folder_with_a_symlink_is_refused(run_cli, tiny_model, tmp_pat
     shutil.copytree(tiny_model / "step-0000004", model)
     (model / "unet" / "config.json").unlink()
     (model / "unet" / "config.json").symlink_to("/etc/passwd")
-    r = run_cli("score", model, "--dataset", "mnist5k", "--ipc", 1, "--quiet")
+    r = run_cli("score", model, "--dataset", "mnist5k", "--ipc", 1, "--quiet", "--budget", 600)
     assert r.exit_code == 1 and "config.json is a symbolic link" in r.stderr
 
 

@@ -205,7 +205,8 @@ def test_matching_augments_pool_and_kept_images_alike():
 
 
 def test_codebook_folder_scores_as_track2_submission(coded_model, run_cli, tmp_path):
-    r = run_cli("score", coded_model, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-")
+    r = run_cli("score", coded_model, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-",
+                "--budget", 600)
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
     (d,) = result["datasets"]
@@ -216,7 +217,8 @@ def test_codebook_folder_scores_as_track2_submission(coded_model, run_cli, tmp_p
     meta = _meta(folder)
     meta["generate"] = {"method": "d4m", "settings": {"strength": 0.5}}
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
-    args = ("score", folder, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-")
+    args = ("score", folder, "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-",
+            "--budget", 600)
     r = run_cli(*args, "--no-sandbox", "--output", "in-process")
     assert r.exit_code == 0, r.stderr
     in_process = json.loads(r.stdout)["datasets"][0]
@@ -240,11 +242,11 @@ def test_folder_without_generate_section_is_plain_diffusion(coded_model, tmp_pat
 
 @pytest.mark.parametrize("section, message", [
     ({"method": "gan", "settings": {}}, "names method 'gan'; Track 2 runs d3m, d4m, diffusion"),
-    ({"method": "d4m", "settings": {"match_steps": 2.5}}, "setting 'match_steps' has the wrong type (2.5)"),
-    ({"method": "d4m", "settings": {"steps": 20.5}}, "setting 'steps' has the wrong type (20.5)"),
-    ({"method": "d4m", "settings": {"strength": True}}, "setting 'strength' has the wrong type (True)"),
-    ({"method": "diffusion", "settings": {"strength": 0.5}}, "setting 'strength' does not apply to method diffusion"),
-    (["d4m"], "the 'generate' section is not {method, settings}"),
+    ({"method": "d4m", "settings": {"match_steps": 2.5}}, "generate.settings.match_steps must be a whole number from 0 to 100000, got 2.5"),
+    ({"method": "d4m", "settings": {"steps": 20.5}}, "generate.settings.steps must be a whole number from 1 to 1000, got 20.5"),
+    ({"method": "d4m", "settings": {"strength": True}}, "generate.settings.strength must be a number from 1e-06 to 1, got true"),
+    ({"method": "diffusion", "settings": {"strength": 0.5}}, "generate.settings.strength does not apply to method diffusion"),
+    (["d4m"], "ddchallenge.json: generate must be an object, got a list"),
 ])
 def test_bad_folder_generate_section_is_refused(coded_model, tmp_path, section, message):
     from ddchallenge.diffusion.model import ModelError

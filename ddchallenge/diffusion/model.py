@@ -13,22 +13,29 @@
 
 `load_generator` reads a folder, a training output folder (its newest
 complete step-* checkpoint) or a Hugging Face Hub id, only through
-safetensors and JSON, and checks every part against ddchallenge.json.
+safetensors and JSON, and checks every part against ddchallenge.json. Every
+JSON file is read and checked by diffusion/folder.py before diffusers sees
+it, and diffusers builds networks from checked dicts only: nothing a folder
+holds can make it look a name up on the Hub.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Iterable
 
 import torch
 
-from ddchallenge.diffusion.config import TrainConfig
-from ddchallenge.errors import DDChallengeError, UsageError
+from ddchallenge.diffusion.config import SPACES, TrainConfig
+from ddchallenge.diffusion.folder import (
+    ModelError, check_meta, load_network, read_json_object, scheduler_config as read_scheduler_config, unet_config,
+    vae_config,
+)
+from ddchallenge.errors import UsageError
 from ddchallenge.protocol import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -38,10 +45,27 @@ FORMAT = "ddchallenge-diffusion"
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 SERVING_PARTS = ("unet", "scheduler", "vae", "codebooks")  # what generation reads (and the model hash covers)
+# Names that mark a model in a listing: diffusers configs and weight files (a generator's, or any model's).
+MODEL_CONFIGS = ("model_index.json", "config.json", "scheduler_config.json")
+MODEL_WEIGHTS = (".safetensors", ".ckpt", ".bin", ".pth")
 
 
-class ModelError(DDChallengeError):
-    """A generator folder that is missing, broken or made for another dataset."""
+def generator_marker(paths: Iterable[str]) -> str | None:
+    """What in a listing of relative paths (a folder's files and folders, a
+    zip's members) shows a generator or other model, named with its path; None
+    when nothing does. A Track 1 upload holding one is refused (upload.py)."""
+    for rel in sorted(paths):
+        parts = PurePosixPath(rel.replace("\\", "/")).parts
+        if META_FILE in parts:
+            return f"{rel}: a ddchallenge generator's description"
+        if any(CHECKPOINT.match(p) for p in parts):
+            return f"{rel}: a training checkpoint"
+        name = parts[-1] if parts else ""
+        if name in MODEL_CONFIGS:
+            return f"{rel}: a diffusers config"
+        if name.lower().endswith(MODEL_WEIGHTS):
+            return f"{rel}: model weights"
+    return None
 
 
 def downsampling(levels: int) -> int:
@@ -117,10 +141,15 @@ def load_vae(ref: str):
     folder, provenance = resolve(ref, what="VAE")
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"  # a whole pipeline (e.g. a Stable Diffusion repo): take its VAE
-    try:
-        return AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False), provenance
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{ref} is not a loadable AutoencoderKL folder ({_first_line(exc)})") from None
+    return load_network(AutoencoderKL, folder, vae_config(folder / "config.json")), provenance
+
+
+def load_unet(folder: Path):
+    """The UNet2DModel of a unet/ folder: config checked, weights from its
+    safetensors file, nothing fetched."""
+    from diffusers import UNet2DModel
+
+    return load_network(UNet2DModel, folder, unet_config(folder / "config.json"))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -146,8 +175,8 @@ def resolve(ref: str, what: str = "model") -> tuple[Path, dict]:
                                                                                           "*.ckpt", "*.pt"]))
     except LocalEntryNotFoundError:
         raise ModelError(f"{what} {ref} is not in the local Hugging Face cache and the Hub cannot be reached "
-                         "(offline); download it where there is network (`huggingface-cli download "
-                         f"{repo}`) or pass a local folder") from None
+                         "(offline); download it where there is network (`hf download "
+                         f"{repo}{f' --revision {revision}' if revision else ''}`) or pass a local folder") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise ModelError(f"{what} {ref} was not found on the Hugging Face Hub ({_first_line(exc)})") from None
     except OSError as exc:
@@ -180,16 +209,15 @@ def generator_dataset(path: str | os.PathLike) -> str:
     """The dataset a generator folder says it was trained for (read as
     bounded JSON only)."""
     path = Path(path)
-    folder = path if (path / META_FILE).is_file() else checkpoints(path)[-1]
+    found = checkpoints(path)
+    if not (path / META_FILE).is_file() and not found:
+        raise ModelError(f"{path} is not a ddchallenge diffusion model: it holds neither {META_FILE} nor a step-* "
+                         "checkpoint; pass a folder written by `ddchallenge train` (or one of its step-* checkpoints)")
+    folder = path if (path / META_FILE).is_file() else found[-1]
     meta_path = folder / META_FILE
-    if meta_path.is_symlink() or meta_path.stat().st_size > 1 << 20:
-        raise ModelError(f"{meta_path} is a symbolic link or larger than 1 MiB; refused")
-    try:
-        name = json.loads(meta_path.read_text()).get("dataset")
-    except (ValueError, AttributeError, RecursionError) as exc:
-        raise ModelError(f"{meta_path} is not valid JSON ({exc})") from None
+    name = read_json_object(meta_path).get("dataset")
     if not isinstance(name, str):
-        raise ModelError(f"{meta_path} does not name its dataset")
+        raise ModelError(f"{meta_path}: dataset must be a dataset name; this folder does not name its dataset")
     return name
 
 
@@ -220,27 +248,29 @@ class Generator:
 
 def _read_meta(folder: Path, ref: str) -> dict:
     meta_path = folder / META_FILE
-    if not meta_path.is_file():
+    if not meta_path.is_file() and not meta_path.is_symlink():
         raise ModelError(f"{ref} is not a ddchallenge diffusion model: {META_FILE} is missing; pass a folder written "
                          "by `ddchallenge train` (or one of its step-* checkpoints)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
-        for key, kind in (("dataset", str), ("classes", int), ("image_shape", list), ("space", str),
-                          ("latent_scale", float), ("prediction", str)):
-            if not isinstance(meta.get(key), kind):
-                raise ValueError(f"{key!r} is missing or not a {kind.__name__}")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{meta_path} is not a valid model description ({exc})") from None
-    return meta
+    return check_meta(read_json_object(meta_path), str(meta_path), FORMAT, SPACES)
+
+
+def _check_unet(config: dict, sample_shape: tuple[int, ...], spec: DatasetSpec, where: str) -> None:
+    """The UNet a folder describes must fit what ddchallenge.json says it samples."""
+    channels, size = sample_shape[0], sample_shape[1]
+    if (config["in_channels"], config["out_channels"], config["sample_size"]) != (channels, channels, size) or \
+            config["num_class_embeds"] != spec.classes + 1:
+        raise ModelError(f"{where}: the UNet takes {config['in_channels']}x{config['sample_size']} inputs, gives "
+                         f"{config['out_channels']} channels and has {config['num_class_embeds']} classes; "
+                         f"ddchallenge.json says {list(sample_shape)} and {spec.classes} + 1 (null)")
+    factor = downsampling(len(config["block_out_channels"]))
+    if size % factor:
+        raise ModelError(f"{where}: a {len(config['block_out_channels'])}-level UNet needs a sample_size divisible "
+                         f"by {factor}, got {size}")
 
 
 def load_generator(ref: str, spec: DatasetSpec) -> Generator:
     """Load and check a generator for `spec`; every mismatch is a ModelError
     that names the file and the fix, raised before any sampling."""
-    from diffusers import UNet2DModel
-
     folder, provenance = resolve(ref)
     if not (folder / META_FILE).exists() and checkpoints(folder):
         folder = checkpoints(folder)[-1]
@@ -255,23 +285,22 @@ def load_generator(ref: str, spec: DatasetSpec) -> Generator:
     for part in ("unet", "scheduler") + (("vae",) if meta["space"] == "latent" else ()):
         if not (folder / part).is_dir():
             raise ModelError(f"{ref} is missing its {part}/ folder; copy the whole checkpoint folder")
-    try:
-        unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True, low_cpu_mem_usage=False)
-        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{ref} has a broken unet/ or scheduler/ folder ({_first_line(exc)})") from None
+    from diffusers import UNet2DModel
+
+    scheduler_config = read_scheduler_config(folder / "scheduler" / "scheduler_config.json")
+    sample_shape = tuple(meta["latent_shape"]) if meta["space"] == "latent" else spec.image_shape
+    config = unet_config(folder / "unet" / "config.json")
+    _check_unet(config, sample_shape, spec, f"{folder / 'unet' / 'config.json'}")
     codec = None
     if meta["space"] == "latent":
         vae, _ = load_vae(str(folder / "vae"))
+        if vae.config.out_channels != vae.config.in_channels:
+            raise ModelError(f"{folder / 'vae' / 'config.json'}: out_channels ({vae.config.out_channels}) must equal "
+                             f"in_channels ({vae.config.in_channels})")
         codec = PixelCodec(vae, spec.channels, meta["latent_scale"])
         if list(latent_shape(vae, spec.size)) != meta.get("latent_shape"):
             raise ModelError(f"{ref}: the VAE's latent shape does not match ddchallenge.json's latent_shape")
-    sample_shape = tuple(meta["latent_shape"]) if codec else spec.image_shape
-    if (unet.config.in_channels, unet.config.sample_size) != (sample_shape[0], sample_shape[1]) or \
-            unet.config.num_class_embeds != spec.classes + 1:
-        raise ModelError(f"{ref}: the UNet takes {unet.config.in_channels}x{unet.config.sample_size} inputs and "
-                         f"{unet.config.num_class_embeds} classes; ddchallenge.json says {sample_shape} and "
-                         f"{spec.classes} + 1 (null)")
+    unet = load_network(UNet2DModel, folder / "unet", config)
     if scheduler_config.get("prediction_type") != meta["prediction"]:
         raise ModelError(f"{ref}: scheduler/ predicts {scheduler_config.get('prediction_type')}, ddchallenge.json "
                          f"says {meta['prediction']}")

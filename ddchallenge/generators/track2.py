@@ -27,34 +27,55 @@ METHODS: dict[str, tuple[str, ...]] = {
     "d4m": ("strength", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
     "d3m": ("per_class", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
 }
-WHOLE = ("steps", "batch_size", "per_class", "match_steps")  # settings that must be whole numbers
+MAX_FOLDER_BATCH = 1000  # images per denoiser batch a folder may ask for: twice the default, which fits a GPU
 MAX_META_BYTES = 1 << 20
+
+
+def _settings_bounds() -> dict:
+    """setting -> (kind, low, high): what each setting a folder gives must be."""
+    from ddchallenge.diffusion.sample import MAX_GUIDANCE, SAMPLERS
+    from ddchallenge.protocol import MAX_MATCH_STEPS, MAX_OVERSAMPLE, MAX_RULE_IPC
+
+    return {"sampler": ("choice", SAMPLERS, None), "steps": ("whole", 1, 1000), "guidance": ("number", 0, MAX_GUIDANCE),
+            "batch_size": ("whole", 1, MAX_FOLDER_BATCH), "oversample": ("number", 1, MAX_OVERSAMPLE),
+            "match_steps": ("whole", 0, MAX_MATCH_STEPS), "strength": ("number", 1e-6, 1),
+            "per_class": ("whole", 1, MAX_RULE_IPC)}
 
 
 def folder_method(model: str | Path) -> tuple[str, dict]:
     """(method, settings) from a generator folder's ddchallenge.json (or its
-    newest checkpoint's), read as bounded JSON: the folder is untrusted."""
+    newest checkpoint's), read as bounded JSON: the folder is untrusted, so
+    every problem is one ModelError naming the file, the field and what it
+    must be, and every size it can ask for is bounded."""
+    from ddchallenge.diffusion.config import SPACES
+    from ddchallenge.diffusion.folder import check_meta, choice, generate_section, number, read_json_object, whole
+    from ddchallenge.diffusion.model import FORMAT
+
     path = Path(model)
     folder = path if (path / META_FILE).is_file() or not checkpoints(path) else checkpoints(path)[-1]
     meta_path = folder / META_FILE
-    if not meta_path.is_file() or meta_path.is_symlink() or meta_path.stat().st_size > MAX_META_BYTES:
-        raise ModelError(f"{meta_path} is missing, a symbolic link or larger than 1 MiB; refused")
-    try:
-        section = json.loads(meta_path.read_text()).get("generate") or {"method": "diffusion", "settings": {}}
-        method, settings = section["method"], dict(section.get("settings") or {})
-    except (ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise ModelError(f"{meta_path}: the 'generate' section is not {{method, settings}} ({exc})") from None
+    where = str(meta_path)
+    # The whole file is checked here, the first read of a Track 2 run, before anything else relies on it.
+    meta = check_meta(read_json_object(meta_path, MAX_META_BYTES), where, FORMAT, SPACES)
+    method, settings = generate_section(meta, where)
     if method not in METHODS:
-        raise ModelError(f"{meta_path} names method {method!r}; Track 2 runs {', '.join(sorted(METHODS))}")
-    for key, value in settings.items():
-        kind = str if key == "sampler" else int if key in WHOLE else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise ModelError(f"{meta_path}: setting {key!r} has the wrong type ({value!r})")
+        raise ModelError(f"{where}: generate.method names method {method!r}; Track 2 runs "
+                         f"{', '.join(sorted(METHODS))}")
     unknown = sorted(set(settings) - set(METHODS[method]))
     if unknown:
-        raise ModelError(f"{meta_path}: setting {unknown[0]!r} does not apply to method {method}; "
+        raise ModelError(f"{where}: generate.settings.{unknown[0]} does not apply to method {method}; "
                          f"allowed: {', '.join(METHODS[method])}")
-    return method, settings
+    bounds = _settings_bounds()
+    for key, value in settings.items():
+        kind, low, high = bounds[key]
+        field = f"generate.settings.{key}"
+        if kind == "choice":
+            choice(where, field, value, low)
+        elif kind == "whole":
+            whole(where, field, value, low, high)
+        else:
+            number(where, field, value, low, high)
+    return method, dict(settings)
 
 
 def run_track2(model: str, dataset: str, ipc: int | str, seed: int, budget: float, device: str,

@@ -381,3 +381,19 @@ def test_child_reports_cuda_out_of_memory_as_the_uploads_and_a_cuda_start_failur
     # Without a share asked for, the same function runs.
     code, value, outbox = _call_child(tmp_path / "c", _write_marker)
     assert (code, value) == (0, "done") and (outbox / "ran").exists()
+
+
+def test_no_sandbox_generator_out_of_gpu_memory_is_the_uploads_failure(tiny_model, monkeypatch):
+    """--no-sandbox runs a generator in the scorer's process: what it asks for is still its own. (No GPU here:
+    the generation step raises what PyTorch raises when a batch does not fit.)"""
+    from ddchallenge import upload
+    from ddchallenge.batch import BatchSettings, attempt
+
+    def generate_too_much(request, model, folder):
+        raise torch.cuda.OutOfMemoryError(OOM)
+
+    monkeypatch.setattr(upload, "_generate", generate_too_much)
+    settings = BatchSettings(rules=UploadRules(("mnist5k",), ipc=1), budget=60, sandbox=False)
+    tried = attempt(tiny_model, settings, None, "cpu", progress=False)
+    assert not tried.environment and tried.result is None
+    assert tried.reason == "the work on this upload ran out of GPU memory (Tried to allocate 20.00 GiB)"

@@ -14,7 +14,11 @@ Failures: a task returns the upload's own failure as data, so any exception
 Ray raises (a worker or node lost, a task that could not run) and any
 machine failure the task reports is the cluster's fault. Those attempts are
 retried here, at most MAX_ATTEMPTS times per upload, then reported as an
-environment error and never recorded, like the plain batch does.
+environment error and never recorded, like the plain batch does. What the
+upload provokes itself is its own failure, recorded and not retried, though
+it looks like the machine's: host memory past its limit, GPU memory past its
+share, a device-side assert (`isolation.provoked`), so that a generator
+asking for too much does not cost MAX_ATTEMPTS attempts on every run.
 """
 from __future__ import annotations
 

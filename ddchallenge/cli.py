@@ -431,7 +431,7 @@ def leaderboard(results, fmt, include_unofficial, record_key, output, force, no_
         click.echo(f"wrote {clean(str(site.folder / 'index.html'))}: {footer(board)}; {site.pages} upload page(s), "
                    f"{site.grids} sample grid(s)")
         return
-    click.echo(show(board, fmt))
+    click.echo(show(board, fmt).rstrip("\n"))
     if fmt == "csv":  # the CSV stays one table; its footer goes with the logs
         click.echo(footer(board), err=True)
 

@@ -17,7 +17,7 @@ from tabulate import tabulate
 from ddchallenge.data import denormalise
 from ddchallenge.errors import RecordError, UsageError
 from ddchallenge.isolation import clean
-from ddchallenge.records import is_failed, read_record
+from ddchallenge.records import check_failed_record, check_score_record, is_failed, read_record
 from ddchallenge.score import ScoreResult
 from ddchallenge.submission import DatasetEntry
 
@@ -102,7 +102,7 @@ class Entry:
 
     rank: int  # 1-based within its section; equal scores share a rank
     name: str  # display-safe upload name
-    score: float  # mean over the board's datasets of each dataset's mean (a dataset it lacks counts 0)
+    score: float  # mean over its section's datasets of each dataset's mean (a dataset it lacks counts 0)
     datasets: dict[str, DatasetCell]  # the datasets it was scored on, by name
     method: str | None  # display-safe generating method from the upload's own provenance, None if unrecorded
     recipe_hash: str  # recomputed from the recorded recipe settings
@@ -152,14 +152,31 @@ def load_leaderboard(paths: list[str | os.PathLike], include_unofficial: bool = 
     never ranked; failed-upload records are counted; a record given twice
     (same name, upload bytes, recipe and seed) is listed once; non-official
     budgets are ranked apart, and only with `include_unofficial`."""
-    refused, failed, seen, kept = [], 0, set(), []
-    duplicates = 0
+    refused, read = [], []
     for path in record_files(paths):
         try:
-            data = read_record(path, key)
+            read.append((str(path), read_record(path, key)))
         except RecordError as exc:
             refused.append((str(path), str(exc)))
-            continue
+    return _board(read, refused, include_unofficial)
+
+
+def rank_records(records: list[dict], include_unofficial: bool = True) -> Leaderboard:
+    """`load_leaderboard` for records already in memory (named `record 1`,
+    `record 2`, ... in reasons); each is checked the same way."""
+    refused, read = [], []
+    for i, data in enumerate(records, start=1):
+        where = f"record {i}"
+        try:
+            read.append((where, check_failed_record(data, where) if is_failed(data) else check_score_record(data, where)))
+        except RecordError as exc:
+            refused.append((where, str(exc)))
+    return _board(read, refused, include_unofficial)
+
+
+def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include_unofficial: bool) -> Leaderboard:
+    failed, seen, kept, duplicates = 0, set(), [], 0
+    for path, data in read:
         if is_failed(data):
             failed += 1
             continue
@@ -171,11 +188,11 @@ def load_leaderboard(paths: list[str | os.PathLike], include_unofficial: bool = 
             continue
         seen.add(ident)
         kept.append((path, data))
-    datasets = sorted({d["dataset"] for _, r in kept for d in r["datasets"]})
-    official = [(p, r) for p, r in kept if r["official_budget"]]
+    official = _rank([(p, r) for p, r in kept if r["official_budget"]])
     unofficial = [(p, r) for p, r in kept if not r["official_budget"]]
-    return Leaderboard(_rank(official, datasets), _rank(unofficial, datasets) if include_unofficial else [],
-                       refused, failed, datasets, duplicates, 0 if include_unofficial else len(unofficial))
+    apart = _rank(unofficial) if include_unofficial else []
+    return Leaderboard(official, apart, refused, failed, sorted({n for e in official + apart for n in e.datasets}),
+                       duplicates, 0 if include_unofficial else len(unofficial))
 
 
 def _method(record: dict) -> str | None:
@@ -188,7 +205,10 @@ def _method(record: dict) -> str | None:
     return method if isinstance(method, str) else None
 
 
-def _rank(kept: list[tuple[Path, dict]], datasets: list[str]) -> list[Entry]:
+def _rank(kept: list[tuple[str, dict]]) -> list[Entry]:
+    """One section ranked; its scores are means over the section's datasets
+    (an unofficial record never changes an official score)."""
+    datasets = sorted({d["dataset"] for _, r in kept for d in r["datasets"]})
     rows = []
     for path, r in kept:
         cells = {d["dataset"]: DatasetCell(d["ipc"], float(d["mean"]), float(d["std"]),
@@ -197,22 +217,28 @@ def _rank(kept: list[tuple[Path, dict]], datasets: list[str]) -> list[Entry]:
         method = _method(r)
         rows.append(Entry(0, display_name(r["name"]), total, cells, None if method is None else display_name(method),
                           r["recipe_hash"], r["official_budget"], str(path), r))
-    # Scores are finite (refused otherwise), so this order is total; ties by name, then by file.
-    rows.sort(key=lambda e: (-e.score, e.record["name"], e.path))
+    # Scores are finite (refused otherwise), so this order is total; ties by name, then by file. Scores equal
+    # to 1e-9 tie: the same accuracies summed in another order differ in the last bits.
+    rows.sort(key=lambda e: (-round(e.score, 9), e.record["name"], e.path))
     ranked, rank = [], 0
     for i, e in enumerate(rows):
-        if i == 0 or e.score != rows[i - 1].score:
+        if i == 0 or round(e.score, 9) != round(rows[i - 1].score, 9):
             rank = i + 1
         ranked.append(dataclasses.replace(e, rank=rank))
     return ranked
 
 
-def leaderboard(board: Leaderboard, fmt: str = "table") -> str:
+def leaderboard(board: Leaderboard | list[dict], fmt: str = "table") -> str:
     """The board as text: official entries ranked; unofficial ones (when
     loaded) in a section of their own; a footer line counting what was left
-    out (in csv, no footer: `footer` gives it)."""
+    out (in csv, no footer: `footer` gives it). A list of records is ranked
+    first (`rank_records`); one that is not valid raises RecordError."""
     if fmt not in LEADERBOARD_FORMATS:
         raise UsageError(f"unknown format {fmt!r}; formats: {', '.join(LEADERBOARD_FORMATS)}")
+    if not isinstance(board, Leaderboard):
+        board = rank_records(board)
+        if board.refused:
+            raise RecordError(board.refused[0][1])
     headers = ["rank", "submission", "method", "IPC", *[f"{n} %" for n in board.datasets], "score %",
                "official budget"]
     sections = [_rows(board.official, board.datasets, fmt)]
@@ -223,10 +249,13 @@ def leaderboard(board: Leaderboard, fmt: str = "table") -> str:
         csv.writer(out, lineterminator="\n").writerows([headers, *[row for rows in sections for row in rows]])
         return out.getvalue()
     style = {"table": "simple", "md": "github", "html": "html"}[fmt]
-    parts = [tabulate(sections[0], headers=headers, tablefmt=style, disable_numparse=True)]
+    parts = []
+    if board.official or not board.unofficial:
+        parts.append(tabulate(sections[0], headers=headers, tablefmt=style, disable_numparse=True))
     if board.unofficial:
-        title = f"{NOT_OFFICIAL}: ranked apart, not comparable with the ranking above"
-        parts += [f"<h3>{title}</h3>" if fmt == "html" else f"\n{'### ' if fmt == 'md' else ''}{title}\n",
+        title = f"{NOT_OFFICIAL}: ranked apart, " + ("not comparable with the ranking above" if board.official else
+                                                      "not comparable with official results")
+        parts += [f"<h3>{title}</h3>" if fmt == "html" else f"{chr(10) * bool(parts)}{'### ' * (fmt == 'md')}{title}\n",
                   tabulate(sections[1], headers=headers, tablefmt=style, disable_numparse=True)]
     parts.append(f"<p>{html.escape(footer(board))}</p>" if fmt == "html" else f"\n{footer(board)}")
     return "\n".join(parts)

@@ -145,7 +145,9 @@ def test_one_upload_never_stops_the_batch(run_cli, official_file, tmp_path):
     uploads = [nested, listy, long_name, corrupt]
     r, rows = batch(run_cli, uploads, out)
     assert r.exit_code == 1
-    assert rows["nested-generator"] == "failed" and "RecursionError" in failed_reason(out, "nested-generator")
+    # A batch without --budget is Track 1: the generator is refused by its names, before its JSON is read.
+    assert rows["nested-generator"] == "failed" and "holds a generator or model (ddchallenge.json" in \
+        failed_reason(out, "nested-generator")
     assert rows["listy"] == rows["x" * 240] == rows["corrupt.pt"] == "scored"
     assert json.loads((out / f"{record_key('listy')}.json").read_text())["method"] is None
     assert len(record_key("x" * 240)) < 80 and json.loads((out / f"{record_key('corrupt.pt')}.json").read_text())["score"] < 1
@@ -276,8 +278,9 @@ def test_records_are_keyed_retried_and_checked(run_cli, official_file, tmp_path,
     assert rows == {"team": "scored", "team.failed": "failed"}
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{record_key('team')}.json",
                                                             f"{record_key('team.failed')}.failed.json"])
-    board = run_cli("leaderboard", out)  # the folder: its scored records, not the failed ones
-    assert board.exit_code == 0 and len(board.stdout.strip().splitlines()) == 3 and " team " in board.stdout
+    board = run_cli("leaderboard", out, "--include-unofficial")  # the scored records ranked, the failed counted
+    assert board.exit_code == 0 and len(board.stdout.strip().splitlines()) == 7 and " team " in board.stdout
+    assert board.stdout.splitlines()[-1] == "0 ranked; 1 not the official budget (ranked apart); 1 failed; 0 refused"
     # A record that does not belong to the upload's bytes is not trusted.
     record = out / f"{record_key('team')}.json"
     data = json.loads(record.read_text())

@@ -1,39 +1,169 @@
+"""`ddchallenge leaderboard`: records read as untrusted input, each malformed
+one refused in a line, the rest ranked deterministically."""
+import dataclasses
 import json
 
 import pytest
 
-from ddchallenge.report import leaderboard
+from ddchallenge.protocol import OFFICIAL
+from ddchallenge.records import sign
+from ddchallenge.report import leaderboard, load_leaderboard
+from test_records import KEY, make_record, write
 
 
-def result(name, scores, official=True, method="random"):
-    return {"name": name, "submission": f"{name}.zip", "method": method, "official_budget": official,
-            "datasets": [{"dataset": d, "mean": m, "std": 0.01, "ipc": 10} for d, m in scores.items()]}
+def rec(name, scores, official=True, method="random", rounds=3):
+    """A valid record whose dataset means are `scores` (each round the same)."""
+    recipe = OFFICIAL if official else dataclasses.replace(OFFICIAL, epochs=2)
+    return make_record(name, {d: [m] * rounds for d, m in scores.items()}, recipe, method=method)
 
 
-def test_ranking_ties_and_missing_datasets():
-    rows = leaderboard([
-        result("a", {"cifar100": 0.40, "tinyimagenet": 0.20}),
-        result("b", {"cifar100": 0.30}),  # tinyimagenet missing: counts 0
-        result("c", {"cifar100": 0.20, "tinyimagenet": 0.40}, method="herding"),
-    ], "csv").splitlines()
-    assert rows[0] == "rank,submission,method,IPC,cifar100 %,tinyimagenet %,score %,official budget"
-    assert rows[1].startswith("1,a,random,10/10,40.00 ± 1.00,20.00 ± 1.00,30.00,yes")
-    assert rows[2].startswith("1,c,herding,10/10,")
-    assert rows[3] == "3,b,random,10/-,30.00 ± 1.00,-,15.00,yes"
+def folder(tmp_path, records):
+    out = tmp_path / "results"
+    out.mkdir(exist_ok=True)
+    for i, r in enumerate(records):
+        write(out / f"{i:02d}.json", r)
+    return out
+
+
+def test_ranking_ties_and_missing_datasets(tmp_path):
+    out = folder(tmp_path, [rec("b", {"cifar100": 0.30}),  # tinyimagenet missing: counts 0
+                            rec("c", {"cifar100": 0.20, "tinyimagenet": 0.40}, method="herding"),
+                            rec("a", {"cifar100": 0.40, "tinyimagenet": 0.20})])
+    board = load_leaderboard([out])
+    assert [(e.rank, e.name, round(e.score, 6)) for e in board.official] == [(1, "a", 0.3), (1, "c", 0.3),
+                                                                            (3, "b", 0.15)]
+    assert board.datasets == ["cifar100", "tinyimagenet"] and board.official[1].method == "herding"
+    cell = board.official[0].datasets["cifar100"]
+    assert (cell.ipc, cell.accuracies) == (10, (0.4, 0.4, 0.4)) and (cell.mean, cell.std) == pytest.approx((0.4, 0))
+    rows = leaderboard(board, "csv").splitlines()
+    assert rows == ["rank,submission,method,IPC,cifar100 %,tinyimagenet %,score %,official budget",
+                    "1,a,random,10/10,40.00 ± 0.00,20.00 ± 0.00,30.00,yes",
+                    "1,c,herding,10/10,20.00 ± 0.00,40.00 ± 0.00,30.00,yes",
+                    "3,b,random,10/-,30.00 ± 0.00,-,15.00,yes"]
 
 
 @pytest.mark.parametrize("fmt, marker", [("table", "rank"), ("md", "|--"), ("html", "<table>")])
-def test_formats(fmt, marker):
-    assert marker in leaderboard([result("a", {"mnist5k": 0.8}, official=False)], fmt)
+def test_formats(tmp_path, fmt, marker):
+    text = leaderboard(load_leaderboard([folder(tmp_path, [rec("a", {"mnist5k": 0.8})])]), fmt)
+    assert marker in text and text.splitlines()[-1].endswith("1 ranked; 0 failed; 0 refused" + "</p>" * (fmt == "html"))
 
 
-def test_cli_reads_score_json_and_refuses_other_files(run_cli, tmp_path):
-    good, bad = tmp_path / "r.json", tmp_path / "x.json"
-    good.write_text(json.dumps(result("a", {"mnist5k": 0.8}, official=False)))
-    bad.write_text('{"hello": 1}')
-    r = run_cli("leaderboard", good, "--format", "md")
-    assert r.exit_code == 0 and "| 1 " in r.stdout and "NO" in r.stdout
-    r = run_cli("leaderboard", good, bad)
-    assert r.exit_code == 1 and "x.json is not a score result JSON" in r.stderr
-    r = run_cli("leaderboard", good, "--format", "pdf")
+def crafted(name, change):
+    r = rec(name, {"cifar100": 0.5})
+    change(r)
+    return r
+
+
+def test_cli_refuses_each_malformed_record_in_one_line_and_ranks_the_rest(run_cli, tmp_path):
+    d = lambda r: r["datasets"][0]  # noqa: E731
+    bad = {
+        "nan-mean": lambda r: d(r).update(mean=float("nan")),
+        "inf-score": lambda r: r.update(score=float("inf")),
+        "seven-and-a-half": lambda r: r.update(score=7.5),
+        "minus-five": lambda r: d(r).update(accuracies=[-5, -5, -5], mean=-5),
+        "true": lambda r: r.update(score=True),
+        "no-std": lambda r: d(r).pop("std"),
+        "no-ipc": lambda r: d(r).pop("ipc"),
+        "null-mean": lambda r: d(r).update(mean=None),
+        "string-mean": lambda r: d(r).update(mean="0.9"),
+        "datasets-string": lambda r: r.update(datasets="cifar100"),
+        "datasets-empty": lambda r: r.update(datasets=[]),
+        "official-string": lambda r: r.update(official_budget="false"),
+        "forged": lambda r: (d(r).update(accuracies=[0.999] * 3, mean=0.999), r.update(score=0.999,
+                                                                                      recipe_hash="forged")),
+    }
+    records = [rec("seventy", {"cifar100": 0.70}), rec("ninety", {"cifar100": 0.90})]
+    records += [crafted(name, change) for name, change in bad.items()]
+    out = folder(tmp_path, records)
+    (out / "99.json").write_text("{not json")
+    r = run_cli("leaderboard", out)
+    assert r.exit_code == 0 and "Traceback" not in r.output
+    refused = r.stderr.splitlines()
+    assert len(refused) == len(bad) + 1 and all(line.startswith(f"refused: {out}/") for line in refused), r.stderr
+    assert f"refused: {out}/02.json: datasets[0].mean must be a finite number from 0 to 1, got nan" in refused
+    assert f"refused: {out}/13.json: official_budget must be true or false (a JSON boolean), got 'false'" in refused
+    assert f"refused: {out}/14.json: recipe_hash must be {OFFICIAL.hash()}, the hash of the recorded recipe " \
+        "settings, got 'forged'" in refused
+    lines = r.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[2:4]] == [["1", "ninety"], ["2", "seventy"]] and lines[4] == ""
+    assert lines[5] == f"2 ranked; 0 failed; {len(bad) + 1} refused"
+
+
+def test_unofficial_budgets_are_never_ranked_among_official_ones(run_cli, tmp_path):
+    out = folder(tmp_path, [rec("fast", {"cifar100": 0.99}, official=False), rec("slow", {"cifar100": 0.50})])
+    r = run_cli("leaderboard", out)
+    assert r.exit_code == 0 and "fast" not in r.stdout and r.stdout.splitlines()[2].split()[:2] == ["1", "slow"]
+    assert r.stdout.splitlines()[-1] == ("1 ranked; 1 not the official budget left out (--include-unofficial shows "
+                                         "them); 0 failed; 0 refused")
+    r = run_cli("leaderboard", out, "--include-unofficial")
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 0 and lines[2].split()[:2] == ["1", "slow"] and lines[3] == ""
+    assert lines[4] == "NOT THE OFFICIAL BUDGET: ranked apart, not comparable with the ranking above"
+    assert lines[8].split()[:2] == ["1", "fast"] and lines[8].split()[-1] == "NO"
+    assert lines[-1] == "1 ranked; 1 not the official budget (ranked apart); 0 failed; 0 refused"
+    # An unofficial record on other datasets changes no official score, shown or not.
+    write(out / "02.json", rec("mnist", {"mnist5k": 0.9}, official=False))
+    for include in (False, True):
+        board = load_leaderboard([out], include)
+        assert [(e.name, e.score) for e in board.official] == [("slow", pytest.approx(0.5))]
+    assert board.datasets == ["cifar100", "mnist5k"] and [e.rank for e in board.unofficial] == [1, 2]
+    r = run_cli("leaderboard", out / "00.json")  # nothing official to rank: an error saying why
+    assert r.exit_code == 1 and r.stderr == ("error: nothing to rank: 0 ranked; 1 not the official budget left out "
+                                             "(--include-unofficial shows them); 0 failed; 0 refused\n")
+
+
+def test_look_alike_names_are_told_apart(run_cli, tmp_path):
+    out = folder(tmp_path, [rec("alice", {"cifar100": 0.5}), rec("\u0430lice", {"cifar100": 0.6}),
+                            rec("\\u0430lice", {"cifar100": 0.4}), rec("bob\u202e", {"cifar100": 0.3})])
+    r = run_cli("leaderboard", out, "--format", "csv")
+    names = [line.split(",")[1] for line in r.stdout.splitlines()[1:]]
+    assert r.exit_code == 0 and names == ["\\u0430lice", "alice", "\\\\u0430lice", "bob\\u202e"]
+    assert r.stderr == "4 ranked; 0 failed; 0 refused\n"
+
+
+def test_a_record_given_twice_is_listed_once_and_failed_records_are_counted(run_cli, tmp_path):
+    one = rec("team.zip", {"cifar100": 0.5})
+    out = folder(tmp_path, [one, one, rec("other.zip", {"cifar100": 0.4})])
+    write(out / "x.failed.json", {"status": "failed", "name": "broken.zip", "key": "k", "submission": "broken.zip",
+                                  "reason": "not a zip", "upload_sha256": None, "settings": {}})
+    r = run_cli("leaderboard", out, out / "00.json", "--format", "md")
+    assert r.exit_code == 0 and r.stdout.count("team.zip") == 1, r.output
+    assert r.stdout.splitlines()[-1] == "2 ranked; 1 failed; 0 refused; 2 given twice, listed once"
+    # The same name and bytes under another recipe is another row (a section of its own here).
+    r = run_cli("leaderboard", out, write(tmp_path / "u.json", rec("team.zip", {"cifar100": 0.5}, official=False)),
+                "--include-unofficial")
+    assert r.exit_code == 0 and r.stdout.count("team.zip") == 2
+
+
+def test_method_comes_from_the_records_own_provenance(tmp_path):
+    mixed = rec("m", {"cifar100": 0.5, "tinyimagenet": 0.5}, method=None)
+    mixed["datasets"][0]["method"], mixed["datasets"][1]["method"] = "d4m", "d4m"
+    other = rec("o", {"cifar100": 0.4, "tinyimagenet": 0.4}, method=None)
+    other["datasets"][0]["method"] = "d3m"
+    board = load_leaderboard([folder(tmp_path, [mixed, other, rec("x", {"cifar100": 0.3}, method="<b>d\u0434m")])])
+    assert [(e.name, e.method) for e in board.official] == [("m", "d4m"), ("o", None), ("x", "<b>d\\u0434m")]
+    assert "&lt;b&gt;" in leaderboard(board, "html") and "<b>" not in leaderboard(board, "html")
+
+
+def test_with_the_organisers_key_only_signed_records_are_ranked(run_cli, tmp_path):
+    key = tmp_path / "organiser.key"
+    key.write_bytes(KEY)
+    out = folder(tmp_path, [sign(rec("signed", {"cifar100": 0.5}), KEY), rec("planted", {"cifar100": 0.99})])
+    r = run_cli("leaderboard", out, "--record-key", key)
+    assert r.exit_code == 0 and "planted" not in r.stdout and r.stdout.splitlines()[2].split()[:2] == ["1", "signed"]
+    assert r.stderr == (f"refused: {out}/01.json: not signed with the organiser's record key (no mac field); records "
+                        "made without --record-key, or planted\n")
+    r = run_cli("leaderboard", out, "--record-key", out / "00.json")
+    assert r.exit_code == 2 and "lies inside the results folder" in r.stderr
+
+
+def test_cli_errors(run_cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_cli("leaderboard", tmp_path / "empty")
+    assert r.exit_code == 1 and r.stderr == f"error: no score results in {tmp_path / 'empty'}\n"
+    r = run_cli("leaderboard", write(tmp_path / "x.json", '{"hello": 1}'))
+    assert r.exit_code == 1 and r.stderr.splitlines() == [f"refused: {tmp_path}/x.json: name is missing",
+                                                         "error: nothing to rank: 0 ranked; 0 failed; 1 refused"]
+    r = run_cli("leaderboard", tmp_path / "x.json", "--format", "pdf")
     assert r.exit_code == 2
+    assert json.loads((tmp_path / "x.json").read_text()) == {"hello": 1}  # nothing written, nothing moved

@@ -272,9 +272,10 @@ def mac(record: dict, key: bytes) -> str:
 def sign(record: dict, key: bytes | None) -> dict:
     """`record` with its MAC under `key` (unchanged without a key). The record
     goes through JSON first, so that what is signed is what is read back."""
+    if key is None:
+        return record
     record = json.loads(json.dumps(record, allow_nan=False))
-    if key is not None:
-        record[MAC_FIELD] = mac(record, key)
+    record[MAC_FIELD] = mac(record, key)
     return record
 
 
@@ -285,7 +286,12 @@ def check_mac(record: dict, key: bytes | None, where: str) -> None:
     if not isinstance(given, str):
         raise RecordError(f"{where}: not signed with the organiser's record key (no {MAC_FIELD} field); "
                           "records made without --record-key, or planted")
-    if not hmac.compare_digest(given, mac(record, key)):
+    try:
+        expected = mac(record, key)
+    except (ValueError, TypeError, RecursionError):  # NaN or infinity in a field no check reads, or too deep
+        raise RecordError(f"{where}: holds a value a signed record cannot (NaN, infinity, or nesting too deep)") \
+            from None
+    if not hmac.compare_digest(given, expected):
         raise RecordError(f"{where}: its {MAC_FIELD} does not match the organiser's record key: the record was "
                           "changed after it was signed, or signed with another key")
 
@@ -307,7 +313,12 @@ def read_record(path: str | os.PathLike, key: bytes | None = None) -> dict:
             raise RecordError(f"{where}: is not a plain file")
         if info.st_size > MAX_RECORD_BYTES:
             raise RecordError(f"{where}: is {info.st_size} bytes; a record is at most {MAX_RECORD_BYTES}")
-        raw = fh.read(MAX_RECORD_BYTES + 1)
+        try:
+            raw = fh.read(MAX_RECORD_BYTES + 1)
+        except OSError as exc:
+            raise RecordError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_RECORD_BYTES:  # grown since fstat
+        raise RecordError(f"{where}: is over {MAX_RECORD_BYTES} bytes; a record is at most that")
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -168,6 +168,8 @@ def test_mac_covers_every_field_and_needs_the_key(tmp_path):
         change(tampered)
         with pytest.raises(RecordError, match="does not match the organiser's record key"):
             check_mac(tampered, KEY, "t.json")
+    with pytest.raises(RecordError, match="holds a value a signed record cannot"):  # NaN where no check looks
+        read_record(write(tmp_path / "n.json", {**signed, "extra": float("nan")}), KEY)
     with pytest.raises(RecordError, match="not signed with the organiser's record key"):
         read_record(write(tmp_path / "u.json", make_record()), KEY)
     with pytest.raises(RecordError, match="does not match"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import html
 import io
 import math
@@ -127,9 +128,12 @@ class Leaderboard:
 def display_name(text: str, limit: int = 200) -> str:
     """Untrusted text as printable ASCII: non-ASCII and control characters
     escaped (`\\u0430lice` is not `alice`), a backslash doubled so that no
-    name can spell another's escape, length bounded."""
+    name can spell another's escape; past `limit` characters cut, with a hash
+    of the whole text, so that names differing only at the end stay apart."""
     shown = text.encode("unicode_escape", errors="backslashreplace").decode("ascii")
-    return shown if len(shown) <= limit else shown[:limit] + "..."
+    if len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}...#{hashlib.sha256(text.encode(errors='surrogatepass')).hexdigest()[:16]}"
 
 
 def record_files(paths: list[str | os.PathLike]) -> list[Path]:

@@ -7,7 +7,7 @@ import pytest
 
 from ddchallenge.protocol import OFFICIAL
 from ddchallenge.records import sign
-from ddchallenge.report import leaderboard, load_leaderboard
+from ddchallenge.report import display_name, leaderboard, load_leaderboard
 from test_records import KEY, make_record, write
 
 
@@ -119,6 +119,9 @@ def test_look_alike_names_are_told_apart(run_cli, tmp_path):
     names = [line.split(",")[1] for line in r.stdout.splitlines()[1:]]
     assert r.exit_code == 0 and names == ["\\u0430lice", "alice", "\\\\u0430lice", "bob\\u202e"]
     assert r.stderr == "4 ranked; 0 failed; 0 refused\n"
+    # Names that differ only past what a table shows stay apart.
+    long = [display_name("x" * 300 + end) for end in "ab"]
+    assert long[0][:203] == long[1][:203] == "x" * 200 + "..." and long[0] != long[1] and len(long[0]) == 220
 
 
 def test_a_record_given_twice_is_listed_once_and_failed_records_are_counted(run_cli, tmp_path):

@@ -8,8 +8,8 @@ scored with the evaluation recipe (official by default).
         --ipc 10 --strength 0.5 0.7 0.9 --oversample 3 --images docs/images
 
 The model is a `ddchallenge train mnist5k` folder; the d4m codebook for IPC
-(and, with matching, the finer IPC-100 codebook d4m matches against) and the
-d3m vectors (K = IPC) are made in it first unless present. Prints
+and the d3m vectors (K = IPC) are made in it first unless present (a run
+reads no other table: d4m matches against its own prototypes redrawn). Prints
 one markdown row per set as it is scored (generation seconds included) and,
 with --images, writes a sample grid per method.
 """
@@ -25,7 +25,6 @@ from ddchallenge.diffusion.invert import invert
 from ddchallenge.diffusion.prototypes import make_prototypes
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.generators import GenerateConfig, generate
-from ddchallenge.generators.matching import POOL_PER_CLASS
 from ddchallenge.protocol import OFFICIAL
 from ddchallenge.report import image_grid
 from ddchallenge.score import score
@@ -52,10 +51,7 @@ def main() -> None:
     folder = model_folder(args.model)
     meta = json.loads((folder / "ddchallenge.json").read_text())
     books = meta.get("codebooks") or {}
-    wanted = [args.ipc]
-    if any(args.match_steps) and POOL_PER_CLASS > args.ipc:
-        wanted.append(POOL_PER_CLASS)  # d4m's matching pool: a finer codebook redrawn
-    wanted = [ipc for ipc in wanted if f"d4m-ipc{ipc}" not in books]
+    wanted = [ipc for ipc in [args.ipc] if f"d4m-ipc{ipc}" not in books]
     if "d4m" in args.methods and wanted:
         for r in make_prototypes(str(folder), wanted, device=args.device):
             print(f"prototypes IPC {r.ipc}: {r.seconds:.1f} s, {r.iterations} k-means iterations", flush=True)

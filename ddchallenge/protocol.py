@@ -142,10 +142,29 @@ def check_match_steps(steps: int) -> None:
         raise UsageError(f"--match-steps must be a whole number from 0 (no matching) to {MAX_MATCH_STEPS}, got {steps!r}")
 
 
-def derive_seed(*parts: int) -> int:
-    """One independent seed from a tuple (seed, stream, index, ...): the same
-    parts always give the same seed, different parts unrelated ones."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+# Every random stream of generation, inversion, clustering and generator training draws from its own tag, so
+# that no two streams share a seed (a tuple (seed, 5, 1) of one module once equalled another's (seed, 5, 1)).
+STREAMS = ("generation", "sampling", "pool", "selection", "matching", "calibration", "inversion", "prototypes",
+           "training")
+
+
+def stream_seed(seed: int, stream: str, *index: int) -> int:
+    """One independent 32-bit seed for item `index` of the tagged `stream`:
+    the same arguments always give the same seed, any other ones an
+    unrelated seed."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; streams: {', '.join(STREAMS)}")
+    tag = int.from_bytes(stream.encode(), "big")
+    # The index count is part of the entropy: SeedSequence pads short entropy with zero words, so (seed, tag, a)
+    # would otherwise equal (seed, tag, a, 0).
+    return int(np.random.SeedSequence([seed, tag, len(index), *index]).generate_state(1)[0])
+
+
+def generation_seed(scoring_seed: int) -> int:
+    """The seed a Track 2 generator runs with when scored with `scoring_seed`:
+    its own stream, so no draw of generation equals one of an evaluation
+    round (round r trains from scoring_seed + r)."""
+    return stream_seed(scoring_seed, "generation") % (MAX_SEED + 1)
 
 
 def check_seed(seed: int) -> int:
@@ -165,7 +184,15 @@ class UploadRules:
     when given, else at most MAX_IPC. A Track 2 generator folder is run for
     each of `datasets` (default: the challenge's), never for a dataset of its
     own choosing, for `ipc` images per class (default: the most that fit
-    its budget, at most MAX_IPC)."""
+    its budget, at most MAX_IPC).
+
+    Track 2 tables (TABLE_RULE): a generator is a model, not a dataset. A run
+    that outputs IPC k may read at most k stored data-derived rows per class
+    (d4m prototypes, d3m class vectors, any table fitted to the training
+    images); everything else it uses it makes during the run. A folder
+    carrying a table with more rows per class than the run may output is
+    refused before it runs (`check_table`), and what a run read is checked
+    against what it made (`check_tables_read`)."""
 
     datasets: tuple[str, ...] | None = None  # dataset names; None: the defaults above
     ipc: int | None = None  # exact images per class; None: the defaults above
@@ -234,5 +261,28 @@ class UploadRules:
             extra, missing = sorted(names - required), sorted(required - names)
             broke = "; ".join(part for part in (
                 f"missing {', '.join(missing)}" if missing else "", f"extra {', '.join(extra)}" if extra else "") if part)
+            held = " ".join(f"--dataset {n}" for n in sorted(names)) or "--dataset NAME"
             raise UploadRuleError(f"{source} must hold exactly {', '.join(sorted(required))} ({broke}); an "
-                                  "organiser scoring other datasets says so with --dataset")
+                                  f"organiser scoring the datasets it holds says so with {held}")
+
+    def check_table(self, table: str, rows: int, source: str) -> None:
+        """Refuse a stored table with more rows per class than a run may output."""
+        limit = self.max_ipc()
+        if rows > limit:
+            outputs = f"IPC {limit}" if self.ipc is not None else f"at most IPC {MAX_IPC}"
+            raise UploadRuleError(f"{source}: table {table} stores {rows} rows per class, but this run outputs "
+                                  f"{outputs} and may read at most {limit} stored rows per class (a generator may "
+                                  f"not carry a dataset); remove the table or remake it with at most {limit}")
+
+
+def check_tables_read(read: dict[str, int], ipc: int, source: str) -> None:
+    """After a run: every stored table it read has at most `ipc` rows per class."""
+    for table, rows in sorted(read.items()):
+        if rows > ipc:
+            raise UploadRuleError(f"{source}: the run read {rows} rows per class of table {table} and made only IPC "
+                                  f"{ipc}; a run may read at most as many stored rows per class as it outputs")
+
+
+TABLE_RULE = ("Track 2: a run that outputs IPC k reads at most k stored data-derived rows per class from the folder; "
+              "pools and candidates are made by the model during the run; generation reads no training data")
+

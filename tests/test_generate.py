@@ -78,13 +78,6 @@ def test_budget_exceeded_writes_nothing(tmp_path, monkeypatch):
         GENERATORS.pop("slow-test-method")
 
 
-def test_matching_stops_at_the_budget_and_writes_nothing(tmp_path):
-    out = tmp_path / "m.h5"
-    with pytest.raises(BudgetExceeded, match="budget ran out"):
-        generate(GenerateConfig("mnist5k", "random", 1, track=2, budget=2.0, match_steps=100_000), out)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-
-
 def test_existing_output_needs_force(run_cli, tmp_path):
     out = tmp_path / "s.h5"
     out.write_bytes(b"keep me")

@@ -1,32 +1,44 @@
-"""Tensors that a generation method keeps in the model folder beside the
+"""Tables that a generation method keeps in the model folder beside the
 denoiser: the D4M prototypes (`ddchallenge prototypes`) and the D3M class
 vectors (`ddchallenge invert`).
 
     step-0002500/
-      ddchallenge.json            "codebooks": {name: {file, sha256, ...}}, "generate": {method, settings}
+      ddchallenge.json            "codebooks": {name: {file, sha256, purpose, rows_per_class, ...}},
+                                  "generate": {method, settings}
       codebooks/d4m-ipc10.safetensors
       codebooks/d3m-k10.safetensors
 
-Each file is recorded in ddchallenge.json with its sha256, and the folder is
-one of the parts the model hash covers (model.SERVING_PARTS), so a labelled
-set's provenance names the exact codebook it was made from. Reading checks
-the recorded hash first: a tampered or missing file is refused, never used.
+Each table is declared in ddchallenge.json: its file and sha256, what it is
+for, its classes and rows per class, its float32 shape and byte size. The
+folder is one of the parts the model hash covers (model.SERVING_PARTS), so a
+labelled set's provenance names the exact table it was made from.
+
+Track 2's table rule (protocol.TABLE_RULE) is enforced here twice:
+`declared_tables` reads every declaration and file header before a run (no
+tensor data) so that the scorer can refuse a folder that carries more rows
+per class than the run may output, or a file nobody declared; `load_table`,
+the one reader d4m and d3m use, checks the file (hash, dtype float32,
+finite, shape against the model) and notes in the run's ledger how many
+rows per class it read.
 
 The "generate" section says which method the folder is meant to run with
-and its settings; `train` writes plain diffusion, `prototypes` and `invert`
-overwrite it with their own method (the last one run decides). Track 2
-(generators.track2) reads it.
+and its settings; `train` writes plain diffusion; `prototypes` and `invert`
+add a table without touching it unless asked (`--make-default`).
+
+Reading the training images (`encode.py`) lives apart: nothing that
+generation imports can reach them.
 """
 from __future__ import annotations
 
 import json
+import math
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ddchallenge.diffusion.model import META_FILE, Generator, ModelError, checkpoints, resolve
-from ddchallenge.protocol import DatasetSpec
 
 FOLDER = "codebooks"
 
@@ -50,21 +62,29 @@ def _write_meta(folder: Path, meta: dict) -> None:
     atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
-def store(gen: Generator, name: str, tensors: dict[str, torch.Tensor], record: dict, generate: dict) -> Path:
-    """Write codebooks/NAME.safetensors, record it (with its sha256) in
-    ddchallenge.json and make `generate` the folder's method section."""
+def store(gen: Generator, name: str, tensors: dict[str, torch.Tensor], record: dict, purpose: str,
+          generate: dict | None = None) -> Path:
+    """Write codebooks/NAME.safetensors (one float32 table, (classes, rows,
+    ...)) and declare it, with its sha256, in ddchallenge.json; with
+    `generate`, that becomes the folder's method section too."""
     from safetensors.torch import save_file
 
     from ddchallenge.fileio import atomic_path, sha256_file
 
+    (key, table), = tensors.items()
+    table = table.detach().float().cpu().contiguous()
     folder = Path(gen.provenance["folder"])
     path = folder / FOLDER / f"{name}.safetensors"
     path.parent.mkdir(exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file({key: table}, str(tmp))
     meta = json.loads((folder / META_FILE).read_text())
-    meta.setdefault("codebooks", {})[name] = {**record, "file": f"{FOLDER}/{path.name}", "sha256": sha256_file(path)}
-    meta["generate"] = generate
+    meta.setdefault("codebooks", {})[name] = {
+        **record, "file": f"{FOLDER}/{path.name}", "sha256": sha256_file(path), "purpose": purpose,
+        "classes": int(table.shape[0]), "rows_per_class": int(table.shape[1]), "shape": list(table.shape),
+        "dtype": "float32", "bytes": path.stat().st_size}
+    if generate is not None:
+        meta["generate"] = generate
     _write_meta(folder, meta)
     gen.meta = meta
     return path
@@ -78,9 +98,12 @@ def stored(gen: Generator, method: str) -> dict[str, dict]:
     return {n: r for n, r in books.items() if isinstance(r, dict) and r.get("method") == method}
 
 
-def load(gen: Generator, name: str, hint: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of codebook NAME and its record, after checking the file
-    against the recorded sha256. `hint` is the command that makes it."""
+def load_table(gen: Generator, name: str, key: str, expected: tuple[int, ...], hint: str,
+               ledger: dict[str, int]) -> tuple[torch.Tensor, dict]:
+    """Table NAME's tensor `key` and its record, checked: the file against
+    the recorded sha256, float32, finite, shape `expected` (classes, rows,
+    ...). The rows per class read are noted in `ledger`. `hint` is the
+    command that makes the table."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -93,9 +116,7 @@ def load(gen: Generator, name: str, hint: str) -> tuple[dict[str, torch.Tensor],
     if record.get("sample_shape") is not None and list(record["sample_shape"]) != list(gen.sample_shape):
         raise ModelError(f"{folder}: codebook {name} was made in a {record['sample_shape']} space; this model samples "
                          f"{list(gen.sample_shape)}; remake it with `{hint}`")
-    path = folder / record["file"]
-    if Path(record["file"]).is_absolute() or ".." in Path(record["file"]).parts:
-        raise ModelError(f"{folder}/{META_FILE}: codebook {name} points outside the folder; refused")
+    path = _table_path(folder, name, record)
     if not path.is_file() or path.is_symlink():
         raise ModelError(f"{folder}: the {name} codebook file {record['file']} is missing; copy the whole model "
                          f"folder or remake it with `{hint}`")
@@ -107,34 +128,98 @@ def load(gen: Generator, name: str, hint: str) -> tuple[dict[str, torch.Tensor],
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{folder}: {record['file']} is not a readable safetensors file ({exc}); remake it with "
                          f"`{hint}`") from None
-    return tensors, record
-
-
-def encode_training(gen: Generator, spec: DatasetSpec, root, device: torch.device,
-                    batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The dataset's training images in the space the denoiser works in:
-    (mean, std, labels). Pixel space: the images in [-1, 1] (std 0); latent
-    space: the scaled VAE posterior (mean, std), as training saw them."""
-    from ddchallenge.data import load_train
-
-    images, labels = load_train(spec, root)
-    means, stds = [], []
-    with torch.no_grad():
-        for s in range(0, len(images), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch])).to(device).float().div_(127.5).sub_(1)
-            if gen.codec is None:
-                means.append(x)
-                stds.append(torch.zeros_like(x))
-            else:
-                m, sd = gen.codec.encode(x)
-                means.append(m)
-                stds.append(sd)
-    return torch.cat(means), torch.cat(stds), torch.from_numpy(labels).to(device)
-
-
-def check_shape(gen: Generator, name: str, tensor: torch.Tensor, expected: tuple[int, ...], hint: str) -> None:
-    """A codebook made for another model (class count, IPC/K, latent shape) is refused."""
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise ModelError(f"{folder}: codebook {name} holds no {key!r} tensor; remake it with `{hint}`")
+    if tensor.dtype != torch.float32:
+        raise ModelError(f"{folder}: codebook {name} is {str(tensor.dtype).replace('torch.', '')}; tables are "
+                         f"float32; remake it with `{hint}`")
     if tuple(tensor.shape) != expected:
-        raise ModelError(f"{gen.provenance['folder']}: codebook {name} holds a {tuple(tensor.shape)} tensor; this "
-                         f"model needs {expected} (classes, count, shape); remake it with `{hint}`")
+        raise ModelError(f"{folder}: codebook {name} holds a {tuple(tensor.shape)} tensor; this model needs "
+                         f"{expected} (classes, count, shape); remake it with `{hint}`")
+    if not torch.isfinite(tensor).all():
+        raise ModelError(f"{folder}: codebook {name} holds non-finite values (NaN or inf); remake it with `{hint}`")
+    ledger[name] = max(ledger.get(name, 0), int(tensor.shape[1]))
+    return tensor, record
 
+
+@dataclass(frozen=True)
+class DeclaredTable:
+    name: str
+    file: str  # relative to the folder
+    classes: int
+    rows_per_class: int
+    bytes: int
+
+
+MAX_HEADER = 1 << 20  # a one-tensor safetensors header is a few hundred bytes
+
+
+def declared_tables(folder: Path, meta: dict) -> list[DeclaredTable]:
+    """Every table the folder declares, checked from ddchallenge.json and the
+    files' headers alone (no tensor data is read): one float32 tensor of
+    shape (classes, rows, ...), rows equal to the declared rows per class,
+    the file exactly the size its header says, the declared byte size; and
+    no file under codebooks/ that is not declared. The folder is untrusted."""
+    where = f"{folder.name}/{META_FILE}"
+    books = meta.get("codebooks") or {}
+    if not isinstance(books, dict):
+        raise ModelError(f"{where}: 'codebooks' must be an object of table records")
+    tables, files = [], set()
+    for name, record in sorted(books.items()):
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+            raise ModelError(f"{where}: codebooks.{name} must be an object with a 'file' name")
+        path = _table_path(folder, name, record)
+        if not path.is_file() or path.is_symlink():
+            raise ModelError(f"{where}: table {name} names {record['file']}, which is missing or not a regular file")
+        classes, rows, size = _header(path, f"{folder.name}/{record['file']}")
+        declared = record.get("rows_per_class", record.get("ipc", record.get("per_class")))
+        if isinstance(declared, bool) or not isinstance(declared, int) or declared != rows:
+            raise ModelError(f"{where}: table {name} declares {declared!r} rows per class but its file holds {rows}; "
+                             "remake the table")
+        if record.get("bytes") is not None and record["bytes"] != size:
+            raise ModelError(f"{where}: table {name} declares {record['bytes']!r} bytes but its file has {size}; "
+                             "remake the table")
+        files.add(path.name)
+        tables.append(DeclaredTable(name, record["file"], classes, rows, size))
+    stray = sorted(p.name for p in (folder / FOLDER).iterdir() if p.name not in files) \
+        if (folder / FOLDER).is_dir() and not (folder / FOLDER).is_symlink() else []
+    if stray:
+        raise ModelError(f"{folder.name}/{FOLDER}/{stray[0]} is not declared in {META_FILE}; a generator folder "
+                         "carries only declared tables: remove the file")
+    return tables
+
+
+def _table_path(folder: Path, name: str, record: dict) -> Path:
+    rel = Path(record["file"])
+    if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != (FOLDER,) or len(rel.parts) != 2:
+        raise ModelError(f"{folder}/{META_FILE}: codebook {name} points outside {FOLDER}/; refused")
+    return folder / rel
+
+
+def _header(path: Path, shown: str) -> tuple[int, int, int]:
+    """(classes, rows per class, file size) from a safetensors header."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER, size - 8):
+            raise ModelError(f"{shown} is not a safetensors table (bad header length); remake the table")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError:
+            raise ModelError(f"{shown} is not a safetensors table (unreadable header); remake the table") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
+    if len(tensors) != 1:
+        raise ModelError(f"{shown} must hold exactly one tensor, holds {len(tensors)}; remake the table")
+    (info,) = tensors.values()
+    shape = info.get("shape") if isinstance(info, dict) else None
+    if not (isinstance(shape, list) and len(shape) >= 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise ModelError(f"{shown}: the table's shape must be (classes, rows, ...), got {shape!r}; remake the table")
+    if info.get("dtype") != "F32":
+        raise ModelError(f"{shown}: tables are float32, this one is {info.get('dtype')!r}; remake the table")
+    if size != 8 + length + 4 * math.prod(shape):
+        raise ModelError(f"{shown}: the file is {size} bytes, not what its {shape} float32 header says; remake the "
+                         "table")
+    return shape[0], shape[1], size

@@ -24,17 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddchallenge.diffusion.codebook import encode_training, model_folder, store
+from ddchallenge.diffusion.codebook import model_folder, store
+from ddchallenge.diffusion.encode import encode_training
 from ddchallenge.diffusion.model import Generator, generator_dataset, load_generator
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
-from ddchallenge.protocol import MAX_OVERSAMPLE, check_match_steps, derive_seed, get_dataset
+from ddchallenge.progress import bar
+from ddchallenge.diffusion.prototypes import track2_section
+from ddchallenge.protocol import MAX_IPC, get_dataset, stream_seed
 from ddchallenge.evaluation.device import resolve_device
 
 DEFAULT_STEPS = 300
 DEFAULT_BATCH = 64
 DEFAULT_LR = 5e-3  # Adam on a handful of vectors: the embeddings' scale is ~0.1-1, so this moves them in tens of steps
-MAX_PER_CLASS = 100
+PURPOSE = "d3m class vectors: image i of class k is conditioned on vector i mod K of class k"
 
 
 def codebook_name(per_class: int) -> str:
@@ -89,20 +92,21 @@ MAX_STEPS, MAX_BATCH = 1_000_000, 65_536  # far past any useful run; beyond, a t
 
 
 def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, device: str = "auto", root=None,
-           batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, oversample: float = 1.0,
-           match_steps: int = 0) -> InvertReport:
-    """Learn and store K = `per_class` vectors per class; the folder's Track 2
-    method becomes d3m with K and `oversample`."""
-    if not 1 <= per_class <= MAX_PER_CLASS:
-        raise UsageError(f"--per-class must be between 1 and {MAX_PER_CLASS}, got {per_class}")
+           batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, oversample: float | None = None,
+           match_steps: int | None = None, make_default: bool = False) -> InvertReport:
+    """Learn and store K = `per_class` vectors per class. With
+    `make_default` the folder's Track 2 method becomes d3m with K,
+    `oversample` and `match_steps`; otherwise it is left as it was."""
+    if not 1 <= per_class <= MAX_IPC:
+        raise UsageError(f"--per-class must be between 1 and {MAX_IPC} (the largest IPC a Track 2 run may output: a "
+                         f"generator may not carry more rows per class than it makes), got {per_class}")
     if not (1 <= steps <= MAX_STEPS and 1 <= batch_size <= MAX_BATCH):
         raise UsageError(f"--steps must be from 1 to {MAX_STEPS} and --batch-size from 1 to {MAX_BATCH}, got {steps} "
                          f"and {batch_size}")
     if not 0 < lr <= 10:
         raise UsageError(f"--lr must be in (0, 10], got {lr:g}")
-    if not 1 <= oversample <= MAX_OVERSAMPLE:
-        raise UsageError(f"--oversample must be from 1 to {MAX_OVERSAMPLE}, got {oversample:g}")
-    check_match_steps(match_steps)
+    section = track2_section("d3m", {"per_class": per_class if make_default else None, "oversample": oversample,
+                                     "match_steps": match_steps}, make_default)
     start = time.perf_counter()
     folder = model_folder(ref)
     spec = get_dataset(generator_dataset(folder))
@@ -114,11 +118,11 @@ def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, 
     # Groups: k-means per class in the denoiser's space; label of every image = its vector's row.
     rows = torch.empty_like(labels)
     first_row = emb.num_embeddings
-    for k in range(spec.classes):
+    for k in bar(range(spec.classes), desc=f"grouping (k-means, K {per_class})", unit="class"):
         members = torch.nonzero(labels == k).flatten()
         if len(members) < per_class:
             raise UsageError(f"class {k} of {spec.name} has {len(members)} training images, fewer than K {per_class}")
-        groups = kmeans(mean[members], per_class, seed=derive_seed(seed, k)).assignment
+        groups = kmeans(mean[members], per_class, seed=stream_seed(seed, "inversion", k)).assignment
         rows[members] = first_row + k * per_class + groups
 
     init = emb.weight.detach()[:spec.classes, None, :].repeat(1, per_class, 1)  # each class's own row
@@ -130,8 +134,8 @@ def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, 
     scheduler = DDPMScheduler.from_config(gen.scheduler_config)
     prediction = gen.meta["prediction"]
     losses = []
-    for step in range(steps):
-        g = torch.Generator(dev).manual_seed(derive_seed(seed, step, 7))
+    for step in bar(range(steps), desc=f"inverting {spec.name}", unit="step"):
+        g = torch.Generator(dev).manual_seed(stream_seed(seed, "inversion", step, 1))  # (k,) above: grouping
         idx = torch.randint(len(labels), (batch_size,), generator=g, device=dev)
         x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=dev)
         noise = torch.randn(x0.shape, generator=g, device=dev)
@@ -145,10 +149,8 @@ def invert(ref: str, per_class: int, steps: int = DEFAULT_STEPS, seed: int = 0, 
         optimiser.step()
         losses.append(loss.item())
     vectors = module.extra.detach().reshape(spec.classes, per_class, -1)
-    record = {"method": "d3m", "per_class": per_class, "classes": spec.classes, "dim": int(vectors.shape[-1]),
+    record = {"method": "d3m", "per_class": per_class, "dim": int(vectors.shape[-1]),
               "sample_shape": list(gen.sample_shape), "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr}
-    path = store(gen, codebook_name(per_class), {"vectors": vectors}, record,
-                 {"method": "d3m", "settings": {"per_class": per_class, "oversample": oversample,
-                                               "match_steps": match_steps}})
+    path = store(gen, codebook_name(per_class), {"vectors": vectors}, record, PURPOSE, section)
     return InvertReport(path, per_class, steps, float(np.mean(losses[:10])), float(np.mean(losses[-10:])),
                         time.perf_counter() - start)

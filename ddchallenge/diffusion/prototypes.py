@@ -15,19 +15,21 @@ from pathlib import Path
 
 import torch
 
-from ddchallenge.diffusion.codebook import encode_training, model_folder, store
+from ddchallenge.diffusion.codebook import model_folder, store
+from ddchallenge.diffusion.encode import encode_training
 from ddchallenge.diffusion.model import generator_dataset, load_generator
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
-from ddchallenge.protocol import MAX_OVERSAMPLE, check_match_steps, derive_seed, get_dataset
+from ddchallenge.progress import bar
+from ddchallenge.protocol import MAX_IPC, MAX_OVERSAMPLE, check_match_steps, get_dataset, stream_seed
 from ddchallenge.evaluation.device import resolve_device
 
 DEFAULT_STRENGTH = 0.5  # best of 0.5, 0.7, 0.9 on mnist5k at IPC 10 (docs/benchmarks.md)
-MAX_IPC = 1000
+PURPOSE = "d4m prototypes: image i of class k starts from centre i of class k"
 
 
 def class_seed(seed: int, k: int) -> int:
-    return derive_seed(seed, k)
+    return stream_seed(seed, "prototypes", k)
 
 
 def codebook_name(ipc: int) -> str:
@@ -53,20 +55,42 @@ class PrototypeReport:
     seconds: float
 
 
-def make_prototypes(ref: str, ipcs: list[int], seed: int = 0, device: str = "auto", root=None,
-                    strength: float = DEFAULT_STRENGTH, oversample: float = 1.0,
-                    match_steps: int = 0) -> list[PrototypeReport]:
-    """Cluster every class of the model's dataset into each IPC in `ipcs` and
-    store the centres; the folder's Track 2 method becomes d4m with
-    `strength` and `oversample`."""
-    import time
-
-    check_strength(strength)
+def track2_section(method: str, settings: dict, make_default: bool) -> dict | None:
+    """The folder's new "generate" section, or None to leave it as it is.
+    Settings for Track 2 are only taken with `make_default`, so that adding
+    a table never changes what the folder runs without being asked."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if given and not make_default:
+        raise UsageError(f"--{next(iter(given)).replace('_', '-')} sets the folder's Track 2 settings; add "
+                         "--make-default to make this the method the folder runs")
+    if not make_default:
+        return None
+    oversample, match_steps = given.get("oversample", 1.0), given.get("match_steps", 0)
     if not 1 <= oversample <= MAX_OVERSAMPLE:
         raise UsageError(f"--oversample must be from 1 to {MAX_OVERSAMPLE}, got {oversample:g}")
     check_match_steps(match_steps)
+    return {"method": method, "settings": {**given, "oversample": float(oversample), "match_steps": match_steps}}
+
+
+def make_prototypes(ref: str, ipcs: list[int], seed: int = 0, device: str = "auto", root=None,
+                    strength: float | None = None, oversample: float | None = None, match_steps: int | None = None,
+                    make_default: bool = False) -> list[PrototypeReport]:
+    """Cluster every class of the model's dataset into each IPC in `ipcs` and
+    store the centres. With `make_default` the folder's Track 2 method
+    becomes d4m with `strength`, `oversample` and `match_steps`; otherwise
+    its "generate" section is left as it was."""
+    import time
+
+    if strength is not None:
+        check_strength(strength)
+    if make_default and strength is None:
+        strength = DEFAULT_STRENGTH  # recorded, so the folder says what it runs
+    section = track2_section("d4m", {"strength": strength, "oversample": oversample, "match_steps": match_steps},
+                             make_default)
     if not ipcs or any(not 1 <= i <= MAX_IPC for i in ipcs):
-        raise UsageError(f"--ipc must be between 1 and {MAX_IPC} (give it once per codebook), got {ipcs}")
+        raise UsageError(f"--ipc must be between 1 and {MAX_IPC} (the largest IPC a Track 2 run may output: a "
+                         f"generator may not carry more rows per class than it makes; give --ipc once per codebook), "
+                         f"got {', '.join(map(str, ipcs)) or 'none'}")
     folder = model_folder(ref)
     spec = get_dataset(generator_dataset(folder))
     dev = resolve_device(device)
@@ -76,7 +100,7 @@ def make_prototypes(ref: str, ipcs: list[int], seed: int = 0, device: str = "aut
     for ipc in sorted(set(ipcs)):
         start = time.perf_counter()
         centres, iterations, converged = [], 0, True
-        for k in range(spec.classes):
+        for k in bar(range(spec.classes), desc=f"k-means IPC {ipc}", unit="class"):
             members = codes[labels == k]
             if len(members) < ipc:
                 raise UsageError(f"class {k} of {spec.name} has {len(members)} training images, fewer than IPC {ipc}")
@@ -84,10 +108,8 @@ def make_prototypes(ref: str, ipcs: list[int], seed: int = 0, device: str = "aut
             result = kmeans(members, ipc, seed=class_seed(seed, k))
             centres.append(result.centres.reshape(ipc, *gen.sample_shape))
             iterations, converged = max(iterations, result.iterations), converged and result.converged
-        record = {"method": "d4m", "ipc": ipc, "classes": spec.classes, "sample_shape": list(gen.sample_shape),
+        record = {"method": "d4m", "ipc": ipc, "sample_shape": list(gen.sample_shape),
                   "space": gen.meta["space"], "seed": seed, "kmeans_iterations": iterations, "converged": converged}
-        path = store(gen, codebook_name(ipc), {"centres": torch.stack(centres)}, record,
-                     {"method": "d4m", "settings": {"strength": strength, "oversample": oversample,
-                                                   "match_steps": match_steps}})
+        path = store(gen, codebook_name(ipc), {"centres": torch.stack(centres)}, record, PURPOSE, section)
         reports.append(PrototypeReport(path, ipc, iterations, converged, time.perf_counter() - start))
     return reports

@@ -13,10 +13,18 @@ method: the method is asked for ceil(R x IPC) images per class and the
 runner keeps IPC of them. Distribution matching (`--match-steps N`,
 generators/matching.py) then refines the kept images toward a pool of the
 class that the method supplies (`register(..., pool=...)`). The whole run,
-pool and matching included, counts against the budget.
+pool, matching and writing included, counts against the budget, and a
+`BudgetClock` says where it went (loading, measuring, making, selecting,
+pool, matching, writing) in every budget message.
+
+Track 2's table rule (protocol.TABLE_RULE): every stored table a method
+reads goes through codebook.load_table, which notes its rows per class in
+the request's ledger; the runner refuses a run that read more rows per class
+than it made.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -29,9 +37,11 @@ from typing import Callable
 import numpy as np
 
 from ddchallenge.errors import DDChallengeError, OutputExistsError, UsageError
+from ddchallenge.fileio import atomic_path
 from ddchallenge.labelled import write_labelled_set
 from ddchallenge.protocol import (
-    TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, check_match_steps, check_seed, get_dataset,
+    TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, check_match_steps, check_seed,
+    check_tables_read, get_dataset,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,44 @@ log = logging.getLogger(__name__)
 
 class BudgetExceeded(DDChallengeError):
     """A Track 2 run that did not finish inside its time budget."""
+
+
+class BudgetClock:
+    """Where a run's time went, phase by phase. Phases nest: time spent in an
+    inner phase (`loading` inside the method's `making`) is charged to it
+    alone, so the parts add up to the whole."""
+
+    def __init__(self, budget: float | None):
+        self.budget = budget
+        self.start = self._mark = time.monotonic()
+        self.spent: dict[str, float] = {}
+        self._stack: list[str] = []
+
+    def _charge(self) -> None:
+        now = time.monotonic()
+        if self._stack:
+            self.spent[self._stack[-1]] = self.spent.get(self._stack[-1], 0.0) + now - self._mark
+        self._mark = now
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._charge()
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            self._charge()
+            self._stack.pop()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def account(self) -> str:
+        """One line: where the 60 s budget went: loading 2.0 s, measuring 1.1 s, ..."""
+        self._charge()
+        parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.spent.items() if seconds >= 0.05)
+        whole = f"the {self.budget:g} s budget" if self.budget is not None else "the run"
+        return f"where {whole} went: {parts or 'nothing measurable'} ({self.elapsed():.1f} s in all)"
 
 
 @dataclass(frozen=True)
@@ -54,6 +102,7 @@ class GenerateConfig:
     options: dict = field(default_factory=dict)  # method-specific settings, recorded with the set
     oversample: float = 1.0  # selection: make ceil(R x IPC) candidates per class, keep IPC by herding (1: none)
     match_steps: int = 0  # distribution matching steps on the kept images against the method's pool (0: none)
+    scoring_seed: int | None = None  # Track 2: the scoring seed that `seed` was derived from (protocol.generation_seed)
 
 
 @dataclass(frozen=True)
@@ -70,6 +119,8 @@ class GenerationRequest:
     # What the run has loaded (a model, the training images), shared by the method and its matching pool, so
     # that matching does not read and hash the same folder again inside the budget.
     loaded: dict = field(default_factory=dict, compare=False, repr=False)
+    tables: dict = field(default_factory=dict, compare=False)  # stored table name -> rows per class read
+    clock: BudgetClock = field(default_factory=lambda: BudgetClock(None), compare=False, repr=False)
 
     def once(self, key: tuple, load: Callable[[], object]):
         """`load()` the first time `key` is asked for in this run; afterwards the same object."""
@@ -81,7 +132,7 @@ class GenerationRequest:
         """Methods call this between units of work, so an over-budget run
         stops early instead of finishing uselessly."""
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise BudgetExceeded("the generation budget ran out before the method finished; nothing was written")
+            raise BudgetExceeded("the budget ran out before the method finished")
 
 
 @dataclass(frozen=True)
@@ -147,6 +198,7 @@ class GenerationReport:
     images: int
     seconds: float
     images_per_second: float
+    phases: dict  # phase -> seconds (BudgetClock)
 
 
 def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = False) -> GenerationReport:
@@ -161,9 +213,7 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     if config.ipc == "auto" and not method.auto_ipc:
         auto = ", ".join(sorted(n for n, m in GENERATORS.items() if m.auto_ipc))
         raise UsageError(f"--method {config.method} cannot pick its IPC; --ipc auto works with: {auto}")
-    from ddchallenge.evaluation.device import resolve_device
-    from ddchallenge.generators.matching import MATCHING_RESERVE, match
-    from ddchallenge.generators.selection import SELECTION_RESERVE, candidates, check_oversample, select
+    from ddchallenge.generators.selection import check_oversample
 
     check_oversample(config.oversample)
     check_match_steps(config.match_steps)
@@ -171,40 +221,74 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     output = Path(output)
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to overwrite it")
-    start = time.monotonic()
+    clock = BudgetClock(budget)
+    try:
+        return _run(config, method, spec, budget, clock, output, selecting, matching)
+    except BudgetExceeded as exc:
+        raise BudgetExceeded(f"{exc}; {clock.account()}; nothing was written") from None
+
+
+def _run(config: GenerateConfig, method: Method, spec: DatasetSpec, budget: float | None, clock: BudgetClock,
+         output: Path, selecting: bool, matching: bool) -> GenerationReport:
+    from ddchallenge.evaluation.device import resolve_device
+    from ddchallenge.generators.matching import MATCHING_RESERVE, POOL_SHARE, match
+    from ddchallenge.generators.selection import SELECTION_RESERVE, candidates, select
+
+    start = clock.start
+    end = None if budget is None else start + budget
     # With selection or matching, the method must stop early enough to leave time for them.
     reserve = SELECTION_RESERVE * selecting + MATCHING_RESERVE * matching
     method_deadline = None if budget is None else start + budget * (1 - reserve)
     made_ipc = None if config.ipc == "auto" else candidates(config.ipc, config.oversample)
     request = GenerationRequest(spec, made_ipc, config.seed, config.device, config.root, dict(config.options),
-                                method_deadline, config.oversample, None if config.ipc == "auto" else config.ipc)
-    images, labels, provenance = method.run(request)
+                                method_deadline, config.oversample, None if config.ipc == "auto" else config.ipc,
+                                clock=clock)
+    with clock.phase("making"):
+        images, labels, provenance = method.run(request)
     if selecting:
         made = len(labels) // spec.classes
         keep = config.ipc if config.ipc != "auto" else math.floor(made / config.oversample + 1e-9)
         if keep < 1:
             raise BudgetExceeded(f"the budget left {made} candidates per class, fewer than --oversample "
-                                 f"{config.oversample:g} needs for one kept image; nothing was written")
+                                 f"{config.oversample:g} needs for one kept image")
         _check_output(images, labels, spec, made, config.method)
-        images, labels, provenance["selection"] = select(images, labels, spec, keep, config.seed,
-                                                         resolve_device(config.device))
+        with clock.phase("selecting"):
+            images, labels, provenance["selection"] = select(images, labels, spec, keep, config.seed,
+                                                             resolve_device(config.device))
     if matching:
-        deadline = None if budget is None else start + budget
-        request = dataclasses.replace(request, deadline=deadline, keep=len(labels) // spec.classes)
-        pool, pool_labels, pool_record = method.pool(request)
-        images, provenance["matching"] = match(images, labels, pool, pool_labels, spec, config.match_steps,
-                                               config.seed, resolve_device(config.device), request.check_deadline)
-        provenance["matching"]["pool"] = pool_record
-    seconds = time.monotonic() - start
-    if budget is not None and seconds > budget:
-        raise BudgetExceeded(f"generation took {seconds:.1f} s, over the {budget:.0f} s budget; nothing was written")
+        keep = len(labels) // spec.classes
+        # The pool gets at most POOL_SHARE of the time left; matching the rest, up to WRITE_RESERVE before the end.
+        pool_deadline = None if end is None else time.monotonic() + POOL_SHARE * (end - time.monotonic())
+        request = dataclasses.replace(request, deadline=pool_deadline, keep=keep)
+        with clock.phase("pool"):
+            pool, pool_labels, pool_record = method.pool(request)
+        with clock.phase("matching"):
+            if len(pool_labels) == 0:
+                provenance["matching"] = {"steps": config.match_steps, "steps_done": 0, "stopped_by_deadline": True,
+                                          "pool": pool_record}
+                log.warning("no pool image fitted in the budget; the set is kept unmatched")
+            else:
+                deadline = None if end is None else end - WRITE_RESERVE * budget
+                images, provenance["matching"] = match(images, labels, pool, pool_labels, spec, config.match_steps,
+                                                       config.seed, resolve_device(config.device), deadline)
+                provenance["matching"]["pool"] = pool_record
     ipc = config.ipc if config.ipc != "auto" else len(labels) // spec.classes
     _check_output(images, labels, spec, ipc, config.method)
-    # The run time is reported, not recorded: same seed, same bytes.
-    write_labelled_set(output, images, labels, dataset=spec.name, ipc=ipc, method=config.method,
-                       seed=config.seed, config={**dataclasses.asdict(config), "provenance": provenance})
+    check_tables_read(request.tables, ipc, f"--method {config.method}")
+    provenance["tables_read"] = dict(sorted(request.tables.items()))
+    with clock.phase("writing"), atomic_path(output) as tmp:
+        # The run time is reported, not recorded: same seed, same bytes.
+        write_labelled_set(tmp, images, labels, dataset=spec.name, ipc=ipc, method=config.method, seed=config.seed,
+                           config={**dataclasses.asdict(config), "provenance": provenance})
+        if budget is not None and clock.elapsed() > budget:
+            raise BudgetExceeded(f"generation took {clock.elapsed():.1f} s, over the {budget:g} s budget")
+    seconds = clock.elapsed()
+    log.info("%s", clock.account())
     return GenerationReport(output, spec.name, config.method, ipc, len(labels), seconds,
-                            len(labels) / max(seconds, 1e-9))
+                            len(labels) / max(seconds, 1e-9), dict(clock.spent))
+
+
+WRITE_RESERVE = 0.02  # share of a budget matching leaves for writing the set
 
 
 def _check_output(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, ipc: int, method: str) -> None:

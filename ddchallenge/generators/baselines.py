@@ -17,6 +17,7 @@ from ddchallenge.errors import DatasetError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.generators import GenerationRequest, register
+from ddchallenge.progress import bar
 
 
 def _class_members(labels: np.ndarray, k: int, ipc: int) -> np.ndarray:
@@ -74,7 +75,7 @@ def herding(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
         net = reference_convnet(req.spec)
     embed = net.features.to(device).eval()
     picks = []
-    for k in range(req.spec.classes):
+    for k in bar(range(req.spec.classes), desc=f"herding {req.spec.name}", unit="class"):
         members = _class_members(labels, k, req.ipc)
         feats = []
         with torch.inference_mode():

@@ -1,15 +1,18 @@
-"""The `d4m` method: each image starts from a stored k-means prototype of its
-class (`ddchallenge prototypes`, diffusion/prototypes.py) noised to
-`strength`, and is denoised with the class label and guidance.
+"""The `d4m` method (Su et al., "D4M: Dataset Distillation via
+Disentangled Diffusion Model", CVPR 2024): each image starts from a stored
+k-means prototype of its class (`ddchallenge prototypes`,
+diffusion/prototypes.py) noised to `strength`, and is denoised with the
+class label and guidance.
 
 Options: model (required), strength (default prototypes.DEFAULT_STRENGTH),
-sampler, steps, guidance, batch_size. The folder's codebook for the IPC asked
-for is used (image i of class k from centre i, or i mod IPC when selection
-asks for more candidates); generation reads no training data. Matching
-(`--match-steps`) pulls the set toward a finer stored codebook redrawn
-(`codebook_pool`).
+sampler, steps, guidance, batch_size. The folder's codebook for the IPC
+made is read (image i of class k from centre i, or i mod IPC when selection
+asks for more candidates), and nothing else: a run that outputs IPC k reads
+exactly k centres per class (protocol.TABLE_RULE), and no training data.
+Matching (`--match-steps`) pulls the set toward the same k prototypes
+redrawn with fresh noise (`prototype_pool`).
 
-`--ipc auto`: a calibration batch measures images per second at this
+`--ipc auto`: one small batch measures this machine's pace at this
 strength, and the largest stored IPC whose candidates fit the time left
 (with the diffusion method's margin) is made.
 """
@@ -22,48 +25,36 @@ import time
 import numpy as np
 import torch
 
-from ddchallenge.diffusion.codebook import check_shape, load, stored
+from ddchallenge.diffusion.codebook import load_table, stored
 from ddchallenge.diffusion.model import Generator, ModelError
 from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH, check_strength, codebook_name, make_command
-from ddchallenge.diffusion.sample import images_per_second, sample
+from ddchallenge.diffusion.sample import images_per_second
 from ddchallenge.generators import BudgetExceeded, GenerationRequest, register
-from ddchallenge.generators.diffusion import (
-    MARGIN, SAMPLING, generated_pool, load_model, run_sampling, sampling_settings,
-)
+from ddchallenge.generators.diffusion import MARGIN, SAMPLING, load_model, run_sampling, sampled_pool, sampling_settings
 from ddchallenge.generators.selection import candidates
-from ddchallenge.protocol import MAX_IPC
+from ddchallenge.protocol import MAX_IPC, stream_seed
 
 log = logging.getLogger(__name__)
 
 
-def codebook_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
-    """What matching (`--match-steps`) pulls a d4m set toward: every centre
-    of a stored codebook finer than the set (IPC above the kept IPC: the
-    smallest with at least POOL_PER_CLASS centres, else the largest) redrawn
-    once, the way the method draws, from the pool's own seed stream. Those
-    redraws stay on the real class's modes, at a finer grain than the set;
-    the generator's unguided samples (the other methods' pool, and the
-    fallback when no finer codebook is stored) are narrower than the real
-    class, and matching toward them lowered d4m (docs/benchmarks.md)."""
-    from ddchallenge.generators.matching import POOL_PER_CLASS, pool_seed
-
+def prototype_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What matching (`--match-steps`) pulls a d4m set toward: the set's own
+    IPC prototypes redrawn with fresh noise from the pool's seed stream
+    (pool image j of class k from centre j mod IPC), as many as fit the
+    pool's share of the budget. The redraws stay on the class's modes that
+    the prototypes found, spread by the noise; they read no table beyond
+    the k centres the set itself was made from. (The generator's unguided
+    samples, the other methods' pool, are narrower than the real class:
+    matching toward them lowered d4m, docs/benchmarks.md.)"""
     gen, device = load_model(req, "d4m")
-    finer = [p for p in _stored_ipcs(gen) if p > req.keep]
-    if not finer:
-        log.info("no d4m codebook finer than IPC %d is stored; matching against the model's unguided samples "
-                 "(`%s` makes one)", req.keep, make_command(gen.provenance["folder"], POOL_PER_CLASS))
-        return generated_pool(req)
-    ipc = min((p for p in finer if p >= POOL_PER_CLASS), default=max(finer))  # bounded: the pool is redrawn in budget
-    centres, book = _centres(req, gen, ipc)
-    strength, settings = _strength(req), sampling_settings(req)
-    images, labels = sample(gen, list(range(req.spec.classes)), ipc, pool_seed(req.seed), device=device,
-                            between_batches=lambda done: req.check_deadline() or True, starts=centres,
-                            strength=strength, **settings)
-    return images, labels, {"source": "d4m codebook redrawn", "codebook": book,
-                            "strength": strength, "sampling": settings, "seed": pool_seed(req.seed)}
+    centres, book = _centres(req, gen, req.keep)
+    strength = _strength(req)
+    return sampled_pool(req, gen, device, sampling_settings(req),
+                        {"source": "d4m prototypes redrawn", "codebook": book, "strength": strength},
+                        starts=centres, strength=strength)
 
 
-@register("d4m", pool=codebook_pool, options=("model", "strength") + SAMPLING, auto_ipc=True)
+@register("d4m", pool=prototype_pool, options=("model", "strength") + SAMPLING, auto_ipc=True)
 def d4m(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     strength = _strength(req)
     settings = sampling_settings(req)
@@ -96,12 +87,8 @@ def _stored_ipcs(gen: Generator) -> list[int]:
 def _centres(req: GenerationRequest, gen: Generator, ipc: int) -> tuple[torch.Tensor, dict]:
     """The checked centres of the folder's IPC codebook and the record naming it."""
     folder, name = gen.provenance["folder"], codebook_name(ipc)
-    tensors, record = load(gen, name, make_command(folder, ipc))
-    centres = tensors.get("centres")
-    if centres is None:
-        raise ModelError(f"{folder}: codebook {name} holds no 'centres' tensor; remake it with "
-                         f"`{make_command(folder, ipc)}`")
-    check_shape(gen, name, centres, (req.spec.classes, ipc, *gen.sample_shape), make_command(folder, ipc))
+    centres, record = load_table(gen, name, "centres", (req.spec.classes, ipc, *gen.sample_shape),
+                                 make_command(folder, ipc), req.tables)
     return centres, {"name": name, "file": record["file"], "sha256": record["sha256"], "seed": record.get("seed")}
 
 
@@ -111,12 +98,17 @@ def _auto_ipc(req: GenerationRequest, gen: Generator, settings: dict, device: to
     folder = gen.provenance["folder"]
     if not have:
         raise ModelError(f"{folder} has no d4m codebook; make one with `{make_command(folder, 10)}`")
-    rate = images_per_second(gen, req.spec.classes, req.seed, device=device, strength=strength, **settings)
+    with req.clock.phase("measuring"):  # one slot's worth of throw-away images, not a whole batch
+        rate = images_per_second(gen, req.spec.classes, stream_seed(req.seed, "calibration"), device=device,
+                                 strength=strength, **{**settings, "batch_size": min(settings["batch_size"],
+                                                                                     req.spec.classes)})
     left = req.deadline - time.monotonic()
     fits = [p for p in have if p <= MAX_IPC and MARGIN * req.spec.classes * candidates(p, req.oversample) / rate <= left]
     if not fits:
-        raise BudgetExceeded(f"at the measured {rate:.1f} images/s, the smallest stored d4m codebook (IPC {have[0]}) "
-                             f"does not fit in the {max(left, 0):.0f} s left of the budget; nothing was written")
+        raise BudgetExceeded(f"at the measured {rate:.2f} images/s, the smallest stored d4m codebook (IPC {have[0]}, "
+                             f"{req.spec.classes * candidates(have[0], req.oversample)} images) does not fit in the "
+                             f"{max(left, 0):.0f} s left of the method's share of the budget; store a smaller one "
+                             f"(`{make_command(folder, 1)}`) or raise the budget")
     log.info("calibration: %.1f images/s on %s; d4m codebooks %s stored, IPC %d fits the %.0f s left",
              rate, device, have, max(fits), left)
     return max(fits)

@@ -26,7 +26,7 @@ import torch
 
 from ddchallenge.data import normalise
 from ddchallenge.errors import UsageError
-from ddchallenge.protocol import MAX_OVERSAMPLE, OFFICIAL, DatasetSpec
+from ddchallenge.protocol import MAX_OVERSAMPLE, OFFICIAL, DatasetSpec, stream_seed
 
 SELECTION_EPOCHS = 30  # enough for class-separating features on a few hundred images; a tenth of a scoring pass
 SELECTION_RESERVE = 0.15  # share of a Track 2 budget kept back from the method for selection (--ipc auto)
@@ -49,12 +49,16 @@ def select(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, keep: int,
     the kept (images, labels) class-major and a provenance record."""
     from ddchallenge.evaluation.train import train_round
     from ddchallenge.generators.baselines import herding_order
+    from ddchallenge.progress import is_shown
 
     per_class = len(labels) // spec.classes
     recipe = OFFICIAL.with_overrides(epochs=SELECTION_EPOCHS, rounds=1)
     x = normalise(images, spec)
     y = torch.from_numpy(labels)
-    net = train_round(spec, x, y, recipe, seed, device, progress=False, desc="selection")
+    # Its own stream: never the seeds of an evaluation round (`seed` of a Track 2 run is derived from the
+    # scoring seed, and round r would train from scoring seed + r).
+    net_seed = stream_seed(seed, "selection")
+    net = train_round(spec, x, y, recipe, net_seed, device, progress=is_shown(), desc="selection (feature net)")
     picks = []
     with torch.inference_mode():
         for k in range(spec.classes):
@@ -64,6 +68,6 @@ def select(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, keep: int,
             picks.append(np.sort(members[herding_order(feats, keep)]))
     idx = np.concatenate(picks)
     provenance = {"candidates_per_class": per_class, "kept_per_class": keep, "features": "reference ConvNet trained "
-                  f"on the candidates for {SELECTION_EPOCHS} epochs (evaluation recipe), seed {seed}",
+                  f"on the candidates for {SELECTION_EPOCHS} epochs (evaluation recipe), seed {net_seed}",
                   "rule": "herding"}
     return images[idx], labels[idx], provenance

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ddchallenge.diffusion.model import META_FILE, ModelError, checkpoints
+from ddchallenge.protocol import UploadRules, generation_seed
 from ddchallenge.submission import DatasetEntry
 
 # method -> settings a folder may give it (anything else in the section is refused)
@@ -78,19 +79,54 @@ def folder_method(model: str | Path) -> tuple[str, dict]:
     return method, dict(settings)
 
 
-def run_track2(model: str, dataset: str, ipc: int | str, seed: int, budget: float, device: str,
-               folder: Path) -> list[DatasetEntry]:
-    """The images a generator folder makes within `budget` seconds, written
-    to `folder` and read back as submission entries."""
+def check_folder_tables(model: str | Path, ipc: int | str) -> None:
+    """Track 2's table rule, before the folder runs: every table it declares
+    is read from ddchallenge.json and its file's header (no tensor data),
+    and one with more rows per class than this run may output is refused."""
+    from ddchallenge.diffusion.codebook import declared_tables
+
+    path = Path(model)
+    folder = path if (path / META_FILE).is_file() or not checkpoints(path) else checkpoints(path)[-1]
+    meta_path = folder / META_FILE
+    if not meta_path.is_file() or meta_path.is_symlink() or meta_path.stat().st_size > MAX_META_BYTES:
+        raise ModelError(f"{meta_path} is missing, a symbolic link or larger than 1 MiB; refused")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{meta_path} is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{meta_path} must hold a JSON object")
+    rules = UploadRules(ipc=ipc if isinstance(ipc, int) else None)
+    for table in declared_tables(folder, meta):
+        rules.check_table(table.name, table.rows_per_class, f"{folder.name}/{table.file}")
+
+
+def run_folder(model: str | Path, dataset: str, ipc: int | str, scoring_seed: int, budget: float, device: str,
+               output: Path, force: bool = False) -> GenerationReport:
+    """Track 2's one path, the same for `score FOLDER --budget` (in its
+    sandboxed child) and `generate --track 2 --model FOLDER`: the folder's
+    own method and settings, its tables checked against the rule first,
+    generation seeded from the scoring seed under its own tag (never an
+    evaluation round's draw), the whole run timed against `budget`."""
     from ddchallenge.generators import GenerateConfig, generate
-    from ddchallenge.submission import load_submission
 
     method, settings = folder_method(model)
+    check_folder_tables(model, ipc)
     oversample = float(settings.pop("oversample", 1.0))
     match_steps = settings.pop("match_steps", 0)
-    config = GenerateConfig(dataset, method, ipc, seed, budget=budget, device=device,
-                            options={"model": str(model), **settings}, oversample=oversample, match_steps=match_steps)
-    report = generate(config, folder / "generated.h5")
+    config = GenerateConfig(dataset, method, ipc, generation_seed(scoring_seed), track=2, budget=budget,
+                            device=device, options={"model": str(model), **settings}, oversample=oversample,
+                            match_steps=match_steps, scoring_seed=scoring_seed)
+    return generate(config, output, force=force)
+
+
+def run_track2(model: str, dataset: str, ipc: int | str, seed: int, budget: float, device: str,
+               folder: Path) -> list[DatasetEntry]:
+    """The images a generator folder makes within `budget` seconds (scoring
+    seed `seed`), written to `folder` and read back as submission entries."""
+    from ddchallenge.submission import load_submission
+
+    report = run_folder(model, dataset, ipc, seed, budget, device, folder / "generated.h5")
     # The file records where the folder was staged, a fresh path each run: the set is named by its
     # images and labels instead, so that the same generator and seed give the same record.
     return [dataclasses.replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)",

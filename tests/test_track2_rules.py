@@ -1,0 +1,239 @@
+"""Track 2's rules, enforced: a generator may not carry a dataset (the table
+rule), generation reads no training data, its random streams never equal an
+evaluation round's, and prototypes/invert add tables without rewriting what
+the folder runs. Through the CLI on copies of the tiny model."""
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ddchallenge.fileio import sha256_file
+from ddchallenge.protocol import STREAMS, generation_seed, stream_seed
+
+GEN = ["generate", "--dataset", "mnist5k", "--steps", 2, "--batch-size", 16, "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def d4m_folder(tiny_model, tmp_path_factory):
+    """The tiny model's last checkpoint with a d4m IPC-2 codebook, d4m made its Track 2 method."""
+    from click.testing import CliRunner
+
+    from ddchallenge.cli import cli
+
+    folder = tmp_path_factory.mktemp("rules") / "m"
+    shutil.copytree(tiny_model / "step-0000004", folder, ignore=shutil.ignore_patterns("training_state"))
+    r = CliRunner().invoke(cli, ["prototypes", str(folder), "--ipc", "2", "--device", "cpu", "--make-default",
+                                 "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    return folder
+
+
+def _meta(folder):
+    return json.loads((folder / "ddchallenge.json").read_text())
+
+
+def _copy(folder, tmp_path, name="c"):
+    out = tmp_path / name
+    shutil.copytree(folder, out)
+    return out
+
+
+def _errors(r):
+    return [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+
+
+def _replace_table(folder, name, tensor, **record):
+    """Write a table file and record its true hash (and any `record` fields): only the rule's checks can catch it."""
+    path = folder / "codebooks" / f"{name}.safetensors"
+    save_file({"centres": tensor}, path)
+    meta = _meta(folder)
+    meta["codebooks"][name].update({"sha256": sha256_file(path), "bytes": path.stat().st_size, **record})
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+
+
+def test_a_folder_with_more_rows_per_class_than_the_run_outputs_is_refused(d4m_folder, tmp_path, run_cli):
+    """IPC + 1 centres per class: refused by `score --budget` (before the folder runs, nothing generated) and
+    by `generate --track 2`, in one line naming the table and the rule; `prototypes --ipc 101` cannot make one."""
+    folder = _copy(d4m_folder, tmp_path)
+    r = run_cli("prototypes", folder, "--ipc", 3, "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("score", folder, "--dataset", "mnist5k", "--ipc", 2, "--budget", 600, "--epochs", 1, "--rounds", 1,
+                "--quiet", "--no-sandbox")
+    (error,) = _errors(r)
+    assert r.exit_code == 1 and "table d4m-ipc3 stores 3 rows per class, but this run outputs IPC 2" in error, r.stderr
+    assert "may read at most 2 stored rows per class (a generator may not carry a dataset)" in error
+    out = tmp_path / "x.h5"
+    r = run_cli("generate", "--dataset", "mnist5k", "--model", folder, "--ipc", 2, "--track", 2, "--quiet", "-o", out)
+    (error,) = _errors(r)
+    assert r.exit_code == 1 and "table d4m-ipc3 stores 3 rows per class" in error and not out.exists()
+    # Without a fixed IPC a run may output up to protocol.MAX_IPC (100): a table of 3 rows passes the check.
+    from ddchallenge.generators.track2 import check_folder_tables
+    check_folder_tables(folder, "auto")
+    r = run_cli("prototypes", folder, "--ipc", 101, "--device", "cpu")
+    assert r.exit_code == 2 and "--ipc must be between 1 and 100" in _errors(r)[0]
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda f: _replace_table(f, "d4m-ipc2", torch.zeros(10, 2, 1, 28, 28, dtype=torch.float64)),
+     "tables are float32, this one is 'F64'"),
+    (lambda f: _replace_table(f, "d4m-ipc2", torch.zeros(10, 3, 1, 28, 28)),
+     "table d4m-ipc2 declares 2 rows per class but its file holds 3"),
+    (lambda f: _replace_table(f, "d4m-ipc2", torch.zeros(10, 2, 1, 28, 28), bytes=12),
+     "table d4m-ipc2 declares 12 bytes but its file has"),
+    (lambda f: (f / "codebooks" / "spare.safetensors").write_bytes(b"data"),
+     "codebooks/spare.safetensors is not declared in ddchallenge.json"),
+    (lambda f: _record(f, file="unet/diffusion_pytorch_model.safetensors"), "points outside codebooks/"),
+    (lambda f: _record(f, rows_per_class="2"), "declares '2' rows per class"),
+    (lambda f: (f / "codebooks" / "d4m-ipc2.safetensors").write_bytes(b"\xff" * 64), "bad header length"),
+])
+def test_declared_tables_are_checked_before_the_run(d4m_folder, tmp_path, run_cli, break_it, message):
+    folder = _copy(d4m_folder, tmp_path)
+    break_it(folder)
+    out = tmp_path / "x.h5"
+    r = run_cli("generate", "--dataset", "mnist5k", "--model", folder, "--ipc", 2, "--track", 2, "--quiet", "-o", out)
+    errors = _errors(r)
+    assert r.exit_code == 1 and len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def _record(folder, **fields):
+    meta = _meta(folder)
+    meta["codebooks"]["d4m-ipc2"].update(fields)
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (torch.zeros(10, 2, 1, 28, 28, dtype=torch.float64), "codebook d4m-ipc2 is float64; tables are float32"),
+    (torch.full((10, 2, 1, 28, 28), float("nan")), "codebook d4m-ipc2 holds non-finite values"),
+    (torch.full((10, 2, 1, 28, 28), float("inf")), "codebook d4m-ipc2 holds non-finite values"),
+])
+def test_the_one_table_loader_refuses_other_dtypes_and_non_finite_values(d4m_folder, tmp_path, run_cli, tensor,
+                                                                         message):
+    """Outside Track 2 too (`generate --method d4m`): the loader every method uses checks what it reads."""
+    folder = _copy(d4m_folder, tmp_path)
+    _replace_table(folder, "d4m-ipc2", tensor)
+    out = tmp_path / "x.h5"
+    r = run_cli(*GEN, "--method", "d4m", "--model", folder, "--ipc", 2, "-o", out)
+    errors = _errors(r)
+    assert r.exit_code == 1 and len(errors) == 1 and message in errors[0], r.stderr
+    assert not out.exists()
+
+
+def test_prototypes_and_invert_add_tables_without_rewriting_the_generate_settings(d4m_folder, tmp_path, run_cli):
+    folder = _copy(d4m_folder, tmp_path)
+    section = _meta(folder)["generate"]
+    assert section == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0, "match_steps": 0}}
+    for args in (["prototypes", folder, "--ipc", 1], ["invert", folder, "--per-class", 1, "--steps", 1,
+                                                      "--batch-size", 4]):
+        r = run_cli(*args, "--device", "cpu", "--quiet")
+        assert r.exit_code == 0, r.stderr
+        assert _meta(folder)["generate"] == section
+    books = _meta(folder)["codebooks"]
+    assert {n: (b["rows_per_class"], b["classes"], b["dtype"]) for n, b in books.items()} == {
+        "d4m-ipc1": (1, 10, "float32"), "d4m-ipc2": (2, 10, "float32"), "d3m-k1": (1, 10, "float32")}
+    assert books["d3m-k1"]["purpose"].startswith("d3m class vectors") and books["d4m-ipc1"]["purpose"].startswith("d4m")
+    r = run_cli("prototypes", folder, "--ipc", 1, "--match-steps", 4, "--make-default", "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0,
+                                                                       "match_steps": 4}}
+
+
+@pytest.mark.parametrize("method", ["diffusion", "d4m", "d3m"])
+def test_every_generator_method_runs_the_track2_path_without_training_data(d4m_folder, tmp_path, monkeypatch,
+                                                                          method):
+    """Every reader of training images raises; each method (with selection and matching, whose pools the
+    model makes) still makes its set through the one Track 2 path."""
+    import ddchallenge.data
+    import ddchallenge.data.mnist5k
+    import ddchallenge.data.reference
+    import ddchallenge.diffusion.encode
+    from ddchallenge.generators import baselines, selection
+    from ddchallenge.generators.track2 import run_folder
+
+    folder = _copy(d4m_folder, tmp_path)
+    if method == "d3m":
+        from ddchallenge.diffusion.invert import invert
+        invert(str(folder), 2, steps=1, batch_size=4, device="cpu")
+    meta = _meta(folder)
+    meta["generate"] = {"method": method, "settings": {"steps": 2, "batch_size": 16, "oversample": 1.5,
+                                                       "match_steps": 2}}
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Track 2 generation read training data")
+
+    for module, name in ((ddchallenge.data, "load_train"), (ddchallenge.data.reference, "load_train"),
+                         (ddchallenge.data.mnist5k, "load"), (baselines, "load_train"),
+                         (ddchallenge.diffusion.encode, "encode_training")):
+        monkeypatch.setattr(module, name, forbidden)
+    monkeypatch.setattr(selection, "SELECTION_EPOCHS", 1)
+    monkeypatch.setattr("ddchallenge.generators.matching.POOL_PER_CLASS", 3)
+    report = run_folder(folder, "mnist5k", 2, 0, 600.0, "cpu", tmp_path / "set.h5")
+    assert (report.method, report.ipc, report.images) == (method, 2, 20)
+    with h5py.File(tmp_path / "set.h5") as f:
+        config = json.loads(f.attrs["config"])
+    assert config["provenance"]["matching"]["steps_done"] == 2
+    assert set(config["provenance"]["tables_read"].values()) <= {2}
+
+
+def test_no_generation_stream_equals_an_evaluation_round(d4m_folder, tmp_path, monkeypatch):
+    """Every seed a Track 2 run draws from (sampling, pool, selection's network, matching) is tagged and
+    derived from the scoring seed; none equals the seeds of evaluation rounds 0-2 of that scoring seed."""
+    from ddchallenge import protocol
+    from ddchallenge.diffusion import sample
+    from ddchallenge.evaluation import train
+    from ddchallenge.evaluation.train import RoundSeeds
+    from ddchallenge.generators import matching, selection
+    from ddchallenge.generators.track2 import run_folder
+
+    drawn, trained = [], []
+
+    def recording(*args):
+        drawn.append(protocol.stream_seed(*args))
+        return drawn[-1]
+
+    for module in (sample, matching, selection):
+        monkeypatch.setattr(module, "stream_seed", recording)
+    real_round = train.train_round
+    monkeypatch.setattr(train, "train_round", lambda spec, x, y, recipe, seed, *a, **k: trained.append(seed)
+                        or real_round(spec, x, y, recipe, seed, *a, **k))
+    monkeypatch.setattr(selection, "SELECTION_EPOCHS", 1)
+    monkeypatch.setattr(matching, "POOL_PER_CLASS", 3)
+    folder = _copy(d4m_folder, tmp_path)
+    meta = _meta(folder)
+    meta["generate"]["settings"].update(steps=2, batch_size=16, oversample=1.5, match_steps=2)
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    run_folder(folder, "mnist5k", 2, 0, 600.0, "cpu", tmp_path / "set.h5")
+    assert len(drawn) > 60 and len(trained) == 1  # 30 candidates, 30 pool images, 2 x 3 matching draws; selection
+    rounds = {0, 1, 2} | {s for r in range(3) for s in vars(RoundSeeds.from_seed(r)).values()}
+    selection_streams = set(trained) | set(vars(RoundSeeds.from_seed(trained[0])).values())
+    assert not rounds & set(drawn) and not rounds & selection_streams
+
+
+def test_streams_are_tagged_and_distinct():
+    seeds = [stream_seed(seed, stream, a, b) for seed in range(3) for stream in STREAMS for a in range(10)
+             for b in range(20)]
+    seeds += [stream_seed(seed, stream, a) for seed in range(3) for stream in STREAMS for a in range(20)]
+    assert len(set(seeds)) == len(seeds)  # (seed, k, i) of one stream never equals another's
+    assert stream_seed(0, "pool", 3) != stream_seed(0, "pool", 3, 0)  # SeedSequence pads short entropy with zeros
+    assert generation_seed(0) != 0 and generation_seed(0) == generation_seed(0) != generation_seed(1)
+    with pytest.raises(ValueError, match="unknown random stream"):
+        stream_seed(0, "noise")
+
+
+def test_matching_cut_by_the_deadline_keeps_a_valid_set_and_records_the_steps_done(tmp_path):
+    from ddchallenge.generators import GenerateConfig, generate
+    from ddchallenge.labelled import read_labelled_set
+
+    out = tmp_path / "m.h5"
+    report = generate(GenerateConfig("mnist5k", "random", 1, track=2, budget=20.0, match_steps=100_000), out)
+    assert report.seconds <= 20.0 and report.images == 10
+    with h5py.File(out) as f:
+        record = json.loads(f.attrs["config"])["provenance"]["matching"]
+    assert record["steps"] == 100_000 and 0 < record["steps_done"] < 100_000 and record["stopped_by_deadline"]
+    assert read_labelled_set(out).images.shape == (10, 1, 28, 28)
+    assert set(report.phases) >= {"making", "pool", "matching", "writing"}

@@ -100,7 +100,9 @@ class BatchSummary:
         return sum(o.status == status for o in self.outcomes)
 
     def line(self) -> str:
-        parts = [f"{self.count(s)} {s}" for s in ("scored", "done before", "failed", "environment error")]
+        env_errors = self.count("environment error")
+        parts = [f"{self.count(s)} {s}" for s in ("scored", "done before", "failed")]
+        parts.append(f"{env_errors} environment error{'' if env_errors == 1 else 's'}")
         retry = "; environment errors are not recorded: run again to retry" if self.count("environment error") else ""
         busy = f"{self.busy_seconds:.0f} {'GPU' if self.on_gpu else 'CPU-task'}-seconds"
         return (f"{len(self.outcomes)} upload(s): {', '.join(parts)}; {self.retried} retried; "
@@ -127,12 +129,48 @@ class Attempt:
     seconds: float = 0.0
 
 
-def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, device: str) -> tuple[list[Path], list[str]]:
+def not_an_upload(path: Path, rules: UploadRules) -> str | None:
+    """Why `path` is no upload at all, from names and types alone (None: it
+    may be one). Passing it is the user's mistake, like a typo: refused with
+    nothing recorded, where an upload that is broken inside is recorded as
+    failed."""
+    from ddchallenge.protocol import DATASETS
+    from ddchallenge.submission import FORMS
+    from ddchallenge.upload import is_generator
+
+    if path.is_symlink():
+        return None  # links are never followed: refused as the upload's own failure
+    if path.is_dir():
+        try:
+            if is_generator(path) or (path / "res").is_dir() or any(
+                    p.name.rpartition(".")[0].lower() in DATASETS and p.suffix.lower() in (".pt", ".h5")
+                    for p in path.iterdir()):
+                return None
+        except OSError:
+            return None  # unreadable: the upload's failure, with the reason, when it is read
+        return (f"{clean(str(path))} is a folder but not an upload: it holds no res/ folder, no <dataset>.pt or .h5 "
+                f"file and no generator (ddchallenge.json); pass {FORMS}")
+    if path.suffix.lower() not in (".pt", ".h5", ".hdf5", ".zip"):
+        return f"{clean(str(path))} is not an upload (a {path.suffix or 'suffix-less'} file); pass {FORMS}"
+    named = DATASETS.get(path.stem.lower())
+    if path.suffix.lower() != ".zip" and named is not None and not rules.allows(named):
+        return (f"{clean(str(path))} is named for {named.name} but --dataset says {', '.join(rules.required())}; "
+                "fix one")
+    return None
+
+
+def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, device: str,
+                rules: UploadRules | None = None) -> tuple[list[Path], list[str]]:
     """The organiser's mistakes, refused before anything is scored; the
-    uploads' paths and names."""
+    uploads' paths and names. With `rules`, a path that is no upload at all
+    (`not_an_upload`) is one of them."""
     missing = [clean(str(u)) for u in uploads if not os.path.lexists(u)]
     if missing:  # a mistyped path is the organiser's mistake, not an upload's failure
         raise UsageError(f"upload not found: {', '.join(missing)}")
+    if rules is not None:
+        wrong = list(filter(None, (not_an_upload(Path(u), rules) for u in uploads)))
+        if wrong:
+            raise UsageError("; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     names = [upload_name(Path(u)) for u in uploads]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -148,7 +186,7 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
                 ref_dir: str | os.PathLike | None = None, device: str = "auto", progress: bool = True) -> BatchSummary:
     """Score `uploads` one after another, recording each in `output_dir`."""
     start = time.monotonic()
-    paths, names = check_batch(uploads, output_dir, device)
+    paths, names = check_batch(uploads, output_dir, device, settings.rules)
     out = Path(output_dir)
     outcomes, busy = [], 0.0
     with ResultsLock(out):

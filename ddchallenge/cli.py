@@ -12,7 +12,8 @@ import click
 
 from ddchallenge import __version__, errors
 from ddchallenge.isolation import clean
-from ddchallenge.protocol import MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED
+from ddchallenge.progress import shown
+from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED
 
 
 class _OneLineError(click.ClickException):
@@ -64,6 +65,18 @@ def cli() -> None:
     logger.propagate = False
 
 
+def _records(folder: Path) -> dict[str, int]:
+    """The records in a results folder and when each was last written."""
+    try:
+        return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+    except OSError:
+        return {}
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _check_device(ctx, param, value: str) -> str:
     """Every command refuses a device it could not use, whether or not this run needs one."""
     from ddchallenge.evaluation.device import resolve_device
@@ -86,13 +99,15 @@ record_key_option = click.option(
 
 seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                            help="Seed; scoring round r uses seed + r.")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on stderr.")
+DATASET_NAMES = ", ".join(DATASETS)
 
 
 @cli.command()
 @click.argument("uploads", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--dataset", "datasets", multiple=True,
-              help="A dataset scored; repeat for several. What a res/ folder or zip must hold exactly (default: "
-                   "cifar100 and tinyimagenet), what a generator folder is run for (same default), or the dataset "
+              help=f"A dataset scored ({DATASET_NAMES}); repeat for several. What a res/ folder or zip must hold "
+                   "exactly (default: cifar100 and tinyimagenet), what a generator folder is run for (same default), or the dataset "
                    "of a single file whose name and shape do not tell it.")
 @click.option("--ipc", type=click.IntRange(1, MAX_RULE_IPC),
               help="Images per class every dataset must have (default: 10 for a res/ folder or zip, at most 100 for "
@@ -135,22 +150,38 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
     from ddchallenge.batch import BatchSettings, score_batch
     from ddchallenge.records import load_key
     from ddchallenge.protocol import OFFICIAL, UploadRules
-    from ddchallenge.report import batch_table, score_table
+    from ddchallenge.report import NOT_OFFICIAL, batch_table, score_table
 
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
                              seed, budget, sandbox=not no_sandbox,
                              mac_key=None if record_key is None else load_key(record_key, [output]))
-    if cluster is not None:
-        from ddchallenge.cluster import score_batch_on_cluster
+    before = _records(output)
+    try:
+        with shown(not quiet):  # a generator run in this process (--no-sandbox) shows its bars too
+            if cluster is not None:
+                from ddchallenge.cluster import score_batch_on_cluster
 
-        summary = score_batch_on_cluster(list(uploads), output, cluster, settings, ref_dir=ref_dir, device=device,
-                                         progress=not quiet)
-    else:
-        summary = score_batch(list(uploads), output, settings, ref_dir=ref_dir, device=device, progress=not quiet)
+                summary = score_batch_on_cluster(list(uploads), output, cluster, settings, ref_dir=ref_dir,
+                                                 device=device, progress=not quiet)
+            else:
+                summary = score_batch(list(uploads), output, settings, ref_dir=ref_dir, device=device,
+                                      progress=not quiet)
+    except KeyboardInterrupt:
+        # Ctrl-C: say what is kept and how to go on, instead of click's bare "Aborted!".
+        made = [n for n, t in _records(output).items() if before.get(n) != t]
+        failed = sum(n.endswith(".failed.json") for n in made)
+        click.echo(f"\ninterrupted: this run recorded {len(made) - failed} scored and {failed} failed of "
+                   f"{plural(len(uploads), 'upload')} in {output} (the one being scored when interrupted is not "
+                   "recorded); run the same command again to resume: recorded uploads are skipped", err=True)
+        raise click.exceptions.Exit(130) from None
     if len(uploads) > 1:
         click.echo(batch_table(summary.outcomes))
+        if not settings.recipe.is_official:  # as loud as a single upload's table says it
+            r = settings.recipe
+            click.echo(f"*** {NOT_OFFICIAL}: {r.epochs} epochs, {plural(r.rounds, 'round')} (recipe {r.hash()}); "
+                       "these numbers are not leaderboard numbers ***")
         click.echo(summary.line())
         if summary.count("failed") or summary.count("environment error"):
             raise click.exceptions.Exit(1)
@@ -180,10 +211,11 @@ def _ipc(value: str) -> int | str:
 
 
 @cli.command()
-@click.option("--dataset", required=True, help="Dataset to distil (see protocol.DATASETS).")
+@click.option("--dataset", required=True, help=f"Dataset to distil: {DATASET_NAMES}.")
 @click.option("--method", required=True, help="Generation method: random, herding, diffusion, d4m, d3m.")
 @click.option("--ipc", required=True, help="Images per class, or 'auto': the most that fit --budget.")
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="The run's only source of randomness: the same seed gives the same bytes.")
 @click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 on a Track 1 dataset; 2: enforce the budget.")
 @click.option("--budget", type=BUDGET, help="Seconds allowed (Track 2 default: 600).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
@@ -204,9 +236,13 @@ def _ipc(value: str) -> int | str:
               "the training images); 0: none.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@quiet_option
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
-             strength, per_class, oversample, match_steps, output, force):
+             strength, per_class, oversample, match_steps, output, force, quiet):
     """Synthesise IPC labelled images per class into a labelled set."""
+    if output.suffix.lower() != ".h5":  # the set is HDF5 whatever its name says
+        raise errors.UsageError(f"-o {output}: a labelled set is an HDF5 file; name it with .h5 (e.g. "
+                                f"{output.with_suffix('.h5').name})")
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
     given = dict(model=model, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size,
@@ -214,12 +250,14 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
     config = GenerateConfig(dataset, method, _ipc(ipc), seed, track=int(track) if track else None, budget=budget,
                             device=device, root=root, options={k: v for k, v in given.items() if v is not None},
                             oversample=oversample, match_steps=match_steps)
-    r = run_generate(config, output, force=force)
+    with shown(not quiet):
+        r = run_generate(config, output, force=force)
     click.echo(f"wrote {r.path}: {r.dataset}, {r.method}, IPC {r.ipc}, {r.images} images in {r.seconds:.1f} s "
                f"({r.images_per_second:.1f} images/s), seed {seed}")
 
 
-preset_option = click.option("--preset", help="tiny, mnist5k, cifar10, cifar100, tinyimagenet (default: the dataset's).")
+preset_option = click.option("--preset", help="tiny (a smoke test: its samples are noise), mnist5k, cifar10, cifar100, "
+                             "tinyimagenet (default: the dataset's).")
 training_steps_option = click.option("--steps", type=click.IntRange(1, 100_000_000), help="Training steps (overrides the preset's).")
 
 
@@ -262,7 +300,7 @@ def train_command(dataset, output, preset, steps, batch_size, space, vae, checkp
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="VAE folder.")
 @preset_option
 @training_steps_option
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed (default 0).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed of the weights and data order (default 0).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is not empty.")
@@ -291,13 +329,15 @@ match_steps_record = click.option("--match-steps", type=int, default=0, show_def
 @match_steps_record
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
-def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, root, device):
+@quiet_option
+def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, root, device, quiet):
     """D4M: store k-means prototypes of every class in MODEL (a `train` folder) for `generate --method d4m`."""
     from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH, make_prototypes
 
-    reports = make_prototypes(str(model), list(ipcs), seed=seed, device=device, root=root,
-                              strength=DEFAULT_STRENGTH if strength is None else strength, oversample=oversample,
-                              match_steps=match_steps)
+    with shown(not quiet):
+        reports = make_prototypes(str(model), list(ipcs), seed=seed, device=device, root=root,
+                                  strength=DEFAULT_STRENGTH if strength is None else strength, oversample=oversample,
+                                  match_steps=match_steps)
     for r in reports:
         click.echo(f"wrote {r.path}: IPC {r.ipc} prototypes, k-means {'converged' if r.converged else 'stopped'} "
                    f"in at most {r.iterations} iterations per class, {r.seconds:.1f} s")
@@ -315,12 +355,14 @@ def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, roo
 @match_steps_record
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
-def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, match_steps, root, device):
+@quiet_option
+def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, match_steps, root, device, quiet):
     """D3M: learn K class vectors per class with MODEL's denoiser frozen, for `generate --method d3m`."""
     from ddchallenge.diffusion.invert import invert
 
-    r = invert(str(model), per_class, steps=steps, seed=seed, device=device, root=root, batch_size=batch_size,
-               lr=lr, oversample=oversample, match_steps=match_steps)
+    with shown(not quiet):
+        r = invert(str(model), per_class, steps=steps, seed=seed, device=device, root=root, batch_size=batch_size,
+                   lr=lr, oversample=oversample, match_steps=match_steps)
     click.echo(f"wrote {r.path}: {r.per_class} vectors per class, {r.steps} steps, diffusion loss "
                f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s")
 

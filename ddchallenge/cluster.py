@@ -77,7 +77,8 @@ def connected(cluster: str):
                              f"not {clean(cluster)!r}")
         yield ray  # the caller's session: used as it is and left running
         return
-    options = {"log_to_driver": False, "logging_level": logging.WARNING}
+    # Ray's own warnings (token authentication, resources) are not this batch's output: errors only.
+    options = {"log_to_driver": False, "logging_level": logging.ERROR}
     try:
         if cluster == "local":
             ray.init(include_dashboard=False, **options)
@@ -161,7 +162,7 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
     check_cluster(cluster)
     if device.startswith("cuda:"):
         task_resources(0, device)
-    paths, names = check_batch(uploads, output_dir, device)
+    paths, names = check_batch(uploads, output_dir, device, settings.rules)
     out = Path(output_dir)
     lock = ResultsLock(out)  # one batch at a time writes `out`; released below, or when this frame goes on error
     # Workers may start in another folder: they get absolute paths (links are not followed here either).

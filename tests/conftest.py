@@ -43,12 +43,30 @@ def run_cli(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def tiny_training(tmp_path_factory):
     """A tiny pixel-space diffusion model trained on mnist5k for 4 steps,
-    checkpoints at steps 2 and 4."""
+    checkpoints at steps 2 and 4, with its progress bars on: (the folder,
+    what the training wrote to stderr, its warnings included). One training
+    serves every test."""
+    import contextlib
+    import io
+    import logging
+
     from ddchallenge.diffusion.config import train_config
     from ddchallenge.diffusion.train import train
 
     out = tmp_path_factory.mktemp("model") / "m"
-    train(train_config("mnist5k", "tiny", steps=4, checkpoint_every=2), out, device="cpu", progress=False)
-    return out
+    stderr = io.StringIO()
+    logs = logging.StreamHandler(stderr)
+    logging.getLogger("ddchallenge").addHandler(logs)
+    try:
+        with contextlib.redirect_stderr(stderr):
+            train(train_config("mnist5k", "tiny", steps=4, checkpoint_every=2), out, device="cpu", progress=True)
+    finally:
+        logging.getLogger("ddchallenge").removeHandler(logs)
+    return out, stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_training):
+    return tiny_training[0]

@@ -116,7 +116,7 @@ def test_batch_scoring_isolates_failures_and_resumes(run_cli, official_file, tmp
     lines = {ln.split()[0]: ln for ln in r.stdout.splitlines()[2:-1]}
     assert " scored " in lines["mnist5k.pt"] and " scored " in lines["second"]
     assert " failed " in lines["broken"] and "NaN or Inf" in lines["broken"]
-    assert r.stdout.splitlines()[-1].startswith("3 upload(s): 2 scored, 0 done before, 1 failed, 0 environment error")
+    assert r.stdout.splitlines()[-1].startswith("3 upload(s): 2 scored, 0 done before, 1 failed, 0 environment errors")
     assert json.loads((out / f"{record_key('second')}.json").read_text())["datasets"][0]["ipc"] == 10
     assert "NaN or Inf" in json.loads((out / f"{record_key('broken')}.failed.json").read_text())["reason"]
     first = (out / f"{record_key('mnist5k.pt')}.json").read_bytes()

@@ -2,7 +2,7 @@
 across classes, with classifier-free guidance and a choice of sampler.
 
 Determinism: the starting noise of image i of class k comes from its own
-CPU generator seeded with (seed, k, i), and both samplers are deterministic
+CPU generator seeded from the tagged stream (seed, "sampling", k, i), and both samplers are deterministic
 after it (DDIM with eta 0, DPM-Solver++ multistep), so the same seed, batch
 size and device give the same bytes, and IPC 10 is the first ten images of
 IPC 20.
@@ -21,7 +21,8 @@ import torch
 
 from ddchallenge.diffusion.model import Generator
 from ddchallenge.errors import UsageError
-from ddchallenge.protocol import derive_seed
+from ddchallenge.progress import Fraction, bar
+from ddchallenge.protocol import stream_seed
 
 SAMPLERS = ("dpm++", "ddim")
 DEFAULT_SAMPLER = "dpm++"
@@ -55,7 +56,7 @@ def image_noise(shape: tuple[int, ...], pairs: list[tuple[int, int]], seed: int)
     """Starting noise of the (class, index) pairs, each from its own CPU generator."""
     out = torch.empty((len(pairs), *shape))
     for row, (k, i) in enumerate(pairs):
-        state = derive_seed(seed, k, i)
+        state = stream_seed(seed, "sampling", k, i)
         out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(state))
     return out
 
@@ -63,11 +64,12 @@ def image_noise(shape: tuple[int, ...], pairs: list[tuple[int, int]], seed: int)
 @torch.no_grad()
 def denoise(gen: Generator, noise: torch.Tensor, labels: torch.Tensor, sampler: str, steps: int,
             guidance: float, device: torch.device, start: torch.Tensor | None = None,
-            strength: float = 1.0) -> torch.Tensor:
+            strength: float = 1.0, on_step: Callable[[float], None] | None = None) -> torch.Tensor:
     """One batch from noise to uint8 pixels (N, C, H, W) on the CPU. With
     `start` (samples in the denoiser's space), each image begins as its start
     noised to `strength` of the schedule and only the last round(strength *
-    steps) sampler steps run (the img2img scheme D4M uses)."""
+    steps) sampler steps run (the img2img scheme D4M uses). `on_step(f)`
+    hears the fraction f of the batch's sampler steps done after each."""
     scheduler = _sampler(sampler, gen.scheduler_config)  # fresh: multistep samplers keep per-run state
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
@@ -84,7 +86,7 @@ def denoise(gen: Generator, noise: torch.Tensor, labels: torch.Tensor, sampler: 
     guided = guidance != 1.0
     y_in = torch.cat([y, torch.full_like(y, gen.null_class)]) if guided else y
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for t in timesteps:
+    for n, t in enumerate(timesteps, 1):
         x_in = scheduler.scale_model_input(x, t)
         with autocast:
             out = gen.unet(torch.cat([x_in, x_in]) if guided else x_in, t, class_labels=y_in).sample.float()
@@ -92,6 +94,8 @@ def denoise(gen: Generator, noise: torch.Tensor, labels: torch.Tensor, sampler: 
             cond, uncond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
         x = scheduler.step(out, t, x).prev_sample
+        if on_step is not None:
+            on_step(n / len(timesteps))
     if gen.codec is not None:
         x = gen.codec.decode(x)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -107,7 +111,8 @@ def sample(gen: Generator, classes: list[int], ipc: int, seed: int, *, sampler: 
            device: torch.device = torch.device("cpu"),
            between_batches: Callable[[int], bool] = lambda done: True,
            starts: torch.Tensor | None = None, strength: float = 1.0,
-           conditions: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+           conditions: torch.Tensor | None = None, desc: str = "sampling",
+           first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Up to `ipc` images for each class in `classes`: (uint8 (N, C, H, W),
     int64 (N,)), class-major. `between_batches(images_done)` runs after each
     batch; when it returns False the run stops and keeps the whole slots made.
@@ -116,21 +121,26 @@ def sample(gen: Generator, classes: list[int], ipc: int, seed: int, *, sampler: 
     starts[k, i % M] noised to `strength` (D4M). `conditions` (classes, K)
     int64: image i of class k is conditioned on embedding row
     conditions[k, i % K] instead of k (D3M). The labels returned are always
-    the classes."""
+    the classes. `desc` names the progress bar (which counts images).
+    `first`: start at slot `first` (the slots before it made by an earlier
+    call, e.g. the one that measured the pace)."""
     check_options(sampler, steps, guidance, batch_size)
-    pairs = [(k, i) for i in range(ipc) for k in classes]  # slot-major
+    pairs = [(k, i) for i in range(first, ipc) for k in classes]  # slot-major
     done = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        noise = image_noise(gen.sample_shape, chunk, seed)
-        if conditions is None:
-            labels = torch.tensor([k for k, _ in chunk], dtype=torch.int64)
-        else:
-            labels = torch.stack([conditions[k, i % conditions.shape[1]] for k, i in chunk]).long()
-        init = None if starts is None else torch.stack([starts[k, i % starts.shape[1]] for k, i in chunk])
-        done.append(denoise(gen, noise, labels, sampler, steps, guidance, device, start=init, strength=strength))
-        if not between_batches(start + len(chunk)):
-            break
+    with bar(total=len(pairs), desc=desc, unit="image") as made:
+        images_made = Fraction(made)
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            noise = image_noise(gen.sample_shape, chunk, seed)
+            if conditions is None:
+                labels = torch.tensor([k for k, _ in chunk], dtype=torch.int64)
+            else:
+                labels = torch.stack([conditions[k, i % conditions.shape[1]] for k, i in chunk]).long()
+            init = None if starts is None else torch.stack([starts[k, i % starts.shape[1]] for k, i in chunk])
+            done.append(denoise(gen, noise, labels, sampler, steps, guidance, device, start=init, strength=strength,
+                                on_step=lambda f, first=start, n=len(chunk): images_made.to(first + f * n)))
+            if not between_batches(start + len(chunk)):
+                break
     slots = sum(len(d) for d in done) // len(classes)
     images = torch.cat(done)[:slots * len(classes)]
     # slot-major -> class-major
@@ -146,12 +156,16 @@ def images_per_second(gen: Generator, classes: int, seed: int, *, sampler: str, 
     shape = gen.sample_shape
     labels = torch.arange(batch_size) % classes
     g = torch.Generator().manual_seed(seed)
-    denoise(gen, torch.randn((min(batch_size, 8), *shape), generator=g), labels[:8], sampler, 2, guidance, device)
-    start = time.perf_counter()
-    noise = torch.randn((batch_size, *shape), generator=g)
-    # A partial start (strength < 1) runs fewer steps: time exactly that.
-    denoise(gen, noise, labels, sampler, steps, guidance, device, start=None if strength >= 1 else noise,
-            strength=strength)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return batch_size / (time.perf_counter() - start)
+    warm = min(batch_size, 8)
+    with bar(total=warm + batch_size, desc="measuring speed", unit="image") as made:
+        images_made = Fraction(made)
+        denoise(gen, torch.randn((warm, *shape), generator=g), labels[:warm], sampler, 2, guidance, device,
+                on_step=lambda f: images_made.to(f * warm))
+        start = time.perf_counter()
+        noise = torch.randn((batch_size, *shape), generator=g)
+        # A partial start (strength < 1) runs fewer steps: time exactly that.
+        denoise(gen, noise, labels, sampler, steps, guidance, device, start=None if strength >= 1 else noise,
+                strength=strength, on_step=lambda f: images_made.to(warm + f * batch_size))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return batch_size / (time.perf_counter() - start)

@@ -31,7 +31,8 @@ from ddchallenge.diffusion.model import (
     META_FILE, Generator, PixelCodec, build_scheduler, build_unet, checkpoints, describe, latent_shape, load_vae,
 )
 from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
-from ddchallenge.protocol import DatasetSpec, derive_seed, get_dataset
+from ddchallenge.progress import bar, shown
+from ddchallenge.protocol import DatasetSpec, get_dataset, stream_seed
 from ddchallenge.evaluation.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ STATE = "training_state"
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    return derive_seed(seed, step, stream)
+    return stream_seed(seed, "training", step, stream)
 
 
 class BatchOrder:
@@ -112,7 +113,7 @@ class _Data:
         codec = PixelCodec(vae, spec.channels, 1.0)
         means, stds = [], []
         with torch.no_grad():
-            for start in range(0, len(images), 256):
+            for start in bar(range(0, len(images), 256), desc=f"encoding {spec.name} (VAE)", unit="batch of 256"):
                 m, s = codec.encode(_pixels(images[start:start + 256], device))
                 means.append(m)
                 stds.append(s)
@@ -151,7 +152,14 @@ def train(config: TrainConfig, output: str | os.PathLike, *, device: str = "auto
           stop_after: int | None = None, progress: bool = True) -> TrainReport:
     """Train (or, with `resume`, continue) a generator into `output`.
     `stop_after` ends the run early after that many steps in total, as an
-    interruption would (used to test resuming)."""
+    interruption would (used to test resuming). `progress`: bars on stderr
+    for the steps, the latent encoding and each checkpoint written."""
+    with shown(progress):
+        return _train(config, output, device, root, resume, stop_after)
+
+
+def _train(config: TrainConfig, output: str | os.PathLike, device: str, root, resume: bool,
+           stop_after: int | None) -> TrainReport:
     spec = get_dataset(config.dataset)
     output = Path(output)
     dev = resolve_device(device)
@@ -169,6 +177,9 @@ def train(config: TrainConfig, output: str | os.PathLike, *, device: str = "auto
         shutil.rmtree(stale)
 
     data = _Data(config, spec, root, dev)
+    if config.preset == "tiny":  # said once the run is sure to start, not before an error
+        log.warning("the tiny preset is a smoke test: its 0.16 M-parameter model samples noise, not %s images "
+                    "(%d steps); train with the dataset's preset for a usable generator", spec.name, config.steps)
     in_shape = data.latent or spec.image_shape
     torch.manual_seed(step_seed(config.seed, 0, 99))  # the initial weights
     unet = build_unet(config, in_shape, spec.classes).to(dev)
@@ -184,10 +195,7 @@ def train(config: TrainConfig, output: str | os.PathLike, *, device: str = "auto
     order = BatchOrder(len(data.labels), config.batch_size, config.seed)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    from tqdm import tqdm
-
-    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=f"train {spec.name}")
+    steps = bar(total=config.steps, initial=start_step, unit="step", desc=f"train {spec.name}")
     unet.train()
     loss_value, begin, last = float("nan"), time.perf_counter(), existing[-1] if existing else None
     saving = 0.0  # seconds spent writing checkpoints (and their sample grids), left out of the training rate
@@ -221,13 +229,13 @@ def train(config: TrainConfig, output: str | os.PathLike, *, device: str = "auto
         if done % 10 == 0 or done == end:
             loss_value = loss.item()
             rate = (done - start_step) * config.batch_size / (time.perf_counter() - begin - saving)
-            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}", refresh=False)
-        bar.update(1)
+            steps.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}", refresh=False)
+        steps.update(1)
         if done % config.checkpoint_every == 0 or done == config.steps:
             saving -= time.perf_counter()
             last = _save(output, config, spec, done, unet, ema, optimiser, scheduler, data, dev)
             saving += time.perf_counter()
-    bar.close()
+    steps.close()
     if last is None or json.loads((last / META_FILE).read_text())["step"] != end:
         saving -= time.perf_counter()
         last = _save(output, config, spec, end, unet, ema, optimiser, scheduler, data, dev)
@@ -248,17 +256,29 @@ def _save(output: Path, config: TrainConfig, spec: DatasetSpec, step: int, unet,
     final = output / f"step-{step:07d}"
     tmp = output / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    ema.save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
-    if data.codec is not None:
-        data.codec.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    (tmp / STATE).mkdir()
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / STATE / "unet.safetensors")
-    (tmp / STATE / "optimizer.pt").write_bytes(torch_bytes(optimiser.state_dict()))
     meta = describe(config, spec, step, data.scale, data.latent, data.vae_provenance)
     gen = Generator(ema, dict(scheduler.config), data.codec, meta, {})
-    (tmp / "samples.png").write_bytes(image_grid(_sample_entry(gen, spec, dev), max_classes=10, max_per_class=8))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks the folder complete
+
+    def state() -> None:
+        (tmp / STATE).mkdir()
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / STATE / "unet.safetensors")
+        (tmp / STATE / "optimizer.pt").write_bytes(torch_bytes(optimiser.state_dict()))
+
+    parts = [("unet/", lambda: ema.save_pretrained(tmp / "unet", safe_serialization=True)),
+             ("scheduler/", lambda: scheduler.save_pretrained(tmp / "scheduler")),
+             *([("vae/", lambda: data.codec.vae.save_pretrained(tmp / "vae", safe_serialization=True))]
+               if data.codec is not None else []),
+             (f"{STATE}/", state),
+             # Sampling the grid is most of a checkpoint's time on a CPU: it shows its own bar of images.
+             ("samples.png", lambda: (tmp / "samples.png").write_bytes(
+                 image_grid(_sample_entry(gen, spec, dev), max_classes=10, max_per_class=8))),
+             # Last: the description marks the folder complete.
+             (META_FILE, lambda: (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True)))]
+    with bar(total=len(parts), desc=f"checkpoint {final.name}", unit="part") as written:
+        for name, write in parts:
+            written.set_postfix_str(name, refresh=False)
+            write()
+            written.update(1)
     if final.exists():  # the same step saved before (a resumed run that ended where it started)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -274,7 +294,7 @@ def _sample_entry(gen: Generator, spec: DatasetSpec, dev: torch.device):
     from ddchallenge.diffusion.sample import sample
     from ddchallenge.submission import DatasetEntry
 
-    images, labels = sample(gen, list(range(min(10, spec.classes))), 8, seed=0, device=dev)
+    images, labels = sample(gen, list(range(min(10, spec.classes))), 8, seed=0, device=dev, desc="samples.png")
     return DatasetEntry(spec=spec, images=normalise(images, spec), labels=torch.from_numpy(labels), ipc=8,
                         kind="labelled", source="samples", sha256="")
 
@@ -307,7 +327,6 @@ def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "au
     reconstruction plus a small KL term; no adversarial or perceptual loss,
     which would need downloaded weights) and save it with save_pretrained."""
     from diffusers import AutoencoderKL
-    from tqdm import tqdm
 
     from ddchallenge.data import load_reference
     from ddchallenge.data.reference import denormalise
@@ -331,7 +350,7 @@ def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "au
     order = BatchOrder(len(images), config.batch_size, config.seed)
     begin = time.perf_counter()
     vae.train()
-    for step in tqdm(range(config.steps), disable=not progress, unit="step", desc=f"train-vae {spec.name}"):
+    for step in bar(range(config.steps), desc=f"train-vae {spec.name}", unit="step", show=progress):
         g = torch.Generator(dev).manual_seed(step_seed(config.seed, step))
         x = _pixels(images[order(step)], dev)
         for group in optimiser.param_groups:

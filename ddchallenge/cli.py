@@ -412,15 +412,26 @@ def show(submission, output, dataset, classes, per_class):
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--score", "with_score", is_flag=True, help="Also score and check the recipe's accuracy band.")
 @device_option
+@click.option("--strict", is_flag=True, help="Pass on equal bytes only, not on the recipe's pixel tolerance.")
+@click.option("--record", is_flag=True, help="Write the regenerated sha256 and images into each recipe instead.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def verify(recipes, with_score, device, quiet):
-    """Regenerate and repack RECIPES from scratch; check bytes (and score)."""
+def verify(recipes, with_score, device, strict, record, quiet):
+    """Regenerate and repack RECIPES from scratch; check bytes, or pixels
+    within the recipe's tolerance (and the score band with --score)."""
+    from ddchallenge.verify import record as run_record
     from ddchallenge.verify import verify as run_verify
 
+    if strict and record:
+        raise errors.UsageError("--record writes what a run makes; it takes no --strict")
     for path in recipes:
-        v = run_verify(path, with_score=with_score, device=device, progress=not quiet)
+        if record:
+            v = run_record(path, with_score=with_score, device=device, progress=not quiet)
+            click.echo(f"recorded {v.recipe.name}: sha256 {v.sha256}, images {v.recipe.images} "
+                       f"(sha256 {v.recipe.images_sha256})")
+            continue
+        v = run_verify(path, with_score=with_score, device=device, progress=not quiet, strict=strict)
         extra = f", score {100 * v.result.score:.2f} % in [{100 * v.recipe.band.min:.1f}, {100 * v.recipe.band.max:.1f}]" if v.result else ""
-        click.echo(f"ok {v.recipe.name}: sha256 {v.sha256}{extra}")
+        click.echo(f"ok {v.recipe.name}: {v.summary()}{extra}")
 
 
 @cli.command()

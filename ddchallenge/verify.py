@@ -1,6 +1,6 @@
 """Reference submission recipes (TOML in submissions/) and their check:
-regenerate and repack from scratch, compare the packed file's sha256 byte for
-byte, and optionally score it and check the accuracy band.
+regenerate and repack from scratch, compare with what the recipe records, and
+optionally score the set and check the accuracy band.
 
     name = "mnist5k-random"          # what the recipe is
     dataset = "mnist5k"
@@ -12,27 +12,52 @@ byte, and optionally score it and check the accuracy band.
     preset = "tiny"
     steps = 300
     [expect]
-    sha256 = "..."                   # of res/<dataset>.pt after `pack`
+    sha256 = "..."                   # of res/<dataset>.pt after `pack` (the strict check)
+    images = "x.images.npy.gz"       # the expected uint8 images, a file beside the recipe
+    images_sha256 = "..."            # of those images' bytes (uint8, C order, class-major)
+    [expect.tolerance]               # the default check (optional; without it: 0 pixels)
+    pixels = 40                      # at most this many pixels may differ ...
+    levels = 1                       # ... each by at most this many grey levels (0 or 1)
     [expect.score]                   # the band holds for this budget only
     epochs = 20
     rounds = 2
     seed = 0
     min = 0.70                       # mean accuracy, fraction in [0, 1]
     max = 0.90
+
+Why a tolerance: float arithmetic is not bit-stable across CPUs (vector width
+picks the summation order inside torch's kernels), and a recipe that trains a
+model carries a last-bit difference through to a few pixels one grey level
+apart. The exact sha256 stays the strict mode (`--strict`); by default a
+regenerated set passes when its pixels are within the recipe's tolerance of
+the recorded images. Either way the recorded images must pack to the recorded
+sha256, so the images and the hash cannot drift apart. `record` rewrites
+both from a fresh run.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import os
+import re
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ddchallenge.errors import DDChallengeError, UsageError
-from ddchallenge.generators import GenerateConfig, generate
-from ddchallenge.pack import pack
-from ddchallenge.protocol import OFFICIAL
+from ddchallenge.fileio import atomic_write_bytes, sha256_bytes
+from ddchallenge.protocol import OFFICIAL, DatasetSpec, get_dataset
 from ddchallenge.score import ScoreResult, score
+
+REFERENCE_SUFFIX = ".images.npy.gz"
+# The largest reference a recipe may name, decompressed: Tiny-ImageNet at IPC 50
+# is 200 * 50 * 3 * 64 * 64 = 123 MB; recipes are CI-sized, far below.
+MAX_REFERENCE_BYTES = 128 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+EXPECT_KEYS = {"sha256", "images", "images_sha256", "tolerance", "score"}
 
 
 class VerificationFailed(DDChallengeError):
@@ -49,16 +74,52 @@ class ScoreBand:
 
 
 @dataclass(frozen=True)
+class Tolerance:
+    pixels: int = 0  # how many pixels of the set may differ from the recorded images
+    levels: int = 1  # by at most this many grey levels (0 or 1)
+
+
+@dataclass(frozen=True)
 class Recipe:
+    path: Path
     name: str
     dataset: str
     method: str
     ipc: int
     seed: int
-    sha256: str  # expected sha256 of the packed res/<dataset>.pt
+    sha256: str | None  # expected sha256 of the packed res/<dataset>.pt; None until recorded
     band: ScoreBand | None
     options: dict = field(default_factory=dict)
     train: dict | None = None  # fields of a diffusion TrainConfig: the recipe trains its own model
+    images: str | None = None  # file name (beside the recipe) of the expected uint8 images
+    images_sha256: str | None = None  # sha256 of those images' bytes
+    tolerance: Tolerance = Tolerance()
+
+    @property
+    def images_path(self) -> Path | None:
+        return None if self.images is None else self.path.parent / self.images
+
+
+@dataclass(frozen=True)
+class PixelDiff:
+    pixels: int  # pixels (values: channels count apart) that differ
+    images: int  # images with at least one differing pixel
+    max_level: int  # the largest difference, in grey levels
+    total: int  # pixels in the set
+    count: int  # images in the set
+
+    def within(self, tol: Tolerance) -> bool:
+        return self.pixels <= tol.pixels and self.max_level <= tol.levels
+
+    def describe(self) -> str:
+        if not self.pixels:
+            return f"all {self.total:,} pixels equal the recorded images"
+        return (f"{self.pixels:,} of {self.total:,} pixels (in {self.images} of {self.count} images) differ from the "
+                f"recorded images, by at most {_levels(self.max_level, 'grey ')}")
+
+
+def _levels(n: int, kind: str = "") -> str:
+    return f"{n} {kind}level" + ("" if n == 1 else "s")
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -67,22 +128,75 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"recipe not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"recipe {path} is not valid TOML: {exc}") from None
     try:
-        expect = data["expect"]
+        expect = data.get("expect", {})
+        if not isinstance(expect, dict):
+            raise TypeError("[expect] must be a table")
+        unknown = sorted(set(expect) - EXPECT_KEYS)
+        if unknown:
+            raise UsageError(f"recipe {path}: [expect] has unknown key {unknown[0]!r}; allowed: "
+                             f"{', '.join(sorted(EXPECT_KEYS))}")
         band = expect.get("score")
-        return Recipe(
-            name=str(data["name"]), dataset=str(data["dataset"]), method=str(data["method"]), ipc=int(data["ipc"]),
-            seed=int(data["seed"]), sha256=str(expect["sha256"]), options=dict(data.get("options", {})),
-            train=_train_section(data.get("train"), path),
+        recipe = Recipe(
+            path=path, name=str(data["name"]), dataset=str(data["dataset"]), method=str(data["method"]),
+            ipc=int(data["ipc"]), seed=int(data["seed"]), sha256=_hex(expect, "sha256", path),
+            options=dict(data.get("options", {})), train=_train_section(data.get("train"), path),
             band=None if band is None else ScoreBand(int(band["epochs"]), int(band["rounds"]), int(band["seed"]),
                                                      float(band["min"]), float(band["max"])),
+            images=_images_name(expect.get("images"), path), images_sha256=_hex(expect, "images_sha256", path),
+            tolerance=_tolerance(expect.get("tolerance"), path),
         )
     except KeyError as exc:
         raise UsageError(f"recipe {path} lacks the key {exc.args[0]!r}; see submissions/README.md") from None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"recipe {path} has a value of the wrong type ({exc})") from None
+    if (recipe.images is None) != (recipe.images_sha256 is None):
+        raise UsageError(f"recipe {path}: [expect] images and images_sha256 go together; write both with "
+                         f"`ddchallenge verify --record {path}`")
+    if recipe.tolerance != Tolerance() and recipe.images is None:
+        raise UsageError(f"recipe {path}: [expect.tolerance] needs recorded images ([expect] images); write them "
+                         f"with `ddchallenge verify --record {path}`")
+    return recipe
+
+
+def _hex(expect: dict, key: str, path: Path) -> str | None:
+    value = expect.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise UsageError(f"recipe {path}: [expect] {key} must be 64 lowercase hex digits (a sha256), got {value!r}")
+    return value
+
+
+def _images_name(value, path: Path) -> str | None:
+    """A plain file name beside the recipe: a recipe reads nothing outside its folder."""
+    if value is None:
+        return None
+    if (not isinstance(value, str) or not value.endswith(REFERENCE_SUFFIX) or value != Path(value).name
+            or value.startswith(".") or "\\" in value):
+        raise UsageError(f"recipe {path}: [expect] images must be a file name beside the recipe ending in "
+                         f"{REFERENCE_SUFFIX}, got {value!r}")
+    return value
+
+
+def _tolerance(section, path: Path) -> Tolerance:
+    if section is None:
+        return Tolerance()
+    if not isinstance(section, dict):
+        raise UsageError(f"recipe {path}: [expect.tolerance] must be a table with pixels and levels")
+    unknown = sorted(set(section) - {"pixels", "levels"})
+    if unknown:
+        raise UsageError(f"recipe {path}: [expect.tolerance] has unknown key {unknown[0]!r}; allowed: levels, pixels")
+    pixels, levels = section.get("pixels", 0), section.get("levels", 1)
+    # bool is an int in Python; `pixels = true` is a mistake, not 1.
+    if type(pixels) is not int or pixels < 0:
+        raise UsageError(f"recipe {path}: [expect.tolerance] pixels must be a whole number >= 0, got {pixels!r}")
+    # One level is float rounding; two or more is a different image, which no CPU explains.
+    if type(levels) is not int or levels not in (0, 1):
+        raise UsageError(f"recipe {path}: [expect.tolerance] levels must be 0 or 1, got {levels!r}")
+    return Tolerance(pixels, levels)
 
 
 def _train_section(section, path: Path) -> dict | None:
@@ -99,44 +213,233 @@ def _train_section(section, path: Path) -> dict | None:
     return dict(section)
 
 
+# -- the recorded images -------------------------------------------------------------------------------------------
+
+def images_sha256(images: np.ndarray) -> str:
+    """The content fingerprint: sha256 of uint8 pixels, C order, class-major."""
+    return sha256_bytes(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+
+
+def encode_images(images: np.ndarray) -> bytes:
+    """.npy inside gzip with no name and no time stamp: same images, same bytes."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(images, dtype=np.uint8), allow_pickle=False)
+    return gzip.compress(buf.getvalue(), compresslevel=9, mtime=0)
+
+
+def _expected_shape(recipe: Recipe) -> tuple[DatasetSpec, tuple[int, ...]]:
+    spec = get_dataset(recipe.dataset)
+    return spec, (spec.classes * recipe.ipc, *spec.image_shape)
+
+
+def read_images(recipe: Recipe) -> np.ndarray:
+    """The recipe's recorded images, checked: a bounded read, uint8 of the
+    shape the recipe implies, and the bytes the recipe's fingerprint names."""
+    path = recipe.images_path
+    spec, shape = _expected_shape(recipe)
+    redo = f"rewrite it with `ddchallenge verify --record {recipe.path}`"
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read(MAX_REFERENCE_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"recipe {recipe.path}: its recorded images {path} are missing; {redo}") from None
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"recipe {recipe.path}: {path} is not a gzip file ({exc}); {redo}") from None
+    if len(raw) > MAX_REFERENCE_BYTES:
+        raise UsageError(f"recipe {recipe.path}: {path} holds more than {MAX_REFERENCE_BYTES:,} bytes decompressed; "
+                         f"{redo}")
+    try:
+        images = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UsageError(f"recipe {recipe.path}: {path} is not a .npy array ({exc}); {redo}") from None
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape != shape:
+        got = f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}"
+        raise UsageError(f"recipe {recipe.path}: {path} holds {got}; {spec.name} at IPC {recipe.ipc} needs uint8 "
+                         f"{shape}; {redo}")
+    if images_sha256(images) != recipe.images_sha256:
+        raise UsageError(f"recipe {recipe.path}: {path} has images sha256 {images_sha256(images)}, the recipe "
+                         f"records {recipe.images_sha256}; {redo}")
+    return images
+
+
+def compare_images(got: np.ndarray, want: np.ndarray) -> PixelDiff:
+    if got.shape != want.shape:
+        raise VerificationFailed(f"regenerated images have shape {got.shape}, the recorded ones {want.shape}")
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    per_image = diff.reshape(len(diff), -1).max(axis=1) if diff.size else np.zeros(0, np.int16)
+    return PixelDiff(pixels=int(np.count_nonzero(diff)), images=int(np.count_nonzero(per_image)),
+                     max_level=int(diff.max()) if diff.size else 0, total=int(diff.size), count=len(diff))
+
+
+def packed_sha256(images: np.ndarray, recipe: Recipe, tmp: Path) -> str:
+    """sha256 of res/<dataset>.pt that `pack` makes of these class-major images."""
+    from ddchallenge.labelled import write_labelled_set
+    from ddchallenge.pack import pack
+
+    spec, _ = _expected_shape(recipe)
+    labels = np.repeat(np.arange(spec.classes, dtype=np.int64), recipe.ipc)
+    write_labelled_set(tmp / "recorded.h5", images, labels, dataset=spec.name, ipc=recipe.ipc, method=recipe.method,
+                       seed=recipe.seed, config={})
+    (entry,) = pack([tmp / "recorded.h5"], tmp / "recorded")["datasets"]
+    return entry["sha256"]
+
+
+# -- regenerating --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Regenerated:
+    images: np.ndarray  # uint8, class-major, in the order `pack` writes them
+    sha256: str  # of the packed res/<dataset>.pt
+    file: Path  # the packed file (inside the run's temporary folder)
+
+
+def regenerate(recipe: Recipe, tmp: Path, device: str = "auto", progress: bool = True) -> Regenerated:
+    from ddchallenge.generators import GenerateConfig, generate
+    from ddchallenge.labelled import read_labelled_set
+    from ddchallenge.pack import pack
+
+    options = dict(recipe.options)
+    if recipe.train is not None:
+        from ddchallenge.diffusion.config import train_config
+        from ddchallenge.diffusion.train import train
+
+        train(train_config(recipe.dataset, **recipe.train), tmp / "model", device=device, progress=progress)
+        options["model"] = str(tmp / "model")
+    config = GenerateConfig(recipe.dataset, recipe.method, recipe.ipc, recipe.seed, device=device, options=options)
+    generate(config, tmp / "set.h5")
+    lset = read_labelled_set(tmp / "set.h5")
+    manifest = pack([tmp / "set.h5"], tmp / "packed")
+    (entry,) = manifest["datasets"]
+    # pack orders images by label, stably; the recorded images are kept in that order.
+    images = lset.images[np.argsort(lset.labels, kind="stable")]
+    return Regenerated(np.ascontiguousarray(images), entry["sha256"], tmp / "packed" / entry["file"])
+
+
 @dataclass(frozen=True)
 class Verification:
     recipe: Recipe
     sha256: str  # of the regenerated, repacked file
     result: ScoreResult | None  # when scored
+    exact: bool = True  # the packed bytes equal the recorded sha256
+    diff: PixelDiff | None = None  # against the recorded images, when the recipe has them
+
+    def summary(self) -> str:
+        if self.exact:
+            return f"sha256 {self.sha256} (exact)"
+        tol = self.recipe.tolerance
+        return (f"sha256 {self.sha256} differs from the recorded {self.recipe.sha256}, but {self.diff.describe()}: "
+                f"inside the tolerance of {tol.pixels} pixels by at most {_levels(tol.levels)}")
 
 
-def verify(path: str | os.PathLike, with_score: bool = False, device: str = "auto", progress: bool = True) -> Verification:
+def verify(path: str | os.PathLike, with_score: bool = False, device: str = "auto", progress: bool = True,
+           strict: bool = False) -> Verification:
+    """Regenerate the recipe; pass on equal bytes, or (unless `strict`) on
+    images inside the recipe's tolerance of the recorded ones."""
     recipe = load_recipe(path)
+    if recipe.sha256 is None:
+        raise UsageError(f"recipe {recipe.path} records no [expect] sha256; write it with "
+                         f"`ddchallenge verify --record {recipe.path}`")
+    if with_score and recipe.band is None:
+        raise UsageError(f"recipe {recipe.path} has no [expect.score] band to check; drop --score")
     with tempfile.TemporaryDirectory(prefix="ddchallenge-verify-") as tmp:
         tmp = Path(tmp)
-        options = dict(recipe.options)
-        if recipe.train is not None:
-            from ddchallenge.diffusion.config import train_config
-            from ddchallenge.diffusion.train import train
-
-            train(train_config(recipe.dataset, **recipe.train), tmp / "model", device=device, progress=progress)
-            options["model"] = str(tmp / "model")
-        config = GenerateConfig(recipe.dataset, recipe.method, recipe.ipc, recipe.seed, device=device,
-                                options=options)
-        generate(config, tmp / "set.h5")
-        manifest = pack([tmp / "set.h5"], tmp / "packed")
-        (entry,) = manifest["datasets"]
-        if entry["sha256"] != recipe.sha256:
-            raise VerificationFailed(
-                f"{recipe.name}: regenerated {entry['file']} has sha256 {entry['sha256']}, the recipe expects "
-                f"{recipe.sha256}"
-            )
-        result = None
-        if with_score:
-            if recipe.band is None:
-                raise UsageError(f"recipe {path} has no [expect.score] band to check; drop --score")
-            b = recipe.band
-            result = score(tmp / "packed" / entry["file"], recipe=OFFICIAL.with_overrides(epochs=b.epochs, rounds=b.rounds),
-                           seed=b.seed, device=device, progress=progress)
-            if not b.min <= result.score <= b.max:
+        recorded = None
+        if recipe.images is not None:
+            # Before the slow part: the recorded images and hash must describe the same set.
+            recorded = read_images(recipe)
+            packs_to = packed_sha256(recorded, recipe, tmp)
+            if packs_to != recipe.sha256:
                 raise VerificationFailed(
-                    f"{recipe.name}: score {result.score:.4f} is outside the band [{b.min}, {b.max}] "
-                    f"({b.epochs} epochs, {b.rounds} rounds, seed {b.seed})"
-                )
-    return Verification(recipe, entry["sha256"], result)
+                    f"{recipe.name}: the recorded images {recipe.images} pack to sha256 {packs_to}, but the recipe "
+                    f"records {recipe.sha256} (the two were not recorded together, or `pack` changed); rerecord both "
+                    f"with `ddchallenge verify --record {recipe.path}`")
+        new = regenerate(recipe, tmp, device, progress)
+        exact = new.sha256 == recipe.sha256
+        diff = None if recorded is None else compare_images(new.images, recorded)
+        if not exact:
+            head = (f"{recipe.name}: regenerated res/{get_dataset(recipe.dataset).submission_file} has sha256 "
+                    f"{new.sha256}, the recipe expects {recipe.sha256}")
+            tol = recipe.tolerance
+            if diff is None:
+                raise VerificationFailed(f"{head}; the recipe records no images to compare pixels with (record them "
+                                         f"with `ddchallenge verify --record {recipe.path}`)")
+            if strict:
+                raise VerificationFailed(f"{head}; {diff.describe()} (--strict takes equal bytes only)")
+            if not diff.within(tol):
+                raise VerificationFailed(f"{head}; {diff.describe()}, outside the recipe's tolerance of {tol.pixels} "
+                                         f"pixels by at most {_levels(tol.levels)}")
+        result = _check_band(recipe, new.file, device, progress) if with_score else None
+    return Verification(recipe, new.sha256, result, exact, diff)
+
+
+def _check_band(recipe: Recipe, packed: Path, device: str, progress: bool) -> ScoreResult:
+    b = recipe.band
+    result = score(packed, recipe=OFFICIAL.with_overrides(epochs=b.epochs, rounds=b.rounds), seed=b.seed,
+                   device=device, progress=progress)
+    if not b.min <= result.score <= b.max:
+        raise VerificationFailed(
+            f"{recipe.name}: score {result.score:.4f} is outside the band [{b.min}, {b.max}] "
+            f"({b.epochs} epochs, {b.rounds} rounds, seed {b.seed})"
+        )
+    return result
+
+
+# -- recording -----------------------------------------------------------------------------------------------------
+
+def record(path: str | os.PathLike, with_score: bool = False, device: str = "auto",
+           progress: bool = True) -> Verification:
+    """Regenerate the recipe and write what it records: [expect] sha256,
+    images and images_sha256, and the images file beside the recipe. With
+    `with_score` the band must hold first. The tolerance and band are left as
+    they are: they are decisions, not measurements."""
+    recipe = load_recipe(path)
+    if with_score and recipe.band is None:
+        raise UsageError(f"recipe {recipe.path} has no [expect.score] band to check; drop --score")
+    images_name = recipe.images or recipe.path.name.removesuffix(".toml") + REFERENCE_SUFFIX
+    _images_name(images_name, recipe.path)  # a recipe file name that makes no valid images name is refused here
+    text = recipe.path.read_text()
+    with tempfile.TemporaryDirectory(prefix="ddchallenge-record-") as tmp:
+        new = regenerate(recipe, Path(tmp), device, progress)
+        result = _check_band(recipe, new.file, device, progress) if with_score else None
+    values = {"sha256": new.sha256, "images": images_name, "images_sha256": images_sha256(new.images)}
+    updated = set_expect_values(text, values, recipe.path)
+    atomic_write_bytes(recipe.path.parent / images_name, encode_images(new.images))
+    atomic_write_bytes(recipe.path, updated.encode())
+    recorded = load_recipe(recipe.path)
+    return Verification(recorded, new.sha256, result, True, None)
+
+
+def set_expect_values(text: str, values: dict[str, str], path: Path) -> str:
+    """`text` with `key = "value"` set for each key in the [expect] table:
+    a line replaced where the key is, else added under the table's header
+    (one made before the first [expect.*] table, or at the end, if none).
+    Comments and every other line stay as they are."""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    header = next((i for i, line in enumerate(lines) if line.strip() == "[expect]"), None)
+    if header is None:
+        at = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[expect.")), len(lines))
+        block = ["[expect]\n", *(f'{k} = "{v}"\n' for k, v in values.items())]
+        lines[at:at] = block + ["\n"] if at < len(lines) else ["\n"] + block
+    else:
+        end = next((i for i in range(header + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        last = header  # a missing key goes after the one before it
+        for key, value in values.items():
+            pattern = re.compile(rf"\s*{re.escape(key)}\s*=")
+            where = next((i for i in range(header + 1, end) if pattern.match(lines[i])), None)
+            if where is None:
+                where = last + 1
+                lines.insert(where, "")
+                end += 1
+            lines[where] = f'{key} = "{value}"\n'
+            last = where
+    updated = "".join(lines)
+    try:
+        expect = tomllib.loads(updated).get("expect", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"recipe {path}: cannot rewrite its [expect] table ({exc}); write the keys by hand") from None
+    if any(expect.get(k) != v for k, v in values.items()):
+        raise UsageError(f"recipe {path}: cannot rewrite its [expect] table (a key spans several lines?); "
+                         f"set {', '.join(f'{k} = {v!r}' for k, v in values.items())} by hand")
+    return updated

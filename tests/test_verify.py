@@ -1,14 +1,40 @@
 """The reference recipes in submissions/: regenerated from scratch, the same
-bytes, a score inside the band. This is the check CI runs on every change."""
+bytes (or pixels inside the recipe's tolerance), a score inside the band.
+This is the check CI runs on every change.
+
+The tolerance tests edit the recorded images of a freshly recorded copy of
+the random recipe (no training): a pixel moved by one level there is a pixel
+the regenerated set differs by, exactly as another CPU's rounding would."""
+import gzip
+import io
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "submissions").glob("*.toml"))
+from ddchallenge.cli import cli
+from ddchallenge.verify import encode_images, images_sha256, load_recipe, packed_sha256, read_images, set_expect_values
+
+SUBMISSIONS = Path(__file__).resolve().parents[1] / "submissions"
+RECIPES = sorted(SUBMISSIONS.glob("*.toml"))
+RANDOM = SUBMISSIONS / "mnist5k-random.toml"
+PIXELS = 100 * 28 * 28  # mnist5k at IPC 10
 
 
-def test_the_shipped_recipes_are_mnist5k_random_and_herding():
+def test_the_shipped_recipes_are_mnist5k_random_herding_and_diffusion():
     assert [p.stem for p in RECIPES] == ["mnist5k-diffusion", "mnist5k-herding", "mnist5k-random"]
+
+
+def test_every_shipped_recipe_records_its_images_beside_it():
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        assert recipe.images == f"{path.stem}.images.npy.gz"
+        assert read_images(recipe).shape == (100, 1, 28, 28)  # checked against images_sha256 inside
+    # Only the recipe that trains a model is given room for float rounding; selection copies pixels.
+    assert load_recipe(SUBMISSIONS / "mnist5k-diffusion.toml").tolerance.pixels > 0
+    assert load_recipe(RANDOM).tolerance.pixels == load_recipe(SUBMISSIONS / "mnist5k-herding.toml").tolerance.pixels == 0
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -18,21 +44,215 @@ def test_recipe_regenerates_same_bytes_and_scores_in_band(run_cli, recipe):
     assert r.stdout.startswith(f"ok mnist5k-{recipe.stem.split('-')[1]}-ipc10: sha256 ") and "score" in r.stdout
 
 
-def test_hash_mismatch_names_both_hashes(run_cli, tmp_path):
-    text = RECIPES[-1].read_text()
-    expected = text.split('sha256 = "')[1].split('"')[0]
+def _errors(result) -> list[str]:
+    """The error lines of a run (generation may log info lines beside them)."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def _without_recorded_values(text: str) -> str:
+    """The recipe as a new one would be written: no [expect] values recorded yet."""
+    return re.sub(r'(?m)^(sha256|images|images_sha256) = ".*"\n', "", text)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A copy of the random recipe with nothing recorded, then `verify --record`
+    (the real CLI): (recipe path, the run's output)."""
+    path = tmp_path_factory.mktemp("recipes") / "rand.toml"
+    path.write_text(_without_recorded_values(RANDOM.read_text()))
+    r = CliRunner().invoke(cli, ["verify", "--record", "--quiet", "--device", "cpu", str(path)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return path, r
+
+
+def test_record_writes_the_hash_and_images_then_verify_is_exact(recorded, run_cli):
+    path, r = recorded
+    recipe = load_recipe(path)
+    shipped = load_recipe(RANDOM)
+    assert recipe.sha256 == shipped.sha256 and recipe.images_sha256 == shipped.images_sha256
+    assert recipe.images == "rand.images.npy.gz" and (path.parent / recipe.images).is_file()
+    assert r.stdout == f"recorded mnist5k-random-ipc10: sha256 {recipe.sha256}, images rand.images.npy.gz " \
+                       f"(sha256 {recipe.images_sha256})\n"
+    # Comments and the band are kept; the values sit in [expect].
+    text = path.read_text()
+    assert text.startswith("# The random baseline") and "[expect.score]" in text and "min = 0.77" in text
+    assert text.index("[expect]\n") < text.index("sha256 = ") < text.index("[expect.score]")
+    # The same images give the same file: recording twice changes nothing.
+    before = (path.parent / recipe.images).read_bytes()
+    assert run_cli("verify", "--record", "--quiet", path).exit_code == 0
+    assert path.read_text() == text and (path.parent / recipe.images).read_bytes() == before
+    r = run_cli("verify", "--quiet", "--strict", path)
+    assert r.exit_code == 0 and r.stdout == f"ok mnist5k-random-ipc10: sha256 {recipe.sha256} (exact)\n"
+
+
+def _variant(recorded, tmp_path, moves, tolerance=None, name="v") -> Path:
+    """The recorded recipe with its images edited (flat index -> level change)
+    and recorded again consistently: sha256 and images_sha256 of the edited
+    images. Regenerating then differs from it by exactly `moves`."""
+    path, _ = recorded
+    recipe = load_recipe(path)
+    images = read_images(recipe).copy()
+    flat = images.reshape(-1)
+    for index, delta in moves.items():
+        flat[index] = flat[index] + delta if int(flat[index]) + delta <= 255 else flat[index] - delta
+    out = tmp_path / f"{name}.toml"
+    (tmp_path / f"{name}.images.npy.gz").write_bytes(encode_images(images))
+    values = {"sha256": packed_sha256(images, recipe, tmp_path / "pack"), "images": f"{name}.images.npy.gz",
+              "images_sha256": images_sha256(images)}
+    text = set_expect_values(path.read_text(), values, out)
+    if tolerance is not None:
+        text += f"\n[expect.tolerance]\npixels = {tolerance[0]}\nlevels = {tolerance[1]}\n"
+    out.write_text(text)
+    return out
+
+
+def test_three_pixels_one_level_apart_pass_by_default_and_fail_strict(recorded, tmp_path, run_cli):
+    path = _variant(recorded, tmp_path, {0: 1, 1000: 1, 50_000: 1}, tolerance=(3, 1))
+    r = run_cli("verify", "--quiet", path)
+    assert r.exit_code == 0, r.output
+    regenerated = load_recipe(recorded[0]).sha256
+    assert r.stdout == (f"ok mnist5k-random-ipc10: sha256 {regenerated} differs from the recorded "
+                        f"{load_recipe(path).sha256}, but 3 of {PIXELS:,} pixels (in 3 of 100 images) differ from the "
+                        f"recorded images, by at most 1 grey level: inside the tolerance of 3 pixels by at most 1 level\n")
+    r = run_cli("verify", "--quiet", "--strict", path)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip().endswith(f"the recipe expects {load_recipe(path).sha256}; 3 of {PIXELS:,} pixels (in 3 of "
+                                     f"100 images) differ from the recorded images, by at most 1 grey level (--strict "
+                                     f"takes equal bytes only)")
+
+
+@pytest.mark.parametrize("moves, tolerance, why", [
+    ({0: 2}, (3, 1), f"1 of {PIXELS:,} pixels (in 1 of 100 images) differ from the recorded images, by at most 2 grey "
+                     "levels, outside the recipe's tolerance of 3 pixels by at most 1 level"),
+    ({0: 1, 1: 1, 2: 1, 3: 1}, (3, 1), f"4 of {PIXELS:,} pixels (in 1 of 100 images) differ from the recorded "
+                                       "images, by at most 1 grey level, outside the recipe's tolerance of 3 pixels"),
+    ({0: 1}, (5, 0), "by at most 1 grey level, outside the recipe's tolerance of 5 pixels by at most 0 levels"),
+    ({40_000: 1}, None, "by at most 1 grey level, outside the recipe's tolerance of 0 pixels"),  # no tolerance: 0
+])
+def test_differences_outside_the_tolerance_fail_with_the_counts(recorded, tmp_path, run_cli, moves, tolerance, why):
+    path = _variant(recorded, tmp_path, moves, tolerance)
+    r = run_cli("verify", "--quiet", path)
+    assert r.exit_code == 1 and r.stdout == "" and len(_errors(r)) == 1
+    assert f"has sha256 {load_recipe(recorded[0]).sha256}, the recipe expects {load_recipe(path).sha256}" in r.stderr
+    assert why in r.stderr
+
+
+def test_recorded_images_and_hash_that_disagree_fail_before_regenerating(recorded, tmp_path, run_cli, monkeypatch):
+    import ddchallenge.verify as verify_module
+
+    def no_regeneration(*args, **kwargs):
+        raise AssertionError("regenerated although the recipe is inconsistent")
+
+    monkeypatch.setattr(verify_module, "regenerate", no_regeneration)
+    path = _variant(recorded, tmp_path, {0: 1}, (3, 1))
+    text = path.read_text()
+    # A hash that is not what the recorded images pack to (the images were rerecorded alone).
+    (tmp_path / "hash.toml").write_text(text.replace(load_recipe(path).sha256, load_recipe(recorded[0]).sha256))
+    # An images file swapped for another set's: its fingerprint is not the recorded one.
+    (tmp_path / "swap.toml").write_text(text.replace('"v.images.npy.gz"', f'"{load_recipe(recorded[0]).images}"'))
+    (tmp_path / load_recipe(recorded[0]).images).write_bytes(load_recipe(recorded[0]).images_path.read_bytes())
+    for name, message in (("hash.toml", f"the recorded images v.images.npy.gz pack to sha256 {load_recipe(path).sha256}"
+                                        f", but the recipe records {load_recipe(recorded[0]).sha256}"),
+                          ("swap.toml", f"has images sha256 {load_recipe(recorded[0]).images_sha256}, the recipe "
+                                        f"records {load_recipe(path).images_sha256}")):
+        r = run_cli("verify", "--quiet", tmp_path / name)
+        assert r.exit_code in (1, 2) and message in r.stderr, r.stderr
+        assert f"ddchallenge verify --record {tmp_path / name}" in r.stderr
+
+
+def _npy_gz(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    return gzip.compress(buf.getvalue())
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "are missing"),
+    (b"not gzip at all", "is not a gzip file"),
+    (gzip.compress(b"\x93NUMPY garbage"), "is not a .npy array"),
+    (_npy_gz(np.zeros((100, 1, 28, 28), np.float32)), "holds float32 (100, 1, 28, 28); mnist5k at IPC 10 needs uint8"),
+    (_npy_gz(np.zeros((99, 1, 28, 28), np.uint8)), "holds uint8 (99, 1, 28, 28)"),
+    (_npy_gz(np.array([{"a": 1}] * 3, dtype=object)), "is not a .npy array"),  # a pickle is never loaded
+    (_npy_gz(np.zeros((100, 1, 28, 28), np.uint8)), "has images sha256 "),
+])
+def test_bad_recorded_images_are_refused_in_one_line(recorded, tmp_path, run_cli, content, message):
+    path, _ = recorded
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(path.read_text().replace(load_recipe(path).images, "r.images.npy.gz"))
+    if content is not None:
+        (tmp_path / "r.images.npy.gz").write_bytes(content)
+    r = run_cli("verify", "--quiet", recipe)
+    assert r.exit_code == 2 and message in r.stderr and len(_errors(r)) == 1, r.stderr
+
+
+def test_a_decompression_bomb_is_cut_off_at_the_cap(recorded, tmp_path, run_cli, monkeypatch):
+    import ddchallenge.verify as verify_module
+
+    monkeypatch.setattr(verify_module, "MAX_REFERENCE_BYTES", 1 << 16)
+    path, _ = recorded
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(path.read_text().replace(load_recipe(path).images, "r.images.npy.gz"))
+    (tmp_path / "r.images.npy.gz").write_bytes(gzip.compress(bytes(10 << 20)))
+    r = run_cli("verify", "--quiet", recipe)
+    assert r.exit_code == 2 and "holds more than 65,536 bytes decompressed" in r.stderr
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('images = "rand.images.npy.gz"', 'images = "../rand.images.npy.gz"'), "must be a file name beside the recipe"),
+    (('images = "rand.images.npy.gz"', 'images = "/tmp/rand.images.npy.gz"'), "must be a file name beside the recipe"),
+    (('images = "rand.images.npy.gz"', 'images = "rand.npz"'), "ending in .images.npy.gz"),
+    (('images = "rand.images.npy.gz"', "images = 3"), "must be a file name beside the recipe"),
+    (("images_sha256 = ", "# images_sha256 = "), "images and images_sha256 go together"),
+    (("images_sha256 = ", "image_sha256 = "), "[expect] has unknown key 'image_sha256'; allowed: images, images_sha256, "
+                                              "score, sha256, tolerance"),
+    (('sha256 = "', 'sha256 = "Z'), "sha256 must be 64 lowercase hex digits"),
+    (("[expect.score]", "[expect.tolerance]\npixels = 3\nlevels = 2\n[expect.score]"), "levels must be 0 or 1, got 2"),
+    (("[expect.score]", "[expect.tolerance]\npixels = true\n[expect.score]"), "pixels must be a whole number >= 0, got True"),
+    (("[expect.score]", "[expect.tolerance]\npixels = -1\n[expect.score]"), "pixels must be a whole number >= 0, got -1"),
+    (("[expect.score]", "[expect.tolerance]\npixel = 3\n[expect.score]"), "has unknown key 'pixel'"),
+])
+def test_malformed_recorded_values_are_refused(recorded, tmp_path, run_cli, edit, message):
+    path, _ = recorded
+    bad = tmp_path / "bad.toml"
+    text = path.read_text()
+    assert edit[0] in text
+    bad.write_text(text.replace(edit[0], edit[1], 1))
+    r = run_cli("verify", "--quiet", bad)
+    assert r.exit_code == 2 and message in r.stderr, r.stderr
+
+
+def test_a_tolerance_needs_recorded_images(tmp_path, run_cli):
+    text = _without_recorded_values(RANDOM.read_text()).replace("[expect]\n", '[expect]\nsha256 = "' + "a" * 64 + '"\n')
+    (tmp_path / "t.toml").write_text(text + "\n[expect.tolerance]\npixels = 3\n")
+    r = run_cli("verify", "--quiet", tmp_path / "t.toml")
+    assert r.exit_code == 2 and "[expect.tolerance] needs recorded images" in r.stderr
+
+
+def test_without_recorded_images_a_hash_mismatch_names_both_hashes(recorded, run_cli, tmp_path):
+    path, _ = recorded
+    text = re.sub(r'(?m)^images(_sha256)? = ".*"\n', "", path.read_text())
+    expected = load_recipe(path).sha256
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace(expected, "f" * 64))
     r = run_cli("verify", bad)
     assert r.exit_code == 1
-    assert f"has sha256 {expected}, the recipe expects {'f' * 64}" in r.stderr
+    assert f"has sha256 {expected}, the recipe expects {'f' * 64}; the recipe records no images" in r.stderr
+
+
+def test_a_recipe_without_a_hash_asks_for_record(tmp_path, run_cli):
+    (tmp_path / "n.toml").write_text(_without_recorded_values(RANDOM.read_text()))
+    r = run_cli("verify", tmp_path / "n.toml")
+    assert r.exit_code == 2 and f"records no [expect] sha256; write it with `ddchallenge verify --record" in r.stderr
+    r = run_cli("verify", "--record", "--strict", tmp_path / "n.toml")
+    assert r.exit_code == 2 and "takes no --strict" in r.stderr
 
 
 def test_score_outside_band_fails(run_cli, tmp_path):
-    text = RECIPES[-1].read_text().replace("epochs = 20", "epochs = 0").replace("rounds = 2", "rounds = 1")
+    text = RANDOM.read_text().replace("epochs = 20", "epochs = 0").replace("rounds = 2", "rounds = 1")
     text = text.replace("min = 0.77", "min = 0.99").replace("max = 0.87", "max = 1.0")
-    bad = tmp_path / "band.toml"
+    bad = tmp_path / "mnist5k-random.toml"  # beside its recorded images: a copy of them
     bad.write_text(text)
+    (tmp_path / "mnist5k-random.images.npy.gz").write_bytes((SUBMISSIONS / "mnist5k-random.images.npy.gz").read_bytes())
     r = run_cli("verify", bad, "--score", "--quiet")
     assert r.exit_code == 1 and "is outside the band [0.99, 1.0] (0 epochs, 1 rounds, seed 0)" in r.stderr
 
@@ -40,6 +260,55 @@ def test_score_outside_band_fails(run_cli, tmp_path):
 def test_malformed_recipes(run_cli, tmp_path):
     (tmp_path / "a.toml").write_text("name = ")
     (tmp_path / "b.toml").write_text('name = "x"\ndataset = "mnist5k"\n')
-    for name, message in (("a.toml", "is not valid TOML"), ("b.toml", "lacks the key 'expect'"), ("c.toml", "recipe not found")):
+    (tmp_path / "d.toml").write_text('name = "x"\ndataset = "mnist5k"\nmethod = "random"\nipc = 10\nseed = 0\nexpect = 3\n')
+    for name, message in (("a.toml", "is not valid TOML"), ("b.toml", "lacks the key 'method'"),
+                          ("c.toml", "recipe not found"), ("d.toml", "[expect] must be a table")):
         r = run_cli("verify", tmp_path / name)
-        assert r.exit_code == 2 and message in r.stderr
+        assert r.exit_code == 2 and message in r.stderr, r.stderr
+
+
+# -- rewriting [expect] in place -----------------------------------------------------------------------------------
+
+VALUES = {"sha256": "a" * 64, "images": "r.images.npy.gz", "images_sha256": "b" * 64}
+
+
+@pytest.mark.parametrize("text, want", [
+    # Keys present: replaced where they are, comments kept.
+    ('name = "x"\n[expect]\n# hash\nsha256 = "old"  # note\nimages = "o.images.npy.gz"\nimages_sha256 = "o"\n'
+     "[expect.score]\nmin = 0.1\n",
+     f'name = "x"\n[expect]\n# hash\nsha256 = "{"a" * 64}"\nimages = "r.images.npy.gz"\nimages_sha256 = "{"b" * 64}"\n'
+     "[expect.score]\nmin = 0.1\n"),
+    # Keys missing: added after the one before, in order.
+    ('[expect]\nsha256 = "old"\n\n[expect.score]\nmin = 0.1',
+     f'[expect]\nsha256 = "{"a" * 64}"\nimages = "r.images.npy.gz"\nimages_sha256 = "{"b" * 64}"\n\n'
+     "[expect.score]\nmin = 0.1\n"),
+    # No [expect] table, only [expect.score]: one is made before it.
+    ('name = "x"\n\n[expect.score]\nmin = 0.1\n',
+     f'name = "x"\n\n[expect]\nsha256 = "{"a" * 64}"\nimages = "r.images.npy.gz"\nimages_sha256 = "{"b" * 64}"\n\n'
+     "[expect.score]\nmin = 0.1\n"),
+    # No [expect] at all: added at the end.
+    ('name = "x"\n',
+     f'name = "x"\n\n[expect]\nsha256 = "{"a" * 64}"\nimages = "r.images.npy.gz"\nimages_sha256 = "{"b" * 64}"\n'),
+])
+def test_set_expect_values_rewrites_only_the_values(text, want):
+    assert set_expect_values(text, VALUES, Path("r.toml")) == want
+
+
+def test_set_expect_values_refuses_what_it_cannot_rewrite():
+    from ddchallenge.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot rewrite its \\[expect\\] table"):
+        set_expect_values('[expect]\nsha256 = """\nold"""\n', VALUES, Path("r.toml"))
+    with pytest.raises(UsageError, match="cannot rewrite its \\[expect\\] table"):
+        set_expect_values('[expect]\n"sha256" = "old"\n', VALUES, Path("r.toml"))
+
+
+def test_a_failed_record_writes_nothing(recorded, tmp_path, run_cli):
+    path, _ = recorded
+    text = path.read_text().replace("[expect]\n", '[expect]\n"images" = "q.images.npy.gz"\n').replace(
+        "images = ", "# images = ")
+    bad = tmp_path / "q.toml"
+    bad.write_text(text)
+    r = run_cli("verify", "--record", "--quiet", bad)
+    assert r.exit_code == 2 and "cannot rewrite its [expect] table" in r.stderr, r.stderr
+    assert bad.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["q.toml"]

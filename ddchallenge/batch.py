@@ -251,11 +251,14 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
     if tried.environment:
         return BatchOutcome(todo.name, "environment error", None, tried.reason, None)
     if tried.result is not None:
-        record = sign({**dataclasses.asdict(tried.result), "key": key, "upload_sha256": todo.upload_sha,
+        result = tried.result
+        if result.submission_sha256 is None and todo.upload_sha:  # a folder: its digest, never a null beside it
+            result = dataclasses.replace(result, submission_sha256=todo.upload_sha)
+        record = sign({**dataclasses.asdict(result), "key": key, "upload_sha256": todo.upload_sha,
                        "settings": settings.fingerprint()}, settings.mac_key)
         atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
         _remove(failed)
-        return BatchOutcome(todo.name, "scored", tried.result.score, None, done, tried.result)
+        return BatchOutcome(todo.name, "scored", result.score, None, done, result)
     record = sign({"status": "failed", "name": todo.name, "key": key, "submission": str(todo.path),
                    "reason": tried.reason, "upload_sha256": todo.upload_sha or None, "settings": settings.fingerprint()},
                   settings.mac_key)

@@ -30,7 +30,9 @@ def _pct(x: float) -> str:
 
 
 def score_table(result: ScoreResult) -> str:
-    official = "yes" if result.official_budget else f"NO ({result.recipe['epochs']} epochs, {result.recipe['rounds']} rounds)"
+    rounds = result.recipe["rounds"]
+    official = "yes" if result.official_budget else \
+        f"NO ({result.recipe['epochs']} epochs, {rounds} round{'' if rounds == 1 else 's'})"
     rows = [
         [d.dataset, d.ipc, d.images, len(d.accuracies), f"{_pct(d.mean)} ± {_pct(d.std)}",
          " ".join(_pct(a) for a in d.accuracies), official, f"{d.seconds:.1f}", result.device]

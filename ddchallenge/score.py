@@ -51,7 +51,7 @@ class ScoreResult:
     name: str  # the submission's file or folder name, used by the leaderboard
     method: str | None  # generating method when every dataset records the same one
     submission: str
-    submission_sha256: str | None  # of the submitted file; None for a folder
+    submission_sha256: str | None  # of the submitted file; a folder's: None here, its upload digest once recorded
     score: float  # mean over datasets of each dataset's mean accuracy
     datasets: list[DatasetScore]
     official_budget: bool

@@ -3,6 +3,7 @@ stderr that names its unit (none with --quiet); a path that is no upload, a
 folder that is no model and a set named .png are refused in one line with
 nothing written; a batch on an unofficial budget says so in its summary;
 Ctrl-C in a batch says what was kept and how to go on."""
+import json
 import os
 import re
 import shutil
@@ -152,3 +153,15 @@ def test_ctrl_c_in_a_batch_says_what_was_recorded_and_how_to_resume(official_fil
     assert "Aborted!" not in err and "Traceback" not in err, err
     assert f"interrupted: this run recorded {len(recorded)} scored and 0 failed of 5 uploads in " in err, err
     assert "run the same command again to resume: recorded uploads are skipped" in err
+
+
+def test_a_folders_record_names_its_digest_and_one_round_is_singular(run_cli, official_file, tmp_path):
+    (tmp_path / "team" / "res").mkdir(parents=True)
+    (tmp_path / "team" / "res" / "mnist5k.pt").write_bytes(official_file.read_bytes())
+    r = run_cli("score", tmp_path / "team", "--dataset", "mnist5k", "--epochs", 0, "--rounds", 1, "--quiet",
+                "--no-sandbox")
+    assert r.exit_code == 0, r.stderr
+    assert "NO (0 epochs, 1 round)" in r.stdout and "1 rounds" not in r.stdout
+    (record,) = (tmp_path / "results").glob("*.json")
+    data = json.loads(record.read_text())
+    assert data["submission_sha256"] == data["upload_sha256"] and len(data["upload_sha256"]) == 64

@@ -657,6 +657,12 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno
 # OutOfMemoryError, or a library's own allocation failing), or fed a kernel an index out of range.
 _CUDA_OUT_OF_MEMORY = ("out of memory", "ALLOC_FAILED")
 _CUDA_ASSERT = "device-side assert"
+_CPU_OUT_OF_MEMORY = "can't allocate memory"  # PyTorch's CPU allocator raises a RuntimeError, not MemoryError
+
+
+def _host_out_of_memory(exc: BaseException) -> bool:
+    return (isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+            or (isinstance(exc, RuntimeError) and _CPU_OUT_OF_MEMORY in str(exc)))
 
 
 def _is_cuda_error(exc: BaseException) -> bool:
@@ -671,10 +677,12 @@ def provoked(exc: BaseException, gpu_share: int | None = None) -> str | None:
     out of GPU memory (the work's share: `gpu_share` bytes where known), or a
     device-side assert (a kernel given an index out of range) is what the
     input asks for, not what the machine lacks."""
-    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+    if _host_out_of_memory(exc):
         limit = os.environ.get(MEMORY_ENV, "")
         within = f" within its {size(int(limit))} limit" if limit.isdigit() else ""
-        return f"ran out of host memory{within} ({type(exc).__name__})"
+        asked = re.search(r"tried to allocate ([0-9]+) bytes", str(exc))
+        return f"ran out of host memory{within} " + (f"(tried to allocate {size(int(asked.group(1)))})" if asked
+                                                     else f"({type(exc).__name__})")
     if not _is_cuda_error(exc):
         return None
     text = str(exc)
@@ -726,7 +734,7 @@ def is_environment_failure(exc: BaseException, upload_code: bool | None = None) 
         upload_code = raised_in_upload_code(exc)
     if upload_code and provoked(exc) is not None:
         return False
-    if isinstance(exc, MemoryError):
+    if _host_out_of_memory(exc):
         return True
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         return True

@@ -333,10 +333,14 @@ def test_cuda_out_of_memory_in_upload_code_is_the_uploads_failure_elsewhere_the_
     for exc, uploads in [(RuntimeError("CUDA error: out of memory"), True), (MemoryError(), True),
                          (RuntimeError("CUDA error: device-side assert triggered"), True),
                          (RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate (CUDA)"), True),
+                         (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                       "allocate memory: you tried to allocate 68719476736 bytes."), True),
                          (RuntimeError("CUDA error: uncorrectable ECC error encountered"), False),
                          (OSError(28, "No space left on device"), False)]:
         assert is_environment_failure(exc, upload_code=True) is not uploads, exc
         assert is_environment_failure(exc) is True, exc
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
+    assert provoked(cpu) == "ran out of host memory (tried to allocate 64 GiB)"
 
 
 def _raise_cuda_oom(request, inputs, outbox):

@@ -164,23 +164,23 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
         task_resources(0, device)
     paths, names = check_batch(uploads, output_dir, device, settings.rules)
     out = Path(output_dir)
-    lock = ResultsLock(out)  # one batch at a time writes `out`; released below, or when this frame goes on error
-    # Workers may start in another folder: they get absolute paths (links are not followed here either).
-    paths = [Path(os.path.abspath(p)) for p in paths]
-    ref = os.path.abspath(ref_dir) if ref_dir is not None else None
-    outcomes: dict[int, BatchOutcome] = {}
-    todo: dict[int, Pending] = {}
-    for i, (path, name) in enumerate(zip(paths, names)):
-        found = triage(path, name, out, settings)
-        if isinstance(found, Pending):
-            todo[i] = found
-        else:
-            outcomes[i] = found
-    busy, retried, on_gpu = 0.0, 0, False
-    if todo:
-        with connected(cluster) as ray:
-            busy, retried, on_gpu = _run(ray, todo, outcomes, names, out, settings, ref, device, progress, len(paths))
-    lock.release()
+    with ResultsLock(out):  # one batch at a time writes `out`
+        # Workers may start in another folder: they get absolute paths (links are not followed here either).
+        paths = [Path(os.path.abspath(p)) for p in paths]
+        ref = os.path.abspath(ref_dir) if ref_dir is not None else None
+        outcomes: dict[int, BatchOutcome] = {}
+        todo: dict[int, Pending] = {}
+        for i, (path, name) in enumerate(zip(paths, names)):
+            found = triage(path, name, out, settings)
+            if isinstance(found, Pending):
+                todo[i] = found
+            else:
+                outcomes[i] = found
+        busy, retried, on_gpu = 0.0, 0, False
+        if todo:
+            with connected(cluster) as ray:
+                busy, retried, on_gpu = _run(ray, todo, outcomes, names, out, settings, ref, device, progress,
+                                             len(paths))
     return BatchSummary([outcomes[i] for i in range(len(paths))], time.monotonic() - start, busy, on_gpu, retried)
 
 

@@ -83,8 +83,8 @@ def test_cluster_batch_equals_plain_batch_and_resumes(cluster, uploads, tmp_path
     assert record["datasets"][0]["accuracies"] == plain.outcomes[0].result.datasets[0].accuracies
     assert record["settings"] == SETTINGS.fingerprint() and record["seed"] == 7
     assert on_ray.retried == 0 and not on_ray.on_gpu and on_ray.busy_seconds > 0
-    board = run_cli("leaderboard", tmp_path / "ray")
-    assert board.exit_code == 0 and "alpha" in board.stdout and "beta" in board.stdout
+    board = run_cli("leaderboard", tmp_path / "ray", "--include-unofficial")  # SETTINGS are a short recipe
+    assert board.exit_code == 0 and "alpha" in board.stdout and "beta" in board.stdout and "1 failed" in board.stdout
     assert "broken" not in board.stdout
     before = {p.name: p.read_bytes() for p in (tmp_path / "ray").iterdir()}
     again = score_batch_on_cluster(uploads, tmp_path / "ray", "auto", SETTINGS, progress=False)

@@ -212,12 +212,15 @@ def _ipc(value: str) -> int | str:
 
 @cli.command()
 @click.option("--dataset", required=True, help=f"Dataset to distil: {DATASET_NAMES}.")
-@click.option("--method", required=True, help="Generation method: random, herding, diffusion, d4m, d3m.")
+@click.option("--method", help="Generation method: random, herding, diffusion, d4m, d3m (with --track 2: the "
+              "folder's own, from its ddchallenge.json).")
 @click.option("--ipc", required=True, help="Images per class, or 'auto': the most that fit --budget.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="The run's only source of randomness: the same seed gives the same bytes.")
-@click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 on a Track 1 dataset; 2: enforce the budget.")
-@click.option("--budget", type=BUDGET, help="Seconds allowed (Track 2 default: 600).")
+@click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 on a Track 1 dataset; 2: run the --model "
+              "folder exactly as `score FOLDER --budget` does (its own method and settings, the table rule, the "
+              "budget, the generation seed derived from --seed as the scoring seed).")
+@click.option("--budget", type=BUDGET, help="Seconds allowed, writing included (Track 2 default: 600).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--model", help="diffusion: model folder (from `ddchallenge train`) or Hugging Face Hub id[@revision].")
@@ -232,7 +235,7 @@ def _ipc(value: str) -> int | str:
               help="Any method: make ceil(R x IPC) candidates per class and keep IPC by herding (R >= 1).")
 @click.option("--match-steps", type=int, default=0, show_default=True,
               help="Any method: refine the kept images by N steps of distribution matching against a pool of the "
-              "class (d4m: a finer stored codebook redrawn; other generators: their own unguided samples; random/herding: "
+              "class (d4m: its own prototypes redrawn; other generators: their own unguided samples; random/herding: "
               "the training images); 0: none.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
@@ -247,13 +250,49 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
 
     given = dict(model=model, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size,
                  strength=strength, per_class=per_class)
-    config = GenerateConfig(dataset, method, _ipc(ipc), seed, track=int(track) if track else None, budget=budget,
-                            device=device, root=root, options={k: v for k, v in given.items() if v is not None},
-                            oversample=oversample, match_steps=match_steps)
-    with shown(not quiet):
-        r = run_generate(config, output, force=force)
+    if track == "2":
+        # One Track 2 path: what the scorer will run, not a variant of it.
+        r = _track2_generate(dataset, method, _ipc(ipc), seed, budget, device, output, force, quiet,
+                             {**given, "oversample": oversample if oversample != 1.0 else None,
+                              "match_steps": match_steps or None})
+    else:
+        if method is None:
+            raise errors.UsageError("--method is required (random, herding, diffusion, d4m, d3m), unless --track 2 "
+                                    "runs a --model folder with its own")
+        config = GenerateConfig(dataset, method, _ipc(ipc), seed, track=int(track) if track else None, budget=budget,
+                                device=device, root=root, options={k: v for k, v in given.items() if v is not None},
+                                oversample=oversample, match_steps=match_steps)
+        with shown(not quiet):
+            r = run_generate(config, output, force=force)
     click.echo(f"wrote {r.path}: {r.dataset}, {r.method}, IPC {r.ipc}, {r.images} images in {r.seconds:.1f} s "
                f"({r.images_per_second:.1f} images/s), seed {seed}")
+
+
+def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, quiet, given):
+    from ddchallenge.generators.track2 import folder_method, run_folder
+    from ddchallenge.protocol import TRACK2_BUDGET_SECONDS, generation_seed
+
+    model = given.pop("model")
+    if model is None:
+        raise errors.UsageError("--track 2 runs a generator folder: pass --model FOLDER (random and herding are "
+                                "real-image baselines: time them with --budget instead)")
+    if not Path(model).is_dir():
+        raise errors.UsageError(f"--model {model}: --track 2 runs a local generator folder (download a Hub model "
+                                "first)")
+    extra = [k for k, v in given.items() if v is not None]
+    if extra:
+        raise errors.UsageError(f"--{extra[0].replace('_', '-')}: under --track 2 the folder's own settings run "
+                                "(ddchallenge.json, generate.settings); set them with `ddchallenge prototypes` or "
+                                "`invert` and --make-default")
+    own, _ = folder_method(model)
+    if method is not None and method != own:
+        raise errors.UsageError(f"--method {method}: {model} runs {own} (its ddchallenge.json); under --track 2 the "
+                                "folder decides: drop --method")
+    with shown(not quiet):
+        r = run_folder(model, dataset, ipc, seed, budget or TRACK2_BUDGET_SECONDS, device, output, force=force)
+    click.echo(f"track 2: generation seed {generation_seed(seed)} (from scoring seed {seed}); "
+               + ", ".join(f"{k} {v:.1f} s" for k, v in r.phases.items() if v >= 0.05), err=True)
+    return r
 
 
 preset_option = click.option("--preset", help="tiny (a smoke test: its samples are noise), mnist5k, cifar10, cifar100, "
@@ -316,28 +355,34 @@ def train_vae_command(dataset, output, preset, steps, seed, root, device, force,
                f"test reconstruction error {r.test_l1:.4f} (mean |pixel| in [0, 1])")
 
 
-match_steps_record = click.option("--match-steps", type=int, default=0, show_default=True,
-                                  help="Recorded for Track 2: distribution matching steps.")
+match_steps_record = click.option("--match-steps", type=int,
+                                  help="With --make-default: the folder's Track 2 distribution matching steps.")
+make_default_option = click.option("--make-default", is_flag=True,
+                                   help="Make this method (with --oversample, --match-steps and its own settings) the "
+                                   "one the folder runs under Track 2; without it the folder's generate settings are "
+                                   "left as they are.")
 
 
 @cli.command("prototypes")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--ipc", "ipcs", type=int, multiple=True, required=True, help="Clusters per class; repeat for several.")
+@click.option("--ipc", "ipcs", type=int, multiple=True, required=True,
+              help="Clusters per class (1 to 100: a Track 2 run reads at most as many stored rows per class as it "
+              "outputs); repeat for several.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the k-means++ draws.")
-@click.option("--strength", type=float, help="Recorded for Track 2: d4m strength (default 0.5).")
-@click.option("--oversample", type=float, default=1.0, show_default=True, help="Recorded for Track 2: selection R.")
+@click.option("--strength", type=float, help="With --make-default: the folder's d4m strength (default 0.5).")
+@click.option("--oversample", type=float, help="With --make-default: the folder's selection R (default 1).")
 @match_steps_record
+@make_default_option
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
 @quiet_option
-def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, root, device, quiet):
+def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, make_default, root, device, quiet):
     """D4M: store k-means prototypes of every class in MODEL (a `train` folder) for `generate --method d4m`."""
-    from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH, make_prototypes
+    from ddchallenge.diffusion.prototypes import make_prototypes
 
     with shown(not quiet):
-        reports = make_prototypes(str(model), list(ipcs), seed=seed, device=device, root=root,
-                                  strength=DEFAULT_STRENGTH if strength is None else strength, oversample=oversample,
-                                  match_steps=match_steps)
+        reports = make_prototypes(str(model), list(ipcs), seed=seed, device=device, root=root, strength=strength,
+                                  oversample=oversample, match_steps=match_steps, make_default=make_default)
     for r in reports:
         click.echo(f"wrote {r.path}: IPC {r.ipc} prototypes, k-means {'converged' if r.converged else 'stopped'} "
                    f"in at most {r.iterations} iterations per class, {r.seconds:.1f} s")
@@ -345,24 +390,27 @@ def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, roo
 
 @cli.command("invert")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--per-class", type=int, required=True, help="K: conditioning vectors learned per class.")
+@click.option("--per-class", type=int, required=True,
+              help="K: conditioning vectors learned per class (1 to 100; a Track 2 run needs IPC >= K).")
 @click.option("--steps", type=int, default=300, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Training images per step.")
 @click.option("--lr", type=float, default=5e-3, show_default=True, help="Adam learning rate of the vectors.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the grouping and the training draws.")
-@click.option("--oversample", type=float, default=1.0, show_default=True, help="Recorded for Track 2: selection R.")
+@click.option("--oversample", type=float, help="With --make-default: the folder's selection R (default 1).")
 @match_steps_record
+@make_default_option
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
 @quiet_option
-def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, match_steps, root, device, quiet):
+def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, match_steps, make_default, root, device,
+                   quiet):
     """D3M: learn K class vectors per class with MODEL's denoiser frozen, for `generate --method d3m`."""
     from ddchallenge.diffusion.invert import invert
 
     with shown(not quiet):
         r = invert(str(model), per_class, steps=steps, seed=seed, device=device, root=root, batch_size=batch_size,
-                   lr=lr, oversample=oversample, match_steps=match_steps)
+                   lr=lr, oversample=oversample, match_steps=match_steps, make_default=make_default)
     click.echo(f"wrote {r.path}: {r.per_class} vectors per class, {r.steps} steps, diffusion loss "
                f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s")
 
@@ -426,12 +474,14 @@ def verify(recipes, with_score, device, strict, record, quiet):
     for path in recipes:
         if record:
             v = run_record(path, with_score=with_score, device=device, progress=not quiet)
-            click.echo(f"recorded {v.recipe.name}: sha256 {v.sha256}, images {v.recipe.images} "
-                       f"(sha256 {v.recipe.images_sha256})")
-            continue
-        v = run_verify(path, with_score=with_score, device=device, progress=not quiet, strict=strict)
+        else:
+            v = run_verify(path, with_score=with_score, device=device, progress=not quiet, strict=strict)
         extra = f", score {100 * v.result.score:.2f} % in [{100 * v.recipe.band.min:.1f}, {100 * v.recipe.band.max:.1f}]" if v.result else ""
-        click.echo(f"ok {v.recipe.name}: {v.summary()}{extra}")
+        if record:
+            click.echo(f"recorded {v.recipe.name}: sha256 {v.sha256}, images {v.recipe.images} "
+                       f"(sha256 {v.recipe.images_sha256}){extra}")
+        else:
+            click.echo(f"ok {v.recipe.name}: {v.summary()}{extra}")
 
 
 @cli.command()

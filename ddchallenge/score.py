@@ -22,7 +22,7 @@ from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.evaluation.train import round_accuracies
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean
-from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
+from ddchallenge.protocol import OFFICIAL, TABLE_RULE, EvalRecipe, UploadRules, check_seed
 from ddchallenge.submission import DatasetEntry
 from ddchallenge.upload import GENERATOR, describe as describe_upload_isolation, generate_upload, read_upload, upload_kind
 
@@ -63,6 +63,7 @@ class ScoreResult:
     seconds: float
     warnings: list[str]
     versions: dict
+    rules: dict = dataclasses.field(default_factory=dict)  # the organiser's rules it was scored under (`rules_record`)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -70,7 +71,7 @@ class ScoreResult:
     @classmethod
     def from_dict(cls, data: dict) -> "ScoreResult":
         """The inverse of `to_json` (raises KeyError or TypeError on anything else)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} - ({"rules"} - set(data))  # older records have no rules
         return cls(**{**{k: data[k] for k in fields}, "datasets": [DatasetScore(**d) for d in data["datasets"]]})
 
     def scores_txt(self) -> str:
@@ -160,5 +161,13 @@ def score(
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
         seed=seed, device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
         sandbox=describe_upload_isolation(sandbox, dev), seconds=time.perf_counter() - start, warnings=notes,
-        versions=versions(),
+        versions=versions(), rules=rules_record(rules, budget),
     )
+
+
+def rules_record(rules: UploadRules, budget: float | None) -> dict:
+    """What a result records of the rules it was scored under."""
+    record = {"track": 2 if budget is not None else 1, "datasets": list(rules.required()), "ipc": rules.ipc}
+    if budget is not None:
+        record.update(budget_seconds=budget, table_rule=TABLE_RULE)
+    return record

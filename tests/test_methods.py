@@ -276,7 +276,7 @@ def test_track2_folder_settings_reach_the_run(coded_model, tmp_path, monkeypatch
 
     seen = []
 
-    def capture(config, output):
+    def capture(config, output, force=False):
         seen.append(config)
         raise KeyboardInterrupt  # stop before anything is made
 
@@ -287,9 +287,10 @@ def test_track2_folder_settings_reach_the_run(coded_model, tmp_path, monkeypatch
     shutil.copytree(coded_model, folder)
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
     with pytest.raises(KeyboardInterrupt):
-        run_track2(str(folder), "mnist5k", 2, 0, 600.0, "cpu", tmp_path)
+        run_track2(str(folder), "mnist5k", 3, 0, 600.0, "cpu", tmp_path)
     (config,) = seen
     assert (config.method, config.oversample, config.match_steps, config.options["strength"]) == ("d4m", 2.0, 7, 0.3)
+    assert (config.seed, config.scoring_seed, config.track) == (generation_seed(0), 0, 2)
 
 
 def _tampered(coded_model, tmp_path, ipc=2):
@@ -335,7 +336,8 @@ def _wrong_space(coded_model, tmp_path, ipc=2):
     ("d4m", ["--oversample", 0.5], None, "--oversample must be from 1 to 100"),
     ("d3m", ["--per-class", 0], None, "--per-class must be at least 1"),
     ("d4m", ["--ipc", 5], None, "has no d4m codebook for IPC 5 (stored: 2, 3); make it with `ddchallenge prototypes"),
-    ("d3m", ["--per-class", 4], None, "has no d3m vectors for K 4 (stored: 2); make them with `ddchallenge invert"),
+    ("d3m", ["--per-class", 4, "--ipc", 4], None, "has no d3m vectors for K 4 (stored: 2); make them with `ddchallenge invert"),
+    ("d3m", ["--per-class", 2, "--ipc", 1], None, "--per-class 2 reads 2 stored vectors per class, more than the IPC 1"),
     ("d4m", [], _tampered, "does not match the sha256 recorded in ddchallenge.json"),
     ("d4m", [], _missing, "the d4m-ipc2 codebook file codebooks/d4m-ipc2.safetensors is missing"),
     ("d4m", [], _wrong_shape, "holds a (9, 2, 1, 28, 28) tensor; this model needs (10, 2, 1, 28, 28)"),

@@ -312,3 +312,18 @@ def test_a_failed_record_writes_nothing(recorded, tmp_path, run_cli):
     r = run_cli("verify", "--record", "--quiet", bad)
     assert r.exit_code == 2 and "cannot rewrite its [expect] table" in r.stderr, r.stderr
     assert bad.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["q.toml"]
+
+
+def test_record_with_score_writes_nothing_when_the_band_fails(tmp_path, run_cli):
+    text = _without_recorded_values(RANDOM.read_text()).replace("epochs = 20", "epochs = 0")
+    text = text.replace("rounds = 2", "rounds = 1").replace("min = 0.77", "min = 0.99").replace("max = 0.87", "max = 1.0")
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    r = run_cli("verify", "--record", "--score", "--quiet", path)
+    assert r.exit_code == 1 and "is outside the band [0.99, 1.0]" in r.stderr
+    assert path.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
+    path.write_text(text.replace("min = 0.99", "min = 0.0"))
+    r = run_cli("verify", "--record", "--score", "--quiet", path)
+    assert r.exit_code == 0 and r.stdout.startswith(f"recorded mnist5k-random-ipc10: sha256 {load_recipe(RANDOM).sha256}, "
+                                                    f"images s.images.npy.gz (sha256 {load_recipe(RANDOM).images_sha256}), "
+                                                    "score ")

@@ -180,6 +180,7 @@ class GenerateRequest:
     deadline: float  # time.monotonic() value (CLOCK_MONOTONIC is shared with the child)
     seed: int
     device: str
+    budget: float  # seconds; the deadline is when they end, the child's start-up included
 
 
 def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float, seed: int = 0, device: str = "auto",
@@ -197,7 +198,7 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
     entries = []
     for dataset in rules.required():
         deadline = time.monotonic() + budget
-        request = GenerateRequest(dataset, rules.ipc, deadline, seed, device)
+        request = GenerateRequest(dataset, rules.ipc, deadline, seed, device, budget)
         if not sandbox:  # the upload's work, as in the child: running out of memory there is its own failure
             with tempfile.TemporaryDirectory(prefix="ddchallenge-track2-") as scratch, isolation.upload_code():
                 made = _generate(request, model, Path(scratch))
@@ -223,9 +224,8 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
 def _generate(request: GenerateRequest, model: Path, folder: Path) -> list[DatasetEntry]:
     from ddchallenge.generators.track2 import run_track2
 
-    left = max(1e-3, request.deadline - time.monotonic())
     return run_track2(str(model), request.dataset, "auto" if request.ipc is None else request.ipc, request.seed,
-                      left, request.device, folder)
+                      request.budget, request.device, folder, started=request.deadline - request.budget)
 
 
 def _generate_in_child(request: GenerateRequest, inputs: dict[str, Path], outbox: Path) -> list[dict]:

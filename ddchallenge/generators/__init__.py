@@ -56,10 +56,14 @@ class BudgetClock:
     inner phase (`loading` inside the method's `making`) is charged to it
     alone, so the parts add up to the whole."""
 
-    def __init__(self, budget: float | None):
+    def __init__(self, budget: float | None, started: float | None = None):
+        """`started`: when the budget began (time.monotonic()), if before now;
+        the time until now is charged to "starting" (a sandboxed child's
+        start-up counts against a Track 2 budget)."""
+        now = time.monotonic()
         self.budget = budget
-        self.start = self._mark = time.monotonic()
-        self.spent: dict[str, float] = {}
+        self.start = self._mark = now if started is None else min(started, now)
+        self.spent: dict[str, float] = {"starting": now - self.start} if now > self.start else {}
         self._stack: list[str] = []
 
     def _charge(self) -> None:
@@ -85,7 +89,7 @@ class BudgetClock:
         """One line: where the 60 s budget went: loading 2.0 s, measuring 1.1 s, ..."""
         self._charge()
         parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.spent.items() if seconds >= 0.05)
-        whole = f"the {self.budget:g} s budget" if self.budget is not None else "the run"
+        whole = f"the {self.budget:.0f} s budget" if self.budget is not None else "the run"
         return f"where {whole} went: {parts or 'nothing measurable'} ({self.elapsed():.1f} s in all)"
 
 
@@ -201,9 +205,11 @@ class GenerationReport:
     phases: dict  # phase -> seconds (BudgetClock)
 
 
-def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = False) -> GenerationReport:
+def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = False,
+             started: float | None = None) -> GenerationReport:
     """Run a method and write its labelled set atomically: on any failure
-    (including an exceeded budget) nothing is written."""
+    (including an exceeded budget) nothing is written. `started`: when the
+    budget began (time.monotonic(); default now)."""
     spec = get_dataset(config.dataset)
     method = _method(config.method)
     budget = check_track(config, spec)
@@ -221,7 +227,7 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     output = Path(output)
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to overwrite it")
-    clock = BudgetClock(budget)
+    clock = BudgetClock(budget, started)
     try:
         return _run(config, method, spec, budget, clock, output, selecting, matching)
     except BudgetExceeded as exc:
@@ -247,10 +253,8 @@ def _run(config: GenerateConfig, method: Method, spec: DatasetSpec, budget: floa
         images, labels, provenance = method.run(request)
     if selecting:
         made = len(labels) // spec.classes
-        keep = config.ipc if config.ipc != "auto" else math.floor(made / config.oversample + 1e-9)
-        if keep < 1:
-            raise BudgetExceeded(f"the budget left {made} candidates per class, fewer than --oversample "
-                                 f"{config.oversample:g} needs for one kept image")
+        # --ipc auto keeps fewer rather than fail: one candidate per class still gives IPC 1.
+        keep = config.ipc if config.ipc != "auto" else max(1, math.floor(made / config.oversample + 1e-9))
         _check_output(images, labels, spec, made, config.method)
         with clock.phase("selecting"):
             images, labels, provenance["selection"] = select(images, labels, spec, keep, config.seed,

@@ -102,12 +102,13 @@ def check_folder_tables(model: str | Path, ipc: int | str) -> None:
 
 
 def run_folder(model: str | Path, dataset: str, ipc: int | str, scoring_seed: int, budget: float, device: str,
-               output: Path, force: bool = False) -> GenerationReport:
+               output: Path, force: bool = False, started: float | None = None) -> GenerationReport:
     """Track 2's one path, the same for `score FOLDER --budget` (in its
     sandboxed child) and `generate --track 2 --model FOLDER`: the folder's
     own method and settings, its tables checked against the rule first,
     generation seeded from the scoring seed under its own tag (never an
-    evaluation round's draw), the whole run timed against `budget`."""
+    evaluation round's draw), the whole run timed against `budget` from
+    `started` (time.monotonic(); default now)."""
     from ddchallenge.generators import GenerateConfig, generate
 
     method, settings = folder_method(model)
@@ -117,16 +118,17 @@ def run_folder(model: str | Path, dataset: str, ipc: int | str, scoring_seed: in
     config = GenerateConfig(dataset, method, ipc, generation_seed(scoring_seed), track=2, budget=budget,
                             device=device, options={"model": str(model), **settings}, oversample=oversample,
                             match_steps=match_steps, scoring_seed=scoring_seed)
-    return generate(config, output, force=force)
+    return generate(config, output, force=force, started=started)
 
 
 def run_track2(model: str, dataset: str, ipc: int | str, seed: int, budget: float, device: str,
-               folder: Path) -> list[DatasetEntry]:
-    """The images a generator folder makes within `budget` seconds (scoring
-    seed `seed`), written to `folder` and read back as submission entries."""
+               folder: Path, started: float | None = None) -> list[DatasetEntry]:
+    """The images a generator folder makes within `budget` seconds from
+    `started` (scoring seed `seed`), written to `folder` and read back as
+    submission entries."""
     from ddchallenge.submission import load_submission
 
-    report = run_folder(model, dataset, ipc, seed, budget, device, folder / "generated.h5")
+    report = run_folder(model, dataset, ipc, seed, budget, device, folder / "generated.h5", started=started)
     # The file records where the folder was staged, a fresh path each run: the set is named by its
     # images and labels instead, so that the same generator and seed give the same record.
     return [dataclasses.replace(e, source=f"{model} (generated IPC {report.ipc} in {report.seconds:.1f} s)",

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddchallenge.errors import DatasetError, RecordError, ResultsBusyError, UsageError
+from ddchallenge.errors import BudgetExceeded, DatasetError, RecordError, ResultsBusyError, UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
@@ -81,7 +81,8 @@ class BatchSettings:
 @dataclass(frozen=True)
 class BatchOutcome:
     name: str  # the upload's name (untrusted text: shown through `clean`)
-    status: str  # "scored", "failed", "done before", or "environment error" (not recorded; retried next run)
+    status: str  # "scored", "failed", "over budget" (recorded; scored again under another --budget), "done before",
+    #              or "environment error" (not recorded; retried next run)
     score: float | None
     reason: str | None  # why it failed
     record: Path | None  # its record, when there is one
@@ -102,8 +103,13 @@ class BatchSummary:
     def line(self) -> str:
         env_errors = self.count("environment error")
         parts = [f"{self.count(s)} {s}" for s in ("scored", "done before", "failed")]
+        if self.count("over budget"):
+            parts.append(f"{self.count('over budget')} over budget")
         parts.append(f"{env_errors} environment error{'' if env_errors == 1 else 's'}")
         retry = "; environment errors are not recorded: run again to retry" if self.count("environment error") else ""
+        if self.count("over budget"):
+            retry += ("; over budget: a generator too slow for this machine within --budget, recorded as such and "
+                      "scored again when the batch runs with a larger --budget")
         busy = f"{self.busy_seconds:.0f} {'GPU' if self.on_gpu else 'CPU-task'}-seconds"
         return (f"{len(self.outcomes)} upload(s): {', '.join(parts)}; {self.retried} retried; "
                 f"{self.seconds:.0f} s wall, {busy}{retry}")
@@ -126,6 +132,7 @@ class Attempt:
     result: ScoreResult | None = None
     reason: str | None = None  # why it failed, escaped for display
     environment: bool = False  # the machine's fault, not the upload's: never recorded
+    over_budget: bool = False  # a generator that did not finish inside the budget on this machine
     seconds: float = 0.0
 
 
@@ -235,6 +242,8 @@ def classify(exc: Exception) -> Attempt:
     machine's where the scorer's training did (the rules bound its inputs)."""
     if is_environment_failure(exc) or isinstance(exc, DatasetError):
         return Attempt(reason=clean(str(exc)), environment=True)
+    if isinstance(exc, BudgetExceeded):  # this machine's pace against this budget, not a broken upload
+        return Attempt(reason=clean(str(exc)), over_budget=True)
     log.debug("failure", exc_info=exc)
     provoked_by_upload = provoked(exc) if raised_in_upload_code(exc) else None
     if provoked_by_upload is not None:
@@ -260,11 +269,11 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
         _remove(failed)
         return BatchOutcome(todo.name, "scored", result.score, None, done, result)
     record = sign({"status": "failed", "name": todo.name, "key": key, "submission": str(todo.path),
-                   "reason": tried.reason, "upload_sha256": todo.upload_sha or None, "settings": settings.fingerprint()},
-                  settings.mac_key)
+                   "reason": tried.reason, "upload_sha256": todo.upload_sha or None, "settings": settings.fingerprint(),
+                   "over_budget": tried.over_budget}, settings.mac_key)
     atomic_write_bytes(failed, json.dumps(record, indent=2, sort_keys=True).encode())
     _remove(done)
-    return BatchOutcome(todo.name, "failed", None, tried.reason, failed)
+    return BatchOutcome(todo.name, "over budget" if tried.over_budget else "failed", None, tried.reason, failed)
 
 
 def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: BatchSettings) -> BatchOutcome | None:

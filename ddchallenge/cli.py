@@ -183,7 +183,7 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
             click.echo(f"*** {NOT_OFFICIAL}: {r.epochs} epochs, {plural(r.rounds, 'round')} (recipe {r.hash()}); "
                        "these numbers are not leaderboard numbers ***")
         click.echo(summary.line())
-        if summary.count("failed") or summary.count("environment error"):
+        if summary.count("failed") or summary.count("over budget") or summary.count("environment error"):
             raise click.exceptions.Exit(1)
         return
     (outcome,) = summary.outcomes
@@ -436,7 +436,7 @@ def pack(sets, output, track, force, input_normalised):
 @click.argument("submission", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Image file: .png, or .jpg/.jpeg (the format follows the suffix).")
-@click.option("--dataset", help="Dataset of a file whose name and shape do not tell it.")
+@click.option("--dataset", help=f"Dataset of a file whose name and shape do not tell it ({DATASET_NAMES}).")
 @click.option("--classes", type=click.IntRange(1, 1000), default=20, show_default=True, help="Rows (first classes).")
 @click.option("--per-class", type=click.IntRange(1, 1000), default=10, show_default=True, help="Images per row.")
 def show(submission, output, dataset, classes, per_class):

@@ -19,6 +19,12 @@ class UploadRuleError(SubmissionError):
     """An upload that breaks the rules it is scored under (datasets, IPC)."""
 
 
+class BudgetExceeded(DDChallengeError):
+    """A timed run (a Track 2 generator, `generate --budget`) that did not
+    finish inside its budget on this machine. A batch records it as such and
+    scores the upload again when it runs with another budget."""
+
+
 class DatasetError(DDChallengeError):
     """A dataset or reference test set that is missing or malformed."""
 

@@ -52,10 +52,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ddchallenge.errors import DDChallengeError, EnvironmentFailure
+from ddchallenge.errors import BudgetExceeded, DDChallengeError, EnvironmentFailure
 
 NOBODY = 65534
-REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT = 3, 4, 5
+REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT, OVER_BUDGET_EXIT = 3, 4, 5, 6
 MAX_MESSAGE = 500  # characters of a child's message kept; it is untrusted text
 MAX_VALUE_BYTES = 1 << 20  # the function's JSON value
 MAX_DEPTH = 32  # folder nesting staged into the child
@@ -67,6 +67,11 @@ class Refused(DDChallengeError):
 
 class TimedOut(Refused):
     """The isolated work ran past its wall limit and was killed."""
+
+
+class OverBudget(Refused):
+    """The isolated work stopped itself because its time budget ran out (it
+    raised BudgetExceeded)."""
 
 
 class MemoryExceeded(Refused):
@@ -632,13 +637,15 @@ def _read_bounded(path: Path, limit: int) -> bytes:
 
 
 def _outcome(code: int, outbox: Path, stderr: str, limits: Limits) -> Any:
-    if code in (REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT):
+    if code in (REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT, OVER_BUDGET_EXIT):
         try:
             message = clean(_read_bounded(outbox / "_message.txt", 4 * MAX_MESSAGE).decode(errors="replace").strip())
         except Refused:
             message = "(no message)"
         if code == ENVIRONMENT_EXIT:
             raise EnvironmentFailure(f"the machine failed while isolated work ran: {message}")
+        if code == OVER_BUDGET_EXIT:
+            raise OverBudget(message)
         raise Refused(message if code == REFUSED_EXIT else f"reading the upload failed: {message}")
     if code != 0:
         why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
@@ -787,6 +794,8 @@ def _report(exc: BaseException, share: int | None) -> tuple[int, str]:
         return REFUSED_EXIT, f"the sandboxed work {reason}"
     if is_environment_failure(exc, upload_code=True):
         return ENVIRONMENT_EXIT, f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, BudgetExceeded):
+        return OVER_BUDGET_EXIT, str(exc)
     if isinstance(exc, DDChallengeError):
         return REFUSED_EXIT, str(exc)
     return CRASHED_EXIT, f"{type(exc).__name__}: {exc}"

@@ -248,6 +248,8 @@ def check_failed_record(data, where: str) -> dict:
     record.text("reason")
     record.text("key", 200)
     record.sha256("upload_sha256", optional=True)
+    if not isinstance(record.data.get("over_budget", False), bool):
+        raise record.error("over_budget", "must be true or false", record.data["over_budget"])
     _Fields(record.get("settings"), where, "settings.")
     if MAC_FIELD in record.data:
         record.text(MAC_FIELD, 64)

@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors, save_file
 
 from ddchallenge import isolation
 from ddchallenge.diffusion.model import checkpoints, generator_marker, META_FILE
-from ddchallenge.errors import SubmissionError, UploadRuleError
+from ddchallenge.errors import BudgetExceeded, SubmissionError, UploadRuleError
 from ddchallenge.fileio import sha256_file
 from ddchallenge.isolation import Input, Limits
 from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
@@ -211,10 +211,12 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
                 with isolation.run(_generate_in_child, request, {"model": given}, limits, cuda=cuda) as out:
                     made = _collect(out, rules, official=False)
             except isolation.TimedOut:
-                raise SubmissionError(f"the generator {model} did not finish within its {budget:g} s budget and "
-                                      f"was killed; {BUDGET_HINT}") from None
+                raise BudgetExceeded(f"the generator {model} did not finish within its {budget:g} s budget and "
+                                     f"was killed; {BUDGET_HINT}") from None
+            except isolation.OverBudget as exc:
+                raise BudgetExceeded(f"{exc}; {BUDGET_HINT}") from None
             except isolation.Refused as exc:
-                raise SubmissionError(f"{exc}; {BUDGET_HINT}" if "budget" in str(exc) else str(exc)) from None
+                raise SubmissionError(str(exc)) from None
         for entry in made:
             _check_generated(entry, request, str(model))
         entries.extend(made)

@@ -237,3 +237,21 @@ def test_matching_cut_by_the_deadline_keeps_a_valid_set_and_records_the_steps_do
     assert record["steps"] == 100_000 and 0 < record["steps_done"] < 100_000 and record["stopped_by_deadline"]
     assert read_labelled_set(out).images.shape == (10, 1, 28, 28)
     assert set(report.phases) >= {"making", "pool", "matching", "writing"}
+
+
+def test_a_generator_too_slow_for_the_budget_is_recorded_as_over_budget_and_retried_with_more(d4m_folder, tmp_path,
+                                                                                              run_cli):
+    """Not a failure that looks like the team's: the record and the summary say 'over budget' with where the
+    budget went; the same budget trusts the record, a larger one scores the upload again."""
+    a, b = _copy(d4m_folder, tmp_path, "a"), _copy(d4m_folder, tmp_path, "b")
+    args = ("score", a, b, "--dataset", "mnist5k", "--epochs", 1, "--rounds", 1, "--quiet", "--output", tmp_path / "r")
+    r = run_cli(*args, "--budget", 3)
+    assert r.exit_code == 1
+    assert "2 over budget" in r.stdout and "scored again when the batch runs with a larger --budget" in r.stdout
+    (failed,) = (tmp_path / "r").glob("a-*.failed.json")
+    record = json.loads(failed.read_text())
+    assert record["over_budget"] is True and "where the 3 s budget went: starting" in record["reason"]
+    r = run_cli(*args, "--budget", 3)
+    assert "2 done before" in r.stdout and "over budget" not in r.stdout.splitlines()[-1]
+    r = run_cli(*args, "--budget", 3.5)
+    assert "2 over budget" in r.stdout  # tried again, not taken from the record

@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from ddchallenge.errors import DDChallengeError, OutputExistsError, UsageError
+from ddchallenge.errors import BudgetExceeded, DDChallengeError, OutputExistsError, UsageError
 from ddchallenge.fileio import atomic_path
 from ddchallenge.labelled import write_labelled_set
 from ddchallenge.protocol import (
@@ -45,10 +45,6 @@ from ddchallenge.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class BudgetExceeded(DDChallengeError):
-    """A Track 2 run that did not finish inside its time budget."""
 
 
 class BudgetClock:

@@ -132,7 +132,7 @@ def test_broken_model_folders(tiny_model, tmp_path, run_cli):
     shutil.copytree(tiny_model / "step-0000004", broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     r = gen(broken)
-    assert r.exit_code == 1 and "has a broken unet/ or scheduler/ folder" in r.stderr
+    assert r.exit_code == 1 and "diffusion_pytorch_model.safetensors is not a readable safetensors file" in r.stderr
     shutil.rmtree(broken / "unet")
     assert "is missing its unet/ folder" in gen(broken).stderr
     (broken / "ddchallenge.json").unlink()

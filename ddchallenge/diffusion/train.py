@@ -300,13 +300,14 @@ def _sample_entry(gen: Generator, spec: DatasetSpec, dev: torch.device):
 
 
 def _load_state(folder: Path, unet, ema, optimiser, dev: torch.device) -> int:
-    from diffusers import UNet2DModel
     from safetensors.torch import load_file
+
+    from ddchallenge.diffusion.model import load_unet
 
     from ddchallenge.fileio import load_torch_bytes
 
     unet.load_state_dict(load_file(folder / STATE / "unet.safetensors", device=str(dev)))
-    ema.load_state_dict(UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True, low_cpu_mem_usage=False).state_dict())
+    ema.load_state_dict(load_unet(folder / "unet").state_dict())  # checked config, local weights only
     state = load_torch_bytes((folder / STATE / "optimizer.pt").read_bytes(), str(folder), DatasetError)
     optimiser.load_state_dict(state)
     return int(json.loads((folder / META_FILE).read_text())["step"])

@@ -36,6 +36,7 @@ both from a fresh run.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -58,6 +59,11 @@ REFERENCE_SUFFIX = ".images.npy.gz"
 MAX_REFERENCE_BYTES = 128 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 EXPECT_KEYS = {"sha256", "images", "images_sha256", "tolerance", "score"}
+# Threads split float sums (convolution gradients, reductions) into per-thread
+# parts, so their count changes the bytes as the CPU's vector width does (on the
+# diffusion recipe 1 thread and 2 threads give images 4 pixels apart). Every
+# regeneration and recording uses this many, whatever the machine has.
+THREADS = 2
 
 
 class VerificationFailed(DDChallengeError):
@@ -293,20 +299,42 @@ class Regenerated:
     file: Path  # the packed file (inside the run's temporary folder)
 
 
+@contextlib.contextmanager
+def pinned_threads(n: int = THREADS):
+    """torch's intra-op threads set to `n` inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def machine() -> str:
+    """What picks the float summation order here: the kernels' instruction set and the threads."""
+    import torch
+
+    return f"{torch.backends.cpu.get_cpu_capability()} kernels, {THREADS} threads"
+
+
 def regenerate(recipe: Recipe, tmp: Path, device: str = "auto", progress: bool = True) -> Regenerated:
     from ddchallenge.generators import GenerateConfig, generate
     from ddchallenge.labelled import read_labelled_set
     from ddchallenge.pack import pack
 
     options = dict(recipe.options)
-    if recipe.train is not None:
-        from ddchallenge.diffusion.config import train_config
-        from ddchallenge.diffusion.train import train
+    with pinned_threads():
+        if recipe.train is not None:
+            from ddchallenge.diffusion.config import train_config
+            from ddchallenge.diffusion.train import train
 
-        train(train_config(recipe.dataset, **recipe.train), tmp / "model", device=device, progress=progress)
-        options["model"] = str(tmp / "model")
-    config = GenerateConfig(recipe.dataset, recipe.method, recipe.ipc, recipe.seed, device=device, options=options)
-    generate(config, tmp / "set.h5")
+            train(train_config(recipe.dataset, **recipe.train), tmp / "model", device=device, progress=progress)
+            options["model"] = str(tmp / "model")
+        config = GenerateConfig(recipe.dataset, recipe.method, recipe.ipc, recipe.seed, device=device,
+                                options=options)
+        generate(config, tmp / "set.h5")
     lset = read_labelled_set(tmp / "set.h5")
     manifest = pack([tmp / "set.h5"], tmp / "packed")
     (entry,) = manifest["datasets"]
@@ -328,7 +356,7 @@ class Verification:
             return f"sha256 {self.sha256} (exact)"
         tol = self.recipe.tolerance
         return (f"sha256 {self.sha256} differs from the recorded {self.recipe.sha256}, but {self.diff.describe()}: "
-                f"inside the tolerance of {tol.pixels} pixels by at most {_levels(tol.levels)}")
+                f"inside the tolerance of {tol.pixels} pixels by at most {_levels(tol.levels)} ({machine()})")
 
 
 def verify(path: str | os.PathLike, with_score: bool = False, device: str = "auto", progress: bool = True,
@@ -358,7 +386,7 @@ def verify(path: str | os.PathLike, with_score: bool = False, device: str = "aut
         diff = None if recorded is None else compare_images(new.images, recorded)
         if not exact:
             head = (f"{recipe.name}: regenerated res/{get_dataset(recipe.dataset).submission_file} has sha256 "
-                    f"{new.sha256}, the recipe expects {recipe.sha256}")
+                    f"{new.sha256} ({machine()}), the recipe expects {recipe.sha256}")
             tol = recipe.tolerance
             if diff is None:
                 raise VerificationFailed(f"{head}; the recipe records no images to compare pixels with (record them "
@@ -379,7 +407,7 @@ def _check_band(recipe: Recipe, packed: Path, device: str, progress: bool) -> Sc
     if not b.min <= result.score <= b.max:
         raise VerificationFailed(
             f"{recipe.name}: score {result.score:.4f} is outside the band [{b.min}, {b.max}] "
-            f"({b.epochs} epochs, {b.rounds} rounds, seed {b.seed})"
+            f"({b.epochs} epochs, {b.rounds} round{'' if b.rounds == 1 else 's'}, seed {b.seed})"
         )
     return result
 

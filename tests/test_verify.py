@@ -15,7 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from ddchallenge.cli import cli
-from ddchallenge.verify import encode_images, images_sha256, load_recipe, packed_sha256, read_images, set_expect_values
+from ddchallenge.verify import (
+    THREADS, encode_images, images_sha256, load_recipe, machine, packed_sha256, read_images, set_expect_values,
+)
 
 SUBMISSIONS = Path(__file__).resolve().parents[1] / "submissions"
 RECIPES = sorted(SUBMISSIONS.glob("*.toml"))
@@ -113,7 +115,7 @@ def test_three_pixels_one_level_apart_pass_by_default_and_fail_strict(recorded, 
     regenerated = load_recipe(recorded[0]).sha256
     assert r.stdout == (f"ok mnist5k-random-ipc10: sha256 {regenerated} differs from the recorded "
                         f"{load_recipe(path).sha256}, but 3 of {PIXELS:,} pixels (in 3 of 100 images) differ from the "
-                        f"recorded images, by at most 1 grey level: inside the tolerance of 3 pixels by at most 1 level\n")
+                        f"recorded images, by at most 1 grey level: inside the tolerance of 3 pixels by at most 1 level ({machine()})\n")
     r = run_cli("verify", "--quiet", "--strict", path)
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.strip().endswith(f"the recipe expects {load_recipe(path).sha256}; 3 of {PIXELS:,} pixels (in 3 of "
@@ -133,7 +135,8 @@ def test_differences_outside_the_tolerance_fail_with_the_counts(recorded, tmp_pa
     path = _variant(recorded, tmp_path, moves, tolerance)
     r = run_cli("verify", "--quiet", path)
     assert r.exit_code == 1 and r.stdout == "" and len(_errors(r)) == 1
-    assert f"has sha256 {load_recipe(recorded[0]).sha256}, the recipe expects {load_recipe(path).sha256}" in r.stderr
+    assert f"has sha256 {load_recipe(recorded[0]).sha256} ({machine()}), the recipe expects {load_recipe(path).sha256}" \
+        in r.stderr
     assert why in r.stderr
 
 
@@ -236,7 +239,7 @@ def test_without_recorded_images_a_hash_mismatch_names_both_hashes(recorded, run
     bad.write_text(text.replace(expected, "f" * 64))
     r = run_cli("verify", bad)
     assert r.exit_code == 1
-    assert f"has sha256 {expected}, the recipe expects {'f' * 64}; the recipe records no images" in r.stderr
+    assert f"has sha256 {expected} ({machine()}), the recipe expects {'f' * 64}; the recipe records no images" in r.stderr
 
 
 def test_a_recipe_without_a_hash_asks_for_record(tmp_path, run_cli):
@@ -254,7 +257,7 @@ def test_score_outside_band_fails(run_cli, tmp_path):
     bad.write_text(text)
     (tmp_path / "mnist5k-random.images.npy.gz").write_bytes((SUBMISSIONS / "mnist5k-random.images.npy.gz").read_bytes())
     r = run_cli("verify", bad, "--score", "--quiet")
-    assert r.exit_code == 1 and "is outside the band [0.99, 1.0] (0 epochs, 1 rounds, seed 0)" in r.stderr
+    assert r.exit_code == 1 and "is outside the band [0.99, 1.0] (0 epochs, 1 round, seed 0)" in r.stderr
 
 
 def test_malformed_recipes(run_cli, tmp_path):
@@ -327,3 +330,21 @@ def test_record_with_score_writes_nothing_when_the_band_fails(tmp_path, run_cli)
     assert r.exit_code == 0 and r.stdout.startswith(f"recorded mnist5k-random-ipc10: sha256 {load_recipe(RANDOM).sha256}, "
                                                     f"images s.images.npy.gz (sha256 {load_recipe(RANDOM).images_sha256}), "
                                                     "score ")
+
+
+def test_regeneration_runs_on_the_pinned_threads_and_restores_them(recorded, run_cli, monkeypatch):
+    """The thread count splits float sums: every machine regenerates with THREADS of them."""
+    import torch
+
+    import ddchallenge.generators as generators
+
+    seen, real = [], generators.generate
+    monkeypatch.setattr(generators, "generate", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if THREADS != 1 else 3)
+        r = run_cli("verify", "--quiet", "--strict", recorded[0])
+        assert r.exit_code == 0 and seen == [THREADS] and torch.get_num_threads() == (1 if THREADS != 1 else 3)
+        assert machine() == f"{torch.backends.cpu.get_cpu_capability()} kernels, {THREADS} threads"
+    finally:
+        torch.set_num_threads(before)

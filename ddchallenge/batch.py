@@ -36,7 +36,7 @@ from ddchallenge.isolation import clean, is_environment_failure, provoked, raise
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
 from ddchallenge.records import read_record, sign
 from ddchallenge.score import ScoreResult, score, upload_name
-from ddchallenge.upload import digest
+from ddchallenge.upload import digest, is_generator
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class BatchSettings:
     seed: int = 0
     budget: float | None = None  # Track 2 seconds per dataset (generator folders only); None: Track 1, images only
     sandbox: bool = True  # False: read uploads in this process (trusted files only)
+    mixed: bool = False  # with a budget: uploads that are not generator folders are scored as Track 1 beside them
     # The organiser's record key (records.load_key): records are signed with it and trusted only when signed.
     # Not a setting of the result: left out of the fingerprint, of repr and of what is sent to a cluster's workers.
     mac_key: bytes | None = field(default=None, repr=False, compare=False)
@@ -67,6 +68,16 @@ class BatchSettings:
         check_seed(self.seed)
         if self.budget is not None and not self.budget > 0:
             raise UsageError(f"--budget must be positive seconds, got {self.budget}")
+        if self.mixed and self.budget is None:
+            raise UsageError("--mixed gives the generator folders of a batch a Track 2 budget: pass --budget SECONDS "
+                             "too")
+
+    def budget_for(self, path: Path) -> float | None:
+        """The Track 2 budget `path` runs under: the batch's, except for an
+        upload that is not a generator folder in a --mixed batch (Track 1)."""
+        if self.mixed and not is_generator(path):
+            return None
+        return self.budget
 
     def __getstate__(self) -> dict:
         # Workers never sign (the driver records), so the key never leaves the organiser's process.
@@ -74,8 +85,9 @@ class BatchSettings:
 
     def fingerprint(self) -> dict:
         # Through JSON, so that it compares equal to what a record read back holds.
+        mixed = {"mixed": True} if self.mixed else {}  # absent when off: earlier records stay valid
         return json.loads(json.dumps({"rules": dataclasses.asdict(self.rules), "recipe_hash": self.recipe.hash(),
-                                      "seed": self.seed, "budget": self.budget, "sandbox": self.sandbox}))
+                                      "seed": self.seed, "budget": self.budget, "sandbox": self.sandbox, **mixed}))
 
 
 @dataclass(frozen=True)
@@ -215,7 +227,7 @@ def triage(path: Path, name: str, out: Path, settings: BatchSettings) -> BatchOu
     """The outcome already recorded for this upload, if one can be trusted;
     otherwise what scoring it needs."""
     try:
-        upload_sha = digest(path, settings.rules, track2=settings.budget is not None)
+        upload_sha = digest(path, settings.rules, track2=settings.budget_for(path) is not None)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
         return settle(Pending(path, name, ""), out, settings, classify(exc))
     key = record_key(name)
@@ -228,7 +240,7 @@ def attempt(path: Path, settings: BatchSettings, ref_dir, device: str, progress:
     start = time.monotonic()
     try:
         result = score(path, settings.rules, ref_dir, settings.recipe, settings.seed, device, progress,
-                       settings.sandbox, settings.budget)
+                       settings.sandbox, settings.budget_for(path))
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
         return dataclasses.replace(classify(exc), seconds=time.monotonic() - start)
     return Attempt(result, seconds=time.monotonic() - start)

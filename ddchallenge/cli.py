@@ -126,13 +126,15 @@ DATASET_NAMES = ", ".join(DATASETS)
 @click.option("--no-sandbox", is_flag=True, help="Read the upload in this process (trusted files only).")
 @click.option("--budget", type=BUDGET,
               help="Track 2: seconds a generator folder may run per dataset (the challenge's: 600); anything else "
-                   "fails. Without it (Track 1) an upload that is or holds a generator fails.")
+                   "fails unless --mixed. Without it (Track 1) an upload that is or holds a generator fails.")
+@click.option("--mixed", is_flag=True, help="With --budget: the batch holds generator folders and image uploads; "
+              "the budget applies to the generators, the rest are scored as Track 1 uploads.")
 @click.option("--cluster", metavar="local|auto|ADDRESS",
               help="Score on a Ray cluster, one task per upload (needs the [cluster] extra): 'local' starts Ray on "
                    "this machine, 'auto' joins this machine's cluster, or a head's host:port.")
 @record_key_option
 def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
-          budget, cluster, record_key):
+          budget, mixed, cluster, record_key):
     """Score UPLOADS with the official evaluation recipe.
 
     Each is an official <dataset>.pt file, a labelled .h5 set, a res/ folder
@@ -155,7 +157,7 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
-                             seed, budget, sandbox=not no_sandbox,
+                             seed, budget, sandbox=not no_sandbox, mixed=mixed,
                              mac_key=None if record_key is None else load_key(record_key, [output]))
     before = _records(output)
     try:

@@ -255,3 +255,23 @@ def test_a_generator_too_slow_for_the_budget_is_recorded_as_over_budget_and_retr
     assert "2 done before" in r.stdout and "over budget" not in r.stdout.splitlines()[-1]
     r = run_cli(*args, "--budget", 3.5)
     assert "2 over budget" in r.stdout  # tried again, not taken from the record
+
+
+def test_a_mixed_batch_gives_its_generators_the_budget_and_scores_the_rest_as_track1(d4m_folder, official_file,
+                                                                                      tmp_path, run_cli):
+    folder = _copy(d4m_folder, tmp_path, "gen")
+    meta = _meta(folder)
+    meta["generate"]["settings"].update(steps=2, batch_size=16)
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    args = ("score", folder, official_file, "--dataset", "mnist5k", "--epochs", 1, "--rounds", 1, "--quiet",
+            "--budget", 600)
+    r = run_cli(*args, "--output", tmp_path / "plain")
+    assert r.exit_code == 1 and "1 scored" in r.stdout and "1 failed" in r.stdout  # the file: not a generator
+    r = run_cli(*args, "--mixed", "--output", tmp_path / "mixed")
+    assert r.exit_code == 0 and "2 scored" in r.stdout, r.stdout + r.stderr
+    records = {r["name"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "mixed").glob("*.json"))}
+    assert (records["gen"]["rules"]["track"], records["gen"]["rules"]["budget_seconds"]) == (2, 600)
+    assert records["mnist5k.pt"]["rules"] == {"track": 1, "datasets": ["mnist5k"], "ipc": None}
+    assert records["gen"]["settings"]["mixed"] is True
+    r = run_cli("score", official_file, "--mixed", "--quiet")
+    assert r.exit_code == 2 and "--mixed gives the generator folders of a batch a Track 2 budget" in _errors(r)[0]

@@ -45,6 +45,7 @@ from ddchallenge.data.reference import denormalise
 from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.augment import apply_group, draw_params, parse_strategy
 from ddchallenge.evaluation.nets import reference_convnet
+from ddchallenge.progress import bar
 from ddchallenge.protocol import OFFICIAL, DatasetSpec, stream_seed
 
 POOL_PER_CLASS = 100  # generated pool images per class: 10x IPC 10
@@ -61,13 +62,12 @@ def pool_seed(seed: int) -> int:
 
 
 def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, spec: DatasetSpec,
-          steps: int, seed: int, device: torch.device, deadline: float | None = None,
-          progress=None) -> tuple[np.ndarray, dict]:
+          steps: int, seed: int, device: torch.device, deadline: float | None = None) -> tuple[np.ndarray, dict]:
     """`images` (uint8, class-major, `labels`) refined for up to `steps`
     steps toward the class means of `pool`; returns uint8 images of the same
     shape and a provenance record. With a `deadline` (time.monotonic()) a
     step starts only if one more step, at the pace measured so far, ends
-    before it; the record says how many ran. `progress(done)` after each."""
+    before it; the record says how many ran."""
     classes = spec.classes
     members = [np.flatnonzero(pool_labels == k) for k in range(classes)]
     if any(len(m) == 0 for m in members):
@@ -80,7 +80,7 @@ def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels:
     per_chunk = max(1, CHUNK_IMAGES // MATCH_BATCH)
     losses = []
     began = time.monotonic()
-    for step in range(steps):
+    for step in bar(range(steps), desc="matching", unit="step"):
         pace = (time.monotonic() - began) / step if step else 0.0
         if deadline is not None and time.monotonic() + pace > deadline:
             break
@@ -116,8 +116,6 @@ def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels:
             total += loss.item()
         optimiser.step()
         losses.append(total)
-        if progress is not None:
-            progress(step + 1)
     out = (denormalise(syn.detach().cpu(), spec) * 255).round().to(torch.uint8).numpy()
     record = {"steps": steps, "steps_done": len(losses), "stopped_by_deadline": len(losses) < steps,
               "pool_per_class": int(min(len(m) for m in members)), "batch_per_class": MATCH_BATCH,

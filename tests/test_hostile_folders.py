@@ -184,6 +184,8 @@ FOLDER_CASES = {
                        "ddchallenge.json: generate.settings must be an object, got a list"),
     "generate-list": (_meta(_set("generate", ["d3m", {"per_class": 2}])),
                       "ddchallenge.json: generate must be an object, got a list"),
+    "settings-null": (_meta(_set("generate", {"method": "d3m", "settings": None})),
+                      "ddchallenge.json: generate.settings must be an object, got null"),
     "latent-shape-int": (_meta(lambda d: d.update(space="latent", latent_shape=4)),
                          "ddchallenge.json: latent_shape must be a list of 3 whole numbers"),
     "image-shape-float": (_meta(_set("image_shape", [1.0, 28.0, 28.0])),
@@ -269,11 +271,11 @@ def test_folder_problems_are_one_line_in_the_sandbox(run_cli, checkpoint, tmp_pa
         _check_reason(name, failed_reason(out, name))
 
 
-@pytest.mark.parametrize("name", ["generate-list", "image-shape-float", "head-dim-huge", "unet-config-hub-name",
-                                  "scheduler-huge-schedule"])
+@pytest.mark.parametrize("name", ["generate-list", "settings-null", "image-shape-float", "head-dim-huge",
+                                  "unet-config-hub-name", "scheduler-huge-schedule"])
 def test_generate_with_a_broken_model_is_one_line(run_cli, checkpoint, tmp_path, name):
     (folder,) = _broken(checkpoint, tmp_path / "models", [name])
-    method = "d3m" if name == "generate-list" else "diffusion"
+    method = "d3m" if name in ("generate-list", "settings-null") else "diffusion"
     out = tmp_path / "set.h5"
     r = run_cli("generate", "--dataset", "mnist5k", "--method", method, "--model", folder, "--ipc", 1, "--steps", 2,
                 "--device", "cpu", "-o", out)

@@ -210,7 +210,7 @@ def generate_section(meta: dict, where: str) -> tuple[str, dict]:
     method = section.get("method")
     if not isinstance(method, str) or not 0 < len(method) <= 64:
         raise ModelError(f"{where}: generate.method must be a method name, got {show(method)}")
-    settings = obj(where, "generate.settings", section.get("settings", {}), optional=True) or {}
+    settings = obj(where, "generate.settings", section.get("settings", {}))  # null too: methods read it as an object
     for key, value in settings.items():
         if not (value is None or isinstance(value, (str, int, float, bool))):
             raise ModelError(f"{where}: generate.settings.{key} must be a number or text, got {show(value)}")

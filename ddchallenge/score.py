@@ -24,7 +24,9 @@ from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import OFFICIAL, TABLE_RULE, EvalRecipe, UploadRules, check_seed
 from ddchallenge.submission import DatasetEntry
-from ddchallenge.upload import GENERATOR, describe as describe_upload_isolation, generate_upload, read_upload, upload_kind
+from ddchallenge.upload import (
+    GENERATOR, describe as describe_upload_isolation, generate_upload, read_upload, upload_kind,
+)
 
 log = logging.getLogger(__name__)
 

@@ -119,7 +119,8 @@ def test_track1_refuses_generators_without_the_sandbox_and_alone(run_cli, checkp
     for folder in (tiny_model, checkpoint):
         r = run_cli("score", folder, "--dataset", "mnist5k", *FAST, "--output", tmp_path / "r-alone")
         assert r.exit_code == 1 and REFUSED in _one_line(r)
-    assert not (tmp_path / "r-alone").exists() or not any((tmp_path / "r-alone").glob(f"{record_key('gen')}.json"))
+        assert REFUSED in failed_reason(tmp_path / "r-alone", folder.name)
+        assert not (tmp_path / "r-alone" / f"{record_key(folder.name)}.json").exists()
 
 
 def _evaluator_input(tmp_path):

@@ -283,7 +283,8 @@ def _run(config: GenerateConfig, method: Method, spec: DatasetSpec, budget: floa
         if budget is not None and clock.elapsed() > budget:
             raise BudgetExceeded(f"generation took {clock.elapsed():.1f} s, over the {budget:g} s budget")
     seconds = clock.elapsed()
-    log.info("%s", clock.account())
+    if budget is not None:
+        log.info("%s", clock.account())
     return GenerationReport(output, spec.name, config.method, ipc, len(labels), seconds,
                             len(labels) / max(seconds, 1e-9), dict(clock.spent))
 

@@ -220,12 +220,12 @@ def test_a_generator_making_more_than_asked_is_refused():
 
     spec = get_dataset("mnist5k")
     entry = DatasetEntry(spec, torch.zeros(30, 1, 28, 28), torch.arange(30) // 3, 3, "labelled", "g", "0" * 64)
-    _check_generated(entry, GenerateRequest("mnist5k", 3, 0.0, 0, "cpu"), "gen")
+    _check_generated(entry, GenerateRequest("mnist5k", 3, 0.0, 0, "cpu", 600.0), "gen")
     for asked in (2, 4):
         with pytest.raises(Exception, match=f"made IPC 3 when asked for {asked}"):
-            _check_generated(entry, GenerateRequest("mnist5k", asked, 0.0, 0, "cpu"), "gen")
+            _check_generated(entry, GenerateRequest("mnist5k", asked, 0.0, 0, "cpu", 600.0), "gen")
     with pytest.raises(Exception, match="made mnist5k images when asked for cifar10"):
-        _check_generated(entry, GenerateRequest("cifar10", 3, 0.0, 0, "cpu"), "gen")
+        _check_generated(entry, GenerateRequest("cifar10", 3, 0.0, 0, "cpu", 600.0), "gen")
 
 
 def test_track1_rules_hold_for_every_form(run_cli, official_file, tmp_path, mnist5k_random_images):

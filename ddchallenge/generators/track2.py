@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -43,6 +42,13 @@ def _settings_bounds() -> dict:
             "per_class": ("whole", 1, MAX_RULE_IPC)}
 
 
+def _meta_path(model: str | Path) -> Path:
+    """The ddchallenge.json a Track 2 run reads: the folder's, or its newest checkpoint's."""
+    path = Path(model)
+    folder = path if (path / META_FILE).is_file() or not checkpoints(path) else checkpoints(path)[-1]
+    return folder / META_FILE
+
+
 def folder_method(model: str | Path) -> tuple[str, dict]:
     """(method, settings) from a generator folder's ddchallenge.json (or its
     newest checkpoint's), read as bounded JSON: the folder is untrusted, so
@@ -52,9 +58,7 @@ def folder_method(model: str | Path) -> tuple[str, dict]:
     from ddchallenge.diffusion.folder import check_meta, choice, generate_section, number, read_json_object, whole
     from ddchallenge.diffusion.model import FORMAT
 
-    path = Path(model)
-    folder = path if (path / META_FILE).is_file() or not checkpoints(path) else checkpoints(path)[-1]
-    meta_path = folder / META_FILE
+    meta_path = _meta_path(model)
     where = str(meta_path)
     # The whole file is checked here, the first read of a Track 2 run, before anything else relies on it.
     meta = check_meta(read_json_object(meta_path, MAX_META_BYTES), where, FORMAT, SPACES)
@@ -84,18 +88,10 @@ def check_folder_tables(model: str | Path, ipc: int | str) -> None:
     is read from ddchallenge.json and its file's header (no tensor data),
     and one with more rows per class than this run may output is refused."""
     from ddchallenge.diffusion.codebook import declared_tables
+    from ddchallenge.diffusion.folder import read_json_object
 
-    path = Path(model)
-    folder = path if (path / META_FILE).is_file() or not checkpoints(path) else checkpoints(path)[-1]
-    meta_path = folder / META_FILE
-    if not meta_path.is_file() or meta_path.is_symlink() or meta_path.stat().st_size > MAX_META_BYTES:
-        raise ModelError(f"{meta_path} is missing, a symbolic link or larger than 1 MiB; refused")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise ModelError(f"{meta_path} is not JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{meta_path} must hold a JSON object")
+    meta_path = _meta_path(model)
+    folder, meta = meta_path.parent, read_json_object(meta_path, MAX_META_BYTES)
     rules = UploadRules(ipc=ipc if isinstance(ipc, int) else None)
     for table in declared_tables(folder, meta):
         rules.check_table(table.name, table.rows_per_class, f"{folder.name}/{table.file}")

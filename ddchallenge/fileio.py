@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -35,6 +36,19 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Move a finished `staging` folder onto `target`, replacing a folder
+    there: the old one is moved aside first and removed after, so `target`
+    is at every moment the old folder or the new one, never a mix."""
+    if os.path.lexists(target):
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import torch
 from ddchallenge import __version__
 from ddchallenge.data import normalise
 from ddchallenge.errors import OutputExistsError, SubmissionError, UsageError
-from ddchallenge.fileio import sha256_bytes, sha256_file, torch_bytes
+from ddchallenge.fileio import replace_folder, sha256_bytes, sha256_file, torch_bytes
 from ddchallenge.labelled import read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, TRACK1_IPC, get_dataset
 from ddchallenge.submission import MANIFEST, check_image_shape, check_labels, load_submission
@@ -143,13 +143,7 @@ def _write_folder(outdir: Path, files: dict[str, bytes], manifest: dict, archive
         (staging / ZIP_NAME).write_bytes(archive)
         # The upload must read back exactly as `score` will read it.
         load_submission(staging / ZIP_NAME, rules=None)
-        if outdir.exists() and force:
-            old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=outdir.parent))
-            os.replace(outdir, old / "x")
-            os.replace(staging, outdir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, outdir)
+        replace_folder(staging, outdir)  # an existing one only with force (checked above)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

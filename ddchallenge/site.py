@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ddchallenge import __version__
 from ddchallenge.errors import DDChallengeError, OutputExistsError
+from ddchallenge.fileio import replace_folder
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import UploadRules
 from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, footer, image_grid
@@ -305,13 +306,7 @@ def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = Fals
                     why[dataset] = grid
             (staging / "uploads" / row.page).write_text(upload_html(row, files, why), encoding="utf-8")
         (staging / "index.html").write_text(index_html(board, site_rows), encoding="utf-8")
-        if os.path.lexists(folder):
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / "x")
-            os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

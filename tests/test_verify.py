@@ -245,7 +245,7 @@ def test_without_recorded_images_a_hash_mismatch_names_both_hashes(recorded, run
 def test_a_recipe_without_a_hash_asks_for_record(tmp_path, run_cli):
     (tmp_path / "n.toml").write_text(_without_recorded_values(RANDOM.read_text()))
     r = run_cli("verify", tmp_path / "n.toml")
-    assert r.exit_code == 2 and f"records no [expect] sha256; write it with `ddchallenge verify --record" in r.stderr
+    assert r.exit_code == 2 and "records no [expect] sha256; write it with `ddchallenge verify --record" in r.stderr
     r = run_cli("verify", "--record", "--strict", tmp_path / "n.toml")
     assert r.exit_code == 2 and "takes no --strict" in r.stderr
 

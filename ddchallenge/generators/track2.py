@@ -14,12 +14,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ddchallenge.diffusion.model import META_FILE, ModelError, checkpoints
 from ddchallenge.protocol import UploadRules, generation_seed
 from ddchallenge.submission import DatasetEntry
+
+if TYPE_CHECKING:
+    from ddchallenge.generators import GenerationReport
 
 # method -> settings a folder may give it (anything else in the section is refused)
 METHODS: dict[str, tuple[str, ...]] = {

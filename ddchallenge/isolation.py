@@ -314,7 +314,6 @@ def _copy_file(src: Path, dst: Path, size: int) -> None:
 class Input:
     path: Path  # a file or folder to stage read-only
     skip: tuple[str, ...] = ()  # names (glob patterns) inside a folder that are left out
-    companions: tuple[str, ...] = ()  # for a file: names beside it to stage too when they are regular files
 
 
 def stage(given: Input, inbox: Path, limits: Limits = Limits()) -> Path:
@@ -331,12 +330,6 @@ def stage(given: Input, inbox: Path, limits: Limits = Limits()) -> Path:
     for rel in inventory.folders:
         (target / rel).mkdir()
     copies = [(path / rel if rel else path, target / rel if rel else target, size) for rel, size in inventory.files]
-    if not inventory.folders:
-        for companion in given.companions:
-            beside = path.parent / companion
-            st = os.lstat(beside) if os.path.lexists(beside) else None
-            if st is not None and stat.S_ISREG(st.st_mode) and companion != name and st.st_size <= MAX_VALUE_BYTES:
-                copies.append((beside, inbox / companion, st.st_size))
     for src, dst, size in copies:
         _copy_file(src, dst, size)
         dst.chmod(0o444)

@@ -32,8 +32,7 @@ from ddchallenge.submission import DatasetEntry, bounded_provenance, check_image
 
 GENERATOR_BYTES = 8 << 30  # a Stable Diffusion VAE is 0.3 GiB, the largest preset UNet 0.1 GiB
 GENERATOR_SKIP = ("training_state", "*.bin", "*.pt", "*.ckpt", "*.pkl")  # never read by generation
-COMPANIONS = ("manifest.json",)
-BUDGET_HINT = "raise --budget, pass a smaller --ipc, or score on a GPU (--device cuda); the challenge allows 600 s"  # what `pack` writes beside a submission zip or file
+BUDGET_HINT = "raise --budget, pass a smaller --ipc, or score on a GPU (--device cuda); the challenge allows 600 s"
 MAX_ENTRIES = len(DATASETS)
 IMAGES, GENERATOR = "images", "generator"  # the kinds of upload
 
@@ -159,7 +158,7 @@ def read_upload(path: str | os.PathLike, rules: UploadRules, sandbox: bool = Tru
             refuse_generator_zip(path)
             return load_submission(path, rules=rules)
         upload_kind(path, track2=False)
-        given = Input(path, companions=COMPANIONS)
+        given = Input(path)
         with isolation.run(_read_in_child, ReadRequest(rules), {"upload": given}, upload_limits(IMAGES, rules)) as out:
             return _collect(out, rules, official=path.is_dir() or path.suffix.lower() == ".zip")
     except isolation.Refused as exc:

@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,14 @@ from ddchallenge.data import mnist5k, normalise
 from ddchallenge.protocol import get_dataset
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def library_logs_reach_caplog():
+    """The CLI makes the `ddchallenge` logger print to stderr and stop
+    propagating; a later test that calls the library directly and reads
+    `caplog` must not depend on whether a CLI test ran before it."""
+    logging.getLogger("ddchallenge").propagate = True
 
 
 @pytest.fixture(scope="session")

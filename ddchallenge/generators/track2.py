@@ -58,14 +58,32 @@ def folder_method(model: str | Path) -> tuple[str, dict]:
     newest checkpoint's), read as bounded JSON: the folder is untrusted, so
     every problem is one ModelError naming the file, the field and what it
     must be, and every size it can ask for is bounded."""
+    meta_path, meta = _read_meta(model)
+    return _method_of(meta, str(meta_path))
+
+
+def check_folder_tables(model: str | Path, ipc: int | str) -> None:
+    """Track 2's table rule, before the folder runs: every table it declares
+    is read from ddchallenge.json and its file's header (no tensor data),
+    and one with more rows per class than this run may output is refused."""
+    meta_path, meta = _read_meta(model)
+    _check_tables(meta_path.parent, meta, ipc)
+
+
+def _read_meta(model: str | Path) -> tuple[Path, dict]:
+    """The folder's ddchallenge.json, read once per run and checked whole
+    before anything relies on it."""
     from ddchallenge.diffusion.config import SPACES
-    from ddchallenge.diffusion.folder import check_meta, choice, generate_section, number, read_json_object, whole
+    from ddchallenge.diffusion.folder import check_meta, read_json_object
     from ddchallenge.diffusion.model import FORMAT
 
     meta_path = _meta_path(model)
-    where = str(meta_path)
-    # The whole file is checked here, the first read of a Track 2 run, before anything else relies on it.
-    meta = check_meta(read_json_object(meta_path, MAX_META_BYTES), where, FORMAT, SPACES)
+    return meta_path, check_meta(read_json_object(meta_path, MAX_META_BYTES), str(meta_path), FORMAT, SPACES)
+
+
+def _method_of(meta: dict, where: str) -> tuple[str, dict]:
+    from ddchallenge.diffusion.folder import choice, generate_section, number, whole
+
     method, settings = generate_section(meta, where)
     if method not in METHODS:
         raise ModelError(f"{where}: generate.method names method {method!r}; Track 2 runs "
@@ -87,15 +105,9 @@ def folder_method(model: str | Path) -> tuple[str, dict]:
     return method, dict(settings)
 
 
-def check_folder_tables(model: str | Path, ipc: int | str) -> None:
-    """Track 2's table rule, before the folder runs: every table it declares
-    is read from ddchallenge.json and its file's header (no tensor data),
-    and one with more rows per class than this run may output is refused."""
+def _check_tables(folder: Path, meta: dict, ipc: int | str) -> None:
     from ddchallenge.diffusion.codebook import declared_tables
-    from ddchallenge.diffusion.folder import read_json_object
 
-    meta_path = _meta_path(model)
-    folder, meta = meta_path.parent, read_json_object(meta_path, MAX_META_BYTES)
     rules = UploadRules(ipc=ipc if isinstance(ipc, int) else None)
     for table in declared_tables(folder, meta):
         rules.check_table(table.name, table.rows_per_class, f"{folder.name}/{table.file}")
@@ -111,8 +123,9 @@ def run_folder(model: str | Path, dataset: str, ipc: int | str, scoring_seed: in
     `started` (time.monotonic(); default now)."""
     from ddchallenge.generators import GenerateConfig, generate
 
-    method, settings = folder_method(model)
-    check_folder_tables(model, ipc)
+    meta_path, meta = _read_meta(model)
+    method, settings = _method_of(meta, str(meta_path))
+    _check_tables(meta_path.parent, meta, ipc)
     oversample = float(settings.pop("oversample", 1.0))
     match_steps = settings.pop("match_steps", 0)
     config = GenerateConfig(dataset, method, ipc, generation_seed(scoring_seed), track=2, budget=budget,

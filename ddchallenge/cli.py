@@ -13,7 +13,7 @@ import click
 from ddchallenge import __version__, errors
 from ddchallenge.isolation import clean
 from ddchallenge.progress import shown
-from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED
+from ddchallenge.protocol import DATASET_NAMES, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED
 
 
 class _OneLineError(click.ClickException):
@@ -100,7 +100,6 @@ record_key_option = click.option(
 seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                            help="Seed; scoring round r uses seed + r.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on stderr.")
-DATASET_NAMES = ", ".join(DATASETS)
 
 
 @cli.command()

@@ -82,7 +82,7 @@ def load_submission(path: str | os.PathLike, dataset: str | None = None,
     elif path.suffix.lower() == ".pt":
         if rules is not None:
             named = DATASETS.get(path.stem.lower()) or (DATASETS.get(dataset) if dataset else None)
-            candidates = [named] if named else [s for s in DATASETS.values() if rules.allows(s)]
+            candidates = [named] if named else [s for s in _GUESSABLE if rules.allows(s)]
             _check_size(path.stat().st_size, rules.max_bytes(candidates), str(path))
         data = read_limited(path, SubmissionError, "submission")
         return [_from_torch_bytes(data, str(path), path.stem, dataset, rules)]
@@ -188,6 +188,10 @@ def _refuse_duplicates(names: list[str], where: str) -> None:
         raise SubmissionError(f"{where} holds more than one file for {', '.join(dup)}; keep one per dataset")
 
 
+# A validation view shares its base's shape: a set for one is named (file name, HDF5 header or --dataset).
+_GUESSABLE = [s for s in DATASETS.values() if s.validation_of is None]
+
+
 def _resolve_spec(source: str, stem: str | None, dataset: str | None, image_shape: tuple, n: int) -> DatasetSpec:
     named = DATASETS.get(stem.lower()) if stem else None
     if dataset is not None:
@@ -197,13 +201,13 @@ def _resolve_spec(source: str, stem: str | None, dataset: str | None, image_shap
         return spec
     if named is not None:
         return named
-    fits = [s for s in DATASETS.values() if s.image_shape == tuple(image_shape) and n % s.classes == 0]
+    fits = [s for s in _GUESSABLE if s.image_shape == tuple(image_shape) and n % s.classes == 0]
     if len(fits) == 1:
         return fits[0]
     if not fits:
         raise SubmissionError(
             f"{source} holds images of shape {tuple(image_shape)}, which fit no known dataset; known: "
-            + "; ".join(f"{s.name} {s.image_shape}" for s in DATASETS.values())
+            + "; ".join(f"{s.name} {s.image_shape}" for s in _GUESSABLE)
         )
     raise SubmissionError(
         f"cannot tell the dataset of {source} from its name or shape {tuple(image_shape)}: it could be "

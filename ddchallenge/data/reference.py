@@ -11,7 +11,7 @@ import torch
 from ddchallenge.data import mnist5k
 from ddchallenge.errors import DatasetError
 from ddchallenge.fileio import atomic_torch_save, load_torch_bytes, read_limited
-from ddchallenge.protocol import DatasetSpec
+from ddchallenge.protocol import VALIDATION_SHARE, DatasetSpec, get_dataset, stream_seed
 
 DATA_ENV = "DDCHALLENGE_DATA"
 
@@ -64,10 +64,34 @@ def validate_reference(ref, spec: DatasetSpec, source: str) -> dict[str, torch.T
     return {"images_val": x.float(), "labels_val": y.long()}
 
 
+def held_out(labels: np.ndarray, classes: int) -> np.ndarray:
+    """The rows of a base dataset's training images that its validation view
+    holds out: in each class, a seeded draw of one in VALIDATION_SHARE (at
+    least one), the same on every machine."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for k in range(classes):
+        members = np.flatnonzero(labels == k)
+        count = max(1, len(members) // VALIDATION_SHARE)
+        rng = np.random.default_rng(stream_seed(0, "validation", k))
+        mask[rng.choice(members, size=count, replace=False)] = True
+    return mask
+
+
+def _validation_split(spec: DatasetSpec, root) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, held-out mask) of the base of a validation view."""
+    base = get_dataset(spec.validation_of)
+    images, labels = load_train(base, root)
+    return images, labels, held_out(labels, base.classes)
+
+
 def load_reference(spec: DatasetSpec, ref_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """The reference test set of a dataset: `ref_dir/<name>_test.pt` when a
     folder is given, else the data root's, else (mnist5k only) built from the
-    embedded data."""
+    embedded data. A validation view's is the share of its base's training
+    images it holds out, read from the data root's training store."""
+    if spec.validation_of is not None:
+        images, labels, held = _validation_split(spec, None)
+        return {"images_val": normalise(images[held], spec), "labels_val": torch.from_numpy(labels[held])}
     folder = Path(ref_dir) if ref_dir is not None else data_root()
     path = folder / spec.reference_file
     if path.exists() or ref_dir is not None:
@@ -97,7 +121,11 @@ def train_store_path(spec: DatasetSpec, root: str | os.PathLike | None = None) -
 def load_train(spec: DatasetSpec, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Training images (uint8 (N, C, H, W)) and labels (int64 (N,)) of a
     dataset: mnist5k from the embedded data, the others from the HDF5
-    training store `<root>/<name>_train.h5` (datasets /images and /labels)."""
+    training store `<root>/<name>_train.h5` (datasets /images and /labels);
+    a validation view's are its base's minus the share it holds out."""
+    if spec.validation_of is not None:
+        images, labels, held = _validation_split(spec, root)
+        return images[~held], labels[~held]
     if spec.name == "mnist5k":
         return mnist5k.load("train")
     path = train_store_path(spec, root)

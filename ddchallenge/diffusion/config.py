@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ddchallenge.errors import UsageError
+from ddchallenge.protocol import VALIDATION_SUFFIX
 
 SPACES = ("pixel", "latent")
 
@@ -127,7 +128,7 @@ VAE_PRESETS: dict[str, dict] = {
 
 
 def _preset(table: dict[str, dict], dataset: str, preset: str | None, what: str) -> tuple[str, dict]:
-    name = preset or dataset
+    name = preset or dataset.removesuffix(VALIDATION_SUFFIX)  # a validation view trains as its base does
     if name not in table:
         raise UsageError(f"no {what} preset {name!r}; presets: {', '.join(table)}"
                          + ("" if preset else "; pass --preset"))

@@ -36,7 +36,7 @@ from ddchallenge.diffusion.folder import (
     vae_config,
 )
 from ddchallenge.errors import UsageError
-from ddchallenge.protocol import DatasetSpec
+from ddchallenge.protocol import VALIDATION_SUFFIX, DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,13 @@ def load_generator(ref: str, spec: DatasetSpec) -> Generator:
         raise ModelError(f"{ref} was trained for {meta['dataset']} ({meta['classes']} classes of "
                          f"{'x'.join(map(str, meta['image_shape']))}); {spec.name} has {spec.classes} classes of "
                          f"{'x'.join(map(str, spec.image_shape))}")
-    if meta["dataset"] != spec.name:
+    if spec.validation_of is not None and meta["dataset"] != spec.name:
+        # Its training images include the ones this view holds out: validating it on them would flatter it.
+        raise ModelError(f"{ref} was trained on {meta['dataset']}, not on {spec.name}, so it may have seen the images "
+                         f"{spec.name} validates on; train the generator you tune with `ddchallenge train {spec.name}`")
+    if meta["dataset"] == spec.name + VALIDATION_SUFFIX:
+        log.info("%s was trained on %s, a part of %s's training images", ref, meta["dataset"], spec.name)
+    elif meta["dataset"] != spec.name:
         log.warning("%s was trained on %s; generating for %s (same classes and shape)", ref, meta["dataset"], spec.name)
     for part in ("unet", "scheduler") + (("vae",) if meta["space"] == "latent" else ()):
         if not (folder / part).is_dir():

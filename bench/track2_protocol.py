@@ -1,0 +1,122 @@
+"""Track 2 quality on mnist5k under the honest protocol (issue 20), through the
+real CLI: decisions read on the validation view, reported numbers read once
+on the test split with evaluation seeds that tuning never used.
+
+    ddchallenge train mnist5k-val -o /work/models/mnist5k-val      # the generator, trained without the
+                                                                    # validation images (~25 min on 2 cores)
+    python bench/track2_protocol.py --model /work/models/mnist5k-val --out /work/runs/t2p \\
+        --dataset mnist5k-val --seeds 0 --runs d4m d4m-m300         # decide, on the validation view
+    python bench/track2_protocol.py --model /work/models/mnist5k-val --out /work/runs/t2p \\
+        --dataset mnist5k --seeds 10 20 --runs d4m herding herding-m300 random   # report, on the test split
+
+A run is either a Track 2 folder, scored with `ddchallenge score FOLDER
+--budget 600 --ipc K --seed S` (the generation seed is derived from S, so
+each scoring seed is a generation seed), or a real-image baseline made with
+`ddchallenge generate --method M --seed S` and scored with `--seed S`.
+Each folder is a copy of the model's newest checkpoint whose tables and
+generate section are written by `ddchallenge prototypes`/`invert` with
+--make-default. Every result JSON is kept under --out, a run whose JSON
+exists is not run again, and one markdown row per run is printed (and
+appended to --out/rows.md). The official recipe (1001 passes, 3 rounds);
+--epochs/--rounds exist for trying the script, never for reported rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ddchallenge.diffusion.codebook import model_folder
+
+BUDGET = 600
+# name -> how the Track 2 folder is made from a copy of the model (commands after the folder argument)
+FOLDERS = {
+    "diffusion": [],
+    "d4m": [["prototypes", "--ipc", "{ipc}", "--make-default"]],
+    "d4m-m300": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"]],
+    "d3m": [["invert", "--per-class", "{ipc}", "--make-default"]],
+    "d3m-m300": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "300"]],
+}
+# name -> `generate` options of a real-image baseline
+BASELINES = {
+    "random": ["--method", "random"],
+    "herding": ["--method", "herding"],
+    "herding-m300": ["--method", "herding", "--match-steps", "300"],
+}
+
+
+def cli(*args: str) -> None:
+    command = [sys.executable, "-m", "ddchallenge", *map(str, args)]
+    print("$ ddchallenge " + " ".join(map(str, args)), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True)
+
+
+def folder_for(name: str, model: Path, out: Path, ipc: int) -> Path:
+    """The Track 2 folder of run `name`, made once (a copy of the model's newest checkpoint)."""
+    folder = out / "folders" / f"{name}-ipc{ipc}"
+    if not (folder / "ddchallenge.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(model_folder(str(model)), folder)
+        for step in FOLDERS[name]:
+            cli(step[0], folder, *[a.format(ipc=ipc) for a in step[1:]])
+    return folder
+
+
+def run(name: str, args, seed: int) -> dict:
+    result = args.out / "results" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}.json"
+    if not result.is_file():
+        result.parent.mkdir(parents=True, exist_ok=True)
+        recipe = [a for k, v in (("--epochs", args.epochs), ("--rounds", args.rounds)) if v for a in (k, v)]
+        common = ["--dataset", args.dataset, "--seed", seed, "--output", args.out / "records", "--quiet", *recipe]
+        started = time.perf_counter()
+        if name in FOLDERS:
+            folder = folder_for(name, args.model, args.out, args.ipc)
+            cli("score", folder, "--budget", BUDGET, "--ipc", args.ipc, "--json", result, *common)
+        else:
+            images = args.out / "sets" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}.h5"
+            images.parent.mkdir(parents=True, exist_ok=True)
+            cli("generate", "--dataset", args.dataset, *BASELINES[name], "--ipc", args.ipc, "--seed", seed,
+                "-o", images, "--force", "--quiet")
+            cli("score", images, "--json", result, *common)
+        print(f"({name}, seed {seed}: {time.perf_counter() - started:.0f} s wall)", file=sys.stderr, flush=True)
+    return json.loads(result.read_text())
+
+
+def row(name: str, seed: int, result: dict) -> str:
+    d = result["datasets"][0]
+    made = re.search(r"generated IPC (\d+) in ([\d.]+) s", d["source"])
+    matching = (d.get("provenance") or {}).get("matching") or {}
+    steps = f"{matching.get('steps_done')}/{matching.get('steps')}" if matching else ""
+    return (f"| {d['dataset']} | {name} | {seed} | {d['ipc']} | {100 * d['mean']:.2f} ± {100 * d['std']:.2f} | "
+            f"{' '.join(f'{100 * a:.1f}' for a in d['accuracies'])} | {made.group(2) if made else ''} | {steps} | "
+            f"{'official' if result['official_budget'] else 'NOT official'} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, required=True, help="a `ddchallenge train` folder")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--dataset", required=True, help="mnist5k-val to decide, mnist5k to report")
+    ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--seeds", type=int, nargs="+", required=True, help="scoring (and so generation) seeds")
+    ap.add_argument("--runs", nargs="+", required=True, choices=[*FOLDERS, *BASELINES])
+    ap.add_argument("--epochs", type=int, help="not for reported rows")
+    ap.add_argument("--rounds", type=int, help="not for reported rows")
+    args = ap.parse_args()
+    print("| split | run | seed | IPC | accuracy % (mean ± std, rounds) | per round % | generation s | "
+          "matching steps | recipe |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for name in args.runs:
+        for seed in args.seeds:
+            line = row(name, seed, run(name, args, seed))
+            print(line, flush=True)
+            with open(args.out / "rows.md", "a") as rows:
+                rows.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

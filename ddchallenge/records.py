@@ -27,6 +27,8 @@ import stat
 from pathlib import Path
 
 from ddchallenge.errors import RecordError, UsageError
+from ddchallenge.extras import MAX_EXTRAS, MAX_OWN_SETTINGS, MEASURES, ExtraScore, is_baseline, standard_error
+from ddchallenge.extras import recipe_hash as extra_recipe_hash
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED, EvalRecipe
 
@@ -131,6 +133,11 @@ def check_recipe(record: _Fields) -> EvalRecipe:
     unknown = sorted(set(fields.data) - set(_RECIPE_FIELDS))
     if unknown:
         raise RecordError(f"{record.where}: recipe has unknown setting(s) {clean(', '.join(map(str, unknown)), 200)}")
+    return _recipe_settings(fields)
+
+
+def _recipe_settings(fields: _Fields) -> EvalRecipe:
+    """The EvalRecipe fields of `fields`, each checked (other keys are the caller's)."""
     values = {}
     for name, f in _RECIPE_FIELDS.items():
         if f.type in ("int", int):
@@ -168,6 +175,7 @@ def check_score_record(data, where: str) -> dict:
     score = record.number("score", 0.0, 1.0)
     if abs(score - _fmean(means)) > TOLERANCE:
         raise record.error("score", f"must be the mean of the dataset means ({_fmean(means)!r})", score)
+    _check_extras(record, {d["dataset"]: d["accuracies"] for d in record.data["datasets"]}, seed)
     record.text("device", 200)
     record.text("sandbox")
     record.number("seconds")
@@ -221,6 +229,84 @@ def _check_dataset(d: _Fields, recipe: EvalRecipe, seed: int) -> float:
                 raise provenance.error(clean(key, 64), f"must be a text of at most {MAX_TEXT} characters, a number, "
                                        "a boolean or null", value)
     return mean
+
+
+_EXTRA_FIELDS = {f.name for f in dataclasses.fields(ExtraScore)}
+_DERIVED = ("ior", "ior_se", "full", "hlr")
+
+
+def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int) -> None:
+    """The extra measures (optional: older records have none), each row
+    rechecked like a dataset's: its recipe, its own hash (never the
+    challenge's), its seeds, its statistics and, for a baseline, IOR and HLR
+    recomputed from the set's accuracies."""
+    if "extras" not in record.data:
+        return
+    for i, row in enumerate(record.items("extras", 0, MAX_EXTRAS)):
+        e = _Fields(row, record.where, f"extras[{i}].")
+        unknown = sorted(set(e.data) - _EXTRA_FIELDS, key=str)
+        if unknown:
+            raise RecordError(f"{e.where}: {e.prefix.rstrip('.')} has unknown field(s) "
+                              f"{clean(', '.join(map(str, unknown)), 200)}")
+        measure = e.text("measure", 64)
+        if measure not in MEASURES:
+            raise e.error("measure", f"must be one of {', '.join(sorted(MEASURES))}", measure)
+        name = e.text("dataset", 64)
+        if name not in sets:
+            raise e.error("dataset", "must be a dataset of this record", name)
+        settings = _Fields(e.get("recipe"), e.where, f"{e.prefix}recipe.")
+        own = [k for k in settings.data if k not in _RECIPE_FIELDS]
+        if len(own) > MAX_OWN_SETTINGS:
+            raise RecordError(f"{e.where}: {settings.prefix.rstrip('.')} must hold at most {MAX_OWN_SETTINGS} "
+                              f"settings of its own, got {len(own)}")
+        for key in own:
+            value = settings.data[key]
+            if not isinstance(key, str) or len(key) > 64:
+                raise settings.error(clean(str(key), 64), "must be a name of at most 64 characters", key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                _number(value, -1e9, 1e9, lambda what, v, k=key: settings.error(k, what, v))
+            elif not (value is None or isinstance(value, bool) or (isinstance(value, str) and len(value) <= 200)):
+                raise settings.error(key, "must be a text of at most 200 characters, a number, a boolean or null",
+                                     value)
+        recipe = _recipe_settings(settings)
+        expected = extra_recipe_hash(measure, settings.data)
+        if e.get("recipe_hash") != expected:
+            raise e.error("recipe_hash", f"must be {expected}, the hash of the measure and its recorded recipe",
+                          e.data["recipe_hash"])
+        if expected == record.data.get("recipe_hash"):  # would need a sha256 collision; never mix the two
+            raise e.error("recipe_hash", "must differ from the challenge recipe's hash", expected)
+        seeds = e.items("seeds", recipe.rounds, recipe.rounds)
+        if seeds != [seed + r for r in range(recipe.rounds)] or any(isinstance(s, bool) for s in seeds):
+            raise e.error("seeds", f"must be seed, seed + 1, ... ({recipe.rounds} rounds from seed {seed})", seeds)
+        accs = [_number(a, 0.0, 1.0, lambda what, v, j=j: e.error(f"accuracies[{j}]", what, v))
+                for j, a in enumerate(e.items("accuracies", recipe.rounds, recipe.rounds))]
+        mean = e.number("mean", 0.0, 1.0)
+        if abs(mean - _fmean(accs)) > TOLERANCE:
+            raise e.error("mean", f"must be the mean of the accuracies ({_fmean(accs)!r})", mean)
+        std = e.number("std", 0.0, 0.5)
+        if abs(std - math.sqrt(_fmean([(a - mean) ** 2 for a in accs]))) > TOLERANCE:
+            raise e.error("std", "must be the population std of the accuracies", std)
+        e.number("seconds")
+        derived = {k: e.data.get(k) for k in _DERIVED}
+        if not is_baseline(measure):
+            for k, v in derived.items():
+                if v is not None:
+                    raise e.error(k, f"must be null for {measure} (baselines only)", v)
+            continue
+        own_accs = sets[name]
+        want = {"ior": _fmean(own_accs) - mean, "ior_se": standard_error(own_accs, accs)}
+        full = None if derived["full"] is None else e.number("full", 0.0, 1.0)
+        want["full"] = full
+        want["hlr"] = None if full is None else full - _fmean(own_accs)
+        for k, w in want.items():
+            v = derived[k]
+            if w is None:
+                if v is not None:
+                    raise e.error(k, "must be null (nothing to compute it from)", v)
+                continue
+            _number(v, -1.0, 1.0, lambda what, got, k=k: e.error(k, what, got))
+            if abs(v - w) > TOLERANCE:
+                raise e.error(k, f"must be {w!r}, recomputed from the set's and the baseline's accuracies", v)
 
 
 def _check_batch_fields(record: _Fields) -> None:

@@ -19,6 +19,7 @@ from ddchallenge import __version__
 from ddchallenge.data import load_reference
 from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.device import resolve_device
+from ddchallenge.extras import ExtraScore
 from ddchallenge.evaluation.train import round_accuracies
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean
@@ -66,6 +67,9 @@ class ScoreResult:
     warnings: list[str]
     versions: dict
     rules: dict = dataclasses.field(default_factory=dict)  # the organiser's rules it was scored under (`rules_record`)
+    # Measures beyond the challenge score (ddchallenge.extras), each with its own recipe and hash; older records
+    # have none
+    extras: list[ExtraScore] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -73,8 +77,9 @@ class ScoreResult:
     @classmethod
     def from_dict(cls, data: dict) -> "ScoreResult":
         """The inverse of `to_json` (raises KeyError or TypeError on anything else)."""
-        fields = {f.name for f in dataclasses.fields(cls)} - ({"rules"} - set(data))  # older records have no rules
-        return cls(**{**{k: data[k] for k in fields}, "datasets": [DatasetScore(**d) for d in data["datasets"]]})
+        fields = {f.name for f in dataclasses.fields(cls)} - ({"rules", "extras"} - set(data))  # older records
+        return cls(**{**{k: data[k] for k in fields}, "datasets": [DatasetScore(**d) for d in data["datasets"]],
+                      "extras": [ExtraScore(**e) for e in data.get("extras", [])]})
 
     def scores_txt(self) -> str:
         """The Codalab/Codabench scores file the official program writes."""

@@ -1,0 +1,115 @@
+"""The measures beyond the challenge score, as results carry them.
+
+The challenge score is one hard-label ConvNet-3 accuracy under `OFFICIAL`.
+Anything else a result reports (another architecture, a random or herding
+real-image baseline, soft labels) is an `ExtraScore`: its own row, its own
+recipe (the evaluation recipe as run plus the measure's own settings) and
+its own recipe hash, computed over the measure's name and that recipe, so
+that it can never be mistaken for, or mixed into, the challenge score.
+
+This module holds only the record's shape and the names it may use; it
+imports nothing that trains. `records.py` checks rows read back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+# The evaluation pool of DatasetCondensation (`get_eval_pool`, `get_network`), by our lowercase names;
+# ddchallenge.evaluation.pool builds each. "pool" on the command line means all of them.
+ARCHITECTURES = ("convnet", "convnetbn", "convnetd4", "mlp", "lenet", "alexnet", "vgg11", "resnet18")
+BASELINES = ("random", "herding")
+LABEL_MODES = ("soft", "teacher")  # stored soft labels (DD-Ranking's mode S) and teacher relabelling (mode M)
+
+ARCH_PREFIX, BASELINE_PREFIX, LABELS_PREFIX = "arch:", "baseline:", "labels:"
+MEASURES = frozenset([ARCH_PREFIX + a for a in ARCHITECTURES] + [BASELINE_PREFIX + b for b in BASELINES]
+                     + [LABELS_PREFIX + m for m in LABEL_MODES])
+MAX_EXTRAS = 256  # rows in one record: 8 architectures + 2 baselines + 2 label modes, for 6 datasets, is 72
+MAX_OWN_SETTINGS = 32  # a measure's own settings beside the evaluation recipe's
+
+
+def is_baseline(measure: str) -> bool:
+    return measure.startswith(BASELINE_PREFIX)
+
+
+def recipe_hash(measure: str, recipe: dict) -> str:
+    """A short stable id of an extra measure's recipe: sha256 over the
+    measure's name and its recipe (the evaluation recipe's fields, less
+    `eval_batch_size` which never changes a result, plus the measure's own
+    settings). The blob is an object with a "measure" key, which the
+    challenge recipe's blob (`EvalRecipe.hash`) never has."""
+    body = {k: v for k, v in recipe.items() if k != "eval_batch_size"}
+    blob = json.dumps({"measure": measure, "recipe": body}, sort_keys=True, allow_nan=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def standard_error(a: list[float], b: list[float]) -> float | None:
+    """Standard error of mean(a) - mean(b) for independent rounds (Welch:
+    sqrt(s_a^2/n_a + s_b^2/n_b), sample variances); None with fewer than two
+    rounds on either side, where there is no variance to estimate."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+
+    def var(xs: list[float]) -> float:
+        m = math.fsum(xs) / len(xs)
+        return math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    return math.sqrt(var(a) / len(a) + var(b) / len(b))
+
+
+@dataclass(frozen=True)
+class ExtraScore:
+    """One extra measure on one dataset of a result. Accuracies are
+    fractions in [0, 1], one per round, on the challenge's seeds."""
+
+    measure: str  # one of MEASURES: "arch:<name>", "baseline:random|herding", "labels:soft|teacher"
+    dataset: str  # a dataset of the same result
+    recipe: dict  # the EvalRecipe fields as run, plus the measure's own settings (flat; scalars)
+    recipe_hash: str  # recipe_hash(measure, recipe); never the challenge recipe's
+    seeds: list[int]  # one per round of `recipe`
+    accuracies: list[float]  # of what this measure trained (the baseline's for a baseline row)
+    mean: float
+    std: float  # population std over rounds, as the challenge score's
+    seconds: float  # wall time of this measure (0 for a baseline read from the cache)
+    # Baselines only (None elsewhere): IOR = the set's mean - this baseline's mean (DD-Ranking), its standard
+    # error (`standard_error`), and, where a full-data accuracy is cached for the recipe, that accuracy and
+    # HLR = full - the set's mean. All fractions, like the accuracies.
+    ior: float | None = None
+    ior_se: float | None = None
+    full: float | None = None
+    hlr: float | None = None
+
+    @classmethod
+    def make(cls, measure: str, dataset: str, recipe: dict, seeds: list[int], accuracies: list[float],
+             seconds: float, **derived) -> "ExtraScore":
+        mean = math.fsum(accuracies) / len(accuracies)
+        std = math.sqrt(math.fsum((a - mean) ** 2 for a in accuracies) / len(accuracies))
+        return cls(measure=measure, dataset=dataset, recipe=dict(recipe), recipe_hash=recipe_hash(measure, recipe),
+                   seeds=list(seeds), accuracies=[float(a) for a in accuracies], mean=mean, std=std,
+                   seconds=float(seconds), **derived)
+
+
+@dataclass(frozen=True)
+class ExtrasRequest:
+    """Which extra measures a score run adds (empty: none, the default).
+    Part of a batch's settings: a record made without them is not reused for
+    a run that asks for them."""
+
+    archs: tuple[str, ...] = ()  # names from ARCHITECTURES, in the order asked, each once
+    baseline: str | None = None  # one of BASELINES
+    baseline_seed: int = 0  # seed of the baseline's real subset (the generator's --seed)
+    data_root: str | None = field(default=None, compare=False)  # where training stores and caches live
+
+    def __bool__(self) -> bool:
+        return bool(self.archs or self.baseline)
+
+    def fingerprint(self) -> dict:
+        """What a record's settings hold of this request (nothing when empty)."""
+        out: dict = {}
+        if self.archs:
+            out["archs"] = list(self.archs)
+        if self.baseline:
+            out.update(baseline=self.baseline, baseline_seed=self.baseline_seed)
+        return out

@@ -103,8 +103,13 @@ def train_round(
     device: torch.device,
     progress: bool = True,
     desc: str = "train",
+    targets=None,
 ) -> torch.nn.Module:
-    """Train a fresh reference ConvNet on (images, labels) with the recipe."""
+    """Train a fresh reference ConvNet on (images, labels) with the recipe.
+    `targets` None: hard labels and cross-entropy, the challenge's loss; else
+    an object whose `loss(logits, images, index)` is the batch's loss (soft
+    labels, `ddchallenge.evaluation.soft`). It draws no random number, so the
+    round's batches and augmentations are the hard-label round's."""
     groups = parse_strategy(recipe.dsa_strategy)
     rnd = _Round(spec, recipe, seed, device)
     net = rnd.net.to(device).train()
@@ -118,7 +123,8 @@ def train_round(
         for b in range(batches):
             idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
             xb, yb = rnd.batch(x, y, idx, groups[choice[b]] if groups else None)
-            yield F.cross_entropy(net(xb), yb)
+            logits = net(xb)
+            yield F.cross_entropy(logits, yb) if targets is None else targets.loss(logits, xb, idx)
 
     _optimise(list(net.parameters()), losses, recipe, device, progress, desc)
     return net.eval()
@@ -212,15 +218,19 @@ def round_accuracies(
     progress: bool = True,
     desc: str = "train",
     together: bool | None = None,
+    targets=None,
 ) -> list[float]:
     """Test accuracy of one round per seed, rounds trained alone or together
     (`together=None`: `together_by_default(device)`); the same numbers either
-    way up to float summation order."""
+    way up to float summation order. `targets`: see `train_round` (rounds
+    then train one at a time)."""
     seeds = list(seeds)
     if together is not None and not isinstance(together, bool):
         raise UsageError(f"together must be True, False or None (the device's default), got {together!r}")
+    if targets is not None and together:
+        raise UsageError("soft-label training runs rounds one at a time; drop together=True")
     if together is None:
-        together = together_by_default(device)
+        together = together_by_default(device) and targets is None
     accs: list[float] = []
     if together:
         for start in range(0, len(seeds), MAX_ROUNDS_TOGETHER):
@@ -230,7 +240,8 @@ def round_accuracies(
                 accs.append(accuracy(net, test_images, test_labels, recipe.eval_batch_size))
         return accs
     for r, s in enumerate(seeds):
-        net = train_round(spec, images, labels, recipe, s, device, progress, desc=f"{desc} round {r + 1}/{len(seeds)}")
+        net = train_round(spec, images, labels, recipe, s, device, progress, desc=f"{desc} round {r + 1}/{len(seeds)}",
+                          targets=targets)
         accs.append(accuracy(net, test_images, test_labels, recipe.eval_batch_size))
     return accs
 

@@ -29,6 +29,7 @@ from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.augment import augment, parse_strategy
 from ddchallenge.evaluation.device import keep_freed_memory, training_numerics
 from ddchallenge.evaluation.nets import StackedConvNet, reference_convnet
+from ddchallenge.evaluation.pool import build as build_arch
 from ddchallenge.protocol import DatasetSpec, EvalRecipe
 
 
@@ -49,11 +50,14 @@ class RoundSeeds:
 class _Round:
     """One round's network and random streams, made the same way for both paths."""
 
-    def __init__(self, spec: DatasetSpec, recipe: EvalRecipe, seed: int, device: torch.device):
+    def __init__(self, spec: DatasetSpec, recipe: EvalRecipe, seed: int, device: torch.device,
+                 arch: str = "convnet"):
         seeds = RoundSeeds.from_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds.init)
-            self.net = reference_convnet(spec, recipe.width, recipe.depth)
+            # "convnet" is reference_convnet itself; another pool network draws its weights from the same stream
+            self.net = reference_convnet(spec, recipe.width, recipe.depth) if arch == "convnet" \
+                else build_arch(arch, spec, recipe.width, recipe.depth)
         self.shuffle_gen = torch.Generator(device=device).manual_seed(seeds.shuffle)
         self.aug_gen = torch.Generator(device=device).manual_seed(seeds.augment)
         self.group_gen = torch.Generator().manual_seed(seeds.groups)
@@ -104,14 +108,16 @@ def train_round(
     progress: bool = True,
     desc: str = "train",
     targets=None,
+    arch: str = "convnet",
 ) -> torch.nn.Module:
-    """Train a fresh reference ConvNet on (images, labels) with the recipe.
+    """Train a fresh reference ConvNet (or `arch` of the evaluation pool,
+    ddchallenge.evaluation.pool) on (images, labels) with the recipe.
     `targets` None: hard labels and cross-entropy, the challenge's loss; else
     an object whose `loss(logits, images, index)` is the batch's loss (soft
     labels, `ddchallenge.evaluation.soft`). It draws no random number, so the
     round's batches and augmentations are the hard-label round's."""
     groups = parse_strategy(recipe.dsa_strategy)
-    rnd = _Round(spec, recipe, seed, device)
+    rnd = _Round(spec, recipe, seed, device, arch)
     net = rnd.net.to(device).train()
     x = images.to(device, torch.float32)
     y = labels.to(device, torch.int64)
@@ -219,18 +225,23 @@ def round_accuracies(
     desc: str = "train",
     together: bool | None = None,
     targets=None,
+    arch: str = "convnet",
 ) -> list[float]:
     """Test accuracy of one round per seed, rounds trained alone or together
     (`together=None`: `together_by_default(device)`); the same numbers either
     way up to float summation order. `targets`: see `train_round` (rounds
-    then train one at a time)."""
+    then train one at a time). `arch`: the network of the evaluation pool
+    (default the challenge's ConvNet); only the ConvNet stacks, so any other
+    trains its rounds alone."""
     seeds = list(seeds)
     if together is not None and not isinstance(together, bool):
         raise UsageError(f"together must be True, False or None (the device's default), got {together!r}")
     if targets is not None and together:
         raise UsageError("soft-label training runs rounds one at a time; drop together=True")
+    if arch != "convnet" and together:
+        raise UsageError(f"{arch} trains its rounds one at a time; drop together=True")
     if together is None:
-        together = together_by_default(device) and targets is None
+        together = together_by_default(device) and targets is None and arch == "convnet"
     accs: list[float] = []
     if together:
         for start in range(0, len(seeds), MAX_ROUNDS_TOGETHER):
@@ -241,7 +252,7 @@ def round_accuracies(
         return accs
     for r, s in enumerate(seeds):
         net = train_round(spec, images, labels, recipe, s, device, progress, desc=f"{desc} round {r + 1}/{len(seeds)}",
-                          targets=targets)
+                          targets=targets, arch=arch)
         accs.append(accuracy(net, test_images, test_labels, recipe.eval_batch_size))
     return accs
 

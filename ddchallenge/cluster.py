@@ -29,8 +29,6 @@ import socket
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ddchallenge import __version__
 from ddchallenge.batch import (
     Attempt,
@@ -46,6 +44,7 @@ from ddchallenge.batch import (
 )
 from ddchallenge.errors import EnvironmentFailure, UsageError
 from ddchallenge.isolation import clean
+from ddchallenge.progress import bar as progress_bar
 from ddchallenge.upload import digest
 
 log = logging.getLogger(__name__)
@@ -201,7 +200,7 @@ def _run(ray, todo: dict[int, Pending], outcomes: dict[int, BatchOutcome], names
 
     for i in todo:
         submit(i)
-    bar = tqdm(total=total, initial=len(outcomes), desc="uploads", unit="upload", disable=not progress)
+    bar = progress_bar(total=total, initial=len(outcomes), desc="uploads", unit="upload", show=progress)
     try:
         while in_flight:
             (ready,), _ = ray.wait(list(in_flight), num_returns=1)

@@ -38,14 +38,15 @@ def is_shown() -> bool:
 
 
 def bar(iterable: Iterable | None = None, *, desc: str, unit: str, total: float | None = None, initial: int = 0,
-        show: bool | None = None) -> tqdm:
+        show: bool | None = None, leave: bool | None = None) -> tqdm:
     """A bar over `iterable` (or `total` units, advanced with `.update(n)`),
     shown when `show` is True, or when None and inside `shown()`. A bar
     opened inside another one is cleared when it ends; an outer one stays
-    as the record of what was done."""
+    as the record of what was done, unless `leave` is False (a step repeated
+    many times in a row, such as a scoring round's epochs)."""
     on = is_shown() if show is None else show
     return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, disable=not on, file=sys.stderr,
-                dynamic_ncols=True, leave=None, mininterval=0.5)
+                dynamic_ncols=True, leave=leave, mininterval=0.5)
 
 
 class Fraction:

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.augment import augment, parse_strategy
 from ddchallenge.evaluation.device import keep_freed_memory, training_numerics
 from ddchallenge.evaluation.nets import StackedConvNet, reference_convnet
 from ddchallenge.evaluation.pool import build as build_arch
+from ddchallenge.progress import bar
 from ddchallenge.protocol import DatasetSpec, EvalRecipe
 
 
@@ -88,7 +88,7 @@ def _optimise(params: list[torch.Tensor], losses, recipe: EvalRecipe, device: to
     lr = recipe.lr
     opt = _sgd(params, lr, recipe)
     with training_numerics(device):
-        for ep in tqdm(range(recipe.passes), desc=desc, unit="ep", disable=not progress, leave=False):
+        for ep in bar(range(recipe.passes), desc=desc, unit="ep", show=progress, leave=False):
             for loss in losses():
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -2,8 +2,10 @@
 `score` read. Images are pixels (uint8, or float32 in [0, 1]), not normalised;
 labels travel with them, so any IPC and any order is allowed.
 
-    /images  (N, C, H, W) uint8 or float32
-    /labels  (N,) int64
+    /images       (N, C, H, W) uint8 or float32
+    /labels       (N,) int64
+    /soft_labels  (N, classes) float16, optional: each image's class probabilities
+                  (rows non-negative, summing to 1); absent, the file is what it always was
     attrs: dataset, ipc, method, seed, ddchallenge_version, config (JSON)
 """
 from __future__ import annotations
@@ -27,17 +29,54 @@ class LabelledSet:
     images: np.ndarray  # (N, C, H, W) uint8, or float32 in [0, 1]
     labels: np.ndarray  # (N,) int64
     attrs: dict  # provenance: dataset, ipc, method, seed, version, config
+    soft_labels: np.ndarray | None = None  # (N, classes) float16 probabilities, checked (`check_soft_labels`)
 
     @property
     def dataset(self) -> str | None:
         return self.attrs.get("dataset")
 
 
+SOFT_LABELS = "soft_labels"
+MAX_SOFT_CLASSES = 1000  # columns of a soft-label array; every known dataset has at most 200 classes
+# A float16 probability is stored to 2^-11 relative error, so a row of them sums to 1 within about 2^-11
+# (5e-4); twice that leaves room for a writer that normalised in float16 and refuses anything meant otherwise.
+SOFT_SUM_TOLERANCE = 2e-3
+
+
+def check_soft_labels(soft, n: int, classes: int | None, source: str) -> np.ndarray:
+    """Soft labels as an upload gives them, checked: float16 (N, classes)
+    (`classes` None: any count up to MAX_SOFT_CLASSES), finite, non-negative,
+    each row summing to 1 within SOFT_SUM_TOLERANCE. No value is quoted: an
+    error is shown to whoever uploaded the file."""
+    fix = "store each image's class probabilities as float16 (N, classes), rows summing to 1"
+    if not isinstance(soft, np.ndarray) or soft.dtype != np.float16:
+        found = soft.dtype if isinstance(soft, np.ndarray) else type(soft).__name__
+        raise SubmissionError(f"{source}: soft labels are {found}; {fix}")
+    wanted = classes if classes is not None else "classes"
+    if soft.ndim != 2 or soft.shape[0] != n or not 2 <= soft.shape[1] <= MAX_SOFT_CLASSES \
+            or (classes is not None and soft.shape[1] != classes):
+        raise SubmissionError(f"{source}: soft labels have shape {soft.shape}; expected ({n}, {wanted}), one row of "
+                              f"class probabilities per image")
+    values = soft.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise SubmissionError(f"{source}: soft labels hold NaN or Inf; {fix}")
+    if (values < 0).any():
+        raise SubmissionError(f"{source}: soft labels hold negative values; {fix}")
+    off = np.abs(values.sum(axis=1) - 1.0)
+    if (off > SOFT_SUM_TOLERANCE).any():
+        bad = int((off > SOFT_SUM_TOLERANCE).sum())
+        raise SubmissionError(f"{source}: {bad} row(s) of soft labels do not sum to 1 (within "
+                              f"{SOFT_SUM_TOLERANCE:g}); {fix}")
+    return soft
+
+
 def write_labelled_set(
     path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, *, dataset: str, ipc: int,
-    method: str, seed: int, config: dict,
+    method: str, seed: int, config: dict, soft_labels: np.ndarray | None = None,
 ) -> Path:
-    """Write atomically; the file appears whole or not at all."""
+    """Write atomically; the file appears whole or not at all. `soft_labels`
+    (N, classes) float16 probabilities are checked as a reader checks them;
+    without them the file is byte for byte what it was before they existed."""
     images = np.ascontiguousarray(images)
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     if images.dtype not in (np.uint8, np.float32) or images.ndim != 4 or labels.shape != (images.shape[0],):
@@ -45,10 +84,14 @@ def write_labelled_set(
             f"a labelled set needs images (N, C, H, W) uint8 or float32 and labels (N,); got "
             f"{images.dtype} {images.shape} and {labels.shape}"
         )
+    if soft_labels is not None:
+        soft_labels = check_soft_labels(np.ascontiguousarray(soft_labels), images.shape[0], None, str(path))
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("images", data=images)
             f.create_dataset("labels", data=labels)
+            if soft_labels is not None:
+                f.create_dataset(SOFT_LABELS, data=soft_labels)
             f.attrs.update({
                 "dataset": dataset, "ipc": int(ipc), "method": method, "seed": int(seed),
                 "ddchallenge_version": __version__, "config": json.dumps(config, sort_keys=True),
@@ -72,6 +115,7 @@ while h5py.h5pl.size():
 class Header:
     images_shape: tuple[int, ...]
     dataset: str | None  # the dataset the set's attributes name
+    soft_labels_shape: tuple[int, ...] | None = None  # of /soft_labels, when the set has them
 
 
 def _check_self_contained(f: h5py.File, path: Path) -> None:
@@ -86,10 +130,10 @@ def _check_self_contained(f: h5py.File, path: Path) -> None:
         if not isinstance(link, h5py.HardLink):
             raise SubmissionError(f"labelled set {path}: /{name} is a link ({type(link).__name__}), which can point "
                                   "outside the file; a labelled set holds its data itself")
-    extra = sorted(set(names) - {"images", "labels"})
+    extra = sorted(set(names) - {"images", "labels", SOFT_LABELS})
     if extra:
         raise SubmissionError(f"labelled set {path} holds unexpected object(s) {', '.join(map(repr, extra[:5]))}; "
-                              "a labelled set holds /images and /labels only")
+                              "a labelled set holds /images, /labels and optionally /soft_labels only")
     for name in names:
         obj = f[name]
         if not isinstance(obj, h5py.Dataset):
@@ -142,10 +186,18 @@ def read_labelled_set(path: str | os.PathLike, pixels: bool = True,
             if len(shape) != 4 or label_shape != shape[:1]:
                 raise SubmissionError(f"labelled set {path} has images {shape} and labels {label_shape}; expected "
                                       "(N, C, H, W) and (N,)")
+            soft_shape = tuple(f[SOFT_LABELS].shape) if SOFT_LABELS in f else None
+            # The shape is checked before the values are read: a header cannot make the reader inflate more
+            # than N x MAX_SOFT_CLASSES float16 values.
+            if soft_shape is not None and (len(soft_shape) != 2 or soft_shape[0] != shape[0]
+                                           or not 2 <= soft_shape[1] <= MAX_SOFT_CLASSES):
+                raise SubmissionError(f"labelled set {path}: soft labels have shape {soft_shape}; expected "
+                                      f"({shape[0]}, classes), one row of class probabilities per image")
             if check_header is not None:
                 named = attrs.get("dataset")
-                check_header(Header(tuple(shape), named if isinstance(named, str) else None))
+                check_header(Header(tuple(shape), named if isinstance(named, str) else None, soft_shape))
             images, labels = f["images"][()], f["labels"][()]
+            soft = f[SOFT_LABELS][()] if soft_shape is not None else None
     except OSError as exc:
         raise SubmissionError(f"{path} is not a readable HDF5 labelled set (truncated or corrupt: "
                               f"{str(exc)[:200]})") from None
@@ -175,4 +227,6 @@ def read_labelled_set(path: str | os.PathLike, pixels: bool = True,
             )
     else:
         raise SubmissionError(f"labelled set {path} has images of type {images.dtype}; expected uint8 or float32")
-    return LabelledSet(images=images, labels=labels.astype(np.int64), attrs=attrs)
+    if soft is not None:
+        soft = check_soft_labels(soft, images.shape[0], None, f"labelled set {path}")
+    return LabelledSet(images=images, labels=labels.astype(np.int64), attrs=attrs, soft_labels=soft)

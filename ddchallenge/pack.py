@@ -3,6 +3,8 @@
     OUTDIR/res/<dataset>.pt   float32, class-major, normalised with the dataset's mean and std:
                               a bare tensor at IPC 10 (the official format), else
                               {"images", "labels"} (Track 2 sets keep their labels)
+    OUTDIR/res/<dataset>.soft_labels.pt   only for a set with soft labels: float16 (N, classes), rows in
+                              the order of <dataset>.pt's images (the official program never reads it)
     OUTDIR/res/manifest.json  what each file is, its sha256 and the generator's provenance
     OUTDIR/manifest.json      the same, plus the zip's sha256
     OUTDIR/submission.zip     the upload: the res/ files (manifest included) at the top level
@@ -31,16 +33,16 @@ from ddchallenge import __version__
 from ddchallenge.data import normalise
 from ddchallenge.errors import OutputExistsError, SubmissionError, UsageError
 from ddchallenge.fileio import replace_folder, sha256_bytes, sha256_file, torch_bytes
-from ddchallenge.labelled import read_labelled_set
+from ddchallenge.labelled import check_soft_labels, read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, TRACK1_IPC, get_dataset
-from ddchallenge.submission import MANIFEST, check_image_shape, check_labels, load_submission
+from ddchallenge.submission import MANIFEST, SOFT_SUFFIX, check_image_shape, check_labels, load_submission
 
 ZIP_NAME = "submission.zip"
 # A fixed timestamp keeps the zip's bytes a function of its contents only.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def _packed_file(set_path: Path, track: int | None, input_normalised: bool) -> tuple[str, bytes, dict]:
+def _packed_file(set_path: Path, track: int | None, input_normalised: bool) -> tuple[dict[str, bytes], dict]:
     lset = read_labelled_set(set_path, pixels=not input_normalised)
     name = lset.dataset
     if name not in DATASETS:
@@ -65,7 +67,15 @@ def _packed_file(set_path: Path, track: int | None, input_normalised: bool) -> t
         "labels": "implicit, class-major (image i has label i // IPC)" if fmt == "official" else "stored with the images",
         "source": {"set": set_path.name, "sha256": sha256_file(set_path), "provenance": lset.attrs},
     }
-    return spec.submission_file, data, entry
+    files = {spec.submission_file: data}
+    if lset.soft_labels is not None:  # a set without them packs to the same bytes as before they existed
+        check_soft_labels(lset.soft_labels, pixels.shape[0], spec.classes, str(set_path))
+        soft = torch_bytes(torch.from_numpy(lset.soft_labels)[order].contiguous())
+        companion = f"{spec.name}{SOFT_SUFFIX}"
+        files[companion] = soft
+        entry["soft_labels"] = {"file": f"res/{companion}", "sha256": sha256_bytes(soft), "dtype": "float16",
+                                "shape": [int(pixels.shape[0]), spec.classes]}
+    return files, entry
 
 
 def _zip_bytes(files: dict[str, bytes]) -> bytes:
@@ -107,10 +117,10 @@ def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | 
     files, entries = {}, []
     for s in map(Path, sets):
         _check_is_labelled_set(s)
-        name, data, entry = _packed_file(s, track, input_normalised)
-        if name in files:
+        packed, entry = _packed_file(s, track, input_normalised)
+        if any(name in files for name in packed):
             raise SubmissionError(f"two sets for {entry['dataset']}; pack one set per dataset")
-        files[name] = data
+        files.update(packed)
         entries.append(entry)
     packed = {e["dataset"] for e in entries}
     if (track == 1 or packed & TRACK1_DATASETS) and not TRACK1_DATASETS <= packed:

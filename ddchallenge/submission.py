@@ -9,6 +9,12 @@ Forms:
 - labelled set `.h5`: pixels with labels (see labelled.py), normalised here;
 - a `res/` folder (or a folder holding `res/`) of dataset files;
 - a submission `.zip` holding `<dataset>.pt` files at its top level.
+
+Soft labels (optional, for the soft-label measures; the challenge score never
+reads them): a labelled set's /soft_labels, or beside a dataset file in a
+res/ folder or zip the companion `<dataset>.soft_labels.pt`, a bare float16
+tensor (N, classes) written by torch.save whose rows follow the file's
+images. The official program reads `<dataset>.pt` by name and never sees it.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import torch
 from ddchallenge.data import normalise
 from ddchallenge.errors import SubmissionError, UploadRuleError
 from ddchallenge.fileio import MAX_FILE_BYTES, check_file, load_torch_bytes, read_limited, sha256_bytes, sha256_file
-from ddchallenge.labelled import Header, read_labelled_set
+from ddchallenge.labelled import Header, check_soft_labels, read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, DatasetSpec, UploadRules, get_dataset
 
 MAX_MANIFEST_BYTES = 1 << 20
@@ -37,6 +43,7 @@ MAX_PROVENANCE_KEYS, MAX_PROVENANCE_KEY, MAX_PROVENANCE_VALUE = 32, 64, 2048
 FORMS = "an official <dataset>.pt file, a labelled .h5 set, a res/ folder or a submission .zip"
 # Files a Codabench/Codalab res/ folder may hold beside the submission.
 IGNORED_IN_FOLDER = {"metadata", MANIFEST}
+SOFT_SUFFIX = ".soft_labels.pt"  # <dataset>.soft_labels.pt: a dataset file's soft labels, a bare float16 tensor
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class DatasetEntry:
     warnings: tuple[str, ...] = field(default=())
     method: str | None = None  # generating method, when the set or pack's manifest records it
     provenance: dict | None = None  # the set's attributes (see `bounded_provenance`), when the upload holds them
+    soft_labels: torch.Tensor | None = None  # float16 (N, classes) probabilities, rows following images; checked
 
 
 def load_submission(path: str | os.PathLike, dataset: str | None = None,
@@ -104,12 +112,14 @@ def _load_folder(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
     if links:
         # A link could make the scorer read any file it can see.
         raise SubmissionError(f"{folder} holds symbolic link(s) {', '.join(links)}; a submission holds plain files only")
-    stray = [p.name for p in files if not _is_dataset_file(p.name)]
+    stray = [p.name for p in files if not _is_dataset_file(p.name) and soft_companion_of(p.name) is None]
     if stray:
         raise SubmissionError(
             f"unexpected file(s) {', '.join(stray)} in {folder}; a res/ folder holds only <dataset>.pt or "
-            f"<dataset>.h5 files (datasets: {', '.join(DATASETS)})"
+            f"<dataset>.h5 files and their <dataset>{SOFT_SUFFIX} soft labels (datasets: {', '.join(DATASETS)})"
         )
+    companions = {soft_companion_of(p.name): p for p in files if soft_companion_of(p.name) is not None}
+    files = [p for p in files if soft_companion_of(p.name) is None]
     if not files:
         raise SubmissionError(f"{folder} holds no dataset file; expected files such as cifar100.pt and tinyimagenet.pt")
     _refuse_duplicates([p.name for p in files], str(folder))
@@ -124,6 +134,10 @@ def _load_folder(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
                 _check_size(p.stat().st_size, rules.max_bytes([DATASETS[p.stem]], official=True), str(p))
             data = read_limited(p, SubmissionError, "submission")
             entries.append(_from_torch_bytes(data, str(p), p.stem, None, rules, official=True))
+    for name, p in companions.items():
+        limit = _soft_limit(DATASETS[name], rules, official=True)
+        _check_size(p.stat().st_size, limit, str(p))
+        entries = _with_soft_labels(entries, name, read_limited(p, SubmissionError, "soft labels"), str(p))
     return entries
 
 
@@ -142,13 +156,16 @@ def _load_zip(path: Path, rules: UploadRules | None) -> tuple[list[DatasetEntry]
         _refuse_duplicates([m.filename for m in members], str(path))
         manifest = next((m for m in members if m.filename == MANIFEST), None)
         members = [m for m in members if m is not manifest]
+        companions = {soft_companion_of(m.filename): m for m in members
+                      if "/" not in m.filename and soft_companion_of(m.filename) is not None}
+        members = [m for m in members if m not in companions.values()]
         stray = [m.filename for m in members if "/" in m.filename or not m.filename.endswith(".pt")
                  or m.filename[:-3] not in DATASETS]
         if stray:
             raise SubmissionError(
                 f"{path} has unexpected member(s) {', '.join(stray[:5])}; a submission zip holds only "
-                "<dataset>.pt files (and the manifest.json `pack` writes) at its top level (for the challenge: "
-                "cifar100.pt and tinyimagenet.pt)"
+                f"<dataset>.pt files (and the manifest.json and <dataset>{SOFT_SUFFIX} soft labels `pack` writes) "
+                "at its top level (for the challenge: cifar100.pt and tinyimagenet.pt)"
             )
         if not members:
             raise SubmissionError(f"{path} holds no dataset file; expected cifar100.pt and tinyimagenet.pt")
@@ -162,18 +179,71 @@ def _load_zip(path: Path, rules: UploadRules | None) -> tuple[list[DatasetEntry]
         for m in sorted(members, key=lambda m: m.filename):
             # The declared size is checked before anything is inflated.
             limit = MAX_FILE_BYTES if rules is None else rules.max_bytes([DATASETS[m.filename[:-3]]], official=True)
-            _check_size(m.file_size, limit, f"{path}:{m.filename}")
-            try:
-                with archive.open(m) as fh:
-                    # Read at most one byte past the declared size: a member
-                    # that lies about its size is caught without inflating it.
-                    data = fh.read(m.file_size + 1)
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-                raise SubmissionError(f"{path}:{m.filename} cannot be extracted ({exc}); zip it again") from None
-            if len(data) != m.file_size:
-                raise SubmissionError(f"{path}:{m.filename} does not match its declared size; refused")
+            data = _member_bytes(archive, m, limit, path)
             entries.append(_from_torch_bytes(data, f"{path}:{m.filename}", m.filename[:-3], None, rules, official=True))
+        for name, m in sorted(companions.items()):
+            data = _member_bytes(archive, m, _soft_limit(DATASETS[name], rules, official=True), path)
+            entries = _with_soft_labels(entries, name, data, f"{path}:{m.filename}")
         return entries, _read_manifest_member(archive, manifest)
+
+
+def _member_bytes(archive: zipfile.ZipFile, m: zipfile.ZipInfo, limit: int, path: Path) -> bytes:
+    _check_size(m.file_size, limit, f"{path}:{m.filename}")
+    try:
+        with archive.open(m) as fh:
+            # Read at most one byte past the declared size: a member
+            # that lies about its size is caught without inflating it.
+            data = fh.read(m.file_size + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+        raise SubmissionError(f"{path}:{m.filename} cannot be extracted ({exc}); zip it again") from None
+    if len(data) != m.file_size:
+        raise SubmissionError(f"{path}:{m.filename} does not match its declared size; refused")
+    return data
+
+
+def soft_companion_of(name: str) -> str | None:
+    """The dataset whose soft labels the file `name` holds, or None."""
+    stem = name[: -len(SOFT_SUFFIX)] if name.endswith(SOFT_SUFFIX) else None
+    return stem if stem in DATASETS else None
+
+
+def _soft_limit(spec: DatasetSpec, rules: UploadRules | None, official: bool) -> int:
+    """The largest soft-label file that fits the images the rules allow: float16 (N, classes) and 1 MiB."""
+    images = MAX_FILE_BYTES // 2 if rules is None else rules.max_images(spec, official)
+    return min(MAX_FILE_BYTES, images * spec.classes * 2 + (1 << 20))
+
+
+def soft_labels_from_bytes(data: bytes, n: int, classes: int, source: str) -> torch.Tensor:
+    """A companion file's soft labels, read as a dataset file is (no
+    compressed records, weights_only, no fallback): a bare float16 tensor
+    (n, classes) storing every byte it claims, its values checked
+    (`check_soft_labels`)."""
+    _check_torch_container(data, source)
+    soft = load_torch_bytes(data, source, SubmissionError)
+    fix = "save the soft labels with torch.save(probabilities.half(), path), a float16 (N, classes) tensor"
+    if not isinstance(soft, torch.Tensor):
+        raise SubmissionError(f"{source} holds {type(soft).__name__}; {fix}")
+    if soft.dtype != torch.float16:
+        raise SubmissionError(f"{source}: soft labels are {soft.dtype}; {fix}")
+    if soft.untyped_storage().nbytes() < soft.numel() * soft.element_size():
+        raise SubmissionError(f"{source} claims a {'x'.join(map(str, soft.shape))} tensor but stores fewer bytes; "
+                              f"{fix}")
+    soft = soft.detach().contiguous()
+    check_soft_labels(soft.numpy(), n, classes, source)
+    return soft
+
+
+def _with_soft_labels(entries: list[DatasetEntry], name: str, data: bytes, source: str) -> list[DatasetEntry]:
+    """`entries` with the companion's soft labels on dataset `name`'s entry."""
+    found = [e for e in entries if e.spec.name == name]
+    if not found:
+        raise SubmissionError(f"{source} holds soft labels for {name}, but the upload has no {name} file; remove "
+                              "it or add the dataset")
+    (entry,) = found
+    if entry.soft_labels is not None:
+        raise SubmissionError(f"{source}: {name} has soft labels in its set already; keep one of the two")
+    soft = soft_labels_from_bytes(data, entry.images.shape[0], entry.spec.classes, source)
+    return [dataclasses.replace(e, soft_labels=soft) if e is entry else e for e in entries]
 
 
 def _is_dataset_file(name: str) -> bool:
@@ -279,6 +349,9 @@ def _from_labelled_h5(path: Path, dataset: str | None, rules: UploadRules | None
         spec = _resolve_spec(str(path), named, dataset, header.images_shape[1:], header.images_shape[0])
         if rules is not None:
             rules.check_count(spec, header.images_shape[0], str(path), official)
+        if header.soft_labels_shape is not None and header.soft_labels_shape[1] != spec.classes:
+            raise SubmissionError(f"labelled set {path}: soft labels have shape {header.soft_labels_shape}; "
+                                  f"expected ({header.images_shape[0]}, {spec.classes}) for {spec.name}")
         found["spec"] = spec
 
     lset = read_labelled_set(path, check_header=check_header)
@@ -289,9 +362,10 @@ def _from_labelled_h5(path: Path, dataset: str | None, rules: UploadRules | None
     if rules is not None:
         rules.check_ipc(spec, ipc, str(path), official)
     method = lset.attrs.get("method")
+    soft = None if lset.soft_labels is None else torch.from_numpy(lset.soft_labels)
     return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_file(path),
                         method=method[:MAX_METHOD] if isinstance(method, str) else None,
-                        provenance=bounded_provenance(lset.attrs))
+                        provenance=bounded_provenance(lset.attrs), soft_labels=soft)
 
 
 def bounded_provenance(value) -> dict | None:

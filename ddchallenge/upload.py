@@ -27,6 +27,7 @@ from ddchallenge.diffusion.model import checkpoints, generator_marker, META_FILE
 from ddchallenge.errors import BudgetExceeded, SubmissionError, UploadRuleError
 from ddchallenge.fileio import sha256_file
 from ddchallenge.isolation import Input, Limits
+from ddchallenge.labelled import check_soft_labels
 from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
 from ddchallenge.submission import DatasetEntry, bounded_provenance, check_images, check_labels, load_submission
 
@@ -100,7 +101,8 @@ def upload_limits(kind: str, rules: UploadRules) -> Limits:
     if kind == GENERATOR:
         return Limits(input_bytes=GENERATOR_BYTES)
     specs = [s for s in DATASETS.values() if rules.allows(s)]
-    return Limits(input_bytes=sum(rules.max_bytes([s]) for s in specs) + (1 << 20))
+    soft = sum(rules.max_images(s) * s.classes * 2 for s in specs)  # optional float16 soft labels
+    return Limits(input_bytes=sum(rules.max_bytes([s]) for s in specs) + soft + (1 << 20))
 
 
 def inspect(path: str | os.PathLike, rules: UploadRules, track2: bool | None) -> isolation.Inventory:
@@ -250,7 +252,10 @@ def _check_generated(entry: DatasetEntry, request: GenerateRequest, model: str) 
 def _write_entries(entries: list[DatasetEntry], outbox: Path) -> list[dict]:
     metas = []
     for i, e in enumerate(entries):
-        save_file({"images": e.images.contiguous(), "labels": e.labels.contiguous()}, outbox / f"{i}.safetensors")
+        tensors = {"images": e.images.contiguous(), "labels": e.labels.contiguous()}
+        if e.soft_labels is not None:
+            tensors["soft_labels"] = e.soft_labels.contiguous()
+        save_file(tensors, outbox / f"{i}.safetensors")
         metas.append({"dataset": e.spec.name, "ipc": e.ipc, "kind": e.kind, "source": e.source, "sha256": e.sha256,
                       "method": e.method, "warnings": list(e.warnings), "provenance": e.provenance})
     return metas
@@ -275,22 +280,31 @@ def _collect(out: isolation.Outcome, rules: UploadRules, official: bool) -> list
         except Exception:  # any shape of bad value: the child is not trusted
             raise SubmissionError("the sandboxed work returned malformed entries; refused") from None
         source = isolation.clean(out.unstage(source))
-        limit = rules.max_bytes([spec], official)
+        # images and labels, and float16 soft labels for as many images
+        limit = rules.max_bytes([spec], official) + rules.max_images(spec, official) * spec.classes * 2
         try:
             tensors = load_safetensors(out.read(f"{i}.safetensors", limit))
             images, labels = tensors["images"], tensors["labels"]
         except (SafetensorError, KeyError, ValueError):
             raise SubmissionError(f"the sandboxed work returned unreadable tensors for {source}; refused") from None
+        if set(tensors) - {"images", "labels", "soft_labels"}:
+            raise SubmissionError(f"the sandboxed work returned unexpected tensors for {source}; refused")
         rules.check_count(spec, images.shape[0] if images.dim() else 0, source, official)
         images = check_images(images, spec, source)
         labels, found = check_labels(labels, images.shape[0], spec, source)
         if found != ipc or tensors["images"].dtype != torch.float32:
             raise SubmissionError(f"the sandboxed work returned inconsistent data for {source}; refused")
         rules.check_ipc(spec, ipc, source, official)
+        soft = tensors.get("soft_labels")
+        if soft is not None:  # checked again, as the child's every other tensor
+            if soft.dtype != torch.float16:
+                raise SubmissionError(f"the sandboxed work returned soft labels of type {soft.dtype} for {source}; "
+                                      "refused")
+            check_soft_labels(soft.numpy(), images.shape[0], spec.classes, source)
         entries.append(DatasetEntry(spec, images, labels, ipc, kind, source, isolation.clean(sha)[:64],
                                     tuple(isolation.clean(out.unstage(w)) for w in warnings[:8]),
                                     None if method is None else isolation.clean(method)[:64],
-                                    bounded_provenance(meta.get("provenance"))))
+                                    bounded_provenance(meta.get("provenance")), soft))
     if official:
         rules.check_track1([e.spec.name for e in entries], "the upload")
     return entries

@@ -1,0 +1,125 @@
+"""Soft labels (issue 23, item 3): the optional float16 probabilities of a
+labelled set and a packed upload, checked on every read; scoring with them
+(DD-Ranking's mode S) and with a teacher (mode M); teacher folders."""
+import json
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ddchallenge.data import mnist5k
+from ddchallenge.errors import SubmissionError
+from ddchallenge.labelled import read_labelled_set, write_labelled_set
+from ddchallenge.pack import pack
+from ddchallenge.submission import load_submission
+
+
+def _set(rng_seed=0, ipc=2):
+    """A real mnist5k set of IPC `ipc`, NOT class-major (pack must reorder
+    the soft rows with their images), and distinct soft rows."""
+    x, y = mnist5k.load("train")
+    rng = np.random.default_rng(rng_seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == k), ipc, replace=False) for k in range(10)])
+    idx = rng.permutation(idx)
+    probs = rng.dirichlet(np.ones(10), size=len(idx)).astype(np.float32)
+    return x[idx], y[idx], probs.astype(np.float16)
+
+
+def _write(path, images, labels, soft=None, ipc=2):
+    return write_labelled_set(path, images, labels, dataset="mnist5k", ipc=ipc, method="random", seed=0, config={},
+                              soft_labels=soft)
+
+
+def _raw_h5(path, images, labels, soft):
+    """A set written around the writer's checks, as a hostile upload would."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images)
+        f.create_dataset("labels", data=labels.astype(np.int64))
+        f.create_dataset("soft_labels", data=soft)
+        f.attrs.update({"dataset": "mnist5k", "ipc": 2, "method": "x", "seed": 0, "config": "{}"})
+    return path
+
+
+def test_h5_round_trip_and_absent_soft_labels_leave_the_file_as_it_was(tmp_path):
+    images, labels, soft = _set()
+    _write(tmp_path / "with.h5", images, labels, soft)
+    back = read_labelled_set(tmp_path / "with.h5")
+    assert back.soft_labels.dtype == np.float16 and np.array_equal(back.soft_labels, soft)
+    _write(tmp_path / "plain.h5", images, labels)
+    with h5py.File(tmp_path / "plain.h5") as f:
+        assert sorted(f) == ["images", "labels"]
+    assert read_labelled_set(tmp_path / "plain.h5").soft_labels is None
+    (entry,) = load_submission(tmp_path / "with.h5", rules=None)
+    assert entry.soft_labels.dtype == torch.float16 and torch.equal(entry.soft_labels, torch.from_numpy(soft))
+
+
+def test_pack_carries_soft_labels_as_a_companion_in_image_order(tmp_path):
+    images, labels, soft = _set()
+    _write(tmp_path / "mnist5k.h5", images, labels, soft)
+    _write(tmp_path / "plain.h5", images, labels)
+    manifest = pack([tmp_path / "mnist5k.h5"], tmp_path / "out")
+    plain = pack([tmp_path / "plain.h5"], tmp_path / "plain")
+    entry = manifest["datasets"][0]
+    assert entry["soft_labels"]["file"] == "res/mnist5k.soft_labels.pt" and "soft_labels" not in plain["datasets"][0]
+    assert sorted(p.name for p in (tmp_path / "plain" / "res").iterdir()) == ["manifest.json", "mnist5k.pt"]
+    # The images file is the same bytes with or without soft labels: the official program sees no difference.
+    assert (tmp_path / "out/res/mnist5k.pt").read_bytes() == (tmp_path / "plain/res/mnist5k.pt").read_bytes()
+    with zipfile.ZipFile(tmp_path / "out/submission.zip") as z:
+        assert sorted(z.namelist()) == ["manifest.json", "mnist5k.pt", "mnist5k.soft_labels.pt"]
+    order = np.argsort(labels, kind="stable")
+    for form in ("submission.zip", "res"):
+        (got,) = load_submission(tmp_path / "out" / form, rules=None)
+        assert torch.equal(got.soft_labels, torch.from_numpy(soft[order]))
+        assert torch.equal(got.labels, torch.from_numpy(labels[order]))
+
+
+@pytest.mark.parametrize("soft, message", [
+    (np.full((20, 10), 0.1, np.float32).astype(np.float32), "soft labels are float32"),
+    (np.full((20, 9), 1 / 9, np.float16), "have shape (20, 9); expected (20, 10)"),
+    (np.full((19, 10), 0.1, np.float16), "have shape (19, 10); expected (20, classes)"),
+    (np.full((20, 10), 0.2, np.float16), "20 row(s) of soft labels do not sum to 1"),
+    (np.where(np.eye(20, 10) > 0, np.float16(np.nan), np.float16(0.1)).astype(np.float16), "NaN or Inf"),
+    (np.tile(np.array([1.5, -0.5] + [0] * 8, np.float16), (20, 1)), "negative values"),
+])
+def test_bad_soft_labels_in_a_set_are_refused_without_values(tmp_path, soft, message):
+    images, labels, _ = _set()
+    path = _raw_h5(tmp_path / "bad.h5", images, labels, soft)
+    with pytest.raises(SubmissionError) as err:
+        load_submission(path, rules=None)
+    assert message in str(err.value) and "nan" not in str(err.value).replace("NaN", "")
+
+
+def _companion_zip(tmp_path, soft_obj, name="mnist5k.soft_labels.pt"):
+    images, labels, soft = _set()
+    _write(tmp_path / "mnist5k.h5", images, labels)
+    pack([tmp_path / "mnist5k.h5"], tmp_path / "out")
+    torch.save(soft_obj, tmp_path / "soft.pt")
+    path = tmp_path / "bad.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.write(tmp_path / "out/res/mnist5k.pt", "mnist5k.pt")
+        z.write(tmp_path / "soft.pt", name)
+    return path
+
+
+@pytest.mark.parametrize("obj, name, message", [
+    (torch.full((20, 10), 0.1), None, "soft labels are torch.float32"),
+    (torch.full((20, 5), 0.2).half(), None, "have shape (20, 5); expected (20, 10)"),
+    (torch.full((20, 10), 0.3).half(), None, "do not sum to 1"),
+    ({"soft": torch.full((20, 10), 0.1).half()}, None, "holds dict"),
+    (torch.full((1,), 0.1).half().expand(200).view(20, 10), None, "stores fewer bytes"),
+    (torch.full((20, 10), 0.1).half(), "cifar10.soft_labels.pt", "the upload has no cifar10 file"),
+])
+def test_bad_soft_label_companions_are_refused(tmp_path, obj, name, message):
+    path = _companion_zip(tmp_path, obj, name or "mnist5k.soft_labels.pt")
+    with pytest.raises(SubmissionError) as err:
+        load_submission(path, rules=None)
+    assert message in str(err.value)
+
+
+def test_writer_refuses_what_a_reader_would(tmp_path):
+    images, labels, _ = _set()
+    with pytest.raises(SubmissionError, match="do not sum to 1"):
+        _write(tmp_path / "x.h5", images, labels, np.full((20, 10), 0.5, np.float16))
+    assert not (tmp_path / "x.h5").exists()

@@ -101,9 +101,13 @@ class ExtrasRequest:
     baseline: str | None = None  # one of BASELINES
     baseline_seed: int = 0  # seed of the baseline's real subset (the generator's --seed)
     data_root: str | None = field(default=None, compare=False)  # where training stores and caches live
+    labels: str | None = None  # one of LABEL_MODES: the set's stored soft labels (mode S) or a teacher's (mode M)
+    temperature: float = 1.0  # T of the soft-label KL (ddchallenge.evaluation.soft)
+    teacher: str | None = field(default=None, compare=False)  # mode M: the teacher folder (ddchallenge.teacher)
+    teacher_sha256: str | None = None  # its weights' sha256, so that another teacher is another setting
 
     def __bool__(self) -> bool:
-        return bool(self.archs or self.baseline)
+        return bool(self.archs or self.baseline or self.labels)
 
     def fingerprint(self) -> dict:
         """What a record's settings hold of this request (nothing when empty)."""
@@ -112,4 +116,8 @@ class ExtrasRequest:
             out["archs"] = list(self.archs)
         if self.baseline:
             out.update(baseline=self.baseline, baseline_seed=self.baseline_seed)
+        if self.labels:
+            out.update(labels=self.labels, temperature=self.temperature)
+            if self.labels == "teacher":
+                out["teacher_sha256"] = self.teacher_sha256
         return out

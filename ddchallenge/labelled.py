@@ -99,6 +99,24 @@ def write_labelled_set(
     return Path(path)
 
 
+def add_soft_labels(path: str | os.PathLike, soft_labels: np.ndarray, source: dict) -> Path:
+    """Rewrite the labelled set at `path` (atomically) with `soft_labels`
+    (checked) and a `soft_labels_source` attribute (JSON: what made them);
+    its images, labels and other attributes stay as they were."""
+    lset = read_labelled_set(path)
+    soft = check_soft_labels(np.ascontiguousarray(soft_labels), len(lset.labels), None, str(path))
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)  # as stored (read_labelled_set decoded them)
+    attrs["soft_labels_source"] = json.dumps(source, sort_keys=True)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("images", data=lset.images)
+            f.create_dataset("labels", data=lset.labels)
+            f.create_dataset(SOFT_LABELS, data=soft)
+            f.attrs.update(attrs)
+    return Path(path)
+
+
 # The only filters a labelled set may use: HDF5's built-in deflate, shuffle and
 # checksum. Any other filter id would make HDF5 look for a plugin library.
 ALLOWED_FILTERS = {h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32}

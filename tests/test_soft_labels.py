@@ -123,3 +123,100 @@ def test_writer_refuses_what_a_reader_would(tmp_path):
     with pytest.raises(SubmissionError, match="do not sum to 1"):
         _write(tmp_path / "x.h5", images, labels, np.full((20, 10), 0.5, np.float16))
     assert not (tmp_path / "x.h5").exists()
+
+
+# ---------------------------------------------------------------- teachers
+
+def _teacher(folder, seed=0):
+    """A teacher folder as `ddchallenge teacher` writes it, around a freshly
+    initialised network (training one is minutes: the slow test does that)."""
+    from ddchallenge.evaluation.nets import reference_convnet
+    from ddchallenge.protocol import get_dataset
+    from ddchallenge.teacher import teacher_recipe, write_teacher
+
+    torch.manual_seed(seed)
+    net = reference_convnet(get_dataset("mnist5k"))
+    trained = {"train_images": 4000, "train_sha256": "0" * 64, "test_accuracy": 0.1, "seconds": 0.0}
+    return write_teacher(folder, net, "mnist5k", teacher_recipe(0), seed, trained)
+
+
+def test_teacher_folder_round_trip(tmp_path):
+    from ddchallenge.teacher import load_teacher
+
+    made = _teacher(tmp_path / "t")
+    back = load_teacher(tmp_path / "t")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["model.safetensors", "teacher.json"]
+    assert all(torch.equal(a, b) for a, b in zip(made.net.state_dict().values(), back.net.state_dict().values()))
+    assert back.settings()["teacher_weights_sha256"] == made.weights_sha256 and back.dataset == "mnist5k"
+
+
+def _retarget(folder, tensors):
+    """Replace a teacher's weights and make its JSON agree (a careful forgery)."""
+    from safetensors.torch import save
+
+    from ddchallenge.fileio import sha256_bytes
+
+    data = save(tensors)
+    (folder / "model.safetensors").write_bytes(data)
+    meta = json.loads((folder / "teacher.json").read_text())
+    meta["weights_sha256"] = sha256_bytes(data)
+    (folder / "teacher.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "teacher.json is missing"),
+    ("format", "is not a ddchallenge teacher"),
+    ("width", "width must be a whole number from 1 to 1024"),
+    ("byte", "does not match the weights_sha256"),
+    ("tensors", "holds other tensors than a mnist5k ConvNet"),
+    ("nan", "classifier.bias holds NaN or Inf"),
+    ("shape", "classifier.weight is torch.float32 (10, 8)"),
+    ("link", "is not a teacher folder (a link)"),
+])
+def test_a_folder_that_is_not_a_teacher_is_refused(tmp_path, damage, message):
+    from ddchallenge.teacher import TeacherError, load_teacher
+
+    folder = tmp_path / "t"
+    made = _teacher(folder)
+    meta = json.loads((folder / "teacher.json").read_text())
+    state = {k: v.clone() for k, v in made.net.state_dict().items()}
+    if damage == "empty":
+        (folder / "teacher.json").unlink()
+    elif damage in ("format", "width"):
+        meta.update(format="something") if damage == "format" else meta.update(width=10**9)
+        (folder / "teacher.json").write_text(json.dumps(meta))
+    elif damage == "byte":
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        data[-1] ^= 1
+        (folder / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "tensors":
+        _retarget(folder, {"w": torch.zeros(3)})
+    elif damage == "nan":
+        state["classifier.bias"][0] = float("nan")
+        _retarget(folder, state)
+    elif damage == "shape":
+        state["classifier.weight"] = torch.zeros(10, 8)
+        _retarget(folder, state)
+    elif damage == "link":
+        (tmp_path / "l").symlink_to(folder)
+        folder = tmp_path / "l"
+    with pytest.raises(TeacherError) as err:
+        load_teacher(folder)
+    assert message in str(err.value)
+
+
+def test_label_set_adds_the_teachers_probabilities(tmp_path):
+    from ddchallenge.data import normalise
+    from ddchallenge.protocol import get_dataset
+    from ddchallenge.teacher import label_set
+
+    images, labels, _ = _set()
+    path = _write(tmp_path / "s.h5", images, labels)
+    teacher = _teacher(tmp_path / "t")
+    label_set(path, teacher, device="cpu")
+    back = read_labelled_set(path)
+    assert np.array_equal(back.images, images) and np.array_equal(back.labels, labels)
+    assert back.attrs["method"] == "random" and "teacher_weights_sha256" in back.attrs["soft_labels_source"]
+    with torch.no_grad():
+        expected = torch.softmax(teacher.net(normalise(images, get_dataset("mnist5k"))), 1)
+    assert torch.allclose(torch.from_numpy(back.soft_labels).float(), expected, atol=1e-3)

@@ -24,14 +24,26 @@ random number.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 
-from ddchallenge.errors import UsageError
+from ddchallenge.errors import DatasetError, UsageError
+from ddchallenge.evaluation.train import round_accuracies
+from ddchallenge.extras import LABEL_MODES, LABELS_PREFIX, ExtraScore
+from ddchallenge.protocol import EvalRecipe
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0  # T outside: targets collapse to argmax or to uniform
+LOSS = "kl(target || softmax(logits / T)), batch mean, no T^2"  # recorded: another loss is another recipe
+
+
+class SoftLabelsMissing(DatasetError):
+    """`--labels soft` on an upload without soft labels: the organiser asked
+    for a measure the upload cannot give. Like missing reference data it is
+    not recorded as the upload's failure; the run says so and stops."""
 
 
 def check_temperature(temperature) -> float:
@@ -107,3 +119,39 @@ def as_soft_labels(probs: torch.Tensor) -> torch.Tensor:
     first (the float16 rounding then leaves each row within 2^-11 of 1)."""
     p = probs.to(torch.float32).clamp_min(0)
     return (p / p.sum(dim=1, keepdim=True)).to(torch.float16)
+
+
+def label_row(entry, ref: dict, recipe: EvalRecipe, seed: int, device: torch.device, mode: str, temperature: float,
+              teacher: torch.nn.Module | None = None, teacher_settings: dict | None = None,
+              progress: bool = True) -> ExtraScore:
+    """One soft-label measure of a dataset entry (`submission.DatasetEntry`):
+    the challenge's recipe and seeds, the loss of `mode` ("soft": the entry's
+    stored soft labels; "teacher": `teacher` relabels every augmented batch)
+    at `temperature`. The row's recipe is the evaluation recipe plus the
+    mode, T, the loss and, for a teacher, what identifies it."""
+    if mode not in LABEL_MODES:
+        raise UsageError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {mode!r}")
+    temperature = check_temperature(temperature)
+    start = time.perf_counter()
+    seeds = [seed + r for r in range(recipe.rounds)]
+    own = {"labels": mode, "temperature": temperature, "loss": LOSS}
+    if mode == "soft":
+        if entry.soft_labels is None:
+            raise SoftLabelsMissing(missing_message(entry))
+        targets = StoredTargets(entry.soft_labels, temperature, device)
+    else:
+        if teacher is None:
+            raise UsageError("--labels teacher needs --teacher DIR (made by `ddchallenge teacher DATASET`)")
+        targets = TeacherTargets(teacher, temperature, device)
+        own.update(teacher_settings or {})
+    accs = round_accuracies(entry.spec, entry.images, entry.labels, ref["images_val"], ref["labels_val"], recipe,
+                            seeds, device, progress, desc=f"{entry.spec.name} labels {mode}", together=False,
+                            targets=targets)
+    return ExtraScore.make(LABELS_PREFIX + mode, entry.spec.name, {**dataclasses.asdict(recipe), **own}, seeds, accs,
+                           time.perf_counter() - start)
+
+
+def missing_message(entry) -> str:
+    return (f"{entry.source} has no soft labels for {entry.spec.name}; --labels soft trains on the soft labels a set "
+            "carries (a labelled set's /soft_labels, or <dataset>.soft_labels.pt beside a packed file: "
+            "`ddchallenge generate --soft-labels teacher`); score without it, or relabel with --teacher DIR")

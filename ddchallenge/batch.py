@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ddchallenge.errors import BudgetExceeded, DatasetError, RecordError, ResultsBusyError, UsageError
 from ddchallenge.evaluation.device import resolve_device
+from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
@@ -59,6 +60,7 @@ class BatchSettings:
     budget: float | None = None  # Track 2 seconds per dataset (generator folders only); None: Track 1, images only
     sandbox: bool = True  # False: read uploads in this process (trusted files only)
     mixed: bool = False  # with a budget: uploads that are not generator folders are scored as Track 1 beside them
+    extras: ExtrasRequest = ExtrasRequest()  # measures beyond the challenge score (ddchallenge.extras); none by default
     # The organiser's record key (records.load_key): records are signed with it and trusted only when signed.
     # Not a setting of the result: left out of the fingerprint, of repr and of what is sent to a cluster's workers.
     mac_key: bytes | None = field(default=None, repr=False, compare=False)
@@ -86,8 +88,10 @@ class BatchSettings:
     def fingerprint(self) -> dict:
         # Through JSON, so that it compares equal to what a record read back holds.
         mixed = {"mixed": True} if self.mixed else {}  # absent when off: earlier records stay valid
+        extras = {"extras": self.extras.fingerprint()} if self.extras else {}  # the same
         return json.loads(json.dumps({"rules": dataclasses.asdict(self.rules), "recipe_hash": self.recipe.hash(),
-                                      "seed": self.seed, "budget": self.budget, "sandbox": self.sandbox, **mixed}))
+                                      "seed": self.seed, "budget": self.budget, "sandbox": self.sandbox, **mixed,
+                                      **extras}))
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,7 @@ def attempt(path: Path, settings: BatchSettings, ref_dir, device: str, progress:
     start = time.monotonic()
     try:
         result = score(path, settings.rules, ref_dir, settings.recipe, settings.seed, device, progress,
-                       settings.sandbox, settings.budget_for(path))
+                       settings.sandbox, settings.budget_for(path), extras=settings.extras)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
         return dataclasses.replace(classify(exc), seconds=time.monotonic() - start)
     return Attempt(result, seconds=time.monotonic() - start)

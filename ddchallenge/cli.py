@@ -131,9 +131,18 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on s
 @click.option("--cluster", metavar="local|auto|ADDRESS",
               help="Score on a Ray cluster, one task per upload (needs the [cluster] extra): 'local' starts Ray on "
                    "this machine, 'auto' joins this machine's cluster, or a head's host:port.")
+@click.option("--arch", "archs", multiple=True, metavar="NAME|pool",
+              help="Also train this architecture of DatasetCondensation's evaluation pool (convnet, convnetbn, "
+                   "convnetd4, mlp, lenet, alexnet, vgg11, resnet18; 'pool': all) with the same recipe and seeds; "
+                   "repeat for several. Its own rows, never in the challenge score.")
+@click.option("--baseline", type=click.Choice(["random", "herding"]),
+              help="Also score a seeded real subset of the same IPC (cached in the data root) and report IOR, the "
+                   "set's accuracy minus the subset's, and HLR where `ddchallenge reference full` cached one.")
+@click.option("--baseline-seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the --baseline subset (the generator's --seed).")
 @record_key_option
 def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
-          budget, mixed, cluster, record_key):
+          budget, mixed, cluster, archs, baseline, baseline_seed, record_key):
     """Score UPLOADS with the official evaluation recipe.
 
     Each is an official <dataset>.pt file, a labelled .h5 set, a res/ folder
@@ -155,8 +164,12 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
 
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
+    from ddchallenge.evaluation.pool import parse_archs
+    from ddchallenge.extras import ExtrasRequest
+
+    extras = ExtrasRequest(parse_archs(archs), baseline, baseline_seed)
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
-                             seed, budget, sandbox=not no_sandbox, mixed=mixed,
+                             seed, budget, sandbox=not no_sandbox, mixed=mixed, extras=extras,
                              mac_key=None if record_key is None else load_key(record_key, [output]))
     before = _records(output)
     try:

@@ -44,7 +44,42 @@ def score_table(result: ScoreResult) -> str:
         lines.append(f"challenge score (mean over datasets): {_pct(result.score)} %")
     if not result.official_budget:
         lines.append(f"*** {NOT_OFFICIAL}: recipe {result.recipe_hash}; these numbers are not leaderboard numbers ***")
+    if result.extras:
+        lines += ["", extras_table(result)]
     return "\n".join(lines)
+
+
+def _signed(x: float | None, se: float | None = None) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:+.2f}" + ("" if se is None else f" ± {_pct(se)}")
+
+
+def extras_table(result: ScoreResult) -> str:
+    """The extra measures (ddchallenge.extras) after the challenge score:
+    one row each, then each dataset's mean over the architectures asked."""
+    rows = [[e.dataset, e.measure, f"{_pct(e.mean)} ± {_pct(e.std)}", " ".join(_pct(a) for a in e.accuracies),
+             _signed(e.ior, e.ior_se), _signed(e.hlr), e.recipe_hash, f"{e.seconds:.1f}"] for e in result.extras]
+    lines = ["extra measures (each its own recipe hash; never part of the challenge score):",
+             tabulate(rows, headers=["dataset", "measure", "accuracy %", "per round %", "IOR %", "HLR %", "recipe",
+                                     "seconds"], tablefmt="github", disable_numparse=True)]
+    for name, mean in arch_means(result.extras).items():
+        lines.append(f"{name}: mean over architectures {_pct(mean)} %")
+    return "\n".join(lines)
+
+
+def arch_means(extras) -> dict[str, float]:
+    """Per dataset, the mean accuracy over the architecture rows (rows as
+    ExtraScore objects or record dicts); datasets without one are left out."""
+    from ddchallenge.extras import ARCH_PREFIX
+
+    by: dict[str, list[float]] = {}
+    for e in extras:
+        measure, dataset, mean = (e["measure"], e["dataset"], e["mean"]) if isinstance(e, dict) else \
+            (e.measure, e.dataset, e.mean)
+        if measure.startswith(ARCH_PREFIX):
+            by.setdefault(dataset, []).append(float(mean))
+    return {d: math.fsum(v) / len(v) for d, v in by.items()}
 
 
 def score_html(result: ScoreResult) -> str:

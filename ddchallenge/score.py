@@ -19,7 +19,8 @@ from ddchallenge import __version__
 from ddchallenge.data import load_reference
 from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.device import resolve_device
-from ddchallenge.extras import ExtraScore
+from ddchallenge import measures
+from ddchallenge.extras import ExtraScore, ExtrasRequest
 from ddchallenge.evaluation.train import round_accuracies
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean
@@ -132,6 +133,7 @@ def score(
     sandbox: bool = True,
     budget: float | None = None,
     together: bool | None = None,
+    extras: ExtrasRequest = ExtrasRequest(),
 ) -> ScoreResult:
     """Validate everything first (the upload under `rules`, the reference
     sets), then train. The track is the organiser's: with a `budget`
@@ -141,7 +143,9 @@ def score(
     and an upload that is or holds a generator is refused (`upload_kind`).
     `together`: train each dataset's rounds as one batched model (True), one
     at a time (False), or as the device's default (None; see
-    `ddchallenge.evaluation.train.together_by_default`)."""
+    `ddchallenge.evaluation.train.together_by_default`). `extras`: the
+    measures beyond the challenge score to add (ddchallenge.measures), each
+    its own row in `ScoreResult.extras`; the challenge score is unchanged."""
     start = time.perf_counter()
     check_seed(seed)
     if budget is not None and not budget > 0:
@@ -155,10 +159,14 @@ def score(
     else:
         entries = read_upload(path, rules, sandbox)
     refs = {e.spec.name: load_reference(e.spec, ref_dir) for e in entries}
+    measures.check_possible(entries, extras)
     notes = [w for e in entries for w in e.warnings]
     for w in notes:
         log.warning(w)
     scores = [score_entry(e, refs[e.spec.name], recipe, seed, dev, progress, together) for e in entries]
+    device_name = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
+    rows = measures.run(entries, [s.accuracies for s in scores], refs, recipe, seed, dev, device_name, extras,
+                        progress, together) if extras else []
     methods = {e.method for e in entries}
     return ScoreResult(
         name=upload_name(path),
@@ -166,9 +174,9 @@ def score(
         submission=str(submission), submission_sha256=sha256_file(path) if path.is_file() else None,
         score=float(np.mean([s.mean for s in scores])), datasets=scores,
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
-        seed=seed, device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        seed=seed, device=device_name,
         sandbox=describe_upload_isolation(sandbox, dev), seconds=time.perf_counter() - start, warnings=notes,
-        versions=versions(), rules=rules_record(rules, budget),
+        versions=versions(), rules=rules_record(rules, budget), extras=rows,
     )
 
 

@@ -101,3 +101,145 @@ def test_each_malformed_extra_makes_the_record_invalid_naming_the_row_and_field(
     with pytest.raises(RecordError) as err:
         read_record(write(tmp_path / "r.json", record))
     assert message in str(err.value) and "r.json" in str(err.value)
+
+
+# ---------------------------------------------------------------- score --arch / --baseline through the CLI
+
+FAST = ("--dataset", "mnist5k", "--epochs", 0, "--quiet", "--no-sandbox")  # the sandbox is tested elsewhere
+
+
+@pytest.fixture
+def small(tmp_path, official_file):
+    """Kept small, since every round trains and tests: an IPC-1 mnist5k file
+    and a reference test set of the first 50 real test images (--ref)."""
+    import torch
+
+    from ddchallenge.data import load_reference
+    from ddchallenge.protocol import get_dataset
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    full = load_reference(get_dataset("mnist5k"))
+    torch.save({"images_val": full["images_val"][:50].clone(), "labels_val": full["labels_val"][:50].clone()},
+               ref / "mnist5k_test.pt")
+    upload = tmp_path / "one" / "mnist5k.pt"
+    upload.parent.mkdir()
+    torch.save(torch.load(official_file)[::10].clone(), upload)
+    return upload, ref
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setenv("DDCHALLENGE_DATA", str(root))
+    return root
+
+
+def test_arch_convnet_gives_the_challenge_accuracies_and_other_archs_their_own_rows(run_cli, small, tmp_path):
+    upload, ref = small
+    r = run_cli("score", upload, *FAST, "--ref", ref, "--rounds", 1, "--arch", "convnet", "--arch", "MLP", "--json",
+                tmp_path / "r.json", "--output", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    record = read_record(tmp_path / "r.json")
+    (challenge,) = record["datasets"]
+    rows = {e["measure"]: e for e in record["extras"]}
+    assert list(rows) == ["arch:convnet", "arch:mlp"]
+    assert rows["arch:convnet"]["accuracies"] == challenge["accuracies"]  # same loop, seeds and streams: exactly
+    assert rows["arch:convnet"]["recipe_hash"] != record["recipe_hash"] != rows["arch:mlp"]["recipe_hash"]
+    # printed after the challenge table, with each dataset's mean over the architectures
+    out = r.stdout
+    assert out.index("accuracy %") < out.index("extra measures") < out.index("arch:mlp")
+    pool = (rows["arch:convnet"]["mean"] + rows["arch:mlp"]["mean"]) / 2
+    assert f"mnist5k: mean over architectures {100 * pool:.2f} %" in out
+    assert (tmp_path / "out").is_dir() and len(list((tmp_path / "out").glob("*.json"))) == 1
+
+
+def test_unknown_architecture_is_one_line_and_records_nothing(run_cli, official_file, tmp_path):
+    r = run_cli("score", official_file, *FAST, "--arch", "vit", "--output", tmp_path / "out")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["error: --arch: unknown architecture 'vit'; the pool: convnet, convnetbn, "
+                                             "convnetd4, mlp, lenet, alexnet, vgg11, resnet18, or 'pool' for all of "
+                                             "them"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_random_set_against_its_own_random_baseline_has_ior_zero_and_the_cache_is_reused(run_cli, tmp_path,
+                                                                                          data_root, small):
+    made = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--seed", 3, "-o",
+                   tmp_path / "set.h5", "--quiet")
+    assert made.exit_code == 0, made.output
+    args = ("score", tmp_path / "set.h5", *FAST, "--ref", small[1], "--rounds", 1, "--baseline", "random",
+            "--baseline-seed", 3)
+    r = run_cli(*args, "--json", tmp_path / "a.json", "--output", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    record = read_record(tmp_path / "a.json")
+    (row,) = record["extras"]
+    assert row["measure"] == "baseline:random" and row["ior"] == 0.0  # exactly: the same images, seeds and loop
+    assert row["accuracies"] == record["datasets"][0]["accuracies"] and row["hlr"] is None and row["full"] is None
+    assert row["recipe"]["baseline_seed"] == 3 and row["recipe"]["ipc"] == 1 and row["seconds"] > 0
+    assert row["ior_se"] is None  # one round: no variance to estimate
+    (cached,) = (data_root / "extras").glob("mnist5k-ipc1-random-*.json")
+    # a second run reads the cache (0 s for the baseline); a full-data accuracy cached for the recipe adds HLR
+    from ddchallenge.measures import full_path, write_cache
+    from ddchallenge.protocol import get_dataset
+
+    recipe = dataclasses.replace(OFFICIAL, epochs=0, rounds=1)
+    path, key = full_path(get_dataset("mnist5k"), recipe, 0, data_root)
+    write_cache(path, key, [0.91], 1.0, made_on="cpu")
+    r = run_cli(*args, "--json", tmp_path / "b.json", "--output", tmp_path / "b")
+    (row2,) = read_record(tmp_path / "b.json")["extras"]
+    assert row2["seconds"] == 0.0 and row2["accuracies"] == row["accuracies"]
+    assert row2["full"] == pytest.approx(0.91) and row2["hlr"] == pytest.approx(0.91 - row["mean"])
+    assert "baseline:random" in r.stdout and "+0.00" in r.stdout
+
+
+BAD_CACHE = [
+    ("not JSON", lambda d: "{"),
+    ("NaN accuracy", lambda d: json.dumps({**d, "accuracies": [float("nan")]})),
+    ("accuracy above 1", lambda d: json.dumps({**d, "accuracies": [1.5]})),
+    ("bool accuracy", lambda d: json.dumps({**d, "accuracies": [True]})),
+    ("too many rounds", lambda d: json.dumps({**d, "accuracies": [0.5, 0.5]})),
+    ("another device", lambda d: json.dumps({**d, "key": {**d["key"], "device": "cuda:0"}})),
+    ("another seed", lambda d: json.dumps({**d, "key": {**d["key"], "seeds": [1]}})),
+    ("unknown field", lambda d: json.dumps({**d, "note": "trust me"})),
+    ("a list", lambda d: "[]"),
+    ("huge", lambda d: json.dumps({**d, "pad": "x" * 70_000})),
+]
+
+
+@pytest.mark.parametrize("label,bad", BAD_CACHE, ids=[b[0] for b in BAD_CACHE])
+def test_a_bad_cache_entry_is_never_trusted(tmp_path, caplog, label, bad):
+    from ddchallenge.measures import read_cache, write_cache
+
+    key = {"measure": "baseline:random", "dataset": "mnist5k", "ipc": 10, "recipe_hash": "0" * 16, "seeds": [0],
+           "device": "cpu"}
+    path = tmp_path / "c.json"
+    write_cache(path, key, [0.5], 2.0)
+    assert read_cache(path, key, 1) == [0.5]
+    path.write_text(bad(json.loads(path.read_text())))
+    assert read_cache(path, key, 1) is None and "not used" in caplog.text
+
+
+def test_a_cache_link_is_not_followed(tmp_path):
+    from ddchallenge.measures import read_cache, write_cache
+
+    key = {"k": 1}
+    write_cache(tmp_path / "real.json", key, [0.5], 1.0)
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    assert read_cache(tmp_path / "link.json", key, 1) is None
+
+
+def test_baseline_without_a_training_store_names_the_command_and_records_nothing(run_cli, tmp_path, data_root):
+    import torch
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    torch.save({"images_val": torch.zeros(4, 3, 32, 32), "labels_val": torch.arange(4)}, ref / "cifar10_test.pt")
+    torch.save(torch.zeros(10, 3, 32, 32), tmp_path / "cifar10.pt")
+    r = run_cli("score", tmp_path / "cifar10.pt", "--ref", ref, "--epochs", 0, "--rounds", 1, "--quiet",
+                "--baseline", "herding", "--no-sandbox", "--output", tmp_path / "out")
+    assert r.exit_code == 1 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()[-1:]
+    assert "--baseline herding needs the training images of cifar10" in line
+    assert "`ddchallenge data prepare cifar10 --download`" in line
+    assert not list((tmp_path / "out").glob("*.json"))

@@ -1,0 +1,240 @@
+"""Running the extra measures of `score` (rows: ddchallenge.extras): other
+architectures of the evaluation pool, and the improvement over a real-image
+baseline (IOR, HLR).
+
+Every measure trains with the challenge's loop (`round_accuracies`), the
+same recipe and the same seeds as the challenge score; only the network (an
+architecture) or the images (a baseline) change. A baseline's accuracies and
+a full-data reference are cached under the data root, in
+`<root>/extras/`, so that an organiser pays for them once: baselines keyed
+by dataset, IPC, method and seed of the subset, recipe hash, seeds and
+device; the full-data reference by dataset, recipe hash and seeds (the
+device that made it is recorded). A cache file is untrusted on read-back:
+one that is not exactly what this run would have written is recomputed and
+replaced, never believed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ddchallenge.data import load_reference
+from ddchallenge.data.reference import data_root, load_train, normalise, train_store_path
+from ddchallenge.errors import DatasetError
+from ddchallenge.evaluation.train import round_accuracies
+from ddchallenge.extras import ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, recipe_hash, standard_error
+from ddchallenge.fileio import atomic_write_bytes
+from ddchallenge.isolation import clean
+from ddchallenge.protocol import DATASETS, DatasetSpec, EvalRecipe
+from ddchallenge.submission import DatasetEntry
+
+log = logging.getLogger(__name__)
+
+CACHE_FOLDER = "extras"
+CACHE_KIND = "ddchallenge extras cache 1"
+MAX_CACHE_BYTES = 64 << 10  # 100 rounds of accuracies and a key are a few KB
+FULL_MEASURE = "reference:full"  # names the full-data recipe's hash; never a row of a result
+
+
+def root_of(request: ExtrasRequest) -> Path:
+    return Path(request.data_root) if request.data_root is not None else data_root()
+
+
+def _fmean(xs: list[float]) -> float:
+    return math.fsum(xs) / len(xs)
+
+
+def check_possible(entries: list[DatasetEntry], request: ExtrasRequest) -> None:
+    """Refuse, before any training, a baseline for a dataset without
+    training images (DatasetError: the organiser's to fix, never recorded)."""
+    if not request.baseline:
+        return
+    for entry in entries:
+        base = DATASETS[entry.spec.validation_of] if entry.spec.validation_of else entry.spec
+        if base.name == "mnist5k":  # embedded
+            continue
+        path = train_store_path(base, root_of(request))
+        if not path.is_file():
+            raise DatasetError(f"--baseline {request.baseline} needs the training images of {base.name} and "
+                               f"{clean(str(path))} does not exist; make it with `ddchallenge data prepare "
+                               f"{base.name} --download` (in the data root, $DDCHALLENGE_DATA)")
+
+
+def run(entries: list[DatasetEntry], set_accuracies: list[list[float]], refs: dict, recipe: EvalRecipe, seed: int,
+        device: torch.device, device_name: str, request: ExtrasRequest, progress: bool = True,
+        together: bool | None = None) -> list[ExtraScore]:
+    """The rows `request` asks for, dataset by dataset: each architecture,
+    then the baseline. `set_accuracies[i]`: the challenge accuracies of
+    entries[i] (what IOR and HLR compare against)."""
+    rows: list[ExtraScore] = []
+    for entry, accs in zip(entries, set_accuracies):
+        ref = refs[entry.spec.name]
+        for arch in request.archs:
+            rows.append(arch_row(entry, ref, recipe, seed, device, arch, progress, together))
+        if request.baseline:
+            rows.append(baseline_row(entry, accs, ref, recipe, seed, device, device_name, request, progress, together))
+    return rows
+
+
+def arch_row(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, device: torch.device, arch: str,
+             progress: bool, together: bool | None) -> ExtraScore:
+    """`arch` trained on the set with the challenge's recipe and seeds."""
+    start = time.perf_counter()
+    seeds = [seed + r for r in range(recipe.rounds)]
+    accs = round_accuracies(entry.spec, entry.images, entry.labels, ref["images_val"], ref["labels_val"], recipe,
+                            seeds, device, progress, desc=f"{entry.spec.name} {arch}",
+                            together=together if arch == "convnet" else None, arch=arch)
+    return ExtraScore.make(ARCH_PREFIX + arch, entry.spec.name, dataclasses.asdict(recipe), seeds, accs,
+                           time.perf_counter() - start)
+
+
+def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: EvalRecipe, seed: int,
+                 device: torch.device, device_name: str, request: ExtrasRequest, progress: bool = True,
+                 together: bool | None = None) -> ExtraScore:
+    """The seeded real subset of the set's IPC (the `random` or `herding`
+    generator), scored like the set (cached), and the set's IOR against it;
+    HLR where a full-data reference is cached for the recipe and seeds."""
+    spec, method = entry.spec, request.baseline
+    measure = BASELINE_PREFIX + method
+    seeds = [seed + r for r in range(recipe.rounds)]
+    settings = {**dataclasses.asdict(recipe), "baseline_seed": request.baseline_seed, "ipc": entry.ipc}
+    key = {"measure": measure, "dataset": spec.name, "ipc": entry.ipc, "recipe_hash": recipe_hash(measure, settings),
+           "seeds": seeds, "device": device_name}
+    root = root_of(request)
+    path = root / CACHE_FOLDER / f"{spec.name}-ipc{entry.ipc}-{method}-{_digest(key)}.json"
+    accs = read_cache(path, key, recipe.rounds)
+    seconds = 0.0
+    if accs is None:
+        start = time.perf_counter()
+        images, labels = baseline_images(spec, method, entry.ipc, request.baseline_seed, device, root)
+        accs = round_accuracies(spec, images, labels, ref["images_val"], ref["labels_val"], recipe, seeds, device,
+                                progress, desc=f"{spec.name} baseline {method}", together=together)
+        seconds = time.perf_counter() - start
+        write_cache(path, key, accs, seconds)
+    full = read_full(spec, recipe, seed, root)
+    own = _fmean(set_accs)
+    return ExtraScore.make(measure, spec.name, settings, seeds, accs, seconds, ior=own - _fmean(accs),
+                           ior_se=standard_error(set_accs, accs), full=full,
+                           hlr=None if full is None else full - own)
+
+
+def baseline_images(spec: DatasetSpec, method: str, ipc: int, seed: int, device: torch.device,
+                    root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline set as a user would make it (`generate --method METHOD
+    --seed SEED`) and as `score` reads it back (a labelled set's pixels,
+    normalised): a set made that way is this set, byte for byte."""
+    from ddchallenge.generators import GenerateConfig, generate
+    from ddchallenge.submission import load_submission
+
+    with tempfile.TemporaryDirectory(prefix="ddchallenge-baseline-") as tmp:
+        out = Path(tmp) / f"{spec.name}.h5"
+        generate(GenerateConfig(spec.name, method, ipc, seed, device=str(device), root=str(root)), out)
+        (made,) = load_submission(out, spec.name, rules=None)
+    return made.images, made.labels
+
+
+# ---------------------------------------------------------------- the full-data reference
+
+def full_path(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path) -> tuple[Path, dict]:
+    seeds = [seed + r for r in range(recipe.rounds)]
+    key = {"measure": FULL_MEASURE, "dataset": spec.name,
+           "recipe_hash": recipe_hash(FULL_MEASURE, dataclasses.asdict(recipe)), "seeds": seeds}
+    return root / CACHE_FOLDER / f"{spec.name}-full-{key['recipe_hash']}-seed{seed}x{recipe.rounds}.json", key
+
+
+def read_full(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path) -> float | None:
+    """The cached full-data mean accuracy for this recipe and these seeds, if any (and valid)."""
+    path, key = full_path(spec, recipe, seed, root)
+    if not path.exists():
+        return None
+    accs = read_cache(path, key, recipe.rounds)
+    return None if accs is None else _fmean(accs)
+
+
+def full_reference(spec: DatasetSpec, recipe: EvalRecipe, seed: int, device: torch.device, device_name: str,
+                   root: Path, progress: bool = True) -> tuple[Path, list[float], bool]:
+    """Train the recipe's ConvNet on every training image of `spec`, one
+    round per seed, and cache the test accuracies (the HLR reference); a
+    valid cache entry is reused. Returns (cache file, accuracies, reused)."""
+    path, key = full_path(spec, recipe, seed, root)
+    accs = read_cache(path, key, recipe.rounds) if path.exists() else None
+    if accs is not None:
+        return path, accs, True
+    x, y = load_train(spec, root)
+    ref = load_reference(spec, root)
+    start = time.perf_counter()
+    accs = round_accuracies(spec, normalise(x, spec), torch.from_numpy(y), ref["images_val"], ref["labels_val"],
+                            recipe, key["seeds"], device, progress, desc=f"{spec.name} full data")
+    write_cache(path, {**key}, accs, time.perf_counter() - start, made_on=device_name)
+    return path, accs, False
+
+
+# ---------------------------------------------------------------- cache files (untrusted on read-back)
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_cache(path: Path, key: dict, accs: list[float], seconds: float, made_on: str | None = None) -> None:
+    body = {"kind": CACHE_KIND, "key": key, "accuracies": [float(a) for a in accs], "seconds": float(seconds)}
+    if made_on is not None:
+        body["device"] = made_on
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(body, indent=2, sort_keys=True, allow_nan=False).encode())
+
+
+def read_cache(path: Path, key: dict, rounds: int) -> list[float] | None:
+    """The accuracies a cache file holds if it is exactly a cache entry for
+    `key` (a plain file, small, JSON, the same key, `rounds` finite
+    accuracies in [0, 1]); else None, with the reason logged, and the caller
+    recomputes and replaces it."""
+    try:
+        return _read_cache(path, key, rounds)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
+        log.warning("cache %s not used (%s); computing it again", clean(str(path)), clean(str(exc), 160))
+        return None
+
+
+def _read_cache(path: Path, key: dict, rounds: int) -> list[float]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise ValueError("not a plain file")
+        raw = fh.read(MAX_CACHE_BYTES + 1)
+    if len(raw) > MAX_CACHE_BYTES:
+        raise ValueError(f"over {MAX_CACHE_BYTES} bytes")
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not a number")
+
+    data = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    if not isinstance(data, dict) or data.get("kind") != CACHE_KIND:
+        raise ValueError("not a cache entry of this version")
+    if set(data) - {"kind", "key", "accuracies", "seconds", "device"}:
+        raise ValueError("unknown fields")
+    if data.get("key") != json.loads(json.dumps(key)):
+        raise ValueError("made for another dataset, IPC, recipe, seeds or device")
+    if "device" in data and not (isinstance(data["device"], str) and len(data["device"]) <= 200):
+        raise ValueError("device is not a short text")
+    accs = data.get("accuracies")
+    if not isinstance(accs, list) or len(accs) != rounds:
+        raise ValueError(f"accuracies are not a list of {rounds}")
+    for a in accs:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise ValueError(f"accuracy {clean(repr(a), 40)} is not a number from 0 to 1")
+    seconds = data.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0.0 <= seconds < math.inf:
+        raise ValueError("seconds is not a finite number of seconds")
+    return [float(a) for a in accs]

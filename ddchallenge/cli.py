@@ -554,6 +554,43 @@ def leaderboard(results, fmt, include_unofficial, record_key, output, force, no_
 
 
 @cli.group()
+def reference() -> None:
+    """Reference accuracies the extra measures of `score` compare against,
+    cached in the data root ($DDCHALLENGE_DATA or ~/.cache/ddchallenge)."""
+
+
+@reference.command("full")
+@click.argument("dataset")
+@click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds (official: 3).")
+@click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs (official: 1000).")
+@seed_option
+@device_option
+@quiet_option
+def reference_full(dataset, rounds, epochs, seed, device, quiet):
+    """Train the recipe's ConvNet on every training image of DATASET, one
+    round per seed, and cache its test accuracy: `score --baseline` then
+    reports HLR (full-data accuracy minus the set's) for the same recipe
+    and seeds. Minutes on a CPU for mnist5k; a GPU job for CIFAR-100."""
+    import torch
+
+    from ddchallenge.data.reference import data_root
+    from ddchallenge.evaluation.device import resolve_device
+    from ddchallenge.measures import full_reference
+    from ddchallenge.protocol import OFFICIAL, get_dataset
+
+    spec = get_dataset(dataset)
+    recipe = OFFICIAL.with_overrides(epochs=epochs, rounds=rounds)
+    dev = resolve_device(device)
+    name = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
+    with shown(not quiet):
+        path, accs, reused = full_reference(spec, recipe, seed, dev, name, data_root(), progress=not quiet)
+    mean = sum(accs) / len(accs)
+    click.echo(f"{spec.name} full data: {100 * mean:.2f} % over {plural(len(accs), 'round')} (recipe "
+               f"{recipe.hash()}, seeds {seed}..{seed + len(accs) - 1}); {'already cached in' if reused else 'cached in'} "
+               f"{clean(str(path))}")
+
+
+@cli.group()
 def data() -> None:
     """List and prepare datasets (reference test sets and training stores)."""
 

@@ -31,12 +31,14 @@ import torch
 from ddchallenge.data import load_reference
 from ddchallenge.data.reference import data_root, load_train, normalise, train_store_path
 from ddchallenge.errors import DatasetError
+from ddchallenge.evaluation.soft import label_row
 from ddchallenge.evaluation.train import round_accuracies
 from ddchallenge.extras import ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, recipe_hash, standard_error
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import DATASETS, DatasetSpec, EvalRecipe
 from ddchallenge.submission import DatasetEntry
+from ddchallenge.teacher import check_labels_possible
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +58,26 @@ def _fmean(xs: list[float]) -> float:
 
 def check_possible(entries: list[DatasetEntry], request: ExtrasRequest) -> None:
     """Refuse, before any training, a baseline for a dataset without
-    training images (DatasetError: the organiser's to fix, never recorded)."""
+    training images (DatasetError: the organiser's to fix, never recorded),
+    and a label measure the upload cannot give (ddchallenge.teacher)."""
+    check_labels_possible(entries, request)
     if not request.baseline:
         return
     for entry in entries:
-        base = DATASETS[entry.spec.validation_of] if entry.spec.validation_of else entry.spec
-        if base.name == "mnist5k":  # embedded
-            continue
-        path = train_store_path(base, root_of(request))
-        if not path.is_file():
-            raise DatasetError(f"--baseline {request.baseline} needs the training images of {base.name} and "
-                               f"{clean(str(path))} does not exist; make it with `ddchallenge data prepare "
-                               f"{base.name} --download` (in the data root, $DDCHALLENGE_DATA)")
+        need_store(entry.spec, root_of(request), f"--baseline {request.baseline}")
+
+
+def need_store(spec: DatasetSpec, root: Path, what: str) -> None:
+    """DatasetError naming the command that makes `spec`'s training store,
+    when `what` needs it and it is not in `root`."""
+    base = DATASETS[spec.validation_of] if spec.validation_of else spec
+    if base.name == "mnist5k":  # embedded
+        return
+    path = train_store_path(base, root)
+    if not path.is_file():
+        raise DatasetError(f"{what} needs the training images of {base.name} and {clean(str(path))} does not "
+                           f"exist; make it with `ddchallenge data prepare {base.name} --download` (in the data "
+                           "root, $DDCHALLENGE_DATA)")
 
 
 def run(entries: list[DatasetEntry], set_accuracies: list[list[float]], refs: dict, recipe: EvalRecipe, seed: int,
@@ -77,12 +87,17 @@ def run(entries: list[DatasetEntry], set_accuracies: list[list[float]], refs: di
     then the baseline. `set_accuracies[i]`: the challenge accuracies of
     entries[i] (what IOR and HLR compare against)."""
     rows: list[ExtraScore] = []
+    teacher = check_labels_possible(entries, request)
     for entry, accs in zip(entries, set_accuracies):
         ref = refs[entry.spec.name]
         for arch in request.archs:
             rows.append(arch_row(entry, ref, recipe, seed, device, arch, progress, together))
         if request.baseline:
             rows.append(baseline_row(entry, accs, ref, recipe, seed, device, device_name, request, progress, together))
+        if request.labels:
+            rows.append(label_row(entry, ref, recipe, seed, device, request.labels, request.temperature,
+                                  None if teacher is None else teacher.net,
+                                  None if teacher is None else teacher.settings(), progress))
     return rows
 
 
@@ -162,16 +177,19 @@ def read_full(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path) -> f
 
 
 def full_reference(spec: DatasetSpec, recipe: EvalRecipe, seed: int, device: torch.device, device_name: str,
-                   root: Path, progress: bool = True) -> tuple[Path, list[float], bool]:
+                   root: Path, progress: bool = True, ref_dir: str | os.PathLike | None = None,
+                   ) -> tuple[Path, list[float], bool]:
     """Train the recipe's ConvNet on every training image of `spec`, one
     round per seed, and cache the test accuracies (the HLR reference); a
-    valid cache entry is reused. Returns (cache file, accuracies, reused)."""
+    valid cache entry is reused. Returns (cache file, accuracies, reused).
+    The test set is `score`'s (`load_reference(spec, ref_dir)`)."""
     path, key = full_path(spec, recipe, seed, root)
     accs = read_cache(path, key, recipe.rounds) if path.exists() else None
     if accs is not None:
         return path, accs, True
+    need_store(spec, root, "a full-data reference")
     x, y = load_train(spec, root)
-    ref = load_reference(spec, root)
+    ref = load_reference(spec, ref_dir)
     start = time.perf_counter()
     accs = round_accuracies(spec, normalise(x, spec), torch.from_numpy(y), ref["images_val"], ref["labels_val"],
                             recipe, key["seeds"], device, progress, desc=f"{spec.name} full data")

@@ -243,3 +243,28 @@ def test_baseline_without_a_training_store_names_the_command_and_records_nothing
     assert "--baseline herding needs the training images of cifar10" in line
     assert "`ddchallenge data prepare cifar10 --download`" in line
     assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_reference_full_without_a_training_store_names_the_command(run_cli, data_root):
+    r = run_cli("reference", "full", "cifar10", "--epochs", 0, "--rounds", 1, "--quiet")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"error: a full-data reference needs the training images of cifar10 and {data_root / 'cifar10_train.h5'} "
+        "does not exist; make it with `ddchallenge data prepare cifar10 --download` (in the data root, "
+        "$DDCHALLENGE_DATA)"]
+    assert not (data_root / "extras").exists()
+
+
+@pytest.mark.slow
+def test_reference_full_on_mnist5k_is_cached_once_and_gives_hlr(run_cli, data_root, tmp_path):
+    args = ("reference", "full", "mnist5k", "--epochs", 0, "--rounds", 1, "--quiet")
+    first, again = run_cli(*args), run_cli(*args)
+    assert first.exit_code == 0 and "cached in" in first.stdout and "already cached in" in again.stdout
+    (cached,) = (data_root / "extras").glob("mnist5k-full-*.json")
+    full = json.loads(cached.read_text())["accuracies"][0]
+    run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", tmp_path / "s.h5", "--quiet")
+    r = run_cli("score", tmp_path / "s.h5", *FAST, "--rounds", 1, "--baseline", "random", "--json", "-",
+                "--output", tmp_path / "out")
+    record = json.loads(r.stdout)
+    (row,) = record["extras"]
+    assert row["full"] == full and row["hlr"] == pytest.approx(full - record["datasets"][0]["mean"])

@@ -266,3 +266,35 @@ def label_set(path: str | os.PathLike, teacher: Teacher, device: str = "auto") -
     probs = teacher_probabilities(net, normalise(lset.images, spec))
     teacher.net.cpu()
     return add_soft_labels(path, as_soft_labels(probs).numpy(), {"teacher": teacher.settings(), "temperature": 1})
+
+
+def request_teacher(request) -> Teacher | None:
+    """The teacher an `extras.ExtrasRequest` names (mode M), loaded and
+    checked to be the one the request was made with (its weights' sha256),
+    so that a folder changed during a batch is never used unnoticed."""
+    if request.labels != "teacher":
+        return None
+    if request.teacher is None:
+        raise UsageError("--labels teacher needs --teacher DIR (made by `ddchallenge teacher DATASET`)")
+    teacher = load_teacher(request.teacher)
+    if request.teacher_sha256 is not None and teacher.weights_sha256 != request.teacher_sha256:
+        raise TeacherError(f"the teacher {teacher.path} changed since this run began (other weights); run again")
+    return teacher
+
+
+def check_labels_possible(entries, request) -> Teacher | None:
+    """Before any training: every dataset of the upload can give the label
+    measure asked for (its soft labels; a teacher of the same dataset).
+    Returns the teacher (None for mode S or no label measure)."""
+    from ddchallenge.evaluation.soft import SoftLabelsMissing, check_temperature, missing_message
+
+    if not request.labels:
+        return None
+    check_temperature(request.temperature)
+    teacher = request_teacher(request)
+    for entry in entries:
+        if request.labels == "soft" and entry.soft_labels is None:
+            raise SoftLabelsMissing(missing_message(entry))
+        if teacher is not None:
+            check_teacher_for(teacher, entry.spec.name)
+    return teacher

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import html
 import io
+import json
 import math
 import os
 import re
@@ -118,7 +119,7 @@ def image_grid(entry: DatasetEntry, max_classes: int = 20, max_per_class: int = 
     return buf.getvalue()
 
 
-LEADERBOARD_FORMATS = ("table", "md", "csv", "html")
+LEADERBOARD_FORMATS = ("table", "md", "csv", "html", "json")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ class Entry:
     official: bool  # scored with the official budget (recomputed)
     path: str  # the record file it was read from
     record: dict  # the raw record
+    # Summaries of its extra measures (`extra_columns`): column name -> fraction; shown only when asked
+    extras: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ class Leaderboard:
     datasets: list[str]  # the board's dataset columns: the union over its entries, sorted
     duplicates: int = 0  # records given more than once (same name, upload, recipe and seed), listed once
     unofficial_left_out: int = 0  # unofficial records not shown (include_unofficial False)
+    extras: list[str] = dataclasses.field(default_factory=list)  # extra-measure columns: the union over entries
 
 
 def display_name(text: str, limit: int = 200) -> str:
@@ -233,7 +237,8 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
     unofficial = [(p, r) for p, r in kept if not r["official_budget"]]
     apart = _rank(unofficial) if include_unofficial else []
     return Leaderboard(official, apart, refused, failed, sorted({n for e in official + apart for n in e.datasets}),
-                       duplicates, 0 if include_unofficial else len(unofficial))
+                       duplicates, 0 if include_unofficial else len(unofficial),
+                       _extra_order({c for e in official + apart for c in e.extras}))
 
 
 def _method(record: dict) -> str | None:
@@ -257,7 +262,7 @@ def _rank(kept: list[tuple[str, dict]]) -> list[Entry]:
         total = math.fsum(cells[n].mean if n in cells else 0.0 for n in datasets) / len(datasets)
         method = _method(r)
         rows.append(Entry(0, display_name(r["name"]), total, cells, None if method is None else display_name(method),
-                          r["recipe_hash"], r["official_budget"], str(path), r))
+                          r["recipe_hash"], r["official_budget"], str(path), r, extra_columns(r)))
     # Scores are finite (refused otherwise), so this order is total; ties by name, then by file. Scores equal
     # to 1e-9 tie: the same accuracies summed in another order differ in the last bits.
     rows.sort(key=lambda e: (-round(e.score, 9), e.record["name"], e.path))
@@ -269,22 +274,28 @@ def _rank(kept: list[tuple[str, dict]]) -> list[Entry]:
     return ranked
 
 
-def leaderboard(board: Leaderboard | list[dict], fmt: str = "table") -> str:
+def leaderboard(board: Leaderboard | list[dict], fmt: str = "table", extras: bool = False) -> str:
     """The board as text: official entries ranked; unofficial ones (when
     loaded) in a section of their own; a footer line counting what was left
     out (in csv, no footer: `footer` gives it). A list of records is ranked
-    first (`rank_records`); one that is not valid raises RecordError."""
+    first (`rank_records`); one that is not valid raises RecordError.
+    The extra measures' columns (`extra_columns`) follow the challenge
+    score's with `extras`, and always in csv and json, which carry
+    everything; json is one object (`board_json`)."""
     if fmt not in LEADERBOARD_FORMATS:
         raise UsageError(f"unknown format {fmt!r}; formats: {', '.join(LEADERBOARD_FORMATS)}")
     if not isinstance(board, Leaderboard):
         board = rank_records(board)
         if board.refused:
             raise RecordError(board.refused[0][1])
+    if fmt == "json":
+        return json.dumps(board_json(board), indent=2, sort_keys=True)
+    columns = board.extras if extras or fmt == "csv" else []
     headers = ["rank", "submission", "method", "IPC", *[f"{n} %" for n in board.datasets], "score %",
-               "official budget"]
-    sections = [_rows(board.official, board.datasets, fmt)]
+               "official budget", *columns]
+    sections = [_rows(board.official, board.datasets, fmt, columns)]
     if board.unofficial:
-        sections.append(_rows(board.unofficial, board.datasets, fmt))
+        sections.append(_rows(board.unofficial, board.datasets, fmt, columns))
     if fmt == "csv":
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows([headers, *[row for rows in sections for row in rows]])
@@ -315,7 +326,7 @@ def footer(board: Leaderboard) -> str:
     return "; ".join(parts)
 
 
-def _rows(entries: list[Entry], datasets: list[str], fmt: str) -> list[list]:
+def _rows(entries: list[Entry], datasets: list[str], fmt: str, columns: list[str] = ()) -> list[list]:
     rows = []
     for e in entries:
         cells = [f"{_pct(e.datasets[n].mean)} ± {_pct(e.datasets[n].std)}" if n in e.datasets else "-"
@@ -323,8 +334,61 @@ def _rows(entries: list[Entry], datasets: list[str], fmt: str) -> list[list]:
         ipcs = "/".join(str(e.datasets[n].ipc) if n in e.datasets else "-" for n in datasets)
         # Name and method are already printable ASCII; escaped again for the format they are shown in.
         shown = [_escape(e.name, fmt), _escape(e.method or "?", fmt)]
-        rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), "yes" if e.official else "NO"])
+        extra = [_extra_cell(c, e.extras.get(c)) for c in columns]
+        rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), "yes" if e.official else "NO", *extra])
     return rows
+
+
+def _extra_cell(column: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:+.2f}" if column.startswith(("IOR", "HLR")) else _pct(value)
+
+
+POOL_MEAN = "pool mean %"
+
+
+def extra_columns(record: dict) -> dict[str, float]:
+    """One number per extra measure of a (checked) record, averaged over
+    its datasets like the challenge score, and only where every dataset of
+    the record has that measure (else the number would not compare):
+    "<measure> %" (mean accuracy), "pool mean %" (over the architectures
+    asked), and for a baseline "IOR vs <name> %" and "HLR %"."""
+    n = len(record["datasets"])
+    by: dict[str, list[float]] = {}
+    for row in record.get("extras") or []:
+        m = row["measure"]
+        by.setdefault(f"{m} %", []).append(float(row["mean"]))
+        if m.startswith("baseline:"):
+            by.setdefault(f"IOR vs {m.split(':', 1)[1]} %", []).append(float(row["ior"]))
+            if row.get("hlr") is not None:
+                by.setdefault("HLR %", []).append(float(row["hlr"]))
+    out = {c: math.fsum(v) / n for c, v in by.items() if len(v) == n}
+    archs = [v for c, v in out.items() if c.startswith("arch:")]
+    if archs:
+        out[POOL_MEAN] = math.fsum(archs) / len(archs)
+    return out
+
+
+def _extra_order(columns: set[str]) -> list[str]:
+    """Architectures (then their pool mean), baselines and IOR/HLR, other measures: each group by name."""
+    def group(c: str) -> int:
+        return 0 if c.startswith("arch:") else 1 if c == POOL_MEAN else 2 if c.startswith(("baseline:", "IOR", "HLR")) \
+            else 3
+    return sorted(columns, key=lambda c: (group(c), c))
+
+
+def board_json(board: Leaderboard) -> dict:
+    """Everything the board knows, for machines: each entry's rank, name,
+    method, score, datasets, recipe, extra columns and extra rows as recorded
+    (checked by records.read_record; text fields still untrusted)."""
+    def entry(e: Entry) -> dict:
+        return {"rank": e.rank, "name": e.name, "method": e.method, "score": e.score, "official": e.official,
+                "recipe_hash": e.recipe_hash, "record": e.path,
+                "datasets": {n: dataclasses.asdict(c) for n, c in e.datasets.items()},
+                "extra_columns": e.extras, "extras": e.record.get("extras") or []}
+    return {"official": [entry(e) for e in board.official], "unofficial": [entry(e) for e in board.unofficial],
+            "datasets": board.datasets, "extra_columns": board.extras, "footer": footer(board)}
 
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|~])")

@@ -268,3 +268,30 @@ def test_reference_full_on_mnist5k_is_cached_once_and_gives_hlr(run_cli, data_ro
     record = json.loads(r.stdout)
     (row,) = record["extras"]
     assert row["full"] == full and row["hlr"] == pytest.approx(full - record["datasets"][0]["mean"])
+
+
+def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_them(run_cli, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    both = with_extras(arch_row(), baseline_row(full=0.9))
+    # the same measures on tinyimagenet, so that each column covers every dataset of the record
+    both["extras"] += [{**r, "dataset": "tinyimagenet"} for r in both["extras"]]
+    both["extras"][3].update(ior=0.3 - 0.33, ior_se=standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]),
+                             hlr=0.9 - 0.3)
+    write(folder / "a.json", both)
+    write(folder / "b.json", make_record("bob.zip"))
+    plain = run_cli("leaderboard", folder)
+    assert plain.exit_code == 0, plain.output
+    assert "IOR" not in plain.stdout and "arch:" not in plain.stdout
+    shown = run_cli("leaderboard", folder, "--extras")
+    header = shown.stdout.splitlines()[0]
+    assert header.index("score %") < header.index("arch:vgg11 %") < header.index("pool mean %") \
+        < header.index("IOR vs random %")
+    assert "+7.00" in shown.stdout  # IOR averaged over cifar100 (50 - 33 %) and tinyimagenet (30 - 33 %)
+    rows = run_cli("leaderboard", folder, "--format", "csv").stdout.splitlines()
+    assert rows[0].split(",")[-5:] == ["arch:vgg11 %", "pool mean %", "HLR %", "IOR vs random %",
+                                       "baseline:random %"]
+    assert rows[2].endswith(",-,-,-,-,-")  # bob has no extras
+    board = json.loads(run_cli("leaderboard", folder, "--format", "json").stdout)
+    (alice,) = [e for e in board["official"] if e["name"] == "alice.zip"]
+    assert len(alice["extras"]) == 4 and alice["extra_columns"]["pool mean %"] == pytest.approx(0.35)

@@ -140,9 +140,17 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on s
                    "set's accuracy minus the subset's, and HLR where `ddchallenge reference full` cached one.")
 @click.option("--baseline-seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the --baseline subset (the generator's --seed).")
+@click.option("--labels", type=click.Choice(["soft", "teacher"]),
+              help="Also train on soft labels with KL at --temperature (DD-Ranking): 'soft', the set's own stored "
+                   "soft labels (mode S); 'teacher', a --teacher relabelling every augmented batch (mode M). Its "
+                   "own row, never in the challenge score.")
+@click.option("--temperature", type=click.FloatRange(0.1, 100.0),
+              help="T of the soft-label KL, 0.1 to 100 (default 1: the probabilities as they are).")
+@click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
+              help="Teacher folder made by `ddchallenge teacher DATASET` (implies --labels teacher).")
 @record_key_option
 def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
-          budget, mixed, cluster, archs, baseline, baseline_seed, record_key):
+          budget, mixed, cluster, archs, baseline, baseline_seed, labels, temperature, teacher_dir, record_key):
     """Score UPLOADS with the official evaluation recipe.
 
     Each is an official <dataset>.pt file, a labelled .h5 set, a res/ folder
@@ -167,7 +175,8 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
     from ddchallenge.evaluation.pool import parse_archs
     from ddchallenge.extras import ExtrasRequest
 
-    extras = ExtrasRequest(parse_archs(archs), baseline, baseline_seed)
+    extras = ExtrasRequest(parse_archs(archs), baseline, baseline_seed,
+                           **_label_request(labels, temperature, teacher_dir))
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
                              seed, budget, sandbox=not no_sandbox, mixed=mixed, extras=extras,
                              mac_key=None if record_key is None else load_key(record_key, [output]))
@@ -213,6 +222,31 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
 
         atomic_write_bytes(json_path, outcome.result.to_json().encode())
     click.echo(outcome.result.to_json() if str(json_path) == "-" else score_table(outcome.result))
+
+
+def _label_request(labels: str | None, temperature: float | None, teacher_dir: Path | None) -> dict:
+    """The soft-label settings of `score` (ExtrasRequest fields), the teacher
+    checked now: a folder that is not a teacher stops the run before any
+    upload is read or recorded."""
+    if teacher_dir is not None:
+        if labels == "soft":
+            raise errors.UsageError("--labels soft trains on the set's own soft labels and --teacher on a "
+                                    "teacher's: pass one of them")
+        labels = "teacher"
+    if labels == "teacher" and teacher_dir is None:
+        raise errors.UsageError("--labels teacher needs --teacher DIR (made by `ddchallenge teacher DATASET`)")
+    if labels is None:
+        if temperature is not None:
+            raise errors.UsageError("--temperature applies to --labels soft or --teacher DIR")
+        return {}
+    from ddchallenge.evaluation.soft import check_temperature
+
+    fields = {"labels": labels, "temperature": 1.0 if temperature is None else check_temperature(temperature)}
+    if teacher_dir is not None:
+        from ddchallenge.teacher import load_teacher
+
+        fields.update(teacher=str(teacher_dir), teacher_sha256=load_teacher(teacher_dir).weights_sha256)
+    return fields
 
 
 def _ipc(value: str) -> int | str:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddchallenge.errors import BudgetExceeded, DatasetError, RecordError, ResultsBusyError, UsageError
+from ddchallenge.errors import BudgetExceeded, DatasetError, OptionMismatch, RecordError, ResultsBusyError, UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes
@@ -98,7 +98,8 @@ class BatchSettings:
 class BatchOutcome:
     name: str  # the upload's name (untrusted text: shown through `clean`)
     status: str  # "scored", "failed", "over budget" (recorded; scored again under another --budget), "done before",
-    #              or "environment error" (not recorded; retried next run)
+    #              "environment error" (not recorded; retried next run), or "refused" (the command line contradicts
+    #              the upload, errors.OptionMismatch: the user's mistake, not recorded)
     score: float | None
     reason: str | None  # why it failed
     record: Path | None  # its record, when there is one
@@ -121,8 +122,12 @@ class BatchSummary:
         parts = [f"{self.count(s)} {s}" for s in ("scored", "done before", "failed")]
         if self.count("over budget"):
             parts.append(f"{self.count('over budget')} over budget")
+        if self.count("refused"):
+            parts.append(f"{self.count('refused')} refused by the command line")
         parts.append(f"{env_errors} environment error{'' if env_errors == 1 else 's'}")
         retry = "; environment errors are not recorded: run again to retry" if self.count("environment error") else ""
+        if self.count("refused"):
+            retry += "; refused: an option contradicts what the upload says it is, not recorded: fix the option"
         if self.count("over budget"):
             retry += ("; over budget: a generator too slow for this machine within --budget, recorded as such and "
                       "scored again when the batch runs with a larger --budget")
@@ -149,6 +154,7 @@ class Attempt:
     reason: str | None = None  # why it failed, escaped for display
     environment: bool = False  # the machine's fault, not the upload's: never recorded
     over_budget: bool = False  # a generator that did not finish inside the budget on this machine
+    misused: bool = False  # the command line contradicts the upload (OptionMismatch): the user's, never recorded
     seconds: float = 0.0
 
 
@@ -258,6 +264,8 @@ def classify(exc: Exception) -> Attempt:
     machine's where the scorer's training did (the rules bound its inputs)."""
     if is_environment_failure(exc) or isinstance(exc, DatasetError):
         return Attempt(reason=clean(str(exc)), environment=True)
+    if isinstance(exc, OptionMismatch):  # e.g. --dataset mnist for a set whose header says mnist5k
+        return Attempt(reason=clean(str(exc)), misused=True)
     if isinstance(exc, BudgetExceeded):  # this machine's pace against this budget, not a broken upload
         return Attempt(reason=clean(str(exc)), over_budget=True)
     log.debug("failure", exc_info=exc)
@@ -275,6 +283,8 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
     done, failed = out / f"{key}.json", out / f"{key}.failed.json"
     if tried.environment:
         return BatchOutcome(todo.name, "environment error", None, tried.reason, None)
+    if tried.misused:
+        return BatchOutcome(todo.name, "refused", None, tried.reason, None)
     if tried.result is not None:
         result = tried.result
         if result.submission_sha256 is None and todo.upload_sha:  # a folder: its digest, never a null beside it

@@ -206,10 +206,14 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
             click.echo(f"*** {NOT_OFFICIAL}: {r.epochs} epochs, {plural(r.rounds, 'round')} (recipe {r.hash()}); "
                        "these numbers are not leaderboard numbers ***")
         click.echo(summary.line())
+        if summary.count("refused"):  # the command line is wrong: a bad option's exit code
+            raise click.exceptions.Exit(2)
         if summary.count("failed") or summary.count("over budget") or summary.count("environment error"):
             raise click.exceptions.Exit(1)
         return
     (outcome,) = summary.outcomes
+    if outcome.status == "refused":
+        raise errors.UsageError(outcome.reason)
     if outcome.result is None:
         raise errors.DDChallengeError(outcome.reason or outcome.status)
     if outcome.status == "done before":

@@ -11,6 +11,13 @@ class UsageError(DDChallengeError):
     """An option or argument with an illegal value."""
 
 
+class OptionMismatch(UsageError):
+    """An option that contradicts what an upload says it is: a single file
+    whose name or HDF5 header names a dataset that --dataset leaves out.
+    The command line's mistake, not the upload's: never recorded against the
+    upload, although only reading the upload (in the sandbox) can find it."""
+
+
 class SubmissionError(DDChallengeError):
     """A submission file that is missing, unreadable, unsafe or malformed."""
 

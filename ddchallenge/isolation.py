@@ -52,10 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ddchallenge.errors import BudgetExceeded, DDChallengeError, EnvironmentFailure
+from ddchallenge.errors import BudgetExceeded, DDChallengeError, EnvironmentFailure, OptionMismatch
 
 NOBODY = 65534
 REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT, OVER_BUDGET_EXIT = 3, 4, 5, 6
+OPTION_MISMATCH_EXIT = 7  # the work found the command line contradicting the input (errors.OptionMismatch)
 MAX_MESSAGE = 500  # characters of a child's message kept; it is untrusted text
 MAX_VALUE_BYTES = 1 << 20  # the function's JSON value
 MAX_DEPTH = 32  # folder nesting staged into the child
@@ -630,7 +631,7 @@ def _read_bounded(path: Path, limit: int) -> bytes:
 
 
 def _outcome(code: int, outbox: Path, stderr: str, limits: Limits) -> Any:
-    if code in (REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT, OVER_BUDGET_EXIT):
+    if code in (REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT, OVER_BUDGET_EXIT, OPTION_MISMATCH_EXIT):
         try:
             message = clean(_read_bounded(outbox / "_message.txt", 4 * MAX_MESSAGE).decode(errors="replace").strip())
         except Refused:
@@ -639,6 +640,8 @@ def _outcome(code: int, outbox: Path, stderr: str, limits: Limits) -> Any:
             raise EnvironmentFailure(f"the machine failed while isolated work ran: {message}")
         if code == OVER_BUDGET_EXIT:
             raise OverBudget(message)
+        if code == OPTION_MISMATCH_EXIT:
+            raise OptionMismatch(message)
         raise Refused(message if code == REFUSED_EXIT else f"reading the upload failed: {message}")
     if code != 0:
         why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
@@ -789,6 +792,8 @@ def _report(exc: BaseException, share: int | None) -> tuple[int, str]:
         return ENVIRONMENT_EXIT, f"{type(exc).__name__}: {exc}"
     if isinstance(exc, BudgetExceeded):
         return OVER_BUDGET_EXIT, str(exc)
+    if isinstance(exc, OptionMismatch):
+        return OPTION_MISMATCH_EXIT, str(exc)
     if isinstance(exc, DDChallengeError):
         return REFUSED_EXIT, str(exc)
     return CRASHED_EXIT, f"{type(exc).__name__}: {exc}"

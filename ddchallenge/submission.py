@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ddchallenge.data import normalise
-from ddchallenge.errors import SubmissionError, UploadRuleError
+from ddchallenge.errors import OptionMismatch, SubmissionError, UploadRuleError
 from ddchallenge.fileio import MAX_FILE_BYTES, check_file, load_torch_bytes, read_limited, sha256_bytes, sha256_file
 from ddchallenge.labelled import Header, check_soft_labels, read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, DatasetSpec, UploadRules, get_dataset
@@ -267,7 +267,7 @@ def _resolve_spec(source: str, stem: str | None, dataset: str | None, image_shap
     if dataset is not None:
         spec = get_dataset(dataset)
         if named is not None and named is not spec:
-            raise SubmissionError(f"{source} is named for {named.name} but --dataset says {spec.name}; fix one")
+            raise OptionMismatch(f"{source} is named for {named.name} but --dataset says {spec.name}; fix one")
         return spec
     if named is not None:
         return named
@@ -347,6 +347,10 @@ def _from_labelled_h5(path: Path, dataset: str | None, rules: UploadRules | None
     def check_header(header: Header) -> None:
         named = header.dataset if header.dataset in DATASETS else path.stem
         spec = _resolve_spec(str(path), named, dataset, header.images_shape[1:], header.images_shape[0])
+        if rules is not None and not official and DATASETS.get(named.lower()) is spec and not rules.allows(spec):
+            # The set names its dataset (header or file name), like a file named for one: --dataset is wrong.
+            raise OptionMismatch(f"{path} is named for {spec.name} but --dataset says {', '.join(rules.required())}; "
+                                 "fix one")
         if rules is not None:
             rules.check_count(spec, header.images_shape[0], str(path), official)
         if header.soft_labels_shape is not None and header.soft_labels_shape[1] != spec.classes:

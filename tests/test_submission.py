@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddchallenge.errors import SubmissionError, UploadRuleError
+from ddchallenge.errors import OptionMismatch, SubmissionError, UploadRuleError
 from ddchallenge.labelled import write_labelled_set
 from ddchallenge.submission import load_submission
 
@@ -147,7 +147,7 @@ def test_ambiguous_dataset_needs_flag_and_name_conflicts(tmp_path):
     assert load_submission(path, dataset="mnist")[0].spec.name == "mnist"
     named = tmp_path / "mnist5k.pt"
     torch.save(torch.randn(100, 1, 28, 28), named)
-    with pytest.raises(SubmissionError, match="named for mnist5k but --dataset says mnist"):
+    with pytest.raises(OptionMismatch, match="named for mnist5k but --dataset says mnist"):  # the option's fault
         load_submission(named, dataset="mnist")
 
 

@@ -1,0 +1,72 @@
+"""`score`: the command line being wrong is not the upload being bad.
+
+An option that contradicts what an upload says it is (a labelled set whose
+own header names a dataset that --dataset leaves out; only reading the set,
+in the sandbox, finds it) is the user's mistake: one line, exit 2, nothing
+recorded, alone or in a batch. A broken upload is still the team's failure,
+recorded. Scoring's bars go to stderr and --quiet hides them."""
+import re
+
+import numpy as np
+import pytest
+
+from ddchallenge.batch import record_key
+from ddchallenge.isolation import isolation
+from ddchallenge.labelled import write_labelled_set
+
+FAST = ("--epochs", 0, "--rounds", 1, "--quiet")
+sandboxed = pytest.mark.skipif(isolation() is None, reason="unshare --net is not permitted on this machine")
+
+
+def _set(path, dataset):
+    """A labelled set of IPC 1 whose header names `dataset`; its file name names none."""
+    write_labelled_set(path, np.zeros((10, 1, 28, 28), np.uint8), np.arange(10), dataset=dataset, ipc=1,
+                       method="test", seed=0, config={})
+    return path
+
+
+def _one_line(r):
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("options", [("--dataset", "mnist"), ("--dataset", "mnist", "--dataset", "cifar10")],
+                         ids=["one", "two"])
+def test_a_dataset_the_set_contradicts_is_one_line_and_no_record(run_cli, tmp_path, options):
+    upload = _set(tmp_path / "set.h5", "mnist5k")
+    r = run_cli("score", upload, *options, *FAST, "--no-sandbox")
+    says = ", ".join(sorted(options[1::2]))
+    assert r.exit_code == 2 and _one_line(r) == f"error: {upload} is named for mnist5k but --dataset says {says}; fix one"
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_fixed_command_scores_it_with_each_rounds_epochs_on_stderr(run_cli, tmp_path):
+    upload = _set(tmp_path / "set.h5", "mnist5k")
+    r = run_cli("score", upload, "--dataset", "mnist5k", "--epochs", 2, "--rounds", 1, "--no-sandbox")
+    assert r.exit_code == 0 and [p.name for p in (tmp_path / "results").iterdir()] == [f"{record_key('set.h5')}.json"]
+    assert re.search(r"mnist5k[^\n]*: +\d+%\|[^\n]*\| [0-3]/3 [^\n]*ep", r.stderr.replace("\r", "\n")), r.stderr
+    assert "%|" not in r.stdout
+
+
+@sandboxed
+def test_the_sandbox_reports_the_mismatch_as_the_command_lines(run_cli, tmp_path):
+    upload = _set(tmp_path / "set.h5", "mnist5k")
+    r = run_cli("score", upload, "--dataset", "mnist", *FAST)
+    assert r.exit_code == 2 and _one_line(r) == f"error: {upload} is named for mnist5k but --dataset says mnist; fix one"
+    assert not (tmp_path / "results").exists()
+
+
+def test_in_a_batch_the_mismatch_is_refused_unrecorded_and_a_broken_upload_recorded(run_cli, tmp_path):
+    good, wrong = _set(tmp_path / "good.h5", "mnist5k"), _set(tmp_path / "wrong.h5", "mnist")
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(b"not an HDF5 file at all")
+    r = run_cli("score", good, wrong, broken, "--dataset", "mnist5k", "--dataset", "cifar10", *FAST, "--no-sandbox")
+    assert r.exit_code == 2 and "%|" not in r.stderr, r.stderr  # --quiet: the good one trained without bars
+    out = tmp_path / "results"
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{record_key('good.h5')}.json",
+                                                           f"{record_key('broken.h5')}.failed.json"])
+    assert re.search(r"wrong\.h5 +refused .*wrong\.h5 is named for mnist but --dataset says cifar10, mnist5k", r.stdout)
+    assert "1 scored, 0 done before, 1 failed, 1 refused by the command line, 0 environment errors" in r.stdout
+    assert "refused: an option contradicts what the upload says it is, not recorded: fix the option" in r.stdout
+

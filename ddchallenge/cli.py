@@ -291,13 +291,19 @@ def _ipc(value: str) -> int | str:
               "the training images); 0: none.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--soft-labels", type=click.Choice(["teacher"]),
+              help="Also store each image's soft labels: the --teacher's class probabilities (for score --labels "
+                   "soft; not timed by --budget).")
+@click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
+              help="With --soft-labels teacher: a teacher folder made by `ddchallenge teacher DATASET`.")
 @quiet_option
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
-             strength, per_class, oversample, match_steps, output, force, quiet):
+             strength, per_class, oversample, match_steps, output, force, soft_labels, teacher_dir, quiet):
     """Synthesise IPC labelled images per class into a labelled set."""
     if output.suffix.lower() != ".h5":  # the set is HDF5 whatever its name says
         raise errors.UsageError(f"-o {output}: a labelled set is an HDF5 file; name it with .h5 (e.g. "
                                 f"{output.with_suffix('.h5').name})")
+    teacher = _set_teacher(dataset, soft_labels, teacher_dir, track)
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
     given = dict(model=model, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size,
@@ -316,8 +322,38 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
                                 oversample=oversample, match_steps=match_steps)
         with shown(not quiet):
             r = run_generate(config, output, force=force)
+    labelled = ""
+    if teacher is not None:
+        from ddchallenge.teacher import label_set
+
+        try:
+            label_set(r.path, teacher, device)
+        except BaseException:
+            r.path.unlink(missing_ok=True)  # never a set without the soft labels asked for
+            raise
+        labelled = f", soft labels from the teacher {clean(str(teacher.path))}"
     click.echo(f"wrote {r.path}: {r.dataset}, {r.method}, IPC {r.ipc}, {r.images} images in {r.seconds:.1f} s "
-               f"({r.images_per_second:.1f} images/s), seed {seed}")
+               f"({r.images_per_second:.1f} images/s), seed {seed}{labelled}")
+
+
+def _set_teacher(dataset: str, soft_labels: str | None, teacher_dir: Path | None, track: str | None):
+    """The teacher `generate --soft-labels teacher` labels with, checked
+    before anything is generated (None without --soft-labels)."""
+    if soft_labels is None:
+        if teacher_dir is not None:
+            raise errors.UsageError("--teacher labels the set: pass --soft-labels teacher with it")
+        return None
+    if teacher_dir is None:
+        raise errors.UsageError("--soft-labels teacher needs --teacher DIR (made by `ddchallenge teacher DATASET`)")
+    if track == "2":
+        raise errors.UsageError("--soft-labels: --track 2 writes what the scorer runs, and a Track 2 run carries no "
+                                "soft labels; score with --teacher DIR instead")
+    from ddchallenge.protocol import get_dataset
+    from ddchallenge.teacher import check_teacher_for, load_teacher
+
+    teacher = load_teacher(teacher_dir)
+    check_teacher_for(teacher, get_dataset(dataset).name)
+    return teacher
 
 
 def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, quiet, given):
@@ -345,6 +381,32 @@ def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, 
     click.echo(f"track 2: generation seed {generation_seed(seed)} (from scoring seed {seed}); "
                + ", ".join(f"{k} {v:.1f} s" for k, v in r.phases.items() if v >= 0.05), err=True)
     return r
+
+
+@cli.command("teacher")
+@click.argument("dataset")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Teacher folder (default: <data root>/teachers/<dataset>-<recipe hash>-seed<SEED>, kept and "
+                   "reused once made).")
+@click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS),
+              help="Recipe epochs: epochs + 1 passes over the training images (default 50).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the weights, batch order and augmentation.")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@device_option
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it holds anything but this teacher.")
+@quiet_option
+def teacher_command(dataset, output, epochs, seed, root, device, force, quiet):
+    """Train a teacher for `score --teacher` and `generate --soft-labels
+    teacher`: ConvNet-3 on DATASET's real training images, one round of the
+    challenge's recipe, recorded in the folder."""
+    from ddchallenge.teacher import TEACHER_EPOCHS, make_teacher
+
+    with shown(not quiet):
+        t, kept = make_teacher(dataset, output, TEACHER_EPOCHS if epochs is None else epochs, seed, device, root,
+                               force, progress=not quiet)
+    click.echo(f"{'kept' if kept else 'wrote'} {clean(str(t.path))}: {t.dataset} teacher, {t.recipe.epochs} epochs, "
+               f"seed {t.seed}, recipe {t.recipe.hash()}, test accuracy {100 * t.test_accuracy:.2f} %")
 
 
 preset_option = click.option("--preset", help="tiny (a smoke test: its samples are noise), mnist5k, cifar10, cifar100, "

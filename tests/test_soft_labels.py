@@ -343,3 +343,52 @@ def test_bad_soft_label_requests_one_line_nothing_recorded(run_cheap, tmp_path, 
     assert result.exit_code == code and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not list((tmp_path / "results").glob("*.json")) if (tmp_path / "results").exists() else True
+
+
+def test_generate_stores_the_teachers_soft_labels(run_cli, tmp_path):
+    _teacher(tmp_path / "t")
+    result = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", tmp_path / "s.h5",
+                     "--soft-labels", "teacher", "--teacher", tmp_path / "t", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert "soft labels from the teacher" in result.stdout
+    lset = read_labelled_set(tmp_path / "s.h5")
+    assert lset.soft_labels.shape == (10, 10) and lset.attrs["method"] == "random"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--soft-labels", "teacher"), "--soft-labels teacher needs --teacher DIR"),
+    (("--teacher", "{t}"), "pass --soft-labels teacher with it"),
+    (("--soft-labels", "teacher", "--teacher", "{empty}"), "is not a teacher folder"),
+    (("--soft-labels", "teacher", "--teacher", "{t}", "--track", 2, "--model", "{t}"), "a Track 2 run carries no"),
+])
+def test_generate_soft_label_mistakes_write_nothing(run_cli, tmp_path, args, message):
+    _teacher(tmp_path / "t")
+    (tmp_path / "empty").mkdir()
+    args = [str(a).format(t=tmp_path / "t", empty=tmp_path / "empty") for a in args]
+    result = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", tmp_path / "s.h5",
+                     "--quiet", *args)
+    assert result.exit_code in (1, 2) and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_a_teacher_for_another_dataset_is_refused(run_cli, tmp_path):
+    _teacher(tmp_path / "t")
+    result = run_cli("generate", "--dataset", "mnist5k-val", "--method", "random", "--ipc", 1, "-o", tmp_path / "s.h5",
+                     "--soft-labels", "teacher", "--teacher", tmp_path / "t", "--quiet")
+    assert result.exit_code == 1 and "was trained on mnist5k, not mnist5k-val" in result.stderr
+    assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.slow  # trains on all 4,000 mnist5k training images (a pass is ~10-30 s on 2 busy cores)
+def test_teacher_command_trains_records_and_reuses(run_cli, tmp_path):
+    from ddchallenge.teacher import load_teacher
+
+    result = run_cli("teacher", "mnist5k", "-o", tmp_path / "t", "--epochs", 0, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0 and result.stdout.startswith("wrote"), result.stderr
+    teacher = load_teacher(tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "teacher.json").read_text())
+    assert meta["train_images"] == 4000 and meta["recipe"]["epochs"] == 0 and teacher.test_accuracy > 0.5
+    again = run_cli("teacher", "mnist5k", "-o", tmp_path / "t", "--epochs", 0, "--device", "cpu", "--quiet")
+    assert again.exit_code == 0 and again.stdout.startswith("kept")
+    other = run_cli("teacher", "mnist5k", "-o", tmp_path / "t", "--epochs", 1, "--quiet")
+    assert other.exit_code == 1 and "is not this teacher" in other.stderr

@@ -647,7 +647,7 @@ def leaderboard(results, fmt, extras, include_unofficial, record_key, output, fo
     if fmt == "html":
         from ddchallenge.site import write_site
 
-        site = write_site(board, output, force=force, sandbox=not no_sandbox)
+        site = write_site(board, output, force=force, sandbox=not no_sandbox, extras=extras)
         click.echo(f"wrote {clean(str(site.folder / 'index.html'))}: {footer(board)}; {site.pages} upload page(s), "
                    f"{site.grids} sample grid(s)")
         return

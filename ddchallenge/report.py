@@ -340,6 +340,7 @@ def _rows(entries: list[Entry], datasets: list[str], fmt: str, columns: list[str
 
 
 def _extra_cell(column: str, value: float | None) -> str:
+    """An extra column's cell: IOR and HLR signed, accuracies plain, "-" where a record lacks it."""
     if value is None:
         return "-"
     return f"{100 * value:+.2f}" if column.startswith(("IOR", "HLR")) else _pct(value)

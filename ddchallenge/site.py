@@ -35,7 +35,7 @@ from ddchallenge.errors import DDChallengeError, OutputExistsError
 from ddchallenge.fileio import replace_folder
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import UploadRules
-from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, footer, image_grid
+from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, footer, image_grid
 from ddchallenge.submission import bounded_provenance
 
 GRID_CLASSES, GRID_PER_CLASS = 10, 10  # rows (first classes) and images per row of a sample grid
@@ -181,9 +181,11 @@ def _table(headers: list[tuple[str, str]], body_rows: list[list[tuple[str, str]]
     return "\n".join(lines)
 
 
-def _ranking(rs: list[Row], datasets: list[str]) -> str:
+def _ranking(rs: list[Row], datasets: list[str], columns: list[str] = ()) -> str:
+    """The ranking table; `columns`: extra-measure columns after the rest (report.extra_columns)."""
     headers = [("num", "Rank"), ("", "Submission"), ("num", "Score %"),
-               *[("num", f"{_e(n)} %") for n in datasets], ("", "Method"), ("num", "IPC"), ("", "Recipe")]
+               *[("num", f"{_e(n)} %") for n in datasets], ("", "Method"), ("num", "IPC"), ("", "Recipe"),
+               *[("num", _e(c)) for c in columns]]
     body = []
     for row in rs:
         e = row.entry
@@ -192,11 +194,14 @@ def _ranking(rs: list[Row], datasets: list[str]) -> str:
         ipc = "/".join(str(e.datasets[n].ipc) if n in e.datasets else "-" for n in datasets)
         body.append([("num rank", str(e.rank)), ("name", f"<a href=\"uploads/{row.page}\">{_e(e.name)}</a>"),
                      ("num score", _pct(e.score)), *[("num", c) for c in cells],
-                     ("method", _e(e.method or "?")), ("num", ipc), ("", f"<code>{_e(e.recipe_hash[:12])}</code>")])
+                     ("method", _e(e.method or "?")), ("num", ipc), ("", f"<code>{_e(e.recipe_hash[:12])}</code>"),
+                     *[("num", _e(_extra_cell(c, e.extras.get(c)))) for c in columns]])
     return _table(headers, body)
 
 
-def index_html(board: Leaderboard, site_rows: list[Row]) -> str:
+def index_html(board: Leaderboard, site_rows: list[Row], extras: bool = False) -> str:
+    """`extras`: the extra measures' columns after the challenge score's (`leaderboard --extras`)."""
+    columns = board.extras if extras else []
     official = [r for r in site_rows if r.section == "official"]
     unofficial = [r for r in site_rows if r.section == "unofficial"]
     names = ", ".join(_e(n) for n in board.datasets)
@@ -207,7 +212,7 @@ def index_html(board: Leaderboard, site_rows: list[Row]) -> str:
         "scores share a rank. Each submission links to its rounds, recipe, sandbox and provenance.</p>",
         "<section id=\"official\" class=\"official\">",
         "<h2>Official budget</h2>",
-        _ranking(official, board.datasets) if official else "<p>No upload scored with the official budget.</p>",
+        _ranking(official, board.datasets, columns) if official else "<p>No upload scored with the official budget.</p>",
         "</section>",
     ]
     if unofficial:
@@ -216,7 +221,7 @@ def index_html(board: Leaderboard, site_rows: list[Row]) -> str:
             f"<h2>{NOT_OFFICIAL.capitalize()}</h2>",
             "<p class=\"note\">Scored with other epochs or rounds than the official recipe: ranked apart, not "
             "comparable with the ranking above.</p>",
-            _ranking(unofficial, board.datasets),
+            _ranking(unofficial, board.datasets, columns),
             "</section>",
         ]
     parts.append(f"<p class=\"counts\" id=\"counts\">{_e(footer(board), None)}</p>")
@@ -278,7 +283,8 @@ def upload_html(row: Row, grids: dict[str, str | None], why: dict[str, str]) -> 
     return _page(f"{_e(e.name)} · Leaderboard", "\n".join(parts))
 
 
-def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = False, sandbox: bool = True) -> Site:
+def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = False, sandbox: bool = True,
+               extras: bool = False) -> Site:
     """Write the site into `folder` (built beside it, renamed into place at
     the end: an interrupted build leaves the old folder or none). A folder
     that exists is replaced only with `force`."""
@@ -305,7 +311,7 @@ def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = Fals
                 else:
                     why[dataset] = grid
             (staging / "uploads" / row.page).write_text(upload_html(row, files, why), encoding="utf-8")
-        (staging / "index.html").write_text(index_html(board, site_rows), encoding="utf-8")
+        (staging / "index.html").write_text(index_html(board, site_rows, extras), encoding="utf-8")
         replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

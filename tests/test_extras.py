@@ -295,3 +295,9 @@ def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_
     board = json.loads(run_cli("leaderboard", folder, "--format", "json").stdout)
     (alice,) = [e for e in board["official"] if e["name"] == "alice.zip"]
     assert len(alice["extras"]) == 4 and alice["extra_columns"]["pool mean %"] == pytest.approx(0.35)
+    # the site, the same way: the columns only with --extras
+    for flag, site in (("--extras", "with"), ("--include-unofficial", "without")):
+        r = run_cli("leaderboard", folder, "--format", "html", "-o", tmp_path / site, "--no-sandbox", flag)
+        assert r.exit_code == 0, r.output
+    assert "pool mean %" in (tmp_path / "with" / "index.html").read_text()
+    assert "pool mean" not in (tmp_path / "without" / "index.html").read_text()

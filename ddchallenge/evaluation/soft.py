@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ddchallenge.errors import DatasetError, UsageError
+from ddchallenge.errors import OptionMismatch, UsageError
 from ddchallenge.evaluation.train import round_accuracies
 from ddchallenge.extras import LABEL_MODES, LABELS_PREFIX, ExtraScore
 from ddchallenge.protocol import EvalRecipe
@@ -40,10 +40,10 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0  # T outside: targets collapse to 
 LOSS = "kl(target || softmax(logits / T)), batch mean, no T^2"  # recorded: another loss is another recipe
 
 
-class SoftLabelsMissing(DatasetError):
-    """`--labels soft` on an upload without soft labels: the organiser asked
-    for a measure the upload cannot give. Like missing reference data it is
-    not recorded as the upload's failure; the run says so and stops."""
+class SoftLabelsMissing(OptionMismatch):
+    """`--labels soft` on an upload without soft labels: the command line
+    asks for a measure the upload cannot give. The option's mistake, not the
+    upload's: never recorded (a batch counts it as refused)."""
 
 
 def check_temperature(temperature) -> float:

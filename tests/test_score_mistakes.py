@@ -37,7 +37,8 @@ def test_a_dataset_the_set_contradicts_is_one_line_and_no_record(run_cli, tmp_pa
     upload = _set(tmp_path / "set.h5", "mnist5k")
     r = run_cli("score", upload, *options, *FAST, "--no-sandbox")
     says = ", ".join(sorted(options[1::2]))
-    assert r.exit_code == 2 and _one_line(r) == f"error: {upload} is named for mnist5k but --dataset says {says}; fix one"
+    assert r.exit_code == 2
+    assert _one_line(r) == f"error: {upload} is named for mnist5k but --dataset says {says}; fix one"
     assert not (tmp_path / "results").exists()
 
 
@@ -53,7 +54,8 @@ def test_the_fixed_command_scores_it_with_each_rounds_epochs_on_stderr(run_cli, 
 def test_the_sandbox_reports_the_mismatch_as_the_command_lines(run_cli, tmp_path):
     upload = _set(tmp_path / "set.h5", "mnist5k")
     r = run_cli("score", upload, "--dataset", "mnist", *FAST)
-    assert r.exit_code == 2 and _one_line(r) == f"error: {upload} is named for mnist5k but --dataset says mnist; fix one"
+    assert r.exit_code == 2
+    assert _one_line(r) == f"error: {upload} is named for mnist5k but --dataset says mnist; fix one"
     assert not (tmp_path / "results").exists()
 
 

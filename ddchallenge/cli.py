@@ -249,7 +249,8 @@ def _label_request(labels: str | None, temperature: float | None, teacher_dir: P
     if teacher_dir is not None:
         from ddchallenge.teacher import load_teacher
 
-        fields.update(teacher=str(teacher_dir), teacher_sha256=load_teacher(teacher_dir).weights_sha256)
+        # An absolute path: a cluster's workers load it too, from wherever they run.
+        fields.update(teacher=str(teacher_dir.absolute()), teacher_sha256=load_teacher(teacher_dir).weights_sha256)
     return fields
 
 

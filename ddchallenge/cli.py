@@ -138,8 +138,8 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on s
 @click.option("--baseline", type=click.Choice(["random", "herding"]),
               help="Also score a seeded real subset of the same IPC (cached in the data root) and report IOR, the "
                    "set's accuracy minus the subset's, and HLR where `ddchallenge reference full` cached one.")
-@click.option("--baseline-seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
-              help="Seed of the --baseline subset (the generator's --seed).")
+@click.option("--baseline-seed", type=click.IntRange(0, MAX_SEED),
+              help="Seed of the --baseline subset (the generator's --seed; default 0).")
 @click.option("--labels", type=click.Choice(["soft", "teacher"]),
               help="Also train on soft labels with KL at --temperature (DD-Ranking): 'soft', the set's own stored "
                    "soft labels (mode S); 'teacher', a --teacher relabelling every augmented batch (mode M). Its "
@@ -175,7 +175,10 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
     from ddchallenge.evaluation.pool import parse_archs
     from ddchallenge.extras import ExtrasRequest
 
-    extras = ExtrasRequest(parse_archs(archs), baseline, baseline_seed,
+    if baseline_seed is not None and baseline is None:
+        raise errors.UsageError("--baseline-seed is the seed of the --baseline subset: pass --baseline random|herding "
+                                "with it")
+    extras = ExtrasRequest(parse_archs(archs), baseline, baseline_seed or 0,
                            **_label_request(labels, temperature, teacher_dir))
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
                              seed, budget, sandbox=not no_sandbox, mixed=mixed, extras=extras,
@@ -667,14 +670,16 @@ def reference() -> None:
 @click.argument("dataset")
 @click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds (official: 3).")
 @click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs (official: 1000).")
+@click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder holding <dataset>_test.pt, as score --ref (default: the data root's test set).")
 @seed_option
 @device_option
 @quiet_option
-def reference_full(dataset, rounds, epochs, seed, device, quiet):
+def reference_full(dataset, rounds, epochs, ref_dir, seed, device, quiet):
     """Train the recipe's ConvNet on every training image of DATASET, one
     round per seed, and cache its test accuracy: `score --baseline` then
-    reports HLR (full-data accuracy minus the set's) for the same recipe
-    and seeds. Minutes on a CPU for mnist5k; a GPU job for CIFAR-100."""
+    reports HLR (full-data accuracy minus the set's) for the same recipe,
+    seeds and test set. Minutes on a CPU for mnist5k; a GPU job for CIFAR-100."""
     import torch
 
     from ddchallenge.data.reference import data_root
@@ -687,7 +692,8 @@ def reference_full(dataset, rounds, epochs, seed, device, quiet):
     dev = resolve_device(device)
     name = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
     with shown(not quiet):
-        path, accs, reused = full_reference(spec, recipe, seed, dev, name, data_root(), progress=not quiet)
+        path, accs, reused = full_reference(spec, recipe, seed, dev, name, data_root(), progress=not quiet,
+                                             ref_dir=ref_dir)
     mean = sum(accs) / len(accs)
     click.echo(f"{spec.name} full data: {100 * mean:.2f} % over {plural(len(accs), 'round')} (recipe "
                f"{recipe.hash()}, seeds {seed}..{seed + len(accs) - 1}); {'already cached in' if reused else 'cached in'} "

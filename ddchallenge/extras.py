@@ -112,8 +112,8 @@ class ExtrasRequest:
     def fingerprint(self) -> dict:
         """What a record's settings hold of this request (nothing when empty)."""
         out: dict = {}
-        if self.archs:
-            out["archs"] = list(self.archs)
+        if self.archs:  # a set: asking for the same architectures in another order is the same setting
+            out["archs"] = sorted(self.archs)
         if self.baseline:
             out.update(baseline=self.baseline, baseline_seed=self.baseline_seed)
         if self.labels:

@@ -7,11 +7,14 @@ same recipe and the same seeds as the challenge score; only the network (an
 architecture) or the images (a baseline) change. A baseline's accuracies and
 a full-data reference are cached under the data root, in
 `<root>/extras/`, so that an organiser pays for them once: baselines keyed
-by dataset, IPC, method and seed of the subset, recipe hash, seeds and
-device; the full-data reference by dataset, recipe hash and seeds (the
-device that made it is recorded). A cache file is untrusted on read-back:
-one that is not exactly what this run would have written is recomputed and
-replaced, never believed.
+by dataset, IPC, method and seed of the subset, recipe hash, seeds, the
+test set's sha256 (`--ref` may name another test set), device, torch
+version and whether rounds trained together; the full-data reference by
+dataset, recipe hash, seeds and test set (the device that made it is
+recorded). A cache file is untrusted on read-back: one that is not exactly
+what this run would have written is recomputed and replaced, never
+believed. A baseline cache that cannot be written (a read-only data root)
+is a warning, never the upload's failure.
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ import torch
 
 from ddchallenge.data import load_reference
 from ddchallenge.data.reference import data_root, load_train, normalise, train_store_path
-from ddchallenge.errors import DatasetError
+from ddchallenge.errors import DatasetError, EnvironmentFailure
 from ddchallenge.evaluation.soft import label_row
-from ddchallenge.evaluation.train import round_accuracies
+from ddchallenge.evaluation.train import round_accuracies, together_by_default
 from ddchallenge.extras import ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, recipe_hash, standard_error
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean
@@ -88,12 +91,14 @@ def run(entries: list[DatasetEntry], set_accuracies: list[list[float]], refs: di
     entries[i] (what IOR and HLR compare against)."""
     rows: list[ExtraScore] = []
     teacher = check_labels_possible(entries, request)
+    tests = {name: reference_digest(ref) for name, ref in refs.items()} if request.baseline else {}
     for entry, accs in zip(entries, set_accuracies):
         ref = refs[entry.spec.name]
         for arch in request.archs:
             rows.append(arch_row(entry, ref, recipe, seed, device, arch, progress, together))
         if request.baseline:
-            rows.append(baseline_row(entry, accs, ref, recipe, seed, device, device_name, request, progress, together))
+            rows.append(baseline_row(entry, accs, ref, recipe, seed, device, device_name, request, progress, together,
+                                     tests.get(entry.spec.name)))
         if request.labels:
             rows.append(label_row(entry, ref, recipe, seed, device, request.labels, request.temperature,
                                   None if teacher is None else teacher.net,
@@ -115,18 +120,18 @@ def arch_row(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, devi
 
 def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: EvalRecipe, seed: int,
                  device: torch.device, device_name: str, request: ExtrasRequest, progress: bool = True,
-                 together: bool | None = None) -> ExtraScore:
+                 together: bool | None = None, test: str | None = None) -> ExtraScore:
     """The seeded real subset of the set's IPC (the `random` or `herding`
     generator), scored like the set (cached), and the set's IOR against it;
-    HLR where a full-data reference is cached for the recipe and seeds."""
+    HLR where a full-data reference is cached for the recipe, seeds and
+    test set. `test`: `reference_digest(ref)` (computed when not given)."""
     spec, method = entry.spec, request.baseline
     measure = BASELINE_PREFIX + method
     seeds = [seed + r for r in range(recipe.rounds)]
     settings = {**dataclasses.asdict(recipe), "baseline_seed": request.baseline_seed, "ipc": entry.ipc}
-    key = {"measure": measure, "dataset": spec.name, "ipc": entry.ipc, "recipe_hash": recipe_hash(measure, settings),
-           "seeds": seeds, "device": device_name}
-    root = root_of(request)
-    path = root / CACHE_FOLDER / f"{spec.name}-ipc{entry.ipc}-{method}-{_digest(key)}.json"
+    root, test = root_of(request), test or reference_digest(ref)
+    path, key = baseline_cache(spec, method, settings, seeds, test, device_name,
+                               bool(together_by_default(device) if together is None else together), root)
     accs = read_cache(path, key, recipe.rounds)
     seconds = 0.0
     if accs is None:
@@ -135,12 +140,30 @@ def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: 
         accs = round_accuracies(spec, images, labels, ref["images_val"], ref["labels_val"], recipe, seeds, device,
                                 progress, desc=f"{spec.name} baseline {method}", together=together)
         seconds = time.perf_counter() - start
-        write_cache(path, key, accs, seconds)
-    full = read_full(spec, recipe, seed, root)
+        try:
+            write_cache(path, key, accs, seconds)
+        except OSError as exc:  # the cache saves time; failing to keep it is no failure of the upload
+            log.warning("baseline not cached in %s (%s); it is computed again next time", clean(str(path)),
+                        clean(str(exc), 160))
+    full = read_full(spec, recipe, seed, root, test)
     own = _fmean(set_accs)
     return ExtraScore.make(measure, spec.name, settings, seeds, accs, seconds, ior=own - _fmean(accs),
                            ior_se=standard_error(set_accs, accs), full=full,
                            hlr=None if full is None else full - own)
+
+
+def baseline_cache(spec: DatasetSpec, method: str, settings: dict, seeds: list[int], test: str, device_name: str,
+                   together: bool, root: Path) -> tuple[Path, dict]:
+    """The cache file and key of a baseline: everything that changes its
+    numbers (`settings`: the recipe, the subset's seed and IPC, under the
+    row's own recipe hash). The accuracies only compare (and a set's IOR
+    against its own subset is 0 exactly) on the same test set, device, torch
+    and batching of rounds."""
+    measure = BASELINE_PREFIX + method
+    key = {"measure": measure, "dataset": spec.name, "ipc": settings["ipc"],
+           "recipe_hash": recipe_hash(measure, settings), "seeds": list(seeds), "test_sha256": test,
+           "device": device_name, "torch": torch.__version__, "together": together}
+    return root / CACHE_FOLDER / f"{spec.name}-ipc{settings['ipc']}-{method}-{_digest(key)}.json", key
 
 
 def baseline_images(spec: DatasetSpec, method: str, ipc: int, seed: int, device: torch.device,
@@ -160,16 +183,29 @@ def baseline_images(spec: DatasetSpec, method: str, ipc: int, seed: int, device:
 
 # ---------------------------------------------------------------- the full-data reference
 
-def full_path(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path) -> tuple[Path, dict]:
+def reference_digest(ref: dict) -> str:
+    """sha256 of a reference test set's tensors (dtype, shape and bytes of
+    images and labels): what a cached accuracy was measured on."""
+    h = hashlib.sha256()
+    for name in ("images_val", "labels_val"):
+        t = ref[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def full_path(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path, test: str) -> tuple[Path, dict]:
+    """The cache file and key of the full-data reference on the test set whose `reference_digest` is `test`."""
     seeds = [seed + r for r in range(recipe.rounds)]
     key = {"measure": FULL_MEASURE, "dataset": spec.name,
-           "recipe_hash": recipe_hash(FULL_MEASURE, dataclasses.asdict(recipe)), "seeds": seeds}
-    return root / CACHE_FOLDER / f"{spec.name}-full-{key['recipe_hash']}-seed{seed}x{recipe.rounds}.json", key
+           "recipe_hash": recipe_hash(FULL_MEASURE, dataclasses.asdict(recipe)), "seeds": seeds, "test_sha256": test}
+    return root / CACHE_FOLDER / f"{spec.name}-full-{key['recipe_hash']}-seed{seed}x{recipe.rounds}-{_digest(key)}.json", \
+        key
 
 
-def read_full(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path) -> float | None:
-    """The cached full-data mean accuracy for this recipe and these seeds, if any (and valid)."""
-    path, key = full_path(spec, recipe, seed, root)
+def read_full(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path, test: str) -> float | None:
+    """The cached full-data mean accuracy for this recipe, these seeds and this test set, if any (and valid)."""
+    path, key = full_path(spec, recipe, seed, root, test)
     if not path.exists():
         return None
     accs = read_cache(path, key, recipe.rounds)
@@ -182,18 +218,24 @@ def full_reference(spec: DatasetSpec, recipe: EvalRecipe, seed: int, device: tor
     """Train the recipe's ConvNet on every training image of `spec`, one
     round per seed, and cache the test accuracies (the HLR reference); a
     valid cache entry is reused. Returns (cache file, accuracies, reused).
-    The test set is `score`'s (`load_reference(spec, ref_dir)`)."""
-    path, key = full_path(spec, recipe, seed, root)
+    The test set is `score`'s (`load_reference(spec, ref_dir)`): HLR uses
+    it only for a score against the same test set."""
+    need_store(spec, root, "a full-data reference")
+    ref = load_reference(spec, ref_dir)
+    path, key = full_path(spec, recipe, seed, root, reference_digest(ref))
     accs = read_cache(path, key, recipe.rounds) if path.exists() else None
     if accs is not None:
         return path, accs, True
-    need_store(spec, root, "a full-data reference")
     x, y = load_train(spec, root)
-    ref = load_reference(spec, ref_dir)
     start = time.perf_counter()
     accs = round_accuracies(spec, normalise(x, spec), torch.from_numpy(y), ref["images_val"], ref["labels_val"],
                             recipe, key["seeds"], device, progress, desc=f"{spec.name} full data")
-    write_cache(path, {**key}, accs, time.perf_counter() - start, made_on=device_name)
+    try:
+        write_cache(path, {**key}, accs, time.perf_counter() - start, made_on=device_name)
+    except OSError as exc:  # the one thing this command is for
+        raise EnvironmentFailure(f"could not write the full-data reference {clean(str(path))} "
+                                 f"({clean(exc.strerror or str(exc), 160)}); make the data root's extras/ folder "
+                                 "writable, or set $DDCHALLENGE_DATA") from None
     return path, accs, False
 
 

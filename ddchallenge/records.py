@@ -27,7 +27,9 @@ import stat
 from pathlib import Path
 
 from ddchallenge.errors import RecordError, UsageError
-from ddchallenge.extras import MAX_EXTRAS, MAX_OWN_SETTINGS, MEASURES, ExtraScore, is_baseline, standard_error
+from ddchallenge.extras import (
+    ARCH_PREFIX, MAX_EXTRAS, MAX_OWN_SETTINGS, MEASURES, ExtraScore, is_baseline, standard_error,
+)
 from ddchallenge.extras import recipe_hash as extra_recipe_hash
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED, EvalRecipe
@@ -175,7 +177,8 @@ def check_score_record(data, where: str) -> dict:
     score = record.number("score", 0.0, 1.0)
     if abs(score - _fmean(means)) > TOLERANCE:
         raise record.error("score", f"must be the mean of the dataset means ({_fmean(means)!r})", score)
-    _check_extras(record, {d["dataset"]: d["accuracies"] for d in record.data["datasets"]}, seed)
+    _check_extras(record, {d["dataset"]: d["accuracies"] for d in record.data["datasets"]}, seed, recipe,
+                  {d["dataset"]: d["ipc"] for d in record.data["datasets"]})
     record.text("device", 200)
     record.text("sandbox")
     record.number("seconds")
@@ -235,13 +238,17 @@ _EXTRA_FIELDS = {f.name for f in dataclasses.fields(ExtraScore)}
 _DERIVED = ("ior", "ior_se", "full", "hlr")
 
 
-def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int) -> None:
+def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int, challenge: EvalRecipe,
+                  ipcs: dict[str, int]) -> None:
     """The extra measures (optional: older records have none), each row
-    rechecked like a dataset's: its recipe, its own hash (never the
-    challenge's), its seeds, its statistics and, for a baseline, IOR and HLR
-    recomputed from the set's accuracies."""
+    rechecked like a dataset's: its recipe (the challenge's as run, plus the
+    measure's own settings: none for an architecture, the subset's seed and
+    the dataset's IPC for a baseline), its own hash (never the challenge's),
+    its seeds, its statistics and, for a baseline, IOR and HLR recomputed
+    from the set's accuracies; one row per measure and dataset."""
     if "extras" not in record.data:
         return
+    seen: set[tuple[str, str]] = set()
     for i, row in enumerate(record.items("extras", 0, MAX_EXTRAS)):
         e = _Fields(row, record.where, f"extras[{i}].")
         unknown = sorted(set(e.data) - _EXTRA_FIELDS, key=str)
@@ -269,6 +276,15 @@ def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int) -> N
                 raise settings.error(key, "must be a text of at most 200 characters, a number, a boolean or null",
                                      value)
         recipe = _recipe_settings(settings)
+        # Every measure trains with the recipe the challenge score was made with (its own settings aside): a row
+        # claiming other epochs or rounds beside it would be another experiment passed off as this one's.
+        if recipe != challenge:
+            raise RecordError(f"{e.where}: {settings.prefix.rstrip('.')} must be the record's recipe (its epochs, "
+                              "rounds and every other setting) plus the measure's own settings")
+        if (measure, name) in seen:
+            raise e.error("measure", f"must appear once per dataset ({name} has two {measure} rows)", measure)
+        seen.add((measure, name))
+        _check_own_settings(measure, settings, own, ipcs[name])
         expected = extra_recipe_hash(measure, settings.data)
         if e.get("recipe_hash") != expected:
             raise e.error("recipe_hash", f"must be {expected}, the hash of the measure and its recorded recipe",
@@ -307,6 +323,27 @@ def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int) -> N
             _number(v, -1.0, 1.0, lambda what, got, k=k: e.error(k, what, got))
             if abs(v - w) > TOLERANCE:
                 raise e.error(k, f"must be {w!r}, recomputed from the set's and the baseline's accuracies", v)
+
+
+def _check_own_settings(measure: str, settings: _Fields, own: list[str], ipc: int) -> None:
+    """An architecture row has no settings of its own; a baseline row exactly
+    the seed of its real subset and the IPC, which is its dataset's (a
+    baseline of another size compares nothing). Label rows' settings are
+    checked for form only (above)."""
+    if measure.startswith(ARCH_PREFIX):
+        required: set[str] = set()
+    elif is_baseline(measure):
+        required = {"baseline_seed", "ipc"}
+    else:
+        return
+    if set(own) != required:
+        raise RecordError(f"{settings.where}: {settings.prefix.rstrip('.')} of {measure} must hold the recipe's "
+                          f"settings{' and ' + ', '.join(sorted(required)) if required else ''} only, got "
+                          f"{clean(', '.join(sorted(map(str, own))) or 'none of its own', 200)}")
+    if required:
+        settings.whole("baseline_seed", 0, MAX_SEED)
+        if settings.whole("ipc", 1, MAX_RULE_IPC) != ipc:
+            raise settings.error("ipc", f"must be {ipc}, the IPC of its dataset", settings.data["ipc"])
 
 
 def _check_batch_fields(record: _Fields) -> None:

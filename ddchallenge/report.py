@@ -355,16 +355,16 @@ def extra_columns(record: dict) -> dict[str, float]:
     the record has that measure (else the number would not compare):
     "<measure> %" (mean accuracy), "pool mean %" (over the architectures
     asked), and for a baseline "IOR vs <name> %" and "HLR %"."""
-    n = len(record["datasets"])
-    by: dict[str, list[float]] = {}
+    datasets = {d["dataset"] for d in record["datasets"]}
+    by: dict[str, dict[str, float]] = {}  # column -> dataset -> value: one value per dataset, whatever the rows
     for row in record.get("extras") or []:
-        m = row["measure"]
-        by.setdefault(f"{m} %", []).append(float(row["mean"]))
+        m, d = row["measure"], row["dataset"]
+        by.setdefault(f"{m} %", {})[d] = float(row["mean"])
         if m.startswith("baseline:"):
-            by.setdefault(f"IOR vs {m.split(':', 1)[1]} %", []).append(float(row["ior"]))
-            if row.get("hlr") is not None:
-                by.setdefault("HLR %", []).append(float(row["hlr"]))
-    out = {c: math.fsum(v) / n for c, v in by.items() if len(v) == n}
+            by.setdefault(f"IOR vs {m.split(':', 1)[1]} %", {})[d] = float(row["ior"])
+            if row.get("hlr") is not None:  # full - the set's mean: the same whichever baseline carries it
+                by.setdefault("HLR %", {})[d] = float(row["hlr"])
+    out = {c: math.fsum(v.values()) / len(v) for c, v in by.items() if set(v) == datasets}
     archs = [v for c, v in out.items() if c.startswith("arch:")]
     if archs:
         out[POOL_MEAN] = math.fsum(archs) / len(archs)

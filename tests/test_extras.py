@@ -91,6 +91,22 @@ CRAFTED = [
     ("extras not a list", lambda r: r.__setitem__("extras", {"a": 1}), "extras must be a list of 0 to 256"),
     ("too many extras", lambda r: r.__setitem__("extras", r["extras"] * 129), "extras must be a list of 0 to 256"),
     ("row not object", lambda r: r["extras"].__setitem__(0, 3), "extras[0] must be a JSON object"),
+    # each row is the challenge's recipe as run plus the measure's own settings, once per measure and dataset
+    ("other epochs than the score", lambda r: r["extras"][0]["recipe"].__setitem__("epochs", 10),
+     "extras[0].recipe must be the record's recipe"),
+    ("fewer rounds than the score", lambda r: (r["extras"][1]["recipe"].__setitem__("rounds", 2),
+                                                r["extras"][1].update(seeds=[0, 1], accuracies=[0.3, 0.32])),
+     "extras[1].recipe must be the record's recipe"),
+    ("a row twice", lambda r: r["extras"].append(dict(r["extras"][0])),
+     "extras[2].measure must appear once per dataset (cifar100 has two arch:vgg11 rows)"),
+    ("architecture with settings", lambda r: r["extras"][0]["recipe"].__setitem__("ipc", 10),
+     "extras[0].recipe of arch:vgg11 must hold the recipe's settings only, got ipc"),
+    ("baseline without its seed", lambda r: r["extras"][1]["recipe"].pop("baseline_seed"),
+     "extras[1].recipe of baseline:random must hold the recipe's settings and baseline_seed, ipc only, got ipc"),
+    ("baseline of another IPC", lambda r: r["extras"][1]["recipe"].__setitem__("ipc", 20),
+     "extras[1].recipe.ipc must be 10, the IPC of its dataset, got 20"),
+    ("baseline seed not whole", lambda r: r["extras"][1]["recipe"].__setitem__("baseline_seed", 1.5),
+     "extras[1].recipe.baseline_seed must be a whole number"),
 ]
 
 
@@ -163,8 +179,28 @@ def test_unknown_architecture_is_one_line_and_records_nothing(run_cli, official_
     assert not (tmp_path / "out").exists()
 
 
+BAD_OPTIONS = [
+    (("--baseline-seed", 3), "error: --baseline-seed is the seed of the --baseline subset: pass --baseline "
+                              "random|herding with it"),
+    (("--baseline", "kmeans"), "error: Invalid value for '--baseline': 'kmeans' is not one of 'random', 'herding'."),
+    (("--baseline", "random", "--baseline-seed", -1), "error: Invalid value for '--baseline-seed'"),
+    (("--arch", ""), "error: --arch: unknown architecture ''"),
+    (("--arch", "pool", "--arch", "resnet"), "error: --arch: unknown architecture 'resnet'"),
+]
+
+
+@pytest.mark.parametrize("options,line", BAD_OPTIONS, ids=[" ".join(map(str, o)) for o, _ in BAD_OPTIONS])
+def test_a_bad_extra_option_is_one_line_exit_2_and_records_nothing(run_cli, official_file, tmp_path, options, line):
+    r = run_cli("score", official_file, *FAST, *options, "--output", tmp_path / "out")
+    assert r.exit_code == 2 and r.stdout == ""
+    (got,) = r.stderr.strip().splitlines()
+    assert got.startswith(line)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_random_set_against_its_own_random_baseline_has_ior_zero_and_the_cache_is_reused(run_cli, tmp_path,
-                                                                                          data_root, small):
+                                                                                          data_root, small,
+                                                                                          monkeypatch):
     made = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--seed", 3, "-o",
                    tmp_path / "set.h5", "--quiet")
     assert made.exit_code == 0, made.output
@@ -180,17 +216,57 @@ def test_a_random_set_against_its_own_random_baseline_has_ior_zero_and_the_cache
     assert row["ior_se"] is None  # one round: no variance to estimate
     (cached,) = (data_root / "extras").glob("mnist5k-ipc1-random-*.json")
     # a second run reads the cache (0 s for the baseline); a full-data accuracy cached for the recipe adds HLR
-    from ddchallenge.measures import full_path, write_cache
+    from ddchallenge.data import load_reference
+    from ddchallenge.measures import full_path, reference_digest, write_cache
     from ddchallenge.protocol import get_dataset
 
-    recipe = dataclasses.replace(OFFICIAL, epochs=0, rounds=1)
-    path, key = full_path(get_dataset("mnist5k"), recipe, 0, data_root)
+    spec, recipe = get_dataset("mnist5k"), dataclasses.replace(OFFICIAL, epochs=0, rounds=1)
+    path, key = full_path(spec, recipe, 0, data_root, reference_digest(load_reference(spec, small[1])))
     write_cache(path, key, [0.91], 1.0, made_on="cpu")
+    # a full-data accuracy on another test set (the data root's, not --ref's) is never HLR's reference
+    other, other_key = full_path(spec, recipe, 0, data_root, reference_digest(load_reference(spec)))
+    write_cache(other, other_key, [0.5], 1.0, made_on="cpu")
     r = run_cli(*args, "--json", tmp_path / "b.json", "--output", tmp_path / "b")
     (row2,) = read_record(tmp_path / "b.json")["extras"]
     assert row2["seconds"] == 0.0 and row2["accuracies"] == row["accuracies"]
     assert row2["full"] == pytest.approx(0.91) and row2["hlr"] == pytest.approx(0.91 - row["mean"])
     assert "baseline:random" in r.stdout and "+0.00" in r.stdout
+    # a data root whose cache cannot be written (extras/ is a file): a warning, and the upload still scored
+    elsewhere = tmp_path / "data2"
+    elsewhere.mkdir()
+    (elsewhere / "extras").write_text("not a folder")
+    monkeypatch.setenv("DDCHALLENGE_DATA", str(elsewhere))
+    r = run_cli(*args, "--output", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    assert "warning: baseline not cached in" in r.stderr and "+0.00" in r.stdout
+    assert len(list((tmp_path / "c").glob("*.json"))) == 1 and not list((tmp_path / "c").glob("*.failed.json"))
+
+
+def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path):
+    """Dataset, method, IPC, subset seed, recipe, seeds, test set, device,
+    torch and the batching of rounds: change any one, and the entry (file
+    and key) is another, so no cached accuracy stands for another setting."""
+    from ddchallenge.measures import baseline_cache, full_path
+    from ddchallenge.protocol import get_dataset
+
+    mnist, recipe = get_dataset("mnist5k"), dataclasses.asdict(OFFICIAL)
+    base = dict(spec=mnist, method="random", settings={**recipe, "baseline_seed": 0, "ipc": 10}, seeds=[0, 1, 2],
+                test="a" * 64, device_name="cpu", together=False, root=tmp_path)
+    variants = [{}, {"spec": get_dataset("mnist")}, {"method": "herding"},
+                {"settings": {**recipe, "baseline_seed": 1, "ipc": 10}},
+                {"settings": {**recipe, "baseline_seed": 0, "ipc": 11}},
+                {"settings": {**recipe, "epochs": 999, "baseline_seed": 0, "ipc": 10}},
+                {"seeds": [1, 2, 3]}, {"test": "b" * 64}, {"device_name": "cuda:0 (H100)"}, {"together": True}]
+    made = [baseline_cache(**{**base, **v}) for v in variants]
+    assert len({p for p, _ in made}) == len({json.dumps(k, sort_keys=True) for _, k in made}) == len(variants)
+    assert all(p.parent == tmp_path / "extras" for p, _ in made)
+    import torch
+
+    assert made[0][1]["torch"] == torch.__version__
+    # the full-data reference: per recipe, seeds and test set, and never a baseline's file
+    fulls = {full_path(mnist, OFFICIAL, s, tmp_path, t)[0] for s in (0, 1) for t in ("a" * 64, "b" * 64)}
+    fulls.add(full_path(mnist, dataclasses.replace(OFFICIAL, epochs=5), 0, tmp_path, "a" * 64)[0])
+    assert len(fulls) == 5 and not fulls & {p for p, _ in made}
 
 
 BAD_CACHE = [

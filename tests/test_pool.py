@@ -121,3 +121,93 @@ def test_arch_names_parse_and_unknown_ones_are_refused():
     assert parse_archs(["mlp", "mlp"]) == ("mlp",)
     with pytest.raises(UsageError, match="unknown architecture 'vit'; the pool: convnet, convnetbn"):
         parse_archs(["vit"])
+
+
+# ---------------------------------------------------------------- layer for layer: kinds, norms, pools, strides
+
+def _token(m) -> str | None:
+    """One leaf module as text: what a parameter count cannot tell apart (a
+    GroupNorm from a BatchNorm, average from max pooling, strides, padding)."""
+    from torch import nn
+
+    if isinstance(m, nn.Conv2d):
+        return f"conv{m.in_channels}-{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]} p{m.padding[0]}" \
+            + ("" if m.bias is not None else " nobias")
+    if isinstance(m, nn.GroupNorm):
+        return f"instancenorm{m.num_channels}" if m.num_groups == m.num_channels and m.affine else f"groupnorm{m}"
+    if isinstance(m, nn.BatchNorm2d):
+        return f"batchnorm{m.num_features}"
+    if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)):
+        return f"{'avg' if isinstance(m, nn.AvgPool2d) else 'max'}pool{m.kernel_size}"
+    if isinstance(m, nn.Linear):
+        return f"fc{m.in_features}-{m.out_features}"
+    if isinstance(m, nn.ReLU):
+        return "relu"
+    return None if not list(m.children()) and not list(m.parameters(recurse=False)) else f"?{type(m).__name__}"
+
+
+def layers(net) -> list[str]:
+    leaves = [m for m in net.modules() if not list(m.children())]
+    return [t for t in map(_token, leaves) if t is not None]
+
+
+def ref_convnet(c, k, depth=3, norm="instancenorm"):
+    # networks.py ConvNet: [conv3x3 (padding 3 for the first conv of 1-channel input), norm, relu, avgpool] x depth
+    out = []
+    for d in range(depth):
+        out += [f"conv{c if d == 0 else 128}-128 k3 s1 p{3 if c == 1 and d == 0 else 1}", f"{norm}128", "relu",
+                "avgpool2"]
+    return out + [f"fc{128 * (4 if depth == 3 else 2) ** 2}-{k}"]
+
+
+def ref_resnet18(c, k):
+    out = [f"conv{c}-64 k3 s1 p1 nobias", "instancenorm64"]
+    for i, o, s in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)):
+        for bi, bo, bs in ((i, o, s), (o, o, 1)):  # BasicBlock: conv1 (stride), bn1, conv2, bn2, [1x1 projection, bn]
+            out += [f"conv{bi}-{bo} k3 s{bs} p1 nobias", f"instancenorm{bo}", f"conv{bo}-{bo} k3 s1 p1 nobias",
+                    f"instancenorm{bo}"]
+            if bs != 1 or bi != bo:
+                out += [f"conv{bi}-{bo} k1 s{bs} p0 nobias", f"instancenorm{bo}"]
+    return out + [f"fc512-{k}"]
+
+
+def ref_vgg11(c, k):
+    out, i = [], c
+    for n, v in enumerate((64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")):
+        if v == "M":
+            out.append("maxpool2")
+        else:
+            out += [f"conv{i}-{v} k3 s1 p{3 if c == 1 and n == 0 else 1}", f"instancenorm{v}", "relu"]
+            i = v
+    return out + [f"fc512-{k}"]  # the reference's closing AvgPool2d(1, 1) is the identity: not built
+
+
+def ref_layers(c, k, pixels):
+    return {
+        "convnet": ref_convnet(c, k), "convnetbn": ref_convnet(c, k, norm="batchnorm"),
+        "convnetd4": ref_convnet(c, k, depth=4),
+        "mlp": [f"fc{pixels}-128", "fc128-128", f"fc128-{k}"],
+        "lenet": [f"conv{c}-6 k5 s1 p{2 if c == 1 else 0}", "relu", "maxpool2", "conv6-16 k5 s1 p0", "relu", "maxpool2",
+                  "fc400-120", "fc120-84", f"fc84-{k}"],
+        "alexnet": [f"conv{c}-128 k5 s1 p{4 if c == 1 else 2}", "relu", "maxpool2", "conv128-192 k5 s1 p2", "relu",
+                    "maxpool2", "conv192-256 k3 s1 p1", "relu", "conv256-192 k3 s1 p1", "relu",
+                    "conv192-192 k3 s1 p1", "relu", "maxpool2", f"fc3072-{k}"],
+        "vgg11": ref_vgg11(c, k), "resnet18": ref_resnet18(c, k),
+    }
+
+
+@pytest.mark.parametrize("dataset,pixels", [("mnist", 784), ("cifar100", 3072)])
+def test_every_layer_matches_the_reference_kind_norm_pooling_stride_and_padding(dataset, pixels):
+    spec = get_dataset(dataset)
+    want = ref_layers(spec.channels, spec.classes, pixels)
+    with torch.device("meta"):
+        got = {a: layers(build(a, spec)) for a in ARCHITECTURES}
+    for arch in ARCHITECTURES:
+        assert got[arch] == want[arch], arch
+    # the check can fail: ConvNet-BN differs from ConvNet only in its norms, which a parameter count cannot see
+    assert got["convnetbn"] != got["convnet"] and count_equal(spec)
+
+
+def count_equal(spec) -> bool:
+    with torch.device("meta"):
+        return count(build("convnetbn", spec)) == count(build("convnet", spec))

@@ -39,7 +39,7 @@ from ddchallenge.evaluation.train import round_accuracies, together_by_default
 from ddchallenge.extras import ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, recipe_hash, standard_error
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean
-from ddchallenge.protocol import DATASETS, DatasetSpec, EvalRecipe
+from ddchallenge.protocol import DATASETS, DatasetSpec, EvalRecipe, get_dataset
 from ddchallenge.submission import DatasetEntry
 from ddchallenge.teacher import check_labels_possible
 
@@ -68,6 +68,15 @@ def check_possible(entries: list[DatasetEntry], request: ExtrasRequest) -> None:
         return
     for entry in entries:
         need_store(entry.spec, root_of(request), f"--baseline {request.baseline}")
+
+
+def check_stores(names: tuple[str, ...] | list[str], request: ExtrasRequest) -> None:
+    """`check_possible`'s baseline part for datasets known by name before
+    an upload is read: a Track 2 generator runs for minutes per dataset
+    first, and a missing training store should stop the run before that."""
+    if request.baseline:
+        for name in names:
+            need_store(get_dataset(name), root_of(request), f"--baseline {request.baseline}")
 
 
 def need_store(spec: DatasetSpec, root: Path, what: str) -> None:

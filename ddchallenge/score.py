@@ -153,6 +153,7 @@ def score(
     dev = resolve_device(device)
     path = Path(submission)
     if upload_kind(path, track2=budget is not None) == GENERATOR:
+        measures.check_stores(rules.required(), extras)  # before the generator's minutes, not after
         log.info("running generator %s for %s (IPC %s, budget %g s each)", clean(str(path)),
                  ", ".join(rules.required()), rules.ipc or "auto", budget)
         entries = generate_upload(path, rules, budget, seed, device, sandbox)

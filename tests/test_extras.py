@@ -321,6 +321,20 @@ def test_baseline_without_a_training_store_names_the_command_and_records_nothing
     assert not list((tmp_path / "out").glob("*.json"))
 
 
+def test_baseline_without_a_training_store_stops_a_track2_run_before_its_generator_runs(run_cli, tmp_path,
+                                                                                        data_root):
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "ddchallenge.json").write_text("{}")  # a broken generator: it would fail, but only once run
+    r = run_cli("score", gen, "--budget", 5, "--dataset", "cifar10", "--baseline", "random", "--epochs", 0,
+                "--rounds", 1, "--quiet", "--output", tmp_path / "out")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert "running generator" not in r.stderr and "format must be" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --baseline random needs the training images of "
+                                                        "cifar10")
+    assert not list((tmp_path / "out").glob("*.json"))  # nothing recorded (the folder may not even exist)
+
+
 def test_reference_full_without_a_training_store_names_the_command(run_cli, data_root):
     r = run_cli("reference", "full", "cifar10", "--epochs", 0, "--rounds", 1, "--quiet")
     assert r.exit_code == 1 and r.stdout == ""

@@ -263,6 +263,15 @@ def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path):
     import torch
 
     assert made[0][1]["torch"] == torch.__version__
+    # the test set's digest: its bytes, shapes and dtypes
+    from ddchallenge.measures import reference_digest
+
+    ref = {"images_val": torch.zeros(4, 1, 2, 2), "labels_val": torch.arange(4)}
+    pixel = {**ref, "images_val": ref["images_val"].clone().index_put_((torch.tensor([3]),), torch.tensor(1e-7))}
+    digests = {reference_digest(r) for r in (ref, pixel, {**ref, "labels_val": torch.tensor([0, 1, 3, 2])},
+                                              {**ref, "images_val": ref["images_val"].double()},
+                                              {**ref, "images_val": ref["images_val"].reshape(4, 1, 1, 4)})}
+    assert len(digests) == 5 and reference_digest({k: v.clone() for k, v in ref.items()}) in digests
     # the full-data reference: per recipe, seeds and test set, and never a baseline's file
     fulls = {full_path(mnist, OFFICIAL, s, tmp_path, t)[0] for s in (0, 1) for t in ("a" * 64, "b" * 64)}
     fulls.add(full_path(mnist, dataclasses.replace(OFFICIAL, epochs=5), 0, tmp_path, "a" * 64)[0])

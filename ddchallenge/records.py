@@ -113,10 +113,15 @@ class _Fields:
 
 
 def _number(value, low: float, high: float, error) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
+    # A JSON integer has no size limit: 1e400 written as digits is an int that no float holds (math.isfinite
+    # would raise OverflowError), so the range is compared exactly, as ints, before anything becomes a float.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+            or (isinstance(value, float) and not math.isfinite(value)) or abs(value) > _FLOAT_MAX:
         raise error(f"must be a finite number from {low:g} to {high:g}", value)
     return float(value)
+
+
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max
 
 
 def _fmean(xs: list[float]) -> float:

@@ -105,6 +105,11 @@ CRAFTED = [
      "extras[1].recipe of baseline:random must hold the recipe's settings and baseline_seed, ipc only, got ipc"),
     ("baseline of another IPC", lambda r: r["extras"][1]["recipe"].__setitem__("ipc", 20),
      "extras[1].recipe.ipc must be 10, the IPC of its dataset, got 20"),
+    # a JSON integer has no size limit; no float holds 10**400 (it must be refused, never crash a conversion)
+    ("huge integer mean", _set("mean", 10**400), "extras[0].mean must be a finite number from 0 to 1, got 1000"),
+    ("huge integer ior", _set("ior", -10**400, row=1), "extras[1].ior must be a finite number from -1 to 1"),
+    ("huge integer setting", lambda r: r["extras"][1]["recipe"].__setitem__("note", 10**400),
+     "extras[1].recipe.note must be a finite number"),
     ("baseline seed not whole", lambda r: r["extras"][1]["recipe"].__setitem__("baseline_seed", 1.5),
      "extras[1].recipe.baseline_seed must be a whole number"),
 ]
@@ -367,6 +372,20 @@ def test_reference_full_on_mnist5k_is_cached_once_and_gives_hlr(run_cli, data_ro
     record = json.loads(r.stdout)
     (row,) = record["extras"]
     assert row["full"] == full and row["hlr"] == pytest.approx(full - record["datasets"][0]["mean"])
+
+
+def test_a_huge_integer_anywhere_in_a_record_is_refused_and_the_rest_ranked(run_cli, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name, where in (("score", lambda r: r), ("seconds", lambda r: r["datasets"][0]),
+                        ("seconds", lambda r: r["extras"][0])):
+        record = with_extras(arch_row())
+        where(record)[name] = 10**400
+        write(folder / f"{len(list(folder.iterdir()))}.json", record)
+    write(folder / "ok.json", make_record("bob.zip"))
+    r = run_cli("leaderboard", folder, "--extras")
+    assert r.exit_code == 0 and "bob.zip" in r.stdout
+    assert r.stderr.count("must be a finite number") == 3 and "Traceback" not in r.stderr
 
 
 def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_them(run_cli, tmp_path):

@@ -317,3 +317,19 @@ def test_a_vae_config_is_checked_before_diffusers_sees_it(tmp_path):
         "DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 16}))
     with pytest.raises(ModelError, match="has no diffusion_pytorch_model.safetensors"):
         load_vae(str(vae))
+
+
+def test_a_json_integer_past_any_float_is_refused_in_one_line_not_an_overflow():
+    """JSON integers have no size limit and no float holds 10**400: every
+    number a generator folder's JSON gives is refused by its range, never
+    converted (math.isfinite raised OverflowError)."""
+    from ddchallenge.diffusion.folder import ModelError, _number_list, check_meta, number
+
+    with pytest.raises(ModelError, match="x must be a number from 0 to 1, got 1000"):
+        number("f.json", "x", 10**400, 0.0, 1.0)
+    with pytest.raises(ModelError, match="xs must be null or a list of at most 4 finite numbers"):
+        _number_list("f.json", "xs", [0.5, -10**400], 4)
+    meta = {"format": "ddchallenge-diffusion", "dataset": "mnist5k", "classes": 10, "image_shape": [1, 28, 28],
+            "space": "pixel", "latent_scale": 10**400}
+    with pytest.raises(ModelError, match="latent_scale must be a positive number"):
+        check_meta(meta, "ddchallenge.json", "ddchallenge-diffusion", ("pixel", "latent"))

@@ -117,8 +117,10 @@ def whole(where: str, field: str, value, low: int, high: int, optional: bool = F
 def number(where: str, field: str, value, low: float, high: float, optional: bool = False) -> float | None:
     if optional and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
+    # The range first: it refuses NaN too, and a JSON integer past any float (10**400) would make
+    # math.isfinite raise OverflowError
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+            or not math.isfinite(value):
         raise ModelError(f"{where}: {field} must be a number from {low:g} to {high:g}"
                          f"{' or null' if optional else ''}, got {show(value)}")
     return value
@@ -155,11 +157,15 @@ def whole_list(where: str, field: str, value, length: tuple[int, int], low: int,
     return value
 
 
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max
+
+
 def _number_list(where: str, field: str, value, most: int) -> list[float] | None:
     if value is None:
         return None
     if not isinstance(value, list) or len(value) > most or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not -_FLOAT_MAX <= v <= _FLOAT_MAX
+            for v in value):  # refuses NaN, infinities and integers past any float (10**400) alike
         raise ModelError(f"{where}: {field} must be null or a list of at most {most} finite numbers")
     return value
 
@@ -180,7 +186,7 @@ def check_meta(meta: dict, where: str, fmt: str, spaces: tuple[str, ...]) -> dic
         whole_list(where, "latent_shape", meta.get("latent_shape"), (3, 3), 1, MAX_SIZE)
         whole(where, "latent_shape[0] (channels)", meta["latent_shape"][0], 1, MAX_IMAGE_CHANNELS)
     if isinstance(meta.get("latent_scale"), bool) or not isinstance(meta.get("latent_scale"), (int, float)) \
-            or not math.isfinite(meta["latent_scale"]) or not 0 < meta["latent_scale"] <= 1e4:
+            or not 0 < meta["latent_scale"] <= 1e4:  # the range refuses NaN, infinities and 10**400 alike
         raise ModelError(f"{where}: latent_scale must be a positive number, got {show(meta.get('latent_scale'))}")
     choice(where, "prediction", meta.get("prediction"), PREDICTIONS)
     whole(where, "step", meta.get("step"), 0, 10**12, optional=True)

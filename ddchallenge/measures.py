@@ -166,12 +166,14 @@ def baseline_cache(spec: DatasetSpec, method: str, settings: dict, seeds: list[i
     """The cache file and key of a baseline: everything that changes its
     numbers (`settings`: the recipe, the subset's seed and IPC, under the
     row's own recipe hash). The accuracies only compare (and a set's IOR
-    against its own subset is 0 exactly) on the same test set, device, torch
-    and batching of rounds."""
+    against its own subset is 0 exactly) on the same test set, device (and
+    the CPU's vector instructions, which change float sums), torch and
+    batching of rounds."""
     measure = BASELINE_PREFIX + method
     key = {"measure": measure, "dataset": spec.name, "ipc": settings["ipc"],
            "recipe_hash": recipe_hash(measure, settings), "seeds": list(seeds), "test_sha256": test,
-           "device": device_name, "torch": torch.__version__, "together": together}
+           "device": device_name, "cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+           "together": together}
     return root / CACHE_FOLDER / f"{spec.name}-ipc{settings['ipc']}-{method}-{_digest(key)}.json", key
 
 

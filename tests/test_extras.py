@@ -267,7 +267,7 @@ def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path):
     assert all(p.parent == tmp_path / "extras" for p, _ in made)
     import torch
 
-    assert made[0][1]["torch"] == torch.__version__
+    assert made[0][1]["torch"] == torch.__version__ and made[0][1]["cpu"] == torch.backends.cpu.get_cpu_capability()
     # the test set's digest: its bytes, shapes and dtypes
     from ddchallenge.measures import reference_digest
 

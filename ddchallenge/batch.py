@@ -34,6 +34,7 @@ from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
+from ddchallenge.measures import check_stores
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
 from ddchallenge.records import read_record, sign
 from ddchallenge.score import ScoreResult, score, upload_name
@@ -216,6 +217,8 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     """Score `uploads` one after another, recording each in `output_dir`."""
     start = time.monotonic()
     paths, names = check_batch(uploads, output_dir, device, settings.rules)
+    if settings.rules.datasets is not None:  # every upload holds these: a missing training store stops the batch once
+        check_stores(settings.rules.required(), settings.extras)
     out = Path(output_dir)
     outcomes, busy = [], 0.0
     with ResultsLock(out):

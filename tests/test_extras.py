@@ -335,6 +335,20 @@ def test_baseline_without_a_training_store_names_the_command_and_records_nothing
     assert not list((tmp_path / "out").glob("*.json"))
 
 
+def test_baseline_without_a_training_store_stops_a_batch_once_before_any_upload_is_read(run_cli, tmp_path,
+                                                                                        data_root):
+    import torch
+
+    for name in ("a", "b"):
+        torch.save(torch.zeros(10, 3, 32, 32), tmp_path / f"{name}.pt")
+    r = run_cli("score", tmp_path / "a.pt", tmp_path / "b.pt", "--dataset", "cifar10",
+                "--baseline", "random", "--epochs", 0, "--rounds", 1, "--quiet", "--output", tmp_path / "out")
+    assert r.exit_code == 1 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: --baseline random needs the training images of cifar10")
+    assert not (tmp_path / "out").exists()
+
+
 def test_baseline_without_a_training_store_stops_a_track2_run_before_its_generator_runs(run_cli, tmp_path,
                                                                                         data_root):
     gen = tmp_path / "gen"

@@ -210,8 +210,8 @@ def full_path(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path, test
     seeds = [seed + r for r in range(recipe.rounds)]
     key = {"measure": FULL_MEASURE, "dataset": spec.name,
            "recipe_hash": recipe_hash(FULL_MEASURE, dataclasses.asdict(recipe)), "seeds": seeds, "test_sha256": test}
-    return root / CACHE_FOLDER / f"{spec.name}-full-{key['recipe_hash']}-seed{seed}x{recipe.rounds}-{_digest(key)}.json", \
-        key
+    name = f"{spec.name}-full-{key['recipe_hash']}-seed{seed}x{recipe.rounds}-{_digest(key)}.json"
+    return root / CACHE_FOLDER / name, key
 
 
 def read_full(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path, test: str) -> float | None:

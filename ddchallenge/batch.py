@@ -32,7 +32,7 @@ from pathlib import Path
 from ddchallenge.errors import BudgetExceeded, DatasetError, OptionMismatch, RecordError, ResultsBusyError, UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.extras import ExtrasRequest
-from ddchallenge.fileio import atomic_write_bytes
+from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
 from ddchallenge.measures import check_stores
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
@@ -62,6 +62,9 @@ class BatchSettings:
     sandbox: bool = True  # False: read uploads in this process (trusted files only)
     mixed: bool = False  # with a budget: uploads that are not generator folders are scored as Track 1 beside them
     extras: ExtrasRequest = ExtrasRequest()  # measures beyond the challenge score (ddchallenge.extras); none by default
+    # `reference_digest` of a --ref folder: a record scored on other test sets is not this one's (None: the data
+    # root's, which `data prepare` checks against its checksums).
+    reference: str | None = None
     # The organiser's record key (records.load_key): records are signed with it and trusted only when signed.
     # Not a setting of the result: left out of the fingerprint, of repr and of what is sent to a cluster's workers.
     mac_key: bytes | None = field(default=None, repr=False, compare=False)
@@ -90,9 +93,17 @@ class BatchSettings:
         # Through JSON, so that it compares equal to what a record read back holds.
         mixed = {"mixed": True} if self.mixed else {}  # absent when off: earlier records stay valid
         extras = {"extras": self.extras.fingerprint()} if self.extras else {}  # the same
+        reference = {"reference": self.reference} if self.reference else {}  # the same
         return json.loads(json.dumps({"rules": dataclasses.asdict(self.rules), "recipe_hash": self.recipe.hash(),
                                       "seed": self.seed, "budget": self.budget, "sandbox": self.sandbox, **mixed,
-                                      **extras}))
+                                      **extras, **reference}))
+
+
+def reference_digest(ref_dir: str | os.PathLike) -> str:
+    """sha256 over the name and sha256 of every <dataset>_test.pt in a --ref
+    folder: what a batch's records were scored against."""
+    files = sorted(p for p in Path(ref_dir).glob("*_test.pt") if p.is_file())
+    return hashlib.sha256("".join(f"{p.name}\0{sha256_file(p)}\n" for p in files).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

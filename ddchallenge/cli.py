@@ -165,7 +165,7 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
     recorded for the same bytes and settings. With --cluster, uploads are
     scored in parallel as Ray tasks, with the same results.
     """
-    from ddchallenge.batch import BatchSettings, score_batch
+    from ddchallenge.batch import BatchSettings, reference_digest, score_batch
     from ddchallenge.records import load_key
     from ddchallenge.protocol import OFFICIAL, UploadRules
     from ddchallenge.report import NOT_OFFICIAL, batch_table, score_table
@@ -182,6 +182,7 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
                            **_label_request(labels, temperature, teacher_dir))
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
                              seed, budget, sandbox=not no_sandbox, mixed=mixed, extras=extras,
+                             reference=None if ref_dir is None else reference_digest(ref_dir),
                              mac_key=None if record_key is None else load_key(record_key, [output]))
     before = _records(output)
     try:

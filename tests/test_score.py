@@ -50,10 +50,20 @@ def test_json_to_stdout_and_ref_folder_equals_embedded(run_cli, official_file, t
     save_reference(get_dataset("mnist5k"), ref / "mnist5k_test.pt")
     saved = torch.load(ref / "mnist5k_test.pt", weights_only=True)
     assert saved["images_val"].shape == (1000, 1, 28, 28) and saved["labels_val"].tolist() == [i // 100 for i in range(1000)]
-    runs = [run_cli("score", official_file, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-", *extra)
-            for extra in ((), ("--ref", ref))]
-    accs = [json.loads(r.stdout)["datasets"][0]["accuracies"] for r in runs]
-    assert accs[0] == accs[1]
+
+    def run(*extra):
+        r = run_cli("score", official_file, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-", *extra)
+        assert r.exit_code == 0, r.stderr
+        return json.loads(r.stdout)["datasets"][0]["accuracies"], r.stderr
+
+    embedded, _ = run()
+    given, stderr = run("--ref", ref)
+    # The same test set either way; the record made without --ref is not reused for a --ref folder's run.
+    assert given == embedded and "already scored" not in stderr
+    # Other test sets under the same file name: scored again, never the record of the first.
+    torch.save({k: v[::2].clone() for k, v in saved.items()}, ref / "mnist5k_test.pt")
+    other, stderr = run("--ref", ref)
+    assert "already scored" not in stderr and other != given
 
 
 def test_unnormalised_submission_warns_on_stderr(run_cli, tmp_path):

@@ -90,7 +90,8 @@ def run(name: str, args, seed: int) -> dict:
 def row(name: str, seed: int, result: dict) -> str:
     d = result["datasets"][0]
     made = re.search(r"generated IPC (\d+) in ([\d.]+) s", d["source"])
-    matching = (d.get("provenance") or {}).get("matching") or {}
+    config = json.loads((d.get("provenance") or {}).get("config") or "{}")  # the labelled set's own record
+    matching = (config.get("provenance") or {}).get("matching") or {}
     steps = f"{matching.get('steps_done')}/{matching.get('steps')}" if matching else ""
     return (f"| {d['dataset']} | {name} | {seed} | {d['ipc']} | {100 * d['mean']:.2f} ± {100 * d['std']:.2f} | "
             f"{' '.join(f'{100 * a:.1f}' for a in d['accuracies'])} | {made.group(2) if made else ''} | {steps} | "

@@ -27,6 +27,8 @@ BASE = {
     "show": ["{official}", "-o", "grid.png"],
     "verify": [str(ROOT / "submissions" / "mnist5k-random.toml")],
     "leaderboard": ["{official}"],
+    "teacher": ["mnist5k", "-o", "teacher", "--epochs", "0", "--quiet"],
+    "reference full": ["mnist5k", "--epochs", "0", "--rounds", "1", "--quiet"],
     "data list": [],
     "data prepare": ["cifar10"],
 }

@@ -174,6 +174,9 @@ NOT_RUN = {
     "python bench/generation_speed.py": "a benchmark (minutes); its options are checked",
     "python bench/cluster_overhead.py": "a benchmark on Ray (minutes); its options are checked",
     "python bench/track2_quality.py": "a benchmark (hours, on a trained model); its options are checked",
+    "python bench/track2_protocol.py": "a benchmark (hours, on a trained model); its options are checked",
+    "ddchallenge train mnist5k-val -o /work/models/mnist5k-val": "long: ~30 min on the validation view",
+    "ddchallenge score FOLDER --budget 600 --ipc 10": "a Track 2 run and an official score: ~20 min on 2 CPU cores",
 }
 
 

@@ -137,8 +137,10 @@ def test_ctrl_c_in_a_batch_says_what_was_recorded_and_how_to_resume(official_fil
         uploads[-1].write_bytes(official_file.read_bytes())
     argv = [sys.executable, "-m", "ddchallenge", "score", *map(str, uploads), "--dataset", "mnist5k", "--epochs", "20",
             "--rounds", "1", "--no-sandbox", "--device", "cpu", "--output", str(tmp_path / "results")]
+    # SIGINT as a terminal delivers it, whatever launched the tests: a non-interactive shell starts background jobs
+    # with SIGINT ignored, and Python keeps an inherited ignore.
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300  # a guard against a hang, not a timing assertion
         while not list((tmp_path / "results").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:

@@ -199,6 +199,25 @@ def check_score_record(data, where: str) -> dict:
     return data
 
 
+def _check_rounds(f: _Fields, recipe: EvalRecipe, seed: int) -> tuple[list[float], float]:
+    """The per-round fields a dataset row and an extra row share: seeds from
+    `seed`, one accuracy per round, and the mean and population std that
+    follow from them. Returns (accuracies, mean)."""
+    seeds = f.items("seeds", recipe.rounds, recipe.rounds)
+    if seeds != [seed + r for r in range(recipe.rounds)] or any(isinstance(s, bool) for s in seeds):
+        raise f.error("seeds", f"must be seed, seed + 1, ... ({recipe.rounds} rounds from seed {seed})", seeds)
+    accs = [_number(a, 0.0, 1.0, lambda what, v, i=i: f.error(f"accuracies[{i}]", what, v))
+            for i, a in enumerate(f.items("accuracies", recipe.rounds, recipe.rounds))]
+    mean = f.number("mean", 0.0, 1.0)
+    if abs(mean - _fmean(accs)) > TOLERANCE:
+        raise f.error("mean", f"must be the mean of the accuracies ({_fmean(accs)!r})", mean)
+    std = f.number("std", 0.0, 0.5)
+    expected = math.sqrt(_fmean([(a - mean) ** 2 for a in accs]))
+    if abs(std - expected) > TOLERANCE:
+        raise f.error("std", f"must be the population std of the accuracies ({expected!r})", std)
+    return accs, mean
+
+
 def _check_dataset(d: _Fields, recipe: EvalRecipe, seed: int) -> float:
     name = d.text("dataset", 64)
     if name not in DATASETS:
@@ -213,18 +232,7 @@ def _check_dataset(d: _Fields, recipe: EvalRecipe, seed: int) -> float:
     d.text("method", MAX_METHOD, optional=True)
     d.text("source")
     d.sha256("sha256")
-    seeds = d.items("seeds", recipe.rounds, recipe.rounds)
-    if seeds != [seed + r for r in range(recipe.rounds)] or any(isinstance(s, bool) for s in seeds):
-        raise d.error("seeds", f"must be seed, seed + 1, ... ({recipe.rounds} rounds from seed {seed})", seeds)
-    accs = [_number(a, 0.0, 1.0, lambda what, v, i=i: d.error(f"accuracies[{i}]", what, v))
-            for i, a in enumerate(d.items("accuracies", recipe.rounds, recipe.rounds))]
-    mean = d.number("mean", 0.0, 1.0)
-    if abs(mean - _fmean(accs)) > TOLERANCE:
-        raise d.error("mean", f"must be the mean of the accuracies ({_fmean(accs)!r})", mean)
-    std = d.number("std", 0.0, 0.5)
-    expected = math.sqrt(_fmean([(a - mean) ** 2 for a in accs]))
-    if abs(std - expected) > TOLERANCE:
-        raise d.error("std", f"must be the population std of the accuracies ({expected!r})", std)
+    _, mean = _check_rounds(d, recipe, seed)
     d.number("seconds")
     if d.data.get("provenance") is not None:  # what the upload says made it (optional): a flat object of scalars
         provenance = _Fields(d.data["provenance"], d.where, f"{d.prefix}provenance.")
@@ -296,17 +304,7 @@ def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int, chal
                           e.data["recipe_hash"])
         if expected == record.data.get("recipe_hash"):  # would need a sha256 collision; never mix the two
             raise e.error("recipe_hash", "must differ from the challenge recipe's hash", expected)
-        seeds = e.items("seeds", recipe.rounds, recipe.rounds)
-        if seeds != [seed + r for r in range(recipe.rounds)] or any(isinstance(s, bool) for s in seeds):
-            raise e.error("seeds", f"must be seed, seed + 1, ... ({recipe.rounds} rounds from seed {seed})", seeds)
-        accs = [_number(a, 0.0, 1.0, lambda what, v, j=j: e.error(f"accuracies[{j}]", what, v))
-                for j, a in enumerate(e.items("accuracies", recipe.rounds, recipe.rounds))]
-        mean = e.number("mean", 0.0, 1.0)
-        if abs(mean - _fmean(accs)) > TOLERANCE:
-            raise e.error("mean", f"must be the mean of the accuracies ({_fmean(accs)!r})", mean)
-        std = e.number("std", 0.0, 0.5)
-        if abs(std - math.sqrt(_fmean([(a - mean) ** 2 for a in accs]))) > TOLERANCE:
-            raise e.error("std", "must be the population std of the accuracies", std)
+        accs, mean = _check_rounds(e, recipe, seed)
         e.number("seconds")
         derived = {k: e.data.get(k) for k in _DERIVED}
         if not is_baseline(measure):

@@ -34,7 +34,7 @@ from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
-from ddchallenge.measures import check_stores
+from ddchallenge.measures import check_before_reading
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
 from ddchallenge.records import read_record, sign
 from ddchallenge.score import ScoreResult, score, upload_name
@@ -228,8 +228,9 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     """Score `uploads` one after another, recording each in `output_dir`."""
     start = time.monotonic()
     paths, names = check_batch(uploads, output_dir, device, settings.rules)
-    if settings.rules.datasets is not None:  # every upload holds these: a missing training store stops the batch once
-        check_stores(settings.rules.required(), settings.extras)
+    track2 = settings.budget is not None and not settings.mixed  # every upload is a generator
+    if settings.rules.datasets is not None or track2:  # every upload holds these: a measure none can give stops
+        check_before_reading(settings.rules.required(), settings.extras, track2)  # the batch once, before any
     out = Path(output_dir)
     outcomes, busy = [], 0.0
     with ResultsLock(out):

@@ -70,13 +70,26 @@ def check_possible(entries: list[DatasetEntry], request: ExtrasRequest) -> None:
         need_store(entry.spec, root_of(request), f"--baseline {request.baseline}")
 
 
-def check_stores(names: tuple[str, ...] | list[str], request: ExtrasRequest) -> None:
-    """`check_possible`'s baseline part for datasets known by name before
-    an upload is read: a Track 2 generator runs for minutes per dataset
-    first, and a missing training store should stop the run before that."""
+def check_before_reading(names: tuple[str, ...] | list[str], request: ExtrasRequest, track2: bool = False) -> None:
+    """`check_possible` for datasets known by name before an upload is read:
+    a Track 2 generator runs for minutes per dataset first, and a measure it
+    can never give should stop the run before that. A missing training store
+    for --baseline; a teacher of another dataset; and, for a generator
+    (`track2`), --labels soft, since a Track 2 run's images carry no soft
+    labels."""
+    from ddchallenge.evaluation.soft import SoftLabelsMissing
+    from ddchallenge.teacher import check_teacher_for, request_teacher
+
     if request.baseline:
         for name in names:
             need_store(get_dataset(name), root_of(request), f"--baseline {request.baseline}")
+    if track2 and request.labels == "soft":
+        raise SoftLabelsMissing("--labels soft trains on the soft labels a set carries, and a Track 2 generator's "
+                                "images carry none; score it with --teacher DIR (mode M) instead")
+    teacher = request_teacher(request)
+    if teacher is not None:
+        for name in names:
+            check_teacher_for(teacher, get_dataset(name).name)
 
 
 def need_store(spec: DatasetSpec, root: Path, what: str) -> None:

@@ -424,3 +424,25 @@ def test_score_refuses_a_set_with_bad_soft_labels_in_one_line(run_cheap, tmp_pat
     result = run_cheap(path, "--labels", "soft", "--no-sandbox")
     assert result.exit_code == 1 and message in result.stderr and len(result.stderr.splitlines()) == 1
     assert [p.name.endswith(".failed.json") for p in (tmp_path / "results").glob("*.json")] == [True]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (("--labels", "soft"), 2, "a Track 2 generator's images carry none; score it with --teacher DIR"),
+    (("--teacher", "{t}", "--dataset", "mnist5k-val"), 1, "was trained on mnist5k, not mnist5k-val"),
+])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_track2_label_measures_it_cannot_give_are_refused_before_the_generator_runs(
+        teacher_at, run_cheap, tiny_model, tmp_path, monkeypatch, args, code, message, mixed):
+    """A generator runs for minutes per dataset: a measure its images can never
+    give stops the run first (per upload in a --mixed batch), one line, no record."""
+    import ddchallenge.score
+
+    def never(*a, **k):
+        raise AssertionError("the generator ran")
+    monkeypatch.setattr(ddchallenge.score, "generate_upload", never)
+    teacher_at(tmp_path / "t")
+    args = [str(a).format(t=tmp_path / "t") for a in args]
+    result = run_cheap(tiny_model / "step-0000004", "--budget", 600, *(["--mixed"] if mixed else []), *args)
+    assert result.exit_code == code and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "results").glob("*.json")) if (tmp_path / "results").exists() else True

@@ -211,9 +211,11 @@ def load_teacher(folder: str | os.PathLike) -> Teacher:
         if len(_field(meta, name, str, where)) > 200:
             raise TeacherError(f"{where}: {name} is over 200 characters")
     recipe = _recipe(_field(meta, "recipe", dict, where), where)
-    if (recipe.width, recipe.depth) != (width, depth) or meta.get("recipe_hash") != recipe.hash() \
-            or recipe.rounds != 1:
+    if (recipe.width, recipe.depth) != (width, depth) or meta.get("recipe_hash") != recipe.hash():
         raise TeacherError(f"{where}: recipe, recipe_hash, width and depth disagree; the folder was altered")
+    if recipe != teacher_recipe(recipe.epochs):  # the one recipe `ddchallenge teacher` trains with
+        raise TeacherError(f"{where}: the recipe is not the challenge's with one round and its own epochs, the only "
+                           f"one `ddchallenge teacher` uses; the folder was altered; {hint}")
     weights_sha = _field(meta, "weights_sha256", str, where)
     path = folder / WEIGHTS
     if path.is_symlink() or not path.is_file():

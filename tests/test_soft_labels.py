@@ -186,6 +186,10 @@ def _retarget(folder, tensors):
     ("nan", "classifier.bias holds NaN or Inf"),
     ("shape", "classifier.weight is torch.float32 (10, 8)"),
     ("link", "is not a teacher folder (a link)"),
+    # a recipe `ddchallenge teacher` never uses, its hash made to agree: caught by the recipe itself
+    ({"batch_size": 0}, "the recipe is not the challenge's with one round"),
+    ({"rounds": 3}, "the recipe is not the challenge's with one round"),
+    ({"lr": 0.0}, "the recipe is not the challenge's with one round"),
 ])
 def test_a_folder_that_is_not_a_teacher_is_refused(teacher_at, tmp_path, damage, message):
     from ddchallenge.teacher import TeacherError, load_teacher
@@ -214,6 +218,12 @@ def test_a_folder_that_is_not_a_teacher_is_refused(teacher_at, tmp_path, damage,
     elif damage == "link":
         (tmp_path / "l").symlink_to(folder)
         folder = tmp_path / "l"
+    else:
+        from ddchallenge.protocol import EvalRecipe
+
+        meta["recipe"].update(damage)
+        meta["recipe_hash"] = EvalRecipe(**meta["recipe"]).hash()
+        (folder / "teacher.json").write_text(json.dumps(meta))
     with pytest.raises(TeacherError) as err:
         load_teacher(folder)
     assert message in str(err.value)

@@ -19,6 +19,17 @@ generate section are written by `ddchallenge prototypes`/`invert` with
 exists is not run again, and one markdown row per run is printed (and
 appended to --out/rows.md). The official recipe (1001 passes, 3 rounds);
 --epochs/--rounds exist for trying the script, never for reported rows.
+
+--extras adds issue 23's measures to every score of the run, beside the
+challenge score (which they never change): IOR against random real images
+of the same seed (`--baseline random --baseline-seed S`), the cheaper
+architectures of the evaluation pool (EXTRA_ARCHS) and soft labels from a
+teacher (mode M: `--teacher`, made once by `ddchallenge teacher DATASET`).
+Such a run keeps its JSON as <...>-extras.json and prints one more row per
+measure (to --out/extras.md):
+
+    python bench/track2_protocol.py --model /work/models/mnist5k-val --out /work/runs/t2p \\
+        --dataset mnist5k --seeds 10 --runs random herding d4m-m300 --extras
 """
 from __future__ import annotations
 
@@ -43,6 +54,9 @@ FOLDERS = {
     "d3m-m300": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "300"]],
 }
 # name -> `generate` options of a real-image baseline
+# --extras: the pool's architectures cheap enough for a 2-core CPU (ConvNet-D4, AlexNet, VGG-11 and ResNet-18
+# cost 1x to 7x the challenge's ConvNet per round there: bench/gpu_check.sh runs the whole pool)
+EXTRA_ARCHS = ("convnetbn", "mlp", "lenet")
 BASELINES = {
     "random": ["--method", "random"],
     "herding": ["--method", "herding"],
@@ -67,11 +81,24 @@ def folder_for(name: str, model: Path, out: Path, ipc: int) -> Path:
     return folder
 
 
+def teacher_for(args) -> Path:
+    """The mode-M teacher of --extras, made once (`ddchallenge teacher`, its default recipe; --epochs, when
+    trying the script, shortens it too)."""
+    folder = args.out / f"teacher-{args.dataset}"
+    if not (folder / "teacher.json").is_file():
+        cli("teacher", args.dataset, "-o", folder, "--quiet", *(["--epochs", args.epochs] if args.epochs else []))
+    return folder
+
+
 def run(name: str, args, seed: int) -> dict:
-    result = args.out / "results" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}.json"
+    tail = "-extras" if args.extras else ""
+    result = args.out / "results" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}{tail}.json"
     if not result.is_file():
         result.parent.mkdir(parents=True, exist_ok=True)
         recipe = [a for k, v in (("--epochs", args.epochs), ("--rounds", args.rounds)) if v for a in (k, v)]
+        if args.extras:
+            recipe += ["--baseline", "random", "--baseline-seed", seed, "--teacher", teacher_for(args),
+                       *[a for arch in EXTRA_ARCHS for a in ("--arch", arch)]]
         common = ["--dataset", args.dataset, "--seed", seed, "--output", args.out / "records", "--quiet", *recipe]
         started = time.perf_counter()
         if name in FOLDERS:
@@ -98,6 +125,19 @@ def row(name: str, seed: int, result: dict) -> str:
             f"{'official' if result['official_budget'] else 'NOT official'} |")
 
 
+def extra_rows(name: str, seed: int, result: dict) -> list[str]:
+    """One row per extra measure: its accuracy, IOR (± its standard error) for
+    the baseline, and the seconds it took (0: read from the cache, or the
+    challenge score's own rounds)."""
+    out = []
+    for e in result.get("extras", []):
+        ior = "" if e.get("ior") is None else f"{100 * e['ior']:+.2f}" + \
+            ("" if e.get("ior_se") is None else f" ± {100 * e['ior_se']:.2f}")
+        out.append(f"| {e['dataset']} | {name} | {seed} | {e['measure']} | {100 * e['mean']:.2f} ± {100 * e['std']:.2f} "
+                   f"| {' '.join(f'{100 * a:.1f}' for a in e['accuracies'])} | {ior} | {e['seconds']:.0f} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="a `ddchallenge train` folder")
@@ -108,15 +148,21 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", required=True, choices=[*FOLDERS, *BASELINES])
     ap.add_argument("--epochs", type=int, help="not for reported rows")
     ap.add_argument("--rounds", type=int, help="not for reported rows")
+    ap.add_argument("--extras", action="store_true", help="also issue 23's measures (see above)")
     args = ap.parse_args()
     print("| split | run | seed | IPC | accuracy % (mean ± std, rounds) | per round % | generation s | "
           "matching steps | recipe |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.runs:
         for seed in args.seeds:
-            line = row(name, seed, run(name, args, seed))
+            result = run(name, args, seed)
+            line = row(name, seed, result)
             print(line, flush=True)
             with open(args.out / "rows.md", "a") as rows:
                 rows.write(line + "\n")
+            with open(args.out / "extras.md", "a") as rows:
+                for extra in extra_rows(name, seed, result):
+                    print(extra, flush=True)
+                    rows.write(extra + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@
 #   fidelity-*  A/B of rounds together vs alone, 10 rounds per arm         45 + 45
 #   train       `ddchallenge train mnist5k` (the preset; goal: < 120 s)   180
 #   sampling    images/s of the three presets, CIFAR-100 training img/s    60
+#   pool        with EXTRAS=1 only (issue 23): the whole evaluation pool,
+#               ResNet-18 included, with IOR against random real images,
+#               official recipe, on mnist5k herding at IPC 10, seed 10   150
 # The full official protocol of both shapes (`bench/evaluator_speed.py
 # --full`, ~340 s when last measured) is left out: it alone would take most
 # of the time; the epoch rows give it as 3 x 1001 round-epochs.
@@ -61,5 +64,11 @@ step fidelity-tinyimagenet 45 $PY bench/fidelity.py --shape tinyimagenet --epoch
 rm -rf "$OUT/mnist5k-model"
 step train 180 $PY -m ddchallenge train mnist5k -o "$OUT/mnist5k-model" --quiet $TRAIN
 step sampling 60 $PY bench/generation_speed.py $GEN
+if [ -n "${EXTRAS:-}" ]; then
+    $PY -m ddchallenge generate --dataset mnist5k --method herding --ipc 10 --seed 10 -o "$OUT/herding.h5" --force --quiet
+    step pool 150 $PY -m ddchallenge score "$OUT/herding.h5" --dataset mnist5k --seed 10 --arch pool --baseline random \
+        --baseline-seed 10 --output "$OUT/records" --json "$OUT/pool.json" --quiet \
+        $([ -n "${SMOKE:-}" ] && echo "--epochs 1 --rounds 2")
+fi
 rm -rf "$OUT/mnist5k-model"/step-*/unet "$OUT/mnist5k-model"/step-*/vae  # keep the reports, not the weights
 echo "tables: $OUT/*.md; logs: $OUT/*.log"

@@ -99,7 +99,8 @@ def run(name: str, args, seed: int) -> dict:
         if args.extras:
             recipe += ["--baseline", "random", "--baseline-seed", seed, "--teacher", teacher_for(args),
                        *[a for arch in EXTRA_ARCHS for a in ("--arch", arch)]]
-        common = ["--dataset", args.dataset, "--seed", seed, "--output", args.out / "records", "--quiet", *recipe]
+        records = args.out / "records" / result.stem  # a results folder is one batch's at a time: one per run
+        common = ["--dataset", args.dataset, "--seed", seed, "--output", records, "--quiet", *recipe]
         started = time.perf_counter()
         if name in FOLDERS:
             folder = folder_for(name, args.model, args.out, args.ipc)

@@ -24,6 +24,11 @@ BASELINES = ("random", "herding")
 LABEL_MODES = ("soft", "teacher")  # stored soft labels (DD-Ranking's mode S) and teacher relabelling (mode M)
 
 ARCH_PREFIX, BASELINE_PREFIX, LABELS_PREFIX = "arch:", "baseline:", "labels:"
+# A label row's own settings: the mode, T and the loss; with a teacher, what identifies it (`teacher.Teacher.settings`)
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0  # T outside: targets collapse to argmax or to uniform
+LOSS = "kl(target || softmax(logits / T)), batch mean, no T^2"  # recorded: another loss is another recipe
+LABEL_SETTINGS = ("labels", "temperature", "loss")
+TEACHER_SETTINGS = ("teacher_dataset", "teacher_recipe_hash", "teacher_epochs", "teacher_seed", "teacher_weights_sha256")
 MEASURES = frozenset([ARCH_PREFIX + a for a in ARCHITECTURES] + [BASELINE_PREFIX + b for b in BASELINES]
                      + [LABELS_PREFIX + m for m in LABEL_MODES])
 MAX_EXTRAS = 256  # rows in one record: 8 architectures + 2 baselines + 2 label modes, for 6 datasets, is 72

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from ddchallenge.errors import RecordError, UsageError
 from ddchallenge.extras import (
-    ARCH_PREFIX, MAX_EXTRAS, MAX_OWN_SETTINGS, MEASURES, ExtraScore, is_baseline, standard_error,
+    ARCH_PREFIX, LABEL_SETTINGS, LABELS_PREFIX, LOSS, MAX_EXTRAS, MAX_OWN_SETTINGS, MAX_TEMPERATURE, MEASURES,
+    MIN_TEMPERATURE, TEACHER_SETTINGS, ExtraScore, is_baseline, standard_error,
 )
 from ddchallenge.extras import recipe_hash as extra_recipe_hash
 from ddchallenge.isolation import clean
@@ -45,6 +46,7 @@ KEY_ENV = "DDCHALLENGE_RECORD_KEY"  # names the key FILE, as --record-key does
 MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 4096
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
 _STATUS_FAILED = "failed"
 
 
@@ -297,7 +299,7 @@ def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int, chal
         if (measure, name) in seen:
             raise e.error("measure", f"must appear once per dataset ({name} has two {measure} rows)", measure)
         seen.add((measure, name))
-        _check_own_settings(measure, settings, own, ipcs[name])
+        _check_own_settings(measure, settings, own, name, ipcs[name])
         expected = extra_recipe_hash(measure, settings.data)
         if e.get("recipe_hash") != expected:
             raise e.error("recipe_hash", f"must be {expected}, the hash of the measure and its recorded recipe",
@@ -328,25 +330,40 @@ def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int, chal
                 raise e.error(k, f"must be {w!r}, recomputed from the set's and the baseline's accuracies", v)
 
 
-def _check_own_settings(measure: str, settings: _Fields, own: list[str], ipc: int) -> None:
-    """An architecture row has no settings of its own; a baseline row exactly
-    the seed of its real subset and the IPC, which is its dataset's (a
-    baseline of another size compares nothing). Label rows' settings are
-    checked for form only (above)."""
-    if measure.startswith(ARCH_PREFIX):
-        required: set[str] = set()
-    elif is_baseline(measure):
-        required = {"baseline_seed", "ipc"}
-    else:
-        return
-    if set(own) != required:
+def _check_own_settings(measure: str, settings: _Fields, own: list[str], dataset: str, ipc: int) -> None:
+    """Exactly the settings each kind of row is written with: none for an
+    architecture; the seed of its real subset and the IPC, which is its
+    dataset's (a baseline of another size compares nothing), for a
+    baseline; the mode, T and the loss for a label row, and, with a teacher,
+    what identifies it: a teacher of the row's own dataset."""
+    required: tuple[str, ...] = ()
+    if is_baseline(measure):
+        required = ("baseline_seed", "ipc")
+    elif measure.startswith(LABELS_PREFIX):
+        required = LABEL_SETTINGS + (TEACHER_SETTINGS if measure == LABELS_PREFIX + "teacher" else ())
+    if set(own) != set(required):
         raise RecordError(f"{settings.where}: {settings.prefix.rstrip('.')} of {measure} must hold the recipe's "
                           f"settings{' and ' + ', '.join(sorted(required)) if required else ''} only, got "
                           f"{clean(', '.join(sorted(map(str, own))) or 'none of its own', 200)}")
-    if required:
+    if is_baseline(measure):
         settings.whole("baseline_seed", 0, MAX_SEED)
         if settings.whole("ipc", 1, MAX_RULE_IPC) != ipc:
             raise settings.error("ipc", f"must be {ipc}, the IPC of its dataset", settings.data["ipc"])
+    elif measure.startswith(LABELS_PREFIX):
+        exact = {"labels": measure[len(LABELS_PREFIX):], "loss": LOSS}
+        if TEACHER_SETTINGS[0] in own:
+            exact["teacher_dataset"] = dataset
+        for key, want in exact.items():
+            if settings.data[key] != want:
+                raise settings.error(key, f"must be {want!r}", settings.data[key])
+        settings.number("temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
+        if TEACHER_SETTINGS[0] in own:
+            settings.whole("teacher_epochs", 0, MAX_EPOCHS)
+            settings.whole("teacher_seed", 0, MAX_SEED)
+            settings.sha256("teacher_weights_sha256")
+            if not _HEX16.fullmatch(settings.text("teacher_recipe_hash", 16)):
+                raise settings.error("teacher_recipe_hash", "must be a recipe hash (16 lowercase hex digits)",
+                                     settings.data["teacher_recipe_hash"])
 
 
 def _check_batch_fields(record: _Fields) -> None:

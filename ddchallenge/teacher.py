@@ -36,6 +36,7 @@ from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.evaluation.train import accuracy, train_round
+from ddchallenge.extras import TEACHER_SETTINGS
 from ddchallenge.fileio import replace_folder, sha256_bytes
 from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_SEED, OFFICIAL, EvalRecipe, check_seed, get_dataset
 
@@ -68,9 +69,8 @@ class Teacher:
 
     def settings(self) -> dict:
         """What a soft-label measure records of its teacher (flat scalars)."""
-        return {"teacher_dataset": self.dataset, "teacher_recipe_hash": self.recipe.hash(),
-                "teacher_epochs": self.recipe.epochs, "teacher_seed": self.seed,
-                "teacher_weights_sha256": self.weights_sha256}
+        return dict(zip(TEACHER_SETTINGS, (self.dataset, self.recipe.hash(), self.recipe.epochs, self.seed,
+                                           self.weights_sha256)))
 
 
 def teacher_recipe(epochs: int = TEACHER_EPOCHS) -> EvalRecipe:

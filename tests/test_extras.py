@@ -124,6 +124,41 @@ def test_each_malformed_extra_makes_the_record_invalid_naming_the_row_and_field(
     assert message in str(err.value) and "r.json" in str(err.value)
 
 
+def label_row(mode="teacher", **change) -> ExtraScore:
+    from ddchallenge.extras import LOSS
+
+    own = {"labels": mode, "temperature": 4.0, "loss": LOSS}
+    if mode == "teacher":
+        own.update(teacher_dataset="cifar100", teacher_recipe_hash="0123456789abcdef", teacher_epochs=50,
+                   teacher_seed=0, teacher_weights_sha256="ab" * 32)
+    own.update(change)
+    own = {k: v for k, v in own.items() if v is not None}
+    return ExtraScore.make(f"labels:{mode}", "cifar100", {**dataclasses.asdict(OFFICIAL), **own}, [0, 1, 2],
+                           [0.4, 0.45, 0.5], 3.0)
+
+
+@pytest.mark.parametrize("row, message", [
+    (label_row(teacher_dataset="mnist5k"), "recipe.teacher_dataset must be 'cifar100', got 'mnist5k'"),
+    (label_row(loss="cross entropy"), "recipe.loss must be 'kl(target"),
+    (label_row(labels="soft"), "recipe.labels must be 'teacher', got 'soft'"),
+    (label_row(temperature=0.0), "recipe.temperature must be a finite number from 0.1 to 100"),
+    (label_row(teacher_seed=None), "of labels:teacher must hold the recipe's settings and labels, loss, teacher_"),
+    (label_row("soft", teacher_seed=0), "of labels:soft must hold the recipe's settings and labels, loss, "
+                                        "temperature only, got labels, loss, teacher_seed, temperature"),
+    (label_row(teacher_recipe_hash=123456789), "recipe.teacher_recipe_hash must be a text"),
+    (label_row(teacher_recipe_hash="XYZ"), "recipe.teacher_recipe_hash must be a recipe hash"),
+    (label_row(teacher_weights_sha256="0"), "recipe.teacher_weights_sha256 must be a sha256"),
+    (label_row(teacher_epochs=-1), "recipe.teacher_epochs must be a whole number"),
+])
+def test_a_label_row_holds_exactly_the_settings_it_is_written_with(tmp_path, row, message):
+    good = with_extras(label_row(), label_row("soft"))
+    assert [e["measure"] for e in read_record(write(tmp_path / "good.json", good))["extras"]] == \
+        ["labels:teacher", "labels:soft"]
+    with pytest.raises(RecordError) as err:
+        read_record(write(tmp_path / "r.json", with_extras(row)))
+    assert message in str(err.value), err.value
+
+
 # ---------------------------------------------------------------- score --arch / --baseline through the CLI
 
 FAST = ("--dataset", "mnist5k", "--epochs", 0, "--quiet", "--no-sandbox")  # the sandbox is tested elsewhere

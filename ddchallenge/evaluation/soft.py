@@ -33,11 +33,9 @@ import torch.nn.functional as F
 
 from ddchallenge.errors import OptionMismatch, UsageError
 from ddchallenge.evaluation.train import round_accuracies
-from ddchallenge.extras import LABEL_MODES, LABELS_PREFIX, ExtraScore
+from ddchallenge.extras import LABEL_MODES, LABELS_PREFIX, LOSS, MAX_TEMPERATURE, MIN_TEMPERATURE, ExtraScore
 from ddchallenge.protocol import EvalRecipe
 
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0  # T outside: targets collapse to argmax or to uniform
-LOSS = "kl(target || softmax(logits / T)), batch mean, no T^2"  # recorded: another loss is another recipe
 
 
 class SoftLabelsMissing(OptionMismatch):

@@ -17,7 +17,8 @@ Each folder is a copy of the model's newest checkpoint whose tables and
 generate section are written by `ddchallenge prototypes`/`invert` with
 --make-default. Every result JSON is kept under --out, a run whose JSON
 exists is not run again, and one markdown row per run is printed (and
-appended to --out/rows.md). The official recipe (1001 passes, 3 rounds);
+appended to --out/rows.md). Copies of the script may share --out (one
+per core): a run another copy is doing is skipped. The official recipe (1001 passes, 3 rounds);
 --epochs/--rounds exist for trying the script, never for reported rows.
 
 --extras adds issue 23's measures to every score of the run, beside the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -86,33 +88,65 @@ def teacher_for(args) -> Path:
     trying the script, shortens it too)."""
     folder = args.out / f"teacher-{args.dataset}"
     if not (folder / "teacher.json").is_file():
-        cli("teacher", args.dataset, "-o", folder, "--quiet", *(["--epochs", args.epochs] if args.epochs else []))
+        cli("teacher", args.dataset, "-o", folder, "--quiet", *(["--epochs", args.epochs] if args.epochs is not None else []))
     return folder
 
 
-def run(name: str, args, seed: int) -> dict:
+def claim(result: Path) -> bool:
+    """Whether this copy of the script runs `result` (two copies may share
+    --out, e.g. one per core): a <result>.running file names the copy that
+    does, and one left by a copy no longer alive is taken over."""
+    lock = result.with_suffix(".running")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+
+def run(name: str, args, seed: int) -> dict | None:
+    """The result of one run (None: another copy of the script is running it)."""
     tail = "-extras" if args.extras else ""
     result = args.out / "results" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}{tail}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
     if not result.is_file():
-        result.parent.mkdir(parents=True, exist_ok=True)
-        recipe = [a for k, v in (("--epochs", args.epochs), ("--rounds", args.rounds)) if v for a in (k, v)]
-        if args.extras:
-            recipe += ["--baseline", "random", "--baseline-seed", seed, "--teacher", teacher_for(args),
-                       *[a for arch in EXTRA_ARCHS for a in ("--arch", arch)]]
-        records = args.out / "records" / result.stem  # a results folder is one batch's at a time: one per run
-        common = ["--dataset", args.dataset, "--seed", seed, "--output", records, "--quiet", *recipe]
-        started = time.perf_counter()
-        if name in FOLDERS:
-            folder = folder_for(name, args.model, args.out, args.ipc)
-            cli("score", folder, "--budget", BUDGET, "--ipc", args.ipc, "--json", result, *common)
-        else:
-            images = args.out / "sets" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}.h5"
-            images.parent.mkdir(parents=True, exist_ok=True)
-            cli("generate", "--dataset", args.dataset, *BASELINES[name], "--ipc", args.ipc, "--seed", seed,
-                "-o", images, "--force", "--quiet")
-            cli("score", images, "--json", result, *common)
-        print(f"({name}, seed {seed}: {time.perf_counter() - started:.0f} s wall)", file=sys.stderr, flush=True)
+        if not claim(result):
+            print(f"({name}, seed {seed}: run by another copy of this script)", file=sys.stderr, flush=True)
+            return None
+        try:
+            make(name, args, seed, result)
+        finally:
+            result.with_suffix(".running").unlink(missing_ok=True)
     return json.loads(result.read_text())
+
+
+def make(name: str, args, seed: int, result: Path) -> None:
+    recipe = [a for k, v in (("--epochs", args.epochs), ("--rounds", args.rounds)) if v is not None
+              for a in (k, v)]
+    if args.extras:
+        recipe += ["--baseline", "random", "--baseline-seed", seed, "--teacher", teacher_for(args),
+                   *[a for arch in EXTRA_ARCHS for a in ("--arch", arch)]]
+    records = args.out / "records" / result.stem  # a results folder is one batch's at a time: one per run
+    common = ["--dataset", args.dataset, "--seed", seed, "--output", records, "--quiet", *recipe]
+    started = time.perf_counter()
+    if name in FOLDERS:
+        folder = folder_for(name, args.model, args.out, args.ipc)
+        cli("score", folder, "--budget", BUDGET, "--ipc", args.ipc, "--json", result, *common)
+    else:
+        images = args.out / "sets" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}.h5"
+        images.parent.mkdir(parents=True, exist_ok=True)
+        cli("generate", "--dataset", args.dataset, *BASELINES[name], "--ipc", args.ipc, "--seed", seed,
+            "-o", images, "--force", "--quiet")
+        cli("score", images, "--json", result, *common)
+    print(f"({name}, seed {seed}: {time.perf_counter() - started:.0f} s wall)", file=sys.stderr, flush=True)
 
 
 def row(name: str, seed: int, result: dict) -> str:
@@ -156,6 +190,8 @@ def main() -> None:
     for name in args.runs:
         for seed in args.seeds:
             result = run(name, args, seed)
+            if result is None:
+                continue
             line = row(name, seed, result)
             print(line, flush=True)
             with open(args.out / "rows.md", "a") as rows:

@@ -153,7 +153,7 @@ def score(
     dev = resolve_device(device)
     path = Path(submission)
     if upload_kind(path, track2=budget is not None) == GENERATOR:
-        measures.check_before_reading(rules.required(), extras, track2=True)  # before the generator's minutes, not after
+        measures.check_before_reading(rules.required(), extras, track2=True)  # before the generator runs, not after
         log.info("running generator %s for %s (IPC %s, budget %g s each)", clean(str(path)),
                  ", ".join(rules.required()), rules.ipc or "auto", budget)
         entries = generate_upload(path, rules, budget, seed, device, sandbox)

@@ -117,6 +117,10 @@ NOT_RUN = {
     "ddchallenge reference full DATASET": "long: the official recipe on the whole training set",
     "ddchallenge leaderboard results/ --extras": NEEDS_RECORDS,
     "ddchallenge teacher mnist5k -o teacher": "long: trains a teacher network on the training set",
+    "ddchallenge teacher mnist5k -o /work/runs/t2p/teacher-mnist5k": "long: trains a teacher network on the "
+        "training set (a benchmark's)",
+    "ddchallenge score herding.h5 --dataset mnist5k --seed 10 --arch pool --epochs 20 --rounds 1": "the whole pool "
+        "for 21 passes: ~3 min on two CPU cores (a benchmark's timing)",
     "ddchallenge score herding.h5 --teacher teacher --temperature 4": "needs the teacher; " + OFFICIAL_SCORE,
     "ddchallenge data prepare DATASET --download": "network",
     # the organiser's batches: official scores of many uploads, a cluster

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ddchallenge.errors import RecordError, UsageError
 from ddchallenge.extras import (
-    ARCH_PREFIX, LABEL_SETTINGS, LABELS_PREFIX, LOSS, MAX_EXTRAS, MAX_OWN_SETTINGS, MAX_TEMPERATURE, MEASURES,
+    LABEL_SETTINGS, LABELS_PREFIX, LOSS, MAX_EXTRAS, MAX_OWN_SETTINGS, MAX_TEMPERATURE, MEASURES,
     MIN_TEMPERATURE, TEACHER_SETTINGS, ExtraScore, is_baseline, standard_error,
 )
 from ddchallenge.extras import recipe_hash as extra_recipe_hash
@@ -337,10 +337,11 @@ def _check_own_settings(measure: str, settings: _Fields, own: list[str], dataset
     baseline; the mode, T and the loss for a label row, and, with a teacher,
     what identifies it: a teacher of the row's own dataset."""
     required: tuple[str, ...] = ()
+    teacher = measure == LABELS_PREFIX + "teacher"
     if is_baseline(measure):
         required = ("baseline_seed", "ipc")
     elif measure.startswith(LABELS_PREFIX):
-        required = LABEL_SETTINGS + (TEACHER_SETTINGS if measure == LABELS_PREFIX + "teacher" else ())
+        required = LABEL_SETTINGS + (TEACHER_SETTINGS if teacher else ())
     if set(own) != set(required):
         raise RecordError(f"{settings.where}: {settings.prefix.rstrip('.')} of {measure} must hold the recipe's "
                           f"settings{' and ' + ', '.join(sorted(required)) if required else ''} only, got "
@@ -351,13 +352,13 @@ def _check_own_settings(measure: str, settings: _Fields, own: list[str], dataset
             raise settings.error("ipc", f"must be {ipc}, the IPC of its dataset", settings.data["ipc"])
     elif measure.startswith(LABELS_PREFIX):
         exact = {"labels": measure[len(LABELS_PREFIX):], "loss": LOSS}
-        if TEACHER_SETTINGS[0] in own:
+        if teacher:
             exact["teacher_dataset"] = dataset
         for key, want in exact.items():
             if settings.data[key] != want:
                 raise settings.error(key, f"must be {want!r}", settings.data[key])
         settings.number("temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
-        if TEACHER_SETTINGS[0] in own:
+        if teacher:
             settings.whole("teacher_epochs", 0, MAX_EPOCHS)
             settings.whole("teacher_seed", 0, MAX_SEED)
             settings.sha256("teacher_weights_sha256")

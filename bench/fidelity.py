@@ -1,4 +1,5 @@
-"""A/B fidelity of training a dataset's rounds together against the landed
+"""A/B fidelity of candidate trainer settings (bench/trainer_variants.py:
+rounds together, CUDA graphs, a compiled network, ...) against the landed
 scorer (rounds one at a time), on synthetic sets of the challenge's shapes.
 
 The set: one smooth random pattern per class (4x4 noise, bilinear up to the
@@ -7,14 +8,13 @@ images per class (CIFAR-100 shape: 1000 x 3x32x32, 100 classes; Tiny shape:
 2000 x 3x64x64, 200 classes) and 20 test images per class, all from one
 fixed seed. Learnable, so that accuracies spread over rounds the way real
 ones do, and cheap, so that >= 10 rounds per arm fit a CPU at a reduced
-epoch budget.
+epoch budget. --noise sets how hard it is: a budget that lands near 100 %
+cannot show a shift, so pick the noise for the budget (NOISE's comment).
 
-Arm A ("alone") is `train_round` per seed, which is the landed trainer bit
-for bit (the refactor into `_Round` was checked to give identical weights);
-arm B ("together") is `train_rounds` over the same seeds, in groups of
---group rounds. Both arms use the same seeds, so besides the unpaired
-comparison (difference of means against the pooled standard error) the
-per-round differences are printed too.
+Arm A ("alone") is `train_round` per seed, the landed trainer; each --arms
+entry is an arm B over the same seeds (the together ones in groups of
+--group rounds), so besides the unpaired comparison (difference of means
+against the pooled standard error) the per-round differences are printed too.
 
     python bench/fidelity.py --shape cifar100 --epochs 3 --rounds 10 --group 5
     python bench/fidelity.py --shape tinyimagenet --epochs 0 --rounds 10 --group 2
@@ -31,11 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from ddchallenge.evaluation.device import resolve_device
-from ddchallenge.evaluation.train import accuracy, train_round, train_rounds
+from ddchallenge.evaluation.train import accuracy
 from ddchallenge.protocol import OFFICIAL, get_dataset
 
+import trainer_variants  # bench/, beside this script
 
-NOISE = {"mnist5k": 4.0, "cifar100": 6.0, "tinyimagenet": 4.0}  # ~45 % (4 passes) and ~55 % (1 pass) on this CPU
+
+# Mid-range at the CPU's reduced budgets: ~45 % (CIFAR-100 shape, 4 passes), ~55 % (Tiny, 1 pass). At a GPU's
+# budgets they saturate (session 11, H100: 99.2 % at 21 passes, 100 % at 7), so bench/gpu_check.sh passes its own.
+NOISE = {"mnist5k": 4.0, "cifar100": 6.0, "tinyimagenet": 4.0}
 
 
 def synthetic_set(spec, train_ipc: int = 10, test_ipc: int = 20, noise: float = 1.0, seed: int = 0):
@@ -57,9 +61,11 @@ def main() -> None:
     ap.add_argument("--shape", choices=["mnist5k", "cifar100", "tinyimagenet"], default="cifar100")
     ap.add_argument("--epochs", type=int, default=5, help="recipe epochs (runs epochs + 1 passes)")
     ap.add_argument("--rounds", type=int, default=10, help="rounds per arm (seeds 0..rounds-1)")
-    ap.add_argument("--group", type=int, default=5, help="rounds per batched model in the 'together' arm")
+    ap.add_argument("--group", type=int, default=5, help="rounds per batched model in the together arms")
+    ap.add_argument("--arms", nargs="+", default=["together"], choices=trainer_variants.VARIANTS[1:],
+                    help="the B arms, each against alone (the landed trainer)")
     ap.add_argument("--noise", type=float, help="std of the per-image noise; class patterns have std 1 (default: "
-                    "per shape, so that the reduced budget lands mid-range: " + str(NOISE) + ")")
+                    "per shape, for the CPU's reduced budgets: " + str(NOISE) + ")")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -68,33 +74,33 @@ def main() -> None:
     (x, y), (xt, yt) = synthetic_set(spec, noise=noise)
     recipe = OFFICIAL.with_overrides(epochs=args.epochs)
     seeds = list(range(args.rounds))
-
-    t = time.perf_counter()
-    alone = [accuracy(train_round(spec, x, y, recipe, s, device, progress=False), xt, yt) for s in seeds]
-    t_alone = time.perf_counter() - t
-    t = time.perf_counter()
-    together = []
-    for start in range(0, len(seeds), args.group):
-        nets = train_rounds(spec, x, y, recipe, seeds[start : start + args.group], device, progress=False)
-        together += [accuracy(net, xt, yt) for net in nets]
-    t_together = time.perf_counter() - t
-
-    a, b = np.array(alone) * 100, np.array(together) * 100
     n = len(seeds)
-    se = math.sqrt(a.var(ddof=1) / n + b.var(ddof=1) / n)
-    diff = b.mean() - a.mean()
     per_image = 100 / len(yt)
+
+    def arm(variant: str) -> tuple[np.ndarray, float]:
+        group = args.group if variant in ("together", "rounds-graph") else n
+        t = time.perf_counter()
+        accs = [accuracy(net, xt, yt) for start in range(0, n, group)
+                for net in trainer_variants.train(variant, spec, x, y, recipe, seeds[start : start + group], device)]
+        return np.array(accs) * 100, time.perf_counter() - t
+
+    a, t_alone = arm("alone")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     print(f"{args.shape}: synthetic {tuple(x.shape)}, {len(yt)} test images, {args.epochs + 1} passes, "
           f"noise {noise:g}, {n} rounds per arm (seeds 0-{n - 1}), together in groups of {args.group}, {where}")
-    print("| arm | accuracy % mean ± std (ddof 1) | per round % | seconds |")
-    print("|---|---|---|---|")
-    print(f"| alone (landed) | {a.mean():.2f} ± {a.std(ddof=1):.2f} | {' '.join(f'{v:.2f}' for v in a)} | {t_alone:.0f} |")
-    print(f"| together | {b.mean():.2f} ± {b.std(ddof=1):.2f} | {' '.join(f'{v:.2f}' for v in b)} | {t_together:.0f} |")
-    d = np.abs(b - a) / per_image
-    print(f"difference of means {diff:+.3f} points, pooled standard error {se:.3f} "
-          f"({'within' if abs(diff) <= se else 'OUTSIDE'}); per round: {int((d < 0.5).sum())} of {n} identical, "
-          f"largest difference {d.max():.0f} test image(s)")
+    print("| arm | accuracy % mean ± std (ddof 1) | per round % | seconds (compilation included) | "
+          "difference of means | pooled SE | rounds identical | largest difference (test images) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| alone (landed) | {a.mean():.2f} ± {a.std(ddof=1):.2f} | {' '.join(f'{v:.2f}' for v in a)} | "
+          f"{t_alone:.0f} | | | | |", flush=True)
+    for variant in args.arms:
+        b, seconds = arm(variant)
+        se = math.sqrt(a.var(ddof=1) / n + b.var(ddof=1) / n)
+        diff = b.mean() - a.mean()
+        d = np.abs(b - a) / per_image
+        print(f"| {variant} | {b.mean():.2f} ± {b.std(ddof=1):.2f} | {' '.join(f'{v:.2f}' for v in b)} | "
+              f"{seconds:.0f} | {diff:+.3f} ({'within' if abs(diff) <= se else 'OUTSIDE'} SE) | {se:.3f} | "
+              f"{int((d < 0.5).sum())} of {n} | {d.max():.0f} |", flush=True)
 
 
 if __name__ == "__main__":

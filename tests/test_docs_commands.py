@@ -172,6 +172,7 @@ NOT_RUN = {
     "python bench/evaluator_speed.py": "a benchmark (minutes to hours); its options are checked",
     "python bench/cpu_memory.py": "a benchmark (minutes); its options are checked",
     "python bench/fidelity.py": "a benchmark (hours); its options are checked",
+    "python bench/gpu_profile.py": "a benchmark on a GPU (minutes); its options are checked",
     "python bench/prepare_speed.py": "a benchmark; needs Tiny-ImageNet's files; its options are checked",
     "python bench/sandbox_overhead.py": "a benchmark (minutes); its options are checked",
     "python bench/diffusion_quality.py": "a benchmark (trains a model: hours); its options are checked",

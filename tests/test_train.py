@@ -185,15 +185,26 @@ def test_round_accuracies_refuses_a_together_that_is_not_a_choice(mnist5k_spec, 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
-def test_rounds_together_on_cuda_give_what_each_gives_alone(mnist5k_spec, mnist5k_random_images, mnist_test, compile):
+def test_rounds_together_on_cuda_give_what_each_gives_alone(mnist5k_spec, mnist5k_random_images, mnist_test, compile,
+                                                           monkeypatch):
     """The GPU path (grouped cuDNN convolutions; with compile, CUDA graphs)
-    against rounds alone on the same GPU: weights to float summation order,
-    accuracies within one test image, as on the CPU."""
+    against rounds alone on the same GPU. In full float32 the weights agree
+    to float summation order, as on the CPU. With cuDNN's TF32 convolutions
+    (PyTorch's default, which the official code gets too) a grouped and a
+    plain convolution round their products differently at TF32's 10-bit
+    mantissa: on an H100 4 of 2,586 weights moved by up to 1.6e-3 after 12
+    steps (session 11), so there the claim is the accuracies, within one
+    test image."""
     cuda = torch.device("cuda")
     y = torch.arange(100) // 10
     seeds = [3, 4, 5]
-    alone = [train_round(mnist5k_spec, mnist5k_random_images, y, SMALL, s, cuda, False) for s in seeds]
-    together = train_rounds(mnist5k_spec, mnist5k_random_images, y, SMALL, seeds, cuda, False, compile=compile)
-    for a, t in zip(alone, together):
-        torch.testing.assert_close(_params(t), _params(a), rtol=0, atol=1e-3)
+
+    def both():
+        alone = [train_round(mnist5k_spec, mnist5k_random_images, y, SMALL, s, cuda, False) for s in seeds]
+        return alone, train_rounds(mnist5k_spec, mnist5k_random_images, y, SMALL, seeds, cuda, False, compile=compile)
+
+    for a, t in zip(*both()):
         assert abs(accuracy(a, *mnist_test) - accuracy(t, *mnist_test)) <= 1 / len(mnist_test[1])
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    for a, t in zip(*both()):
+        torch.testing.assert_close(_params(t), _params(a), rtol=0, atol=1e-3)

@@ -159,8 +159,12 @@ def train_rounds(
 
     `compile=True` wraps the batched forward in `torch.compile` (on CUDA in
     "reduce-overhead" mode, which captures the step's kernels in CUDA graphs;
-    the smaller last batch of an epoch is a second graph). It is the hook
-    for the GPU path and has not been measured yet (docs/benchmarks.md).
+    the smaller last batch of an epoch is a second graph). On an H100 it is
+    the fastest way measured to train a CIFAR-100-shaped set's rounds (1.7x
+    a round alone) and second at the Tiny shape (1.6x), after a 20-30 s
+    compilation (docs/benchmarks.md, "On an H100"); it becomes a CUDA
+    default only after its accuracy A/B (bench/fidelity.py --arms
+    rounds-graph), which no GPU session has run yet.
     """
     seeds = list(seeds)
     if not seeds:
@@ -204,10 +208,13 @@ def together_by_default(device: torch.device) -> bool:
     shape: oneDNN's grouped convolution, above all its weight gradient, is
     slower than R plain ones, and a CPU step is compute-bound, so there is
     no launch overhead to save.
-    CUDA: not yet, because it has not been measured. It is the path meant
-    for the GPU (a CIFAR-100 round there is launch-bound, ~4 steps of ~3.6 ms
-    per epoch), and `bench/evaluator_speed.py --together` measures it; switch
-    this on for CUDA once a GPU run shows it faster for both dataset shapes.
+    CUDA: no, measured on an H100 (session 11, docs/benchmarks.md): three
+    rounds together are as fast as three alone at the CIFAR-100 shape (15
+    ms per round-epoch either way) and 9 % slower at the Tiny shape (106
+    against 97 ms): both steps are bound by the GPU's kernels, not by their
+    launches, so batching the rounds saves nothing by itself. Together pays
+    only inside CUDA graphs (`train_rounds(compile=True)`), which waits on
+    its accuracy A/B.
     """
     return False
 

@@ -3,7 +3,7 @@ speed-up of issue 24 buys: milliseconds per epoch of the landed trainer and
 of its variants, side by side in one run, plus the profile of a landed epoch
 (top kernels by GPU time, kernel launches per epoch).
 
-    python bench/gpu_profile.py --shape tinyimagenet --epochs 5
+    python bench/gpu_profile.py --shape tinyimagenet --epochs 6
     python bench/gpu_profile.py --shape cifar100 --epochs 20
 
 Variants: bench/trainer_variants.py (`alone` is the landed trainer; those

@@ -26,8 +26,11 @@ challenge score (which they never change): IOR against random real images
 of the same seed (`--baseline random --baseline-seed S`), the cheaper
 architectures of the evaluation pool (EXTRA_ARCHS) and soft labels from a
 teacher (mode M: `--teacher`, made once by `ddchallenge teacher DATASET`).
-Such a run keeps its JSON as <...>-extras.json and prints one more row per
-measure (to --out/extras.md):
+A real-image baseline's set also stores the teacher's soft labels
+(`generate --soft-labels teacher`) and is scored once more with them (mode
+S: `--labels soft`, its own JSON <...>-extras-S.json); a Track 2 run's
+images carry none, so it has no mode S row. Such a run keeps its JSON as
+<...>-extras.json and prints one more row per measure (to --out/extras.md):
 
     python bench/track2_protocol.py --model /work/models/mnist5k-val --out /work/runs/t2p \\
         --dataset mnist5k --seeds 10 --runs random herding d4m-m300 --extras
@@ -125,12 +128,21 @@ def run(name: str, args, seed: int) -> dict | None:
             make(name, args, seed, result)
         finally:
             result.with_suffix(".running").unlink(missing_ok=True)
-    return json.loads(result.read_text())
+    loaded = json.loads(result.read_text())
+    soft = mode_s_result(result)
+    if soft.is_file():  # mode S: a score of its own (one label setting per score), shown beside the others
+        loaded["extras"] = loaded.get("extras", []) + json.loads(soft.read_text()).get("extras", [])
+    return loaded
+
+
+def mode_s_result(result: Path) -> Path:
+    return result.with_name(result.stem + "-S.json")
 
 
 def make(name: str, args, seed: int, result: Path) -> None:
-    recipe = [a for k, v in (("--epochs", args.epochs), ("--rounds", args.rounds)) if v is not None
+    budget = [a for k, v in (("--epochs", args.epochs), ("--rounds", args.rounds)) if v is not None
               for a in (k, v)]
+    recipe = list(budget)
     if args.extras:
         recipe += ["--baseline", "random", "--baseline-seed", seed, "--teacher", teacher_for(args),
                    *[a for arch in EXTRA_ARCHS for a in ("--arch", arch)]]
@@ -143,8 +155,12 @@ def make(name: str, args, seed: int, result: Path) -> None:
     else:
         images = args.out / "sets" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}.h5"
         images.parent.mkdir(parents=True, exist_ok=True)
+        soft = ["--soft-labels", "teacher", "--teacher", teacher_for(args)] if args.extras else []
         cli("generate", "--dataset", args.dataset, *BASELINES[name], "--ipc", args.ipc, "--seed", seed,
-            "-o", images, "--force", "--quiet")
+            "-o", images, "--force", "--quiet", *soft)
+        if args.extras:  # first, so that a finished result always has its mode S beside it
+            cli("score", images, "--json", mode_s_result(result), "--dataset", args.dataset, "--seed", seed,
+                "--output", records.with_name(records.name + "-S"), "--quiet", "--labels", "soft", *budget)
         cli("score", images, "--json", result, *common)
     print(f"({name}, seed {seed}: {time.perf_counter() - started:.0f} s wall)", file=sys.stderr, flush=True)
 

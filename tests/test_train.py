@@ -208,3 +208,33 @@ def test_rounds_together_on_cuda_give_what_each_gives_alone(mnist5k_spec, mnist5
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     for a, t in zip(*both()):
         torch.testing.assert_close(_params(t), _params(a), rtol=0, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dsa", ["color_crop_cutout_flip_scale_rotate", "none"])
+def test_no_host_synchronisation_inside_the_passes_on_cuda(mnist5k_spec, mnist5k_random_images, monkeypatch, dsa):
+    """Issue 24: the GPU never waits for the host inside training. CUDA's sync
+    debug mode turns any synchronising call (`.item()`, a blocking copy, a
+    data-dependent shape) made while the passes run into an error; the set
+    is on the device before, and the round's network is built and moved
+    there before, so only the passes themselves are watched."""
+    from ddchallenge.evaluation import train as train_module
+
+    cuda = torch.device("cuda")
+    original = train_module._optimise
+    watched = []
+
+    def watching(*args, **kwargs):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            watched.append(True)
+
+    monkeypatch.setattr(train_module, "_optimise", watching)
+    x, y = mnist5k_random_images.to(cuda), (torch.arange(100) // 10).to(cuda)
+    net = train_round(mnist5k_spec, x, y, SMALL.with_overrides(dsa_strategy=dsa), 0, cuda, False)
+    assert watched == [True] and next(net.parameters()).is_cuda

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 24 in one run, sized for under 8 minutes of
+# Every GPU measurement of issue 24 in one run, sized for about 8 minutes of
 # device time on an H100/H200, so a session that is lent a GPU spends its
 # minutes measuring. Each step has its own time limit; a step that fails or
 # runs out is noted and the next one runs. Tables and logs go to $OUT.

@@ -4,9 +4,13 @@
 # minutes measuring. Each step has its own time limit; a step that fails or
 # runs out is noted and the next one runs. Tables and logs go to $OUT.
 #
-# On the GPU machine, from the repository root (shared/GPU.md: make the .whl
-# folder once on the development machine and carry it):
+# On a GPU machine, from the repository root:
 #     bash bench/gpu_check.sh
+# A machine that lacks diffusers or mlxtend and reaches no package index gets
+# them as wheels in .whl/ (installed first when the folder exists), made
+# beforehand where pip works:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 mlxtend importlib_metadata lazy-importer
 # Anywhere, to try every step with tiny sizes before spending device time:
 #     SMOKE=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
 # Only some steps (a rerun of those that failed): STEPS="pytest-gpu train" bash bench/gpu_check.sh

@@ -78,7 +78,7 @@ def main() -> None:
     per_image = 100 / len(yt)
 
     def arm(variant: str) -> tuple[np.ndarray, float]:
-        group = args.group if variant in ("together", "rounds-graph") else n
+        group = args.group if variant in trainer_variants.TOGETHER else n
         t = time.perf_counter()
         accs = [accuracy(net, xt, yt) for start in range(0, n, group)
                 for net in trainer_variants.train(variant, spec, x, y, recipe, seeds[start : start + group], device)]

@@ -27,25 +27,11 @@ from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.protocol import OFFICIAL, get_dataset
 
 import trainer_variants  # bench/, beside this script
-
-TOGETHER = ("together", "rounds-graph")  # these train 3 rounds as one model; times are per round
+from evaluator_speed import _sync, seconds_per_epoch
 
 
 def _run(variant: str, spec, x, y, recipe, device) -> None:
-    trainer_variants.train(variant, spec, x, y, recipe, [0, 1, 2] if variant in TOGETHER else [0], device)
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds(fn, device) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
+    trainer_variants.train(variant, spec, x, y, recipe, [0, 1, 2] if variant in trainer_variants.TOGETHER else [0], device)
 
 
 def profile_epoch(spec, x, y, device, top: int) -> None:
@@ -105,8 +91,9 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
         for v in variants:
-            per = 3 if v in TOGETHER else 1
-            times[v].append(_seconds(lambda: _run(v, spec, x, y, recipe, device), device) / (args.epochs + 1) / per)
+            per = 3 if v in trainer_variants.TOGETHER else 1  # together variants train 3 rounds; times are per round
+            times[v] += [t / per for t in seconds_per_epoch(lambda: _run(v, spec, x, y, recipe, device), args.epochs, 1,
+                                                            device)]
     base = statistics.median(times["alone"]) if "alone" in times else None
     print(f"\n{args.shape} {tuple(x.shape)}, {where}, torch {torch.__version__}, "
           f"{args.epochs + 1} passes x {args.repeats} runs")

@@ -24,6 +24,7 @@ import torch
 import ddchallenge.evaluation.train as train_mod
 
 VARIANTS = ("alone", "together", "rounds-graph", "compiled", "nondet")
+TOGETHER = ("together", "rounds-graph")  # the variants that train their seeds as one batched model
 
 
 @contextlib.contextmanager

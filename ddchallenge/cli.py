@@ -534,6 +534,24 @@ def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, ma
                f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s")
 
 
+@cli.command("settings")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--strength", type=float, help="d4m: how far each prototype is noised, in (0, 1].")
+@click.option("--sampler", help="dpm++ or ddim.")
+@click.option("--steps", type=int, help="Sampling steps.")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale, 1 = none.")
+@click.option("--batch-size", type=int, help="Images per sampling batch.")
+@click.option("--oversample", type=float, help="Selection R: ceil(R x IPC) candidates per class, IPC kept.")
+@click.option("--match-steps", type=int, help="Distribution matching steps (0: none).")
+def settings_command(model, **changes):
+    """Show, or change, the settings MODEL (a generator folder) runs with under Track 2."""
+    from ddchallenge.generators.track2 import change_settings
+
+    method, settings = change_settings(model, changes)
+    shown_settings = ", ".join(f"{k} {v}" for k, v in sorted(settings.items())) or "its defaults"
+    click.echo(f"{model} runs {method} under Track 2 with {shown_settings}")
+
+
 @cli.command()
 @click.argument("sets", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")

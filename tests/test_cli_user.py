@@ -24,6 +24,7 @@ BASE = {
     "pack": ["{official}", "-o", "packed"],
     "prototypes": ["{model}", "--ipc", "1"],
     "invert": ["{model}", "--per-class", "1", "--steps", "1"],
+    "settings": ["{model}"],
     "show": ["{official}", "-o", "grid.png"],
     "verify": [str(ROOT / "submissions" / "mnist5k-random.toml")],
     "leaderboard": ["{official}"],

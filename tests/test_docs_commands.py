@@ -64,6 +64,7 @@ RUN_SLOW = [
     "ddchallenge generate --dataset mnist5k --method d3m --model mnist5k-model --ipc 10 --oversample 3 -o d3m.h5",
     "ddchallenge generate --dataset mnist5k --method d4m --model mnist5k-model --ipc 10 --match-steps 300 -o dm.h5",
     "ddchallenge prototypes mnist5k-model --ipc 10 --match-steps 300 --make-default",
+    "ddchallenge settings mnist5k-model",
     "ddchallenge generate --dataset mnist5k --model mnist5k-model --ipc 10 --track 2 -o track2.h5",
 ]
 
@@ -160,6 +161,7 @@ NOT_RUN = {
         "a template; matching runs in the slow test",
     "ddchallenge invert MODEL_DIR --per-class 10 --match-steps 300 --make-default": "a template; prototypes "
         "--match-steps --make-default runs in the slow test",
+    "ddchallenge settings MODEL_DIR": "a template; settings runs in the slow test (and tests/test_track2_rules.py)",
     # inline mentions of a command in prose (parsed: the command and its options exist)
     "ddchallenge train": "a mention",
     "ddchallenge train-vae": "a mention",

@@ -141,6 +141,44 @@ def test_prototypes_and_invert_add_tables_without_rewriting_the_generate_setting
                                                                        "match_steps": 4}}
 
 
+def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_writing_nothing(d4m_folder, tmp_path,
+                                                                                                 run_cli, monkeypatch):
+    folder = _copy(d4m_folder, tmp_path)
+    r = run_cli("settings", folder)
+    assert r.exit_code == 0 and r.stdout == f"{folder} runs d4m under Track 2 with match_steps 0, oversample 1.0, " \
+        "strength 0.5\n", r.output
+    r = run_cli("settings", folder, "--match-steps", 7, "--guidance", 1.5)
+    assert r.exit_code == 0, r.output
+    assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0,
+                                                                       "match_steps": 7, "guidance": 1.5}}
+    before = (folder / "ddchallenge.json").read_bytes()
+    for args, message in [
+            (["--match-steps", 10**6], "--match-steps must be a whole number from 0 to"),
+            (["--strength", 0], "--strength must be a number from"),
+            (["--sampler", "euler"], "--sampler must be one of"),
+            (["--guidance", "nan"], "--guidance must be a number from"),
+            (["--batch-size", 0], "--batch-size must be a whole number from 1 to")]:
+        r = run_cli("settings", folder, *args)
+        errors = _errors(r)
+        assert r.exit_code == 2 and len(errors) == 1 and message in errors[0], (args, r.output)
+        assert (folder / "ddchallenge.json").read_bytes() == before
+    meta = _meta(folder)
+    meta["generate"] = {"method": "diffusion", "settings": {}}
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    r = run_cli("settings", folder, "--strength", 0.4)
+    assert r.exit_code == 2 and "--strength does not apply to method diffusion" in _errors(r)[0], r.output
+    r = run_cli("settings", folder, "--match-steps", 3, "--steps", 2)
+    assert r.exit_code == 0 and r.stdout.endswith("runs diffusion under Track 2 with match_steps 3, steps 2\n"), r.output
+    monkeypatch.setattr("ddchallenge.generators.matching.POOL_PER_CLASS", 3)
+    r = run_cli("generate", "--track", "2", "--model", folder, "--dataset", "mnist5k", "--ipc", 2, "--device", "cpu",
+                "--quiet", "-o", tmp_path / "g.h5")
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "g.h5") as f:
+        config = json.loads(f.attrs["config"])
+    assert (config["method"], config["match_steps"], config["provenance"]["matching"]["steps_done"]) == ("diffusion", 3, 3)
+    assert config["provenance"]["sampling"]["steps"] == 2
+
+
 @pytest.mark.parametrize("method", ["diffusion", "d4m", "d3m"])
 def test_every_generator_method_runs_the_track2_path_without_training_data(d4m_folder, tmp_path, monkeypatch,
                                                                           method):

@@ -62,6 +62,13 @@ def _write_meta(folder: Path, meta: dict) -> None:
     atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
+def write_generate_section(folder: Path, section: dict) -> None:
+    """Replace the "generate" section of FOLDER's ddchallenge.json (the rest kept, written atomically)."""
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["generate"] = section
+    _write_meta(folder, meta)
+
+
 def store(gen: Generator, name: str, tensors: dict[str, torch.Tensor], record: dict, purpose: str,
           generate: dict | None = None) -> Path:
     """Write codebooks/NAME.safetensors (one float32 table, (classes, rows,

@@ -62,6 +62,44 @@ def folder_method(model: str | Path) -> tuple[str, dict]:
     return _method_of(meta, str(meta_path))
 
 
+# What `ddchallenge settings` may change: per_class is not among them, it names d3m's table (`invert` sets it).
+ADJUSTABLE = ("strength", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps")
+
+
+def change_settings(model: str | Path, changes: dict) -> tuple[str, dict]:
+    """The folder's Track 2 (method, settings) with `changes` (setting ->
+    value; None: unchanged) merged in, each checked against the bounds a
+    run checks, and written back; with no change, read only. A setting the
+    folder's method does not take is refused: the method itself changes
+    with `prototypes`/`invert --make-default`, which also store its table."""
+    from ddchallenge.diffusion.codebook import write_generate_section
+    from ddchallenge.errors import UsageError
+
+    meta_path, meta = _read_meta(model)
+    method, settings = _method_of(meta, str(meta_path))
+    given = {k: v for k, v in changes.items() if v is not None}
+    for key in given:
+        flag = "--" + key.replace("_", "-")
+        if key not in ADJUSTABLE:
+            raise UsageError(f"{flag} is not a setting `ddchallenge settings` changes; it takes "
+                             f"{', '.join('--' + k.replace('_', '-') for k in ADJUSTABLE)}")
+        if key not in METHODS[method]:
+            raise UsageError(f"{flag} does not apply to method {method}, the one {model} runs; make another method "
+                             "the folder's with `ddchallenge prototypes` (d4m) or `invert` (d3m) and --make-default")
+    if not given:
+        return method, settings
+    merged = {**settings, **given}
+    try:
+        _method_of({"generate": {"method": method, "settings": merged}}, "ddchallenge settings")
+    except ModelError as exc:  # name the option, not the JSON field it becomes
+        message = str(exc)
+        for key in given:
+            message = message.replace(f"generate.settings.{key} ", f"--{key.replace('_', '-')} ")
+        raise UsageError(message) from None
+    write_generate_section(meta_path.parent, {"method": method, "settings": merged})
+    return method, merged
+
+
 def check_folder_tables(model: str | Path, ipc: int | str) -> None:
     """Track 2's table rule, before the folder runs: every table it declares
     is read from ddchallenge.json and its file's header (no tensor data),

@@ -35,8 +35,9 @@
 #               ResNet-18 included, with IOR against random real images,
 #               official recipe, on mnist5k herding at IPC 10, seed 10   150
 #   profile-*   with PROFILE=1 only: bench/gpu_profile.py, ms/epoch of the
-#               landed trainer against the variants, and the top kernels
-#               of a pass (measured in session 11: docs/benchmarks.md) 120 + 90
+#               landed trainer against the variants (the new pool-reshape,
+#               channels-last and bf16 among them), and the top kernels of
+#               a pass (first measured in session 11)                 120 + 120
 # The full official protocol of both shapes (`bench/evaluator_speed.py
 # --full`, ~340 s when last measured) is left out: it alone would take most
 # of the time; the epoch rows give it as 3 x 1001 round-epochs.
@@ -100,7 +101,7 @@ if [ -n "${EXTRAS:-}" ]; then
 fi
 if [ -n "${PROFILE:-}" ]; then
     step profile-tinyimagenet 120 $PY bench/gpu_profile.py --shape tinyimagenet --epochs $((E2 + 1)) --repeats 3 $DEV
-    step profile-cifar100 90 $PY bench/gpu_profile.py --shape cifar100 --epochs $E1 --repeats 3 $DEV
+    step profile-cifar100 120 $PY bench/gpu_profile.py --shape cifar100 --epochs $E1 --repeats 3 $DEV
 fi
 rm -rf "$OUT/mnist5k-model"/step-*/unet "$OUT/mnist5k-model"/step-*/vae  # keep the reports, not the weights
 if [ -n "${ARCHIVE:-}" ]; then

@@ -56,17 +56,11 @@ def model_folder(ref: str) -> Path:
     return folder
 
 
-def _write_meta(folder: Path, meta: dict) -> None:
+def write_meta(folder: Path, meta: dict) -> None:
+    """FOLDER's ddchallenge.json, written atomically."""
     from ddchallenge.fileio import atomic_write_bytes
 
     atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
-
-
-def write_generate_section(folder: Path, section: dict) -> None:
-    """Replace the "generate" section of FOLDER's ddchallenge.json (the rest kept, written atomically)."""
-    meta = json.loads((folder / META_FILE).read_text())
-    meta["generate"] = section
-    _write_meta(folder, meta)
 
 
 def store(gen: Generator, name: str, tensors: dict[str, torch.Tensor], record: dict, purpose: str,
@@ -92,7 +86,7 @@ def store(gen: Generator, name: str, tensors: dict[str, torch.Tensor], record: d
         "dtype": "float32", "bytes": path.stat().st_size}
     if generate is not None:
         meta["generate"] = generate
-    _write_meta(folder, meta)
+    write_meta(folder, meta)
     gen.meta = meta
     return path
 

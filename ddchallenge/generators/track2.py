@@ -72,7 +72,7 @@ def change_settings(model: str | Path, changes: dict) -> tuple[str, dict]:
     run checks, and written back; with no change, read only. A setting the
     folder's method does not take is refused: the method itself changes
     with `prototypes`/`invert --make-default`, which also store its table."""
-    from ddchallenge.diffusion.codebook import write_generate_section
+    from ddchallenge.diffusion.codebook import write_meta
     from ddchallenge.errors import UsageError
 
     meta_path, meta = _read_meta(model)
@@ -96,7 +96,7 @@ def change_settings(model: str | Path, changes: dict) -> tuple[str, dict]:
         for key in given:
             message = message.replace(f"generate.settings.{key} ", f"--{key.replace('_', '-')} ")
         raise UsageError(message) from None
-    write_generate_section(meta_path.parent, {"method": method, "settings": merged})
+    write_meta(meta_path.parent, {**meta, "generate": {"method": method, "settings": merged}})
     return method, merged
 
 

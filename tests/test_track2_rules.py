@@ -162,6 +162,9 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
         errors = _errors(r)
         assert r.exit_code == 2 and len(errors) == 1 and message in errors[0], (args, r.output)
         assert (folder / "ddchallenge.json").read_bytes() == before
+    r = run_cli("settings", tmp_path / "no-such-folder", "--match-steps", 1)
+    assert r.exit_code == 2 and _errors(r) == [f"error: {tmp_path / 'no-such-folder'} is not a folder; pass a "
+                                               "generator folder (`ddchallenge train` makes one)"], r.output
     meta = _meta(folder)
     meta["generate"] = {"method": "diffusion", "settings": {}}
     (folder / "ddchallenge.json").write_text(json.dumps(meta))

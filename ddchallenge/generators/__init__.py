@@ -85,7 +85,7 @@ class BudgetClock:
         """One line: where the 60 s budget went: loading 2.0 s, measuring 1.1 s, ..."""
         self._charge()
         parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.spent.items() if seconds >= 0.05)
-        whole = f"the {self.budget:.0f} s budget" if self.budget is not None else "the run"
+        whole = f"the {self.budget:g} s budget" if self.budget is not None else "the run"
         return f"where {whole} went: {parts or 'nothing measurable'} ({self.elapsed():.1f} s in all)"
 
 

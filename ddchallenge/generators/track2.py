@@ -75,6 +75,8 @@ def change_settings(model: str | Path, changes: dict) -> tuple[str, dict]:
     from ddchallenge.diffusion.codebook import write_meta
     from ddchallenge.errors import UsageError
 
+    if not Path(model).is_dir():
+        raise UsageError(f"{model} is not a folder; pass a generator folder (`ddchallenge train` makes one)")
     meta_path, meta = _read_meta(model)
     method, settings = _method_of(meta, str(meta_path))
     given = {k: v for k, v in changes.items() if v is not None}

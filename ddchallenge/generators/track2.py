@@ -80,24 +80,22 @@ def change_settings(model: str | Path, changes: dict) -> tuple[str, dict]:
     meta_path, meta = _read_meta(model)
     method, settings = _method_of(meta, str(meta_path))
     given = {k: v for k, v in changes.items() if v is not None}
-    for key in given:
-        flag = "--" + key.replace("_", "-")
+    flag = {k: "--" + k.replace("_", "-") for k in ADJUSTABLE}  # the option that sets each
+    for key, value in given.items():
         if key not in ADJUSTABLE:
-            raise UsageError(f"{flag} is not a setting `ddchallenge settings` changes; it takes "
-                             f"{', '.join('--' + k.replace('_', '-') for k in ADJUSTABLE)}")
+            raise UsageError(f"--{key.replace('_', '-')} is not a setting `ddchallenge settings` changes; it takes "
+                             f"{', '.join(flag.values())}")
         if key not in METHODS[method]:
-            raise UsageError(f"{flag} does not apply to method {method}, the one {model} runs; make another method "
-                             "the folder's with `ddchallenge prototypes` (d4m) or `invert` (d3m) and --make-default")
+            raise UsageError(f"{flag[key]} does not apply to method {method}, the one {model} runs; make another "
+                             "method the folder's with `ddchallenge prototypes` (d4m) or `invert` (d3m) and "
+                             "--make-default")
+        try:
+            _check_setting("ddchallenge settings", flag[key], key, value)  # named by its option, not its JSON field
+        except ModelError as exc:
+            raise UsageError(str(exc)) from None
     if not given:
         return method, settings
     merged = {**settings, **given}
-    try:
-        _method_of({"generate": {"method": method, "settings": merged}}, "ddchallenge settings")
-    except ModelError as exc:  # name the option, not the JSON field it becomes
-        message = str(exc)
-        for key in given:
-            message = message.replace(f"generate.settings.{key} ", f"--{key.replace('_', '-')} ")
-        raise UsageError(message) from None
     write_meta(meta_path.parent, {**meta, "generate": {"method": method, "settings": merged}})
     return method, merged
 
@@ -122,7 +120,7 @@ def _read_meta(model: str | Path) -> tuple[Path, dict]:
 
 
 def _method_of(meta: dict, where: str) -> tuple[str, dict]:
-    from ddchallenge.diffusion.folder import choice, generate_section, number, whole
+    from ddchallenge.diffusion.folder import generate_section
 
     method, settings = generate_section(meta, where)
     if method not in METHODS:
@@ -132,17 +130,22 @@ def _method_of(meta: dict, where: str) -> tuple[str, dict]:
     if unknown:
         raise ModelError(f"{where}: generate.settings.{unknown[0]} does not apply to method {method}; "
                          f"allowed: {', '.join(METHODS[method])}")
-    bounds = _settings_bounds()
     for key, value in settings.items():
-        kind, low, high = bounds[key]
-        field = f"generate.settings.{key}"
-        if kind == "choice":
-            choice(where, field, value, low)
-        elif kind == "whole":
-            whole(where, field, value, low, high)
-        else:
-            number(where, field, value, low, high)
+        _check_setting(where, f"generate.settings.{key}", key, value)
     return method, dict(settings)
+
+
+def _check_setting(where: str, field: str, key: str, value) -> None:
+    """ModelError "WHERE: FIELD must be ..." unless `value` is within setting `key`'s bounds."""
+    from ddchallenge.diffusion.folder import choice, number, whole
+
+    kind, low, high = _settings_bounds()[key]
+    if kind == "choice":
+        choice(where, field, value, low)
+    elif kind == "whole":
+        whole(where, field, value, low, high)
+    else:
+        number(where, field, value, low, high)
 
 
 def _check_tables(folder: Path, meta: dict, ipc: int | str) -> None:

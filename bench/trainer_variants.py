@@ -37,22 +37,30 @@ VARIANTS = ("alone", "together", "rounds-graph", "compiled", "nondet", "pool-res
 TOGETHER = ("together", "rounds-graph")  # the variants that train their seeds as one batched model
 
 
-@contextlib.contextmanager
-def _nondeterministic_cudnn():
-    """training_numerics makes cuDNN deterministic on entry: undo that inside it."""
-    original = train_mod.training_numerics
-
+def _patched_numerics(inner):
+    """training_numerics patched to also enter `inner(device)`, inside its own settings, for the block."""
     @contextlib.contextmanager
-    def free(device):
-        with original(device):
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
-            yield
+    def patch():
+        original = train_mod.training_numerics
 
-    train_mod.training_numerics = free
-    try:
-        yield
-    finally:
-        train_mod.training_numerics = original
+        @contextlib.contextmanager
+        def numerics(device):
+            with original(device), inner(device):
+                yield
+
+        train_mod.training_numerics = numerics
+        try:
+            yield
+        finally:
+            train_mod.training_numerics = original
+    return patch
+
+
+@contextlib.contextmanager
+def _free_cudnn(device):
+    """training_numerics makes cuDNN deterministic on entry (and restores it on exit): undo that inside it."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    yield
 
 
 class _ReshapePool(torch.nn.Module):
@@ -90,31 +98,15 @@ def _channels_last(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-@contextlib.contextmanager
-def _bf16_autocast():
-    """Every training pass under bfloat16 autocast (entered with the trainer's own numerics)."""
-    original = train_mod.training_numerics
-
-    @contextlib.contextmanager
-    def autocast(device):
-        with original(device), torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
-
-    train_mod.training_numerics = autocast
-    try:
-        yield
-    finally:
-        train_mod.training_numerics = original
-
-
 def train(variant: str, spec, x, y, recipe, seeds, device) -> list[torch.nn.Module]:
     """The trained networks of `seeds` (eval mode), trained the `variant` way."""
     if variant == "together":
         return train_mod.train_rounds(spec, x, y, recipe, seeds, device, progress=False)
     if variant == "rounds-graph":
         return train_mod.train_rounds(spec, x, y, recipe, seeds, device, progress=False, compile=True)
-    patch = {"alone": contextlib.nullcontext, "compiled": _patched_net(torch.compile), "nondet": _nondeterministic_cudnn,
-             "pool-reshape": _patched_net(_reshape_pools), "channels-last": _patched_net(_channels_last),
-             "bf16": _bf16_autocast}[variant]
+    patch = {"alone": contextlib.nullcontext, "compiled": _patched_net(torch.compile),
+             "nondet": _patched_numerics(_free_cudnn), "pool-reshape": _patched_net(_reshape_pools),
+             "channels-last": _patched_net(_channels_last),
+             "bf16": _patched_numerics(lambda device: torch.autocast(device.type, dtype=torch.bfloat16))}[variant]
     with patch():
         return [train_mod.train_round(spec, x, y, recipe, s, device, progress=False) for s in seeds]

@@ -15,7 +15,7 @@ each scoring seed is a generation seed), or a real-image baseline made with
 `ddchallenge generate --method M --seed S` and scored with `--seed S`.
 Each folder is a copy of the model's newest checkpoint whose tables and
 generate section are written by `ddchallenge prototypes`/`invert` with
---make-default (plain diffusion's by `ddchallenge settings`). Every result JSON is kept under --out, a run whose JSON
+--make-default (diffusion's by `ddchallenge settings`). Every result JSON is kept under --out, a run whose JSON
 exists is not run again, and one markdown row per run is printed (and
 appended to --out/rows.md). Copies of the script may share --out (one
 per core): a run another copy is doing is skipped. The official recipe (1001 passes, 3 rounds);
@@ -52,7 +52,7 @@ from ddchallenge.diffusion.codebook import model_folder
 BUDGET = 600
 # name -> how the Track 2 folder is made from a copy of the model (commands after the folder argument)
 FOLDERS = {
-    "diffusion": [],
+    "diffusion": [["settings", "--match-steps", "0"]],  # plain: a folder trained since session 13 matches by default
     "diffusion-m300": [["settings", "--match-steps", "300"]],
     "d4m": [["prototypes", "--ipc", "{ipc}", "--make-default"]],
     "d4m-m300": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"]],

@@ -21,12 +21,18 @@ def _state(folder):
         folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_train_writes_complete_checkpoints(tiny_model):
+def test_train_writes_complete_checkpoints(tiny_training):
+    tiny_model, _, written = tiny_training
     assert sorted(p.name for p in tiny_model.iterdir()) == ["step-0000002", "step-0000004"]
+    # Track 2 runs a trained folder as diffusion with matching (the validation view's choice); conftest then set
+    # the tests' copies to plain diffusion through `settings`' library call.
+    assert written == {c: {"method": "diffusion", "settings": {"match_steps": 300}} for c in ("step-0000002",
+                                                                                          "step-0000004")}
     ckpt = tiny_model / "step-0000004"
     meta = json.loads((ckpt / "ddchallenge.json").read_text())
     assert (meta["dataset"], meta["classes"], meta["image_shape"], meta["step"]) == ("mnist5k", 10, [1, 28, 28], 4)
     assert meta["train_config"]["preset"] == "tiny"
+    assert meta["generate"] == {"method": "diffusion", "settings": {"match_steps": 0}}
     assert (ckpt / "samples.png").read_bytes()[:4] == b"\x89PNG"
     raw, ema = _state(ckpt)
     assert raw.keys() == ema.keys()

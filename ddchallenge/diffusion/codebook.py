@@ -22,7 +22,7 @@ finite, shape against the model) and notes in the run's ledger how many
 rows per class it read.
 
 The "generate" section says which method the folder is meant to run with
-and its settings; `train` writes plain diffusion; `prototypes` and `invert`
+and its settings; `train` writes diffusion with matching; `prototypes` and `invert`
 add a table without touching it unless asked (`--make-default`).
 
 Reading the training images (`encode.py`) lives apart: nothing that

@@ -32,9 +32,13 @@
 #   track2-*    prototypes of the trained model, then Track 2 d4m runs
 #               at IPC 10 and auto; `invert` (d3m's vectors), then d3m
 #               runs at IPC 10 and auto (goal 3)                   4 x 45 + 60
+#   hlr         with EXTRAS=1 only (issue 23): `reference full mnist5k`, the
+#               recipe on all 4,000 training digits (half a day on a
+#               2-core CPU), cached for the pool step's HLR              150
 #   pool        with EXTRAS=1 only (issue 23): the whole evaluation pool,
-#               ResNet-18 included, with IOR against random real images,
-#               official recipe, on mnist5k herding at IPC 10, seed 10   150
+#               ResNet-18 included, with IOR against random real images
+#               and HLR, official recipe, on mnist5k herding at IPC 10,
+#               seed 10                                                  150
 #   profile-*   with PROFILE=1 only: bench/gpu_profile.py, ms/epoch of the
 #               landed trainer against the variants (the new pool-reshape,
 #               channels-last and bf16 among them), and the top kernels of
@@ -103,6 +107,8 @@ if [ -d "$OUT/mnist5k-model" ]; then
 fi
 if [ -n "${EXTRAS:-}" ]; then
     $PY -m ddchallenge generate --dataset mnist5k --method herding --ipc 10 --seed 10 -o "$OUT/herding.h5" --force --quiet
+    step hlr 150 $PY -m ddchallenge reference full mnist5k --seed 10 --quiet \
+        $([ -n "${SMOKE:-}" ] && echo "--epochs 1 --rounds 2")
     step pool 150 $PY -m ddchallenge score "$OUT/herding.h5" --dataset mnist5k --seed 10 --arch pool --baseline random \
         --baseline-seed 10 --output "$OUT/records" --json "$OUT/pool.json" --quiet \
         $([ -n "${SMOKE:-}" ] && echo "--epochs 1 --rounds 2")

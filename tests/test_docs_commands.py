@@ -164,6 +164,8 @@ NOT_RUN = {
     "ddchallenge settings MODEL_DIR": "a template; settings runs in the slow test (and tests/test_track2_rules.py)",
     "ddchallenge settings MODEL_DIR --match-steps 300": "a template; settings --match-steps runs in "
         "tests/test_track2_rules.py",
+    "ddchallenge settings MODEL_DIR --match-steps 0": "a template; settings --match-steps 0 runs in "
+        "tests/test_track2_rules.py",
     # inline mentions of a command in prose (parsed: the command and its options exist)
     "ddchallenge train": "a mention",
     "ddchallenge train-vae": "a mention",

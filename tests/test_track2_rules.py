@@ -180,6 +180,9 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
         config = json.loads(f.attrs["config"])
     assert (config["method"], config["match_steps"], config["provenance"]["matching"]["steps_done"]) == ("diffusion", 3, 3)
     assert config["provenance"]["sampling"]["steps"] == 2
+    r = run_cli("settings", folder, "--match-steps", 0)  # the README's way back to plain diffusion
+    assert r.exit_code == 0 and _meta(folder)["generate"] == {"method": "diffusion", "settings": {"match_steps": 0,
+                                                                                                  "steps": 2}}
 
 
 @pytest.mark.parametrize("method", ["diffusion", "d4m", "d3m"])

@@ -52,11 +52,11 @@ from ddchallenge.diffusion.codebook import model_folder
 BUDGET = 600
 # name -> how the Track 2 folder is made from a copy of the model (commands after the folder argument)
 FOLDERS = {
-    "diffusion": [["settings", "--match-steps", "0"]],  # plain: a folder trained since session 13 matches by default
+    "diffusion": [["settings", "--match-steps", "0"]],  # plain runs say so: folders match by default (session 13)
     "diffusion-m300": [["settings", "--match-steps", "300"]],
-    "d4m": [["prototypes", "--ipc", "{ipc}", "--make-default"]],
+    "d4m": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "0"]],
     "d4m-m300": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"]],
-    "d3m": [["invert", "--per-class", "{ipc}", "--make-default"]],
+    "d3m": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "0"]],
     "d3m-m300": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "300"]],
 }
 # name -> `generate` options of a real-image baseline

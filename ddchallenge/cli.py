@@ -475,7 +475,8 @@ def train_vae_command(dataset, output, preset, steps, seed, root, device, force,
 
 
 match_steps_record = click.option("--match-steps", type=int,
-                                  help="With --make-default: the folder's Track 2 distribution matching steps.")
+                                  help="With --make-default: the folder's Track 2 distribution matching steps (default "
+                                  "300, the validation split's choice; 0: none).")
 make_default_option = click.option("--make-default", is_flag=True,
                                    help="Make this method (with --oversample, --match-steps and its own settings) the "
                                    "one the folder runs under Track 2; without it the folder's generate settings are "

@@ -149,7 +149,7 @@ NOT_RUN = {
         MODEL,
     # docs/generator.md's templates (MODEL_DIR): the same commands on mnist5k-model run in the slow test
     "ddchallenge prototypes MODEL_DIR --ipc 10 [--ipc 50] [--seed 0] [--make-default [--strength 0.5] "
-    "[--oversample 1] [--match-steps 0]]": "a template; prototypes (with and without --make-default) runs in the "
+    "[--oversample 1] [--match-steps 300]]": "a template; prototypes (with and without --make-default) runs in the "
         "slow test",
     "ddchallenge generate --dataset mnist5k --method d4m --model MODEL_DIR --ipc 10 [--strength 0.5] -o d4m.h5":
         "a template; d4m runs in the slow test",

@@ -31,7 +31,7 @@ def coded_model(tiny_model, tmp_path_factory):
     shutil.copytree(tiny_model / "step-0000004", folder, ignore=shutil.ignore_patterns("training_state"))
     for args in (["prototypes", folder, "--ipc", 2, "--ipc", 3, "--device", "cpu"],
                  ["invert", folder, "--per-class", 2, "--steps", 3, "--batch-size", 8, "--device", "cpu",
-                  "--make-default"]):
+                  "--make-default", "--match-steps", 0]):
         r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
         assert r.exit_code == 0, r.stderr
     return folder

@@ -26,7 +26,7 @@ def d4m_folder(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("rules") / "m"
     shutil.copytree(tiny_model / "step-0000004", folder, ignore=shutil.ignore_patterns("training_state"))
     r = CliRunner().invoke(cli, ["prototypes", str(folder), "--ipc", "2", "--device", "cpu", "--make-default",
-                                 "--quiet"], catch_exceptions=False)
+                                 "--match-steps", "0", "--quiet"], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     return folder
 
@@ -135,6 +135,10 @@ def test_prototypes_and_invert_add_tables_without_rewriting_the_generate_setting
     assert {n: (b["rows_per_class"], b["classes"], b["dtype"]) for n, b in books.items()} == {
         "d4m-ipc1": (1, 10, "float32"), "d4m-ipc2": (2, 10, "float32"), "d3m-k1": (1, 10, "float32")}
     assert books["d3m-k1"]["purpose"].startswith("d3m class vectors") and books["d4m-ipc1"]["purpose"].startswith("d4m")
+    r = run_cli("prototypes", folder, "--ipc", 1, "--make-default", "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0,
+                                                                       "match_steps": 300}}  # the default
     r = run_cli("prototypes", folder, "--ipc", 1, "--match-steps", 4, "--make-default", "--device", "cpu", "--quiet")
     assert r.exit_code == 0, r.stderr
     assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0,

@@ -17,7 +17,7 @@ import torch
 
 from ddchallenge.diffusion.codebook import model_folder, store
 from ddchallenge.diffusion.encode import encode_training
-from ddchallenge.diffusion.model import generator_dataset, load_generator
+from ddchallenge.diffusion.model import TRACK2_MATCH_STEPS, generator_dataset, load_generator
 from ddchallenge.errors import UsageError
 from ddchallenge.kmeans import kmeans
 from ddchallenge.progress import bar
@@ -65,7 +65,7 @@ def track2_section(method: str, settings: dict, make_default: bool) -> dict | No
                          "--make-default to make this the method the folder runs")
     if not make_default:
         return None
-    oversample, match_steps = given.get("oversample", 1.0), given.get("match_steps", 0)
+    oversample, match_steps = given.get("oversample", 1.0), given.get("match_steps", TRACK2_MATCH_STEPS)
     if not 1 <= oversample <= MAX_OVERSAMPLE:
         raise UsageError(f"--oversample must be from 1 to {MAX_OVERSAMPLE}, got {oversample:g}")
     check_match_steps(match_steps)

@@ -6,6 +6,7 @@ one-line message: exit 1 for invalid input or a failed run, 2 for usage.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import click
@@ -90,7 +91,24 @@ device_option = click.option(
 )
 
 
-BUDGET = click.FloatRange(0, 7 * 86_400, min_open=True)  # seconds; a week is no longer a budget
+class FiniteFloat(click.types.FloatParamType):
+    """A float option that refuses nan and inf: they pass every comparison a
+    bound check makes (nan > 0 and nan <= 0 are both False)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+class FiniteFloatRange(click.FloatRange):
+    def convert(self, value, param, ctx):
+        return super().convert(FINITE.convert(value, param, ctx), param, ctx)
+
+
+FINITE = FiniteFloat()
+BUDGET = FiniteFloatRange(0, 7 * 86_400, min_open=True)  # seconds; a week is no longer a budget
 record_key_option = click.option(
     "--record-key", type=click.Path(dir_okay=False, path_type=Path), envvar="DDCHALLENGE_RECORD_KEY",
     help="Organiser's key FILE (or $DDCHALLENGE_RECORD_KEY), kept outside the results folder: records are signed "
@@ -144,7 +162,7 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on s
               help="Also train on soft labels with KL at --temperature (DD-Ranking): 'soft', the set's own stored "
                    "soft labels (mode S); 'teacher', a --teacher relabelling every augmented batch (mode M). Its "
                    "own row, never in the challenge score.")
-@click.option("--temperature", type=click.FloatRange(0.1, 100.0),
+@click.option("--temperature", type=FiniteFloatRange(0.1, 100.0),
               help="T of the soft-label KL, 0.1 to 100 (default 1: the probabilities as they are).")
 @click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
               help="Teacher folder made by `ddchallenge teacher DATASET` (implies --labels teacher).")
@@ -283,17 +301,17 @@ def _ipc(value: str) -> int | str:
 @click.option("--model", help="diffusion: model folder (from `ddchallenge train`) or Hugging Face Hub id[@revision].")
 @click.option("--sampler", help="diffusion: dpm++ (default) or ddim.")
 @click.option("--steps", type=int, help="diffusion: sampling steps (default 20).")
-@click.option("--guidance", type=float, help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
+@click.option("--guidance", type=FINITE, help="diffusion: classifier-free guidance scale, 1 = none (default 2).")
 @click.option("--batch-size", type=int, help="diffusion: images per sampling batch (default 500).")
-@click.option("--strength", type=float, help="d4m: how far each prototype is noised before denoising, in (0, 1] "
+@click.option("--strength", type=FINITE, help="d4m: how far each prototype is noised before denoising, in (0, 1] "
               "(default 0.5; 1 = pure noise).")
 @click.option("--per-class", type=int, help="d3m: which stored set of K vectors per class (default: the folder's).")
-@click.option("--oversample", type=float, default=1.0, show_default=True,
-              help="Any method: make ceil(R x IPC) candidates per class and keep IPC by herding (R >= 1).")
-@click.option("--match-steps", type=int, default=0, show_default=True,
+@click.option("--oversample", type=FINITE,
+              help="Any method: make ceil(R x IPC) candidates per class and keep IPC by herding (R >= 1; default 1).")
+@click.option("--match-steps", type=int,
               help="Any method: refine the kept images by N steps of distribution matching against a pool of the "
               "class (d4m: its own prototypes redrawn; other generators: their own unguided samples; random/herding: "
-              "the training images); 0: none.")
+              "the training images); default 0: none.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Labelled set (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--soft-labels", type=click.Choice(["teacher"]),
@@ -305,6 +323,8 @@ def _ipc(value: str) -> int | str:
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
              strength, per_class, oversample, match_steps, output, force, soft_labels, teacher_dir, quiet):
     """Synthesise IPC labelled images per class into a labelled set."""
+    if output.name in ("", ".", ".."):
+        raise errors.UsageError(f"-o {str(output)!r}: name the labelled set to write (e.g. -o set.h5)")
     if output.suffix.lower() != ".h5":  # the set is HDF5 whatever its name says
         raise errors.UsageError(f"-o {output}: a labelled set is an HDF5 file; name it with .h5 (e.g. "
                                 f"{output.with_suffix('.h5').name})")
@@ -316,15 +336,14 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
     if track == "2":
         # One Track 2 path: what the scorer will run, not a variant of it.
         r = _track2_generate(dataset, method, _ipc(ipc), seed, budget, device, output, force, quiet,
-                             {**given, "oversample": oversample if oversample != 1.0 else None,
-                              "match_steps": match_steps or None})
+                             {**given, "oversample": oversample, "match_steps": match_steps, "root": root})
     else:
         if method is None:
             raise errors.UsageError("--method is required (random, herding, diffusion, d4m, d3m), unless --track 2 "
                                     "runs a --model folder with its own")
         config = GenerateConfig(dataset, method, _ipc(ipc), seed, track=int(track) if track else None, budget=budget,
                                 device=device, root=root, options={k: v for k, v in given.items() if v is not None},
-                                oversample=oversample, match_steps=match_steps)
+                                oversample=1.0 if oversample is None else oversample, match_steps=match_steps or 0)
         with shown(not quiet):
             r = run_generate(config, output, force=force)
     labelled = ""
@@ -362,7 +381,7 @@ def _set_teacher(dataset: str, soft_labels: str | None, teacher_dir: Path | None
 
 
 def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, quiet, given):
-    from ddchallenge.generators.track2 import folder_method, run_folder
+    from ddchallenge.generators.track2 import ADJUSTABLE, folder_method, run_folder
     from ddchallenge.protocol import TRACK2_BUDGET_SECONDS, generation_seed
 
     model = given.pop("model")
@@ -372,11 +391,15 @@ def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, 
     if not Path(model).is_dir():
         raise errors.UsageError(f"--model {model}: --track 2 runs a local generator folder (download a Hub model "
                                 "first)")
+    if given.pop("root") is not None:
+        raise errors.UsageError("--root: Track 2 generation reads no training data; drop --root")
     extra = [k for k, v in given.items() if v is not None]
     if extra:
-        raise errors.UsageError(f"--{extra[0].replace('_', '-')}: under --track 2 the folder's own settings run "
-                                "(ddchallenge.json, generate.settings); set them with `ddchallenge prototypes` or "
-                                "`invert` and --make-default")
+        flag = "--" + extra[0].replace("_", "-")
+        how = (f"change it with `ddchallenge settings {model} {flag} ...`" if extra[0] in ADJUSTABLE else
+               "the folder's table decides it")
+        raise errors.UsageError(f"{flag}: under --track 2 the folder's own settings run (its ddchallenge.json); "
+                                f"drop {flag}, or {how}")
     own, _ = folder_method(model)
     if method is not None and method != own:
         raise errors.UsageError(f"--method {method}: {model} runs {own} (its ddchallenge.json); under --track 2 the "
@@ -489,8 +512,8 @@ make_default_option = click.option("--make-default", is_flag=True,
               help="Clusters per class (1 to 100: a Track 2 run reads at most as many stored rows per class as it "
               "outputs); repeat for several.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the k-means++ draws.")
-@click.option("--strength", type=float, help="With --make-default: the folder's d4m strength (default 0.5).")
-@click.option("--oversample", type=float, help="With --make-default: the folder's selection R (default 1).")
+@click.option("--strength", type=FINITE, help="With --make-default: the folder's d4m strength (default 0.5).")
+@click.option("--oversample", type=FINITE, help="With --make-default: the folder's selection R (default 1).")
 @match_steps_record
 @make_default_option
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
@@ -514,10 +537,10 @@ def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, mak
               help="K: conditioning vectors learned per class (1 to 100; a Track 2 run needs IPC >= K).")
 @click.option("--steps", type=int, default=300, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Training images per step.")
-@click.option("--lr", type=float, default=5e-3, show_default=True, help="Adam learning rate of the vectors.")
+@click.option("--lr", type=FINITE, default=5e-3, show_default=True, help="Adam learning rate of the vectors.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the grouping and the training draws.")
-@click.option("--oversample", type=float, help="With --make-default: the folder's selection R (default 1).")
+@click.option("--oversample", type=FINITE, help="With --make-default: the folder's selection R (default 1).")
 @match_steps_record
 @make_default_option
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
@@ -537,20 +560,22 @@ def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, ma
 
 @cli.command("settings")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--strength", type=float, help="d4m: how far each prototype is noised, in (0, 1].")
+@click.option("--strength", type=FINITE, help="d4m: how far each prototype is noised, in (0, 1].")
 @click.option("--sampler", help="dpm++ or ddim.")
 @click.option("--steps", type=int, help="Sampling steps.")
-@click.option("--guidance", type=float, help="Classifier-free guidance scale, 1 = none.")
+@click.option("--guidance", type=FINITE, help="Classifier-free guidance scale, 1 = none.")
 @click.option("--batch-size", type=int, help="Images per sampling batch.")
-@click.option("--oversample", type=float, help="Selection R: ceil(R x IPC) candidates per class, IPC kept.")
+@click.option("--oversample", type=FINITE, help="Selection R: ceil(R x IPC) candidates per class, IPC kept.")
 @click.option("--match-steps", type=int, help="Distribution matching steps (0: none).")
 def settings_command(model, **changes):
     """Show, or change, the settings MODEL (a generator folder) runs with under Track 2."""
-    from ddchallenge.generators.track2 import change_settings
+    from ddchallenge.generators.track2 import change_settings, method_defaults
 
-    method, settings = change_settings(model, changes)
-    shown_settings = ", ".join(f"{k} {v}" for k, v in sorted(settings.items())) or "its defaults"
-    click.echo(f"{model} runs {method} under Track 2 with {shown_settings}")
+    meta_path, method, settings = change_settings(model, changes)
+    given = ", ".join(f"{k} {v}" for k, v in sorted(settings.items()))
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(method_defaults(method).items()) if k not in settings)
+    click.echo(f"{meta_path}: runs {method} under Track 2 with {given or 'no settings of its own'}"
+               + (f"; defaults: {rest}" if rest else ""))
 
 
 @cli.command()
@@ -627,8 +652,8 @@ def verify(recipes, with_score, device, strict, record, quiet):
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "html", "json"]), default="table",
               show_default=True, help="Output format; html writes a static site into -o (index.html, a page and sample "
               "grid per upload); json and csv carry the extra measures too.")
-@click.option("--extras", is_flag=True, help="Also show the extra measures' columns (score --arch/--baseline: each "
-              "architecture, their pool mean, IOR, HLR), after the challenge score.")
+@click.option("--extras", is_flag=True, help="Also show the extra measures' columns (score --arch/--baseline/--labels/"
+              "--teacher: each architecture, their pool mean, IOR, HLR, soft labels), after the challenge score.")
 @click.option("--include-unofficial", is_flag=True,
               help="Also show records made with a non-official budget, ranked apart.")
 @record_key_option

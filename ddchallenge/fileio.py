@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ddchallenge.errors import OutputExistsError
+
 # No challenge file comes near this; a larger one is refused before it is read
 # into memory. (Tiny-ImageNet at IPC 100 is about 1 GB of float32.)
 MAX_FILE_BYTES = 4 << 30
@@ -38,10 +40,27 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def replace_folder(staging: Path, target: Path) -> None:
+def check_replaceable(target: Path, marker: str) -> None:
+    """OutputExistsError unless `target` is absent or a folder that the same
+    writer made before (it holds `marker`, the file every such folder has):
+    --force replaces a previous output, never a folder of the user's (the
+    working folder, a home, the folder holding the inputs)."""
+    if not os.path.lexists(target):
+        return
+    here = Path.cwd().resolve()
+    if target.resolve() in (here, *here.parents):
+        raise OutputExistsError(f"{target} is the working folder or holds it; name a new folder to write into")
+    if target.is_symlink() or not target.is_dir() or not (target / marker).is_file():
+        raise OutputExistsError(f"{target} exists and is not one this command wrote (no {marker}); --force replaces "
+                                "only such a folder: name a new folder, or move this one away")
+
+
+def replace_folder(staging: Path, target: Path, marker: str) -> None:
     """Move a finished `staging` folder onto `target`, replacing a folder
-    there: the old one is moved aside first and removed after, so `target`
-    is at every moment the old folder or the new one, never a mix."""
+    there that `check_replaceable` allows: the old one is moved aside first
+    and removed after, so `target` is at every moment the old folder or the
+    new one, never a mix."""
+    check_replaceable(target, marker)
     if os.path.lexists(target):
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.replace(target, old / "x")

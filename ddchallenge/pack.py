@@ -32,7 +32,7 @@ import torch
 from ddchallenge import __version__
 from ddchallenge.data import normalise
 from ddchallenge.errors import OutputExistsError, SubmissionError, UsageError
-from ddchallenge.fileio import replace_folder, sha256_bytes, sha256_file, torch_bytes
+from ddchallenge.fileio import check_replaceable, replace_folder, sha256_bytes, sha256_file, torch_bytes
 from ddchallenge.labelled import check_soft_labels, read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, TRACK1_IPC, get_dataset
 from ddchallenge.submission import MANIFEST, SOFT_SUFFIX, check_image_shape, check_labels, load_submission
@@ -112,8 +112,9 @@ def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | 
         raise UsageError("give at least one labelled set to pack")
     if track not in (None, 1, 2):
         raise UsageError(f"--track must be 1 or 2, got {track}")
-    if outdir.exists() and not force:
+    if os.path.lexists(outdir) and not force:
         raise OutputExistsError(f"{outdir} already exists; pass --force to replace it")
+    check_replaceable(outdir, MANIFEST)
     files, entries = {}, []
     for s in map(Path, sets):
         _check_is_labelled_set(s)
@@ -123,6 +124,9 @@ def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | 
         files.update(packed)
         entries.append(entry)
     packed = {e["dataset"] for e in entries}
+    if track == 1 and not packed & TRACK1_DATASETS:  # a set of another dataset, not a missing one
+        raise SubmissionError(f"Track 1 is scored on {', '.join(sorted(TRACK1_DATASETS))}; "
+                              f"{', '.join(sorted(packed))} is not among them: drop --track 1")
     if (track == 1 or packed & TRACK1_DATASETS) and not TRACK1_DATASETS <= packed:
         missing = ", ".join(sorted(TRACK1_DATASETS - packed))
         raise SubmissionError(f"a challenge upload holds every Track 1 dataset; add a set for {missing}")
@@ -153,7 +157,7 @@ def _write_folder(outdir: Path, files: dict[str, bytes], manifest: dict, archive
         (staging / ZIP_NAME).write_bytes(archive)
         # The upload must read back exactly as `score` will read it.
         load_submission(staging / ZIP_NAME, rules=None)
-        replace_folder(staging, outdir)  # an existing one only with force (checked above)
+        replace_folder(staging, outdir, MANIFEST)  # an existing one only with force (checked above)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

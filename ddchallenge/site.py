@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ddchallenge import __version__
 from ddchallenge.errors import DDChallengeError, OutputExistsError
-from ddchallenge.fileio import replace_folder
+from ddchallenge.fileio import check_replaceable, replace_folder
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import UploadRules
 from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, footer, image_grid
@@ -291,8 +291,7 @@ def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = Fals
     folder = Path(folder)
     if os.path.lexists(folder) and not force:
         raise OutputExistsError(f"{folder} already exists; pass --force to replace it")
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise OutputExistsError(f"{folder} is not a folder; give -o a folder to write the site into")
+    check_replaceable(folder, "index.html")
     site_rows = rows(board)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -312,7 +311,7 @@ def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = Fals
                     why[dataset] = grid
             (staging / "uploads" / row.page).write_text(upload_html(row, files, why), encoding="utf-8")
         (staging / "index.html").write_text(index_html(board, site_rows, extras), encoding="utf-8")
-        replace_folder(staging, folder)
+        replace_folder(staging, folder, "index.html")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -37,7 +37,7 @@ from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.evaluation.train import accuracy, train_round
 from ddchallenge.extras import TEACHER_SETTINGS
-from ddchallenge.fileio import replace_folder, sha256_bytes
+from ddchallenge.fileio import check_replaceable, replace_folder, sha256_bytes
 from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_SEED, OFFICIAL, EvalRecipe, check_seed, get_dataset
 
 FORMAT = "ddchallenge-teacher"
@@ -112,6 +112,7 @@ def make_teacher(dataset: str, output: str | os.PathLike | None = None, epochs: 
             return kept, True
         raise OutputExistsError(f"{out} already exists and is not this teacher ({spec.name}, {epochs} epochs, seed "
                                 f"{seed}); pass --force to replace it, or another -o")
+    check_replaceable(out, META)
     dev = resolve_device(device)
     images, labels = load_train(spec, root)
     ref = load_reference(spec, None if root is None or spec.validation_of else root)
@@ -141,7 +142,7 @@ def write_teacher(out: str | os.PathLike, net: torch.nn.Module, dataset: str, re
         (staging / WEIGHTS).write_bytes(weights)
         (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         load_teacher(staging)  # what was written reads back as a teacher
-        replace_folder(staging, out)
+        replace_folder(staging, out, META)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -185,6 +186,8 @@ def load_teacher(folder: str | os.PathLike) -> Teacher:
         raise TeacherError(f"{folder} is not a teacher folder ({'a link' if folder.is_symlink() else 'no folder'}); "
                            f"{hint}")
     where = str(folder / META)
+    if not (folder / META).is_file() and not (folder / META).is_symlink():
+        raise TeacherError(f"{folder} is not a teacher folder (no {META} in it); {hint}")
     try:
         meta = read_json_object(folder / META, MAX_META_BYTES)
     except ModelError as exc:

@@ -49,7 +49,9 @@ def _options():
             flag = max(param.opts, key=len)
             if isinstance(param.type, click.Choice):
                 values = ["bogus"]
-            elif isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+            elif isinstance(param.type, click.types.FloatParamType):  # nan and inf pass every bound check
+                values = ["-1", "x", str(2**64), "nan", "inf"]
+            elif isinstance(param.type, click.types.IntParamType):
                 values = ["-1", "x", str(2**64)]
             elif flag in BAD_TEXT or (param.opts and param.opts[0] in BAD_TEXT):
                 values = [BAD_TEXT.get(flag, BAD_TEXT.get(param.opts[0]))]
@@ -84,6 +86,21 @@ def test_every_bad_option_is_one_line_and_writes_nothing(run_cli, official_file,
     assert r.exit_code in (1, 2), (r.exit_code, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert sorted(map(str, tmp_path.rglob("*"))) == before
+
+
+@pytest.mark.parametrize("command", [["generate", "--dataset", "mnist5k", "--method", "random", "--ipc", "1"],
+                                     ["show", "{official}"], ["pack", "{official}", "--force"]])
+@pytest.mark.parametrize("where", ["", ".", ".."])
+def test_an_output_that_names_no_file_is_one_line(run_cli, official_file, tmp_path, command, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("x")
+    os.chdir(work)
+    before = sorted(map(str, tmp_path.rglob("*")))
+    r = run_cli(*[a.format(official=official_file) for a in command], "-o", where)
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code in (1, 2) and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert sorted(map(str, tmp_path.rglob("*"))) == before
 
 

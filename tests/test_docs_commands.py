@@ -123,6 +123,9 @@ NOT_RUN = {
     "ddchallenge score herding.h5 --dataset mnist5k --seed 10 --arch pool --epochs 20 --rounds 1": "the whole pool "
         "for 21 passes: ~3 min on two CPU cores (a benchmark's timing)",
     "ddchallenge score herding.h5 --teacher teacher --temperature 4": "needs the teacher; " + OFFICIAL_SCORE,
+    "ddchallenge generate --dataset mnist5k --method herding --ipc 10 --soft-labels teacher --teacher teacher -o "
+    "soft.h5": "needs the teacher (long); tests/test_soft_labels.py runs --soft-labels teacher",
+    "ddchallenge score soft.h5 --labels soft": OFFICIAL_SCORE + "; tests/test_soft_labels.py runs --labels soft",
     "ddchallenge data prepare DATASET --download": "network",
     # the organiser's batches: official scores of many uploads, a cluster
     "ddchallenge score uploads/* --output results/": "an organiser's batch: " + OFFICIAL_SCORE + " per upload",

@@ -139,6 +139,10 @@ def test_track1_pack_needs_both_datasets_at_ipc_10(tmp_path, run_cli):
     assert r.exit_code == 1 and "add a set for tinyimagenet" in r.stderr
     r = run_cli("pack", tmp_path / "c.h5", tmp_path / "t.h5", "-o", tmp_path / "x", "--track", 1)
     assert r.exit_code == 1 and "has IPC 1; Track 1 fixes IPC at 10" in r.stderr
+    make_set(tmp_path / "m.h5")
+    r = run_cli("pack", tmp_path / "m.h5", "-o", tmp_path / "x", "--track", 1)
+    assert r.exit_code == 1 and "Track 1 is scored on cifar100, tinyimagenet; mnist5k is not among them: drop " \
+        "--track 1" in r.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -177,8 +181,21 @@ def test_existing_output_needs_force_and_input_normalised(tmp_path, run_cli):
     (out / "precious.txt").write_text("x")
     r = run_cli("pack", tmp_path / "a.h5", "-o", out)
     assert r.exit_code == 1 and "already exists; pass --force" in r.stderr and (out / "precious.txt").exists()
+    # --force replaces a folder that pack wrote before, never another one (the user's, the working folder)
     r = run_cli("pack", tmp_path / "a.h5", "-o", out, "--force")
-    assert r.exit_code == 0 and not (out / "precious.txt").exists() and (out / "res" / "mnist5k.pt").exists()
+    assert r.exit_code == 1 and "is not one this command wrote (no manifest.json)" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    os.chdir(out)
+    for here in (".", "", ".."):
+        r = run_cli("pack", tmp_path / "a.h5", "-o", here, "--force")
+        assert r.exit_code == 1 and "is the working folder or holds it" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    r = run_cli("pack", tmp_path / "a.h5", "-o", tmp_path / "packed")
+    (tmp_path / "packed" / "stale.txt").write_text("x")
+    r = run_cli("pack", tmp_path / "a.h5", "-o", tmp_path / "packed", "--force")
+    assert r.exit_code == 0 and not (tmp_path / "packed" / "stale.txt").exists()
+    assert (tmp_path / "packed" / "res" / "mnist5k.pt").exists()
     normed = tmp_path / "n.h5"
     x = torch.randn(10, 1, 28, 28).numpy()
     write_labelled_set(normed, x, np.arange(10), dataset="mnist5k", ipc=1, method="t", seed=0, config={})

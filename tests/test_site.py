@@ -200,8 +200,15 @@ def test_html_needs_an_output_folder_and_keeps_an_existing_one(run_cli, results,
     (site / "precious.txt").write_text("x")
     r = run_cli("leaderboard", results, "--format", "html", "-o", site)
     assert r.exit_code == 1 and "already exists; pass --force" in r.stderr and (site / "precious.txt").exists()
+    r = run_cli("leaderboard", results, "--format", "html", "-o", site, "--force")
+    assert r.exit_code == 1 and "is not one this command wrote (no index.html)" in r.stderr
+    assert sorted(p.name for p in site.iterdir()) == ["precious.txt"]  # --force replaces a site, not any folder
+    (site / "precious.txt").rename(tmp_path / "precious.txt")
+    site.rmdir()
+    build(run_cli, results, site, "--no-sandbox")
+    (site / "stale.txt").write_text("x")
     build(run_cli, results, site, "--force", "--no-sandbox")
-    assert not (site / "precious.txt").exists() and (site / "index.html").is_file()
+    assert not (site / "stale.txt").exists() and (site / "index.html").is_file()
     before = sorted(p.name for p in results.iterdir())
     for inside in (results, results.parent):  # --force must never replace the records themselves
         r = run_cli("leaderboard", results, "--format", "html", "-o", inside, "--force")

@@ -149,8 +149,9 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
                                                                                                  run_cli, monkeypatch):
     folder = _copy(d4m_folder, tmp_path)
     r = run_cli("settings", folder)
-    assert r.exit_code == 0 and r.stdout == f"{folder} runs d4m under Track 2 with match_steps 0, oversample 1.0, " \
-        "strength 0.5\n", r.output
+    assert r.exit_code == 0 and r.stdout == (f"{folder / 'ddchallenge.json'}: runs d4m under Track 2 with match_steps "
+                                             "0, oversample 1.0, strength 0.5; defaults: batch_size 500, guidance "
+                                             "2.0, sampler dpm++, steps 20\n"), r.output
     r = run_cli("settings", folder, "--match-steps", 7, "--guidance", 1.5)
     assert r.exit_code == 0, r.output
     assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0,
@@ -160,7 +161,7 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
             (["--match-steps", 10**6], "--match-steps must be a whole number from 0 to"),
             (["--strength", 0], "--strength must be a number from"),
             (["--sampler", "euler"], "--sampler must be one of"),
-            (["--guidance", "nan"], "--guidance must be a number from"),
+            (["--guidance", "nan"], "Invalid value for '--guidance': 'nan' is not a finite number"),
             (["--batch-size", 0], "--batch-size must be a whole number from 1 to")]:
         r = run_cli("settings", folder, *args)
         errors = _errors(r)
@@ -169,13 +170,19 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     r = run_cli("settings", tmp_path / "no-such-folder", "--match-steps", 1)
     assert r.exit_code == 2 and _errors(r) == [f"error: {tmp_path / 'no-such-folder'} is not a folder; pass a "
                                                "generator folder (`ddchallenge train` makes one)"], r.output
+    (tmp_path / "empty").mkdir()
+    r = run_cli("settings", tmp_path / "empty")
+    assert r.exit_code == 2 and _errors(r) == [f"error: {tmp_path / 'empty'} is not a generator folder (no "
+                                               "ddchallenge.json in it or in a step-* checkpoint); pass a folder "
+                                               "written by `ddchallenge train`"], r.output
     meta = _meta(folder)
     meta["generate"] = {"method": "diffusion", "settings": {}}
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
     r = run_cli("settings", folder, "--strength", 0.4)
     assert r.exit_code == 2 and "--strength does not apply to method diffusion" in _errors(r)[0], r.output
     r = run_cli("settings", folder, "--match-steps", 3, "--steps", 2)
-    assert r.exit_code == 0 and r.stdout.endswith("runs diffusion under Track 2 with match_steps 3, steps 2\n"), r.output
+    assert r.exit_code == 0 and r.stdout.endswith("runs diffusion under Track 2 with match_steps 3, steps 2; defaults: "
+                                                  "batch_size 500, guidance 2.0, oversample 1.0, sampler dpm++\n"), r.output
     monkeypatch.setattr("ddchallenge.generators.matching.POOL_PER_CLASS", 3)
     r = run_cli("generate", "--track", "2", "--model", folder, "--dataset", "mnist5k", "--ipc", 2, "--device", "cpu",
                 "--quiet", "-o", tmp_path / "g.h5")
@@ -187,6 +194,23 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     r = run_cli("settings", folder, "--match-steps", 0)  # the README's way back to plain diffusion
     assert r.exit_code == 0 and _meta(folder)["generate"] == {"method": "diffusion", "settings": {"match_steps": 0,
                                                                                                   "steps": 2}}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--match-steps", 0], "--match-steps: under --track 2 the folder's own settings run (its ddchallenge.json); drop "
+     "--match-steps, or change it with `ddchallenge settings"),
+    (["--oversample", 1], "--oversample: under --track 2 the folder's own settings run"),
+    (["--guidance", 3], "drop --guidance, or change it with `ddchallenge settings"),
+    (["--per-class", 2], "drop --per-class, or the folder's table decides it"),
+    (["--root", "somewhere"], "--root: Track 2 generation reads no training data; drop --root"),
+    (["--budget", "nan"], "Invalid value for '--budget': 'nan' is not a finite number"),
+])
+def test_track2_generate_refuses_what_the_folder_decides(d4m_folder, tmp_path, run_cli, extra, message):
+    out = tmp_path / "g.h5"
+    r = run_cli("generate", "--track", 2, "--model", d4m_folder, "--dataset", "mnist5k", "--ipc", 2, *extra, "-o", out)
+    errors = _errors(r)
+    assert r.exit_code == 2 and len(errors) == 1 and message in errors[0], r.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("method", ["diffusion", "d4m", "d3m"])

@@ -182,7 +182,7 @@ def check_track(config: GenerateConfig, spec: DatasetSpec) -> float | None:
             raise UsageError(f"Track 1 is scored on {track1}, not {spec.name}; drop --track 1")
         if config.ipc != TRACK1_IPC:
             raise UsageError(f"Track 1 fixes IPC at {TRACK1_IPC}, got --ipc {config.ipc}")
-    if config.budget is not None and config.budget <= 0:
+    if config.budget is not None and not 0 < config.budget < math.inf:  # nan fails this too
         raise UsageError(f"--budget must be positive seconds, got {config.budget}")
     if config.track == 2:
         return config.budget if config.budget is not None else TRACK2_BUDGET_SECONDS

@@ -66,10 +66,21 @@ def folder_method(model: str | Path) -> tuple[str, dict]:
 ADJUSTABLE = ("strength", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps")
 
 
-def change_settings(model: str | Path, changes: dict) -> tuple[str, dict]:
-    """The folder's Track 2 (method, settings) with `changes` (setting ->
-    value; None: unchanged) merged in, each checked against the bounds a
-    run checks, and written back; with no change, read only. A setting the
+def method_defaults(method: str) -> dict:
+    """What a run of `method` uses for each adjustable setting its folder does not give."""
+    from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH
+    from ddchallenge.diffusion.sample import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    every = dict(strength=DEFAULT_STRENGTH, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
+                 batch_size=DEFAULT_BATCH, oversample=1.0, match_steps=0)
+    return {k: v for k, v in every.items() if k in METHODS[method]}
+
+
+def change_settings(model: str | Path, changes: dict) -> tuple[Path, str, dict]:
+    """The ddchallenge.json a Track 2 run of `model` reads and its (method,
+    settings), with `changes` (setting -> value; None: unchanged) merged in,
+    each checked against the bounds a run checks, and written back; with no
+    change, read only. A setting the
     folder's method does not take is refused: the method itself changes
     with `prototypes`/`invert --make-default`, which also store its table."""
     from ddchallenge.diffusion.codebook import write_meta
@@ -77,6 +88,9 @@ def change_settings(model: str | Path, changes: dict) -> tuple[str, dict]:
 
     if not Path(model).is_dir():
         raise UsageError(f"{model} is not a folder; pass a generator folder (`ddchallenge train` makes one)")
+    if not _meta_path(model).is_file():
+        raise UsageError(f"{model} is not a generator folder (no {META_FILE} in it or in a step-* checkpoint); pass "
+                         "a folder written by `ddchallenge train`")
     meta_path, meta = _read_meta(model)
     method, settings = _method_of(meta, str(meta_path))
     given = {k: v for k, v in changes.items() if v is not None}
@@ -94,10 +108,10 @@ def change_settings(model: str | Path, changes: dict) -> tuple[str, dict]:
         except ModelError as exc:
             raise UsageError(str(exc)) from None
     if not given:
-        return method, settings
+        return meta_path, method, settings
     merged = {**settings, **given}
     write_meta(meta_path.parent, {**meta, "generate": {"method": method, "settings": merged}})
-    return method, merged
+    return meta_path, method, merged
 
 
 def check_folder_tables(model: str | Path, ipc: int | str) -> None:

@@ -75,7 +75,9 @@ def test_train_shows_steps_then_each_checkpoint_it_writes(tiny_training):
     assert re.search(r"train mnist5k: 100%\|.*\| 4/4 .*step", shown), shown
     for step in (2, 4):
         assert re.search(rf"checkpoint step-000000{step}: .*\| [0-5]/5 .*part", shown), shown
-    assert re.search(r"samples.png: 100%\|.*\| 80/80 .*image", shown), shown
+    # The grid's bar is nested, so it is cleared when it ends; its last refresh (every 0.5 s) may come before
+    # 80/80 on a fast machine: that the bar is there, over 80 images, is what holds everywhere.
+    assert re.search(r"samples.png: +\d+%\|.*\| \d+/80 .*image", shown), shown
     assert "the tiny preset is a smoke test: its 0.16 M-parameter model samples noise" in tiny_training[1]
 
 

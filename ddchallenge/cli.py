@@ -118,6 +118,8 @@ record_key_option = click.option(
 seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                            help="Seed; scoring round r uses seed + r.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on stderr.")
+root_option = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+                           help="Data root (default: $DDCHALLENGE_DATA or ~/.cache/ddchallenge).")
 
 
 @cli.command()
@@ -131,6 +133,9 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on s
                    "a single file; for a generator folder the most that fit --budget, at most 100).")
 @click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="Data root holding <dataset>_train.h5 and the cache of --baseline (default: $DDCHALLENGE_DATA or "
+                   "~/.cache/ddchallenge); the test sets are --ref's.")
 @click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds per dataset (official: 3).")
 @click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs; the loop runs epochs + 1 passes (official: 1000).")
 @seed_option
@@ -167,7 +172,7 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on s
 @click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
               help="Teacher folder made by `ddchallenge teacher DATASET` (implies --labels teacher).")
 @record_key_option
-def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
+def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
           budget, mixed, cluster, archs, baseline, baseline_seed, labels, temperature, teacher_dir, record_key):
     """Score UPLOADS with the official evaluation recipe.
 
@@ -197,6 +202,7 @@ def score(uploads, datasets, ipc, ref_dir, rounds, epochs, seed, device, json_pa
         raise errors.UsageError("--baseline-seed is the seed of the --baseline subset: pass --baseline random|herding "
                                 "with it")
     extras = ExtrasRequest(parse_archs(archs), baseline, baseline_seed or 0,
+                           data_root=None if root is None else str(root),
                            **_label_request(labels, temperature, teacher_dir))
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
                              seed, budget, sandbox=not no_sandbox, mixed=mixed, extras=extras,
@@ -717,10 +723,11 @@ def reference() -> None:
 @click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs (official: 1000).")
 @click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt, as score --ref (default: the data root's test set).")
+@root_option
 @seed_option
 @device_option
 @quiet_option
-def reference_full(dataset, rounds, epochs, ref_dir, seed, device, quiet):
+def reference_full(dataset, rounds, epochs, ref_dir, root, seed, device, quiet):
     """Train the recipe's ConvNet on every training image of DATASET, one
     round per seed, and cache its test accuracy: `score --baseline` then
     reports HLR (full-data accuracy minus the set's) for the same recipe,
@@ -738,7 +745,7 @@ def reference_full(dataset, rounds, epochs, ref_dir, seed, device, quiet):
     dev = resolve_device(device)
     name = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
     with shown(not quiet):
-        path, accs, reused = full_reference(spec, recipe, seed, dev, name, data_root(), progress=not quiet,
+        path, accs, reused = full_reference(spec, recipe, seed, dev, name, root or data_root(), progress=not quiet,
                                              ref_dir=ref_dir)
     mean = sum(accs) / len(accs)
     click.echo(f"{spec.name} full data: {100 * mean:.2f} % over {plural(len(accs), 'round')} (recipe "
@@ -749,10 +756,6 @@ def reference_full(dataset, rounds, epochs, ref_dir, seed, device, quiet):
 @cli.group()
 def data() -> None:
     """List and prepare datasets (reference test sets and training stores)."""
-
-
-root_option = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
-                           help="Data root (default: $DDCHALLENGE_DATA or ~/.cache/ddchallenge).")
 
 
 @data.command("list")

@@ -101,8 +101,8 @@ def need_store(spec: DatasetSpec, root: Path, what: str) -> None:
     path = train_store_path(base, root)
     if not path.is_file():
         raise DatasetError(f"{what} needs the training images of {base.name} and {clean(str(path))} does not "
-                           f"exist; make it with `ddchallenge data prepare {base.name} --download` (in the data "
-                           "root, $DDCHALLENGE_DATA)")
+                           f"exist; make it with `ddchallenge data prepare {base.name} --download`, or pass --root "
+                           "DIR where it was prepared")
 
 
 def run(entries: list[DatasetEntry], set_accuracies: list[list[float]], refs: dict, recipe: EvalRecipe, seed: int,

@@ -147,7 +147,12 @@ def test_broken_model_folders(tiny_model, tmp_path, run_cli):
     assert "is missing its unet/ folder" in gen(broken).stderr
     (broken / "ddchallenge.json").unlink()
     assert "is not a ddchallenge diffusion model: ddchallenge.json is missing" in gen(broken).stderr
-    assert "neither an existing folder nor a Hugging Face Hub id" in gen(tmp_path / "nowhere").stderr
+    # a model argument that names nothing is the command line's mistake: exit 2, as `settings` and `score` give
+    r = gen(tmp_path / "nowhere")
+    assert r.exit_code == 2 and "neither an existing folder nor a Hugging Face Hub id" in r.stderr
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    r = gen(tmp_path / "weights.safetensors")
+    assert r.exit_code == 2 and "weights.safetensors is a file; pass the folder that holds it" in r.stderr
 
 
 def test_train_refusals(tiny_model, tmp_path, run_cli):

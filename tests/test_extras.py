@@ -405,9 +405,36 @@ def test_reference_full_without_a_training_store_names_the_command(run_cli, data
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
         f"error: a full-data reference needs the training images of cifar10 and {data_root / 'cifar10_train.h5'} "
-        "does not exist; make it with `ddchallenge data prepare cifar10 --download` (in the data root, "
-        "$DDCHALLENGE_DATA)"]
+        "does not exist; make it with `ddchallenge data prepare cifar10 --download`, or pass --root DIR where it "
+        "was prepared"]
     assert not (data_root / "extras").exists()
+
+
+def test_baseline_and_full_reference_read_the_training_store_and_cache_under_root(run_cli, tmp_path, monkeypatch,
+                                                                                   data_root):
+    from tests.test_data import use_checksums, write_mnist
+
+    src, root = tmp_path / "src", tmp_path / "elsewhere"  # prepared outside the default data root
+    raw, _ = write_mnist(src)
+    use_checksums(monkeypatch, "mnist", raw, archives={p.name: p for p in raw.iterdir()})
+    assert run_cli("data", "prepare", "mnist", "--root", root, "--source", src).exit_code == 0
+    made = run_cli("generate", "--dataset", "mnist", "--method", "random", "--ipc", 1, "--root", root,
+                   "-o", tmp_path / "s.h5", "--quiet")
+    assert made.exit_code == 0, made.output
+    args = ("score", tmp_path / "s.h5", "--ref", root, "--baseline", "random", "--epochs", 0, "--rounds", 1,
+            "--quiet", "--json", "-", "--output", tmp_path / "out")
+    without = run_cli(*args)
+    assert without.exit_code == 1 and without.stderr.strip().endswith("or pass --root DIR where it was prepared")
+    assert not (tmp_path / "out").exists()
+    r = run_cli(*args, "--root", root)
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["extras"]
+    assert row["measure"] == "baseline:random" and row["ior"] is not None
+    assert len(list((root / "extras").glob("mnist-ipc1-random-*.json"))) == 1 and not data_root.exists()
+    full = run_cli("reference", "full", "mnist", "--ref", root, "--root", root, "--epochs", 0, "--rounds", 1,
+                   "--quiet")
+    assert full.exit_code == 0, full.output
+    assert len(list((root / "extras").glob("mnist-full-*.json"))) == 1 and not data_root.exists()
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ddchallenge.diffusion.model import META_FILE, Generator, ModelError, checkpoints, resolve
+from ddchallenge.diffusion.model import META_FILE, Generator, ModelArgumentError, ModelError, checkpoints, resolve
 
 FOLDER = "codebooks"
 
@@ -48,7 +48,7 @@ def model_folder(ref: str) -> Path:
     folder itself, or the newest step-* checkpoint of a training folder."""
     path = Path(ref).expanduser()
     if not path.is_dir():
-        raise ModelError(f"{ref} is not a local model folder; codebooks are written into a folder made by "
+        raise ModelArgumentError(f"{ref} is not a local model folder; codebooks are written into a folder made by "
                          "`ddchallenge train` (download a Hub model first)")
     folder, _ = resolve(str(path))
     if not (folder / META_FILE).is_file() and checkpoints(folder):

@@ -22,7 +22,7 @@ import os
 import stat
 from pathlib import Path
 
-from ddchallenge.errors import DDChallengeError
+from ddchallenge.errors import DDChallengeError, UsageError
 
 MAX_JSON_BYTES = 1 << 20  # every JSON file of a folder; ddchallenge.json with codebook records is a few KB
 MAX_JSON_DEPTH = 32  # nesting of objects and lists; the deepest a folder writes is 4
@@ -40,6 +40,11 @@ PREDICTIONS = ("v_prediction", "epsilon")
 
 class ModelError(DDChallengeError):
     """A generator folder that is missing, broken or made for another dataset."""
+
+
+class ModelArgumentError(ModelError, UsageError):
+    """A model argument that names neither a local folder nor a Hub id: the
+    command line's mistake (exit 2, as for any other bad argument)."""
 
 
 # ---------------------------------------------------------------- JSON

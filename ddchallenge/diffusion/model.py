@@ -32,7 +32,7 @@ import torch
 
 from ddchallenge.diffusion.config import SPACES, TrainConfig
 from ddchallenge.diffusion.folder import (
-    ModelError, check_meta, load_network, read_json_object, scheduler_config as read_scheduler_config, unet_config,
+    ModelArgumentError, ModelError, check_meta, load_network, read_json_object, scheduler_config as read_scheduler_config, unet_config,
     vae_config,
 )
 from ddchallenge.errors import UsageError
@@ -162,10 +162,10 @@ def resolve(ref: str, what: str = "model") -> tuple[Path, dict]:
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"{what} {ref} is a file; pass the folder that holds it")
+            raise ModelArgumentError(f"{what} {ref} is a file; pass the folder that holds it")
         return path.resolve(), {"source": str(path.resolve()), "hub_id": None, "revision": None}
     if not HUB_ID.match(ref):
-        raise ModelError(f"{what} {ref} is neither an existing folder nor a Hugging Face Hub id (owner/name)")
+        raise ModelArgumentError(f"{what} {ref} is neither an existing folder nor a Hugging Face Hub id (owner/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 

@@ -14,6 +14,7 @@ whole slot and still hold the same number of images for every class.
 from __future__ import annotations
 
 import time
+from types import MappingProxyType
 from typing import Callable
 
 import numpy as np
@@ -30,6 +31,10 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 2.0
 MAX_GUIDANCE = 20.0
 DEFAULT_BATCH = 500
+# What a run uses for each sampler setting a request or folder does not give: `generate` and the Track 2 listing
+# (`ddchallenge settings`) read this one table.
+SAMPLING_DEFAULTS = MappingProxyType(dict(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
+                                          batch_size=DEFAULT_BATCH))
 
 
 def check_options(sampler: str, steps: int, guidance: float, batch_size: int) -> None:

@@ -24,9 +24,7 @@ import numpy as np
 import torch
 
 from ddchallenge.diffusion.model import Generator, load_generator
-from ddchallenge.diffusion.sample import (
-    DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, check_options, sample,
-)
+from ddchallenge.diffusion.sample import SAMPLING_DEFAULTS, check_options, sample
 from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.generators import GenerationRequest, register
@@ -42,9 +40,8 @@ SAMPLING = ("sampler", "steps", "guidance", "batch_size")  # options every diffu
 
 def sampling_settings(req: GenerationRequest) -> dict:
     """The sampler settings of a request, defaults filled in and checked."""
-    defaults = dict(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, batch_size=DEFAULT_BATCH)
     settings = {k: default if req.options.get(k) is None else type(default)(req.options[k])
-                for k, default in defaults.items()}
+                for k, default in SAMPLING_DEFAULTS.items()}
     check_options(**settings)
     return settings
 

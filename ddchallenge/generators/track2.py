@@ -69,10 +69,9 @@ ADJUSTABLE = ("strength", "sampler", "steps", "guidance", "batch_size", "oversam
 def method_defaults(method: str) -> dict:
     """What a run of `method` uses for each adjustable setting its folder does not give."""
     from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH
-    from ddchallenge.diffusion.sample import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from ddchallenge.diffusion.sample import SAMPLING_DEFAULTS
 
-    every = dict(strength=DEFAULT_STRENGTH, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
-                 batch_size=DEFAULT_BATCH, oversample=1.0, match_steps=0)
+    every = dict(strength=DEFAULT_STRENGTH, **SAMPLING_DEFAULTS, oversample=1.0, match_steps=0)
     return {k: v for k, v in every.items() if k in METHODS[method]}
 
 

@@ -40,6 +40,12 @@
 #               ResNet-18 included, with IOR against random real images
 #               and HLR, official recipe, on mnist5k herding at IPC 10,
 #               seed 10                                                  150
+#   ipc50       with IPC50=MODEL only (issue 20): the IPC-50 rows of
+#               bench/track2_protocol.py (random real images, d4m,
+#               diffusion and d3m with matching, scoring seeds 10 and 20,
+#               official recipe) from MODEL, a copy of the validation
+#               generator's newest checkpoint carried with the tree (about
+#               16 h of one CPU core)                                    400
 #   profile-*   with PROFILE=1 only: bench/gpu_profile.py, ms/epoch of the
 #               landed trainer against the variants (the new pool-reshape,
 #               channels-last and bf16 among them), and the top kernels of
@@ -113,6 +119,11 @@ if [ -n "${EXTRAS:-}" ]; then
     step pool 150 $PY -m ddchallenge score "$OUT/herding.h5" --dataset mnist5k --seed 10 --arch pool --baseline random \
         --baseline-seed 10 --output "$OUT/records" --json "$OUT/pool.json" --quiet \
         $([ -n "${SMOKE:-}" ] && echo "--epochs 1 --rounds 2")
+fi
+if [ -n "${IPC50:-}" ]; then
+    step ipc50 400 $PY bench/track2_protocol.py --model "$IPC50" --out "$OUT/t2p" --dataset mnist5k --seeds 10 20 \
+        --ipc 50 --runs random d4m-m300 diffusion-m300 d3m-m300 \
+        $([ -n "${SMOKE:-}" ] && echo "--epochs 1 --rounds 1")
 fi
 if [ -n "${PROFILE:-}" ]; then
     step profile-tinyimagenet 120 $PY bench/gpu_profile.py --shape tinyimagenet --epochs $((E2 + 1)) --repeats 3 $DEV

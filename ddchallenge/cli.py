@@ -202,7 +202,7 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
         raise errors.UsageError("--baseline-seed is the seed of the --baseline subset: pass --baseline random|herding "
                                 "with it")
     extras = ExtrasRequest(parse_archs(archs), baseline, baseline_seed or 0,
-                           data_root=None if root is None else str(root),
+                           data_root=None if root is None else str(root.absolute()),  # Ray workers have their own cwd
                            **_label_request(labels, temperature, teacher_dir))
     settings = BatchSettings(UploadRules(tuple(datasets) or None, ipc), OFFICIAL.with_overrides(epochs=epochs, rounds=rounds),
                              seed, budget, sandbox=not no_sandbox, mixed=mixed, extras=extras,

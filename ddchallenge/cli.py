@@ -573,11 +573,14 @@ def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, ma
 @click.option("--batch-size", type=int, help="Images per sampling batch.")
 @click.option("--oversample", type=FINITE, help="Selection R: ceil(R x IPC) candidates per class, IPC kept.")
 @click.option("--match-steps", type=int, help="Distribution matching steps (0: none).")
-def settings_command(model, **changes):
+@click.option("--unset", "unset", multiple=True, metavar="NAME",
+              help="Remove this setting (e.g. guidance, match-steps) from the folder, so that a run uses the "
+                   "default; repeat for several.")
+def settings_command(model, unset, **changes):
     """Show, or change, the settings MODEL (a generator folder) runs with under Track 2."""
     from ddchallenge.generators.track2 import change_settings, method_defaults
 
-    meta_path, method, settings = change_settings(model, changes)
+    meta_path, method, settings = change_settings(model, changes, tuple(k.replace("-", "_") for k in unset))
     given = ", ".join(f"{k} {v}" for k, v in sorted(settings.items()))
     rest = ", ".join(f"{k} {v}" for k, v in sorted(method_defaults(method).items()) if k not in settings)
     click.echo(f"{meta_path}: runs {method} under Track 2 with {given or 'no settings of its own'}"

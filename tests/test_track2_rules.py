@@ -156,8 +156,15 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     assert r.exit_code == 0, r.output
     assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0,
                                                                        "match_steps": 7, "guidance": 1.5}}
+    r = run_cli("settings", folder, "--unset", "guidance", "--unset", "match-steps")  # back to the defaults
+    assert r.exit_code == 0 and r.stdout.endswith("with oversample 1.0, strength 0.5; defaults: batch_size 500, "
+                                                  "guidance 2.0, match_steps 0, sampler dpm++, steps 20\n"), r.output
+    assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0}}
+    run_cli("settings", folder, "--match-steps", 7, "--guidance", 1.5)
     before = (folder / "ddchallenge.json").read_bytes()
     for args, message in [
+            (["--unset", "guidanse"], "--unset guidanse: not a setting; it takes strength, sampler, steps, "),
+            (["--unset", "guidance", "--guidance", 3], "--guidance and --unset guidance contradict each other"),
             (["--match-steps", 10**6], "--match-steps must be a whole number from 0 to"),
             (["--strength", 0], "--strength must be a number from"),
             (["--sampler", "euler"], "--sampler must be one of"),

@@ -75,11 +75,12 @@ def method_defaults(method: str) -> dict:
     return {k: v for k, v in every.items() if k in METHODS[method]}
 
 
-def change_settings(model: str | Path, changes: dict) -> tuple[Path, str, dict]:
+def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = ()) -> tuple[Path, str, dict]:
     """The ddchallenge.json a Track 2 run of `model` reads and its (method,
     settings), with `changes` (setting -> value; None: unchanged) merged in,
-    each checked against the bounds a run checks, and written back; with no
-    change, read only. A setting the
+    each checked against the bounds a run checks, and the settings named in
+    `unset` removed (a run then uses `method_defaults`), and written back;
+    with no change, read only. A setting the
     folder's method does not take is refused: the method itself changes
     with `prototypes`/`invert --make-default`, which also store its table."""
     from ddchallenge.diffusion.codebook import write_meta
@@ -106,9 +107,16 @@ def change_settings(model: str | Path, changes: dict) -> tuple[Path, str, dict]:
             _check_setting("ddchallenge settings", flag[key], key, value)  # named by its option, not its JSON field
         except ModelError as exc:
             raise UsageError(str(exc)) from None
-    if not given:
+    for key in unset:
+        if key not in ADJUSTABLE:
+            raise UsageError(f"--unset {key.replace('_', '-')}: not a setting; it takes "
+                             f"{', '.join(k.replace('_', '-') for k in ADJUSTABLE)}")
+        if key in given:
+            raise UsageError(f"{flag[key]} and --unset {key.replace('_', '-')} contradict each other; pass one")
+    dropped = [k for k in unset if k in settings]
+    if not given and not dropped:
         return meta_path, method, settings
-    merged = {**settings, **given}
+    merged = {k: v for k, v in {**settings, **given}.items() if k not in dropped}
     write_meta(meta_path.parent, {**meta, "generate": {"method": method, "settings": merged}})
     return meta_path, method, merged
 

@@ -37,7 +37,7 @@ BASE = {
 BAD_TEXT = {"--dataset": "imagenet", "--method": "magic", "--sampler": "euler-ish", "--preset": "huge",
             "--device": "tpu", "--model": "no/such-model-folder", "--vae": "no/such-vae-folder", "--ipc": "lots",
             "--ref": "no-such-folder", "--source": "no-such-source", "--json": "",
-            "--output": "", "-o": "", "--cluster": "no such head"}
+            "--output": "", "-o": "", "--cluster": "no such head", "--unset": "bogus"}
 
 
 def _options():

@@ -157,7 +157,8 @@ def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: 
     settings = {**dataclasses.asdict(recipe), "baseline_seed": request.baseline_seed, "ipc": entry.ipc}
     root, test = root_of(request), test or reference_digest(ref)
     path, key = baseline_cache(spec, method, settings, seeds, test, device_name,
-                               bool(together_by_default(device) if together is None else together), root)
+                               bool(together_by_default(device) if together is None else together), root,
+                               threads=torch.get_num_threads() if device.type == "cpu" else None)
     accs = read_cache(path, key, recipe.rounds)
     seconds = 0.0
     if accs is None:
@@ -179,18 +180,19 @@ def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: 
 
 
 def baseline_cache(spec: DatasetSpec, method: str, settings: dict, seeds: list[int], test: str, device_name: str,
-                   together: bool, root: Path) -> tuple[Path, dict]:
+                   together: bool, root: Path, threads: int | None = None) -> tuple[Path, dict]:
     """The cache file and key of a baseline: everything that changes its
     numbers (`settings`: the recipe, the subset's seed and IPC, under the
     row's own recipe hash). The accuracies only compare (and a set's IOR
     against its own subset is 0 exactly) on the same test set, device (and
-    the CPU's vector instructions, which change float sums), torch and
+    the CPU's vector instructions and, on a CPU, its thread count: both
+    change the order of float sums in the backward pass), torch and
     batching of rounds."""
     measure = BASELINE_PREFIX + method
     key = {"measure": measure, "dataset": spec.name, "ipc": settings["ipc"],
            "recipe_hash": recipe_hash(measure, settings), "seeds": list(seeds), "test_sha256": test,
            "device": device_name, "cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-           "together": together}
+           "together": together, "threads": threads}
     return root / CACHE_FOLDER / f"{spec.name}-ipc{settings['ipc']}-{method}-{_digest(key)}.json", key
 
 

@@ -273,6 +273,19 @@ def test_a_random_set_against_its_own_random_baseline_has_ior_zero_and_the_cache
     assert row2["seconds"] == 0.0 and row2["accuracies"] == row["accuracies"]
     assert row2["full"] == pytest.approx(0.91) and row2["hlr"] == pytest.approx(0.91 - row["mean"])
     assert "baseline:random" in r.stdout and "+0.00" in r.stdout
+    # on a CPU the thread count changes the backward pass's float sums: another count is another entry, so the
+    # set still has IOR 0 exactly against its own subset (a session-14 benchmark at 1 thread read a 2-thread entry)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        run_cli(*args, "--json", tmp_path / "threads.json", "--output", tmp_path / "threads")
+    finally:
+        torch.set_num_threads(before)
+    (row3,) = read_record(tmp_path / "threads.json")["extras"]
+    assert row3["ior"] == 0.0 and row3["seconds"] > 0
+    assert len(list((data_root / "extras").glob("mnist5k-ipc1-random-*.json"))) == 2
     # a data root whose cache cannot be written (extras/ is a file): a warning, and the upload still scored
     elsewhere = tmp_path / "data2"
     elsewhere.mkdir()
@@ -286,19 +299,21 @@ def test_a_random_set_against_its_own_random_baseline_has_ior_zero_and_the_cache
 
 def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path):
     """Dataset, method, IPC, subset seed, recipe, seeds, test set, device,
-    torch and the batching of rounds: change any one, and the entry (file
-    and key) is another, so no cached accuracy stands for another setting."""
+    CPU threads, torch and the batching of rounds: change any one, and the
+    entry (file and key) is another, so no cached accuracy stands for
+    another setting."""
     from ddchallenge.measures import baseline_cache, full_path
     from ddchallenge.protocol import get_dataset
 
     mnist, recipe = get_dataset("mnist5k"), dataclasses.asdict(OFFICIAL)
     base = dict(spec=mnist, method="random", settings={**recipe, "baseline_seed": 0, "ipc": 10}, seeds=[0, 1, 2],
-                test="a" * 64, device_name="cpu", together=False, root=tmp_path)
+                test="a" * 64, device_name="cpu", together=False, root=tmp_path, threads=1)
     variants = [{}, {"spec": get_dataset("mnist")}, {"method": "herding"},
                 {"settings": {**recipe, "baseline_seed": 1, "ipc": 10}},
                 {"settings": {**recipe, "baseline_seed": 0, "ipc": 11}},
                 {"settings": {**recipe, "epochs": 999, "baseline_seed": 0, "ipc": 10}},
-                {"seeds": [1, 2, 3]}, {"test": "b" * 64}, {"device_name": "cuda:0 (H100)"}, {"together": True}]
+                {"seeds": [1, 2, 3]}, {"test": "b" * 64}, {"device_name": "cuda:0 (H100)"}, {"together": True},
+                {"threads": 2}]
     made = [baseline_cache(**{**base, **v}) for v in variants]
     assert len({p for p, _ in made}) == len({json.dumps(k, sort_keys=True) for _, k in made}) == len(variants)
     assert all(p.parent == tmp_path / "extras" for p, _ in made)

@@ -48,8 +48,8 @@ def model_folder(ref: str) -> Path:
     folder itself, or the newest step-* checkpoint of a training folder."""
     path = Path(ref).expanduser()
     if not path.is_dir():
-        raise ModelArgumentError(f"{ref} is not a local model folder; codebooks are written into a folder made by "
-                         "`ddchallenge train` (download a Hub model first)")
+        raise ModelArgumentError(f"{ref} is not a local model folder; codebooks are written into a folder made "
+                                 "by `ddchallenge train` (download a Hub model first)")
     folder, _ = resolve(str(path))
     if not (folder / META_FILE).is_file() and checkpoints(folder):
         folder = checkpoints(folder)[-1]

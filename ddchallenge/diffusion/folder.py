@@ -43,8 +43,8 @@ class ModelError(DDChallengeError):
 
 
 class ModelArgumentError(ModelError, UsageError):
-    """A model argument that names neither a local folder nor a Hub id: the
-    command line's mistake (exit 2, as for any other bad argument)."""
+    """A model argument that names no folder (a missing path, a file, not a
+    Hub id): the command line's mistake (exit 2, as any other bad argument)."""
 
 
 # ---------------------------------------------------------------- JSON

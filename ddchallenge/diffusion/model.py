@@ -32,8 +32,8 @@ import torch
 
 from ddchallenge.diffusion.config import SPACES, TrainConfig
 from ddchallenge.diffusion.folder import (
-    ModelArgumentError, ModelError, check_meta, load_network, read_json_object, scheduler_config as read_scheduler_config, unet_config,
-    vae_config,
+    ModelArgumentError, ModelError, check_meta, load_network, read_json_object,
+    scheduler_config as read_scheduler_config, unet_config, vae_config,
 )
 from ddchallenge.errors import UsageError
 from ddchallenge.protocol import VALIDATION_SUFFIX, DatasetSpec

@@ -111,6 +111,41 @@ class ExtrasRequest:
     teacher: str | None = field(default=None, compare=False)  # mode M: the teacher folder (ddchallenge.teacher)
     teacher_sha256: str | None = None  # its weights' sha256, so that another teacher is another setting
 
+    def __post_init__(self) -> None:
+        """UsageError for a value no run can honour, or a setting a run would
+        silently ignore: the library refuses what the CLI refuses, before any
+        upload is read, so that a caller's mistake is never recorded."""
+        from ddchallenge.errors import UsageError
+        from ddchallenge.protocol import MAX_SEED
+
+        if not isinstance(self.archs, tuple) or not all(isinstance(a, str) and a in ARCHITECTURES for a in self.archs):
+            raise UsageError(f"archs must be a tuple of names from {', '.join(ARCHITECTURES)} "
+                             f"(evaluation.pool.parse_archs makes one), got {self.archs!r}")
+        if len(set(self.archs)) != len(self.archs):
+            raise UsageError(f"archs names an architecture twice: {self.archs!r}")
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise UsageError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if isinstance(self.baseline_seed, bool) or not isinstance(self.baseline_seed, int) \
+                or not 0 <= self.baseline_seed <= MAX_SEED:
+            raise UsageError(f"baseline_seed must be a whole number from 0 to {MAX_SEED}, got {self.baseline_seed!r}")
+        if self.baseline is None and self.baseline_seed != 0:
+            raise UsageError("baseline_seed is the seed of the baseline subset: set baseline too")
+        if self.labels is None:
+            if self.temperature != 1.0 or self.teacher is not None or self.teacher_sha256 is not None:
+                raise UsageError("temperature and teacher apply to labels 'soft' or 'teacher': set labels too")
+            return
+        if self.labels not in LABEL_MODES:
+            raise UsageError(f"labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
+        from ddchallenge.evaluation.soft import check_temperature
+
+        check_temperature(self.temperature)
+        if self.labels == "soft" and (self.teacher is not None or self.teacher_sha256 is not None):
+            raise UsageError("labels 'soft' trains on the set's own soft labels; a teacher is for labels 'teacher'")
+        if self.labels == "teacher" and (self.teacher is None or not isinstance(self.teacher_sha256, str)
+                                         or len(self.teacher_sha256) != 64):
+            raise UsageError("labels 'teacher' needs teacher (a folder) and teacher_sha256 (its weights' sha256, "
+                             "from teacher.load_teacher), so that another teacher is another setting")
+
     def __bool__(self) -> bool:
         return bool(self.archs or self.baseline or self.labels)
 

@@ -2,6 +2,7 @@
 in a result, read back as untrusted input; their own recipe hashes."""
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -512,3 +513,31 @@ def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_
         assert r.exit_code == 0, r.output
     assert "pool mean %" in (tmp_path / "with" / "index.html").read_text()
     assert "pool mean" not in (tmp_path / "without" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"archs": ("MLP",)}, "archs must be a tuple of names from"),
+    ({"archs": "mlp"}, "archs must be a tuple of names from"),
+    ({"archs": ("mlp", "mlp")}, "archs names an architecture twice"),
+    ({"baseline": "Random"}, "baseline must be one of random, herding"),
+    ({"baseline": "random", "baseline_seed": -1}, "baseline_seed must be a whole number from 0"),
+    ({"baseline_seed": 7}, "baseline_seed is the seed of the baseline subset: set baseline too"),
+    ({"temperature": 5.0}, "temperature and teacher apply to labels"),
+    ({"teacher": "/t", "temperature": 3.0}, "temperature and teacher apply to labels"),
+    ({"labels": "Soft"}, "labels must be one of soft, teacher"),
+    ({"labels": "soft", "temperature": float("nan")}, "--temperature must be a number from"),
+    ({"labels": "soft", "temperature": 0}, "--temperature must be a number from"),
+    ({"labels": "soft", "teacher": "/t"}, "labels 'soft' trains on the set's own soft labels"),
+    ({"labels": "teacher"}, "labels 'teacher' needs teacher (a folder) and teacher_sha256"),
+    ({"labels": "teacher", "teacher": "/t"}, "labels 'teacher' needs teacher (a folder) and teacher_sha256"),
+])
+def test_the_library_refuses_an_extras_request_the_cli_would_refuse(fields, message):
+    """Built through the API, a request no run can honour (or one whose
+    settings a run would ignore) is a UsageError at once: never a failed
+    record of an upload after its training, never a setting dropped."""
+    from ddchallenge.errors import UsageError
+    from ddchallenge.extras import ExtrasRequest
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        ExtrasRequest(**fields)
+    assert not ExtrasRequest() and ExtrasRequest(("mlp",), "random", 3)  # what the CLI builds still builds

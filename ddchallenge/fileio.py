@@ -139,7 +139,7 @@ def load_torch_bytes(data: bytes, source: str, error: type[Exception]):
             # torch warns about pickle protocols it may not support; the
             # outcome (loaded or refused) is what the user needs to know.
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in reason if "Unsupported" in ln or "global" in ln.lower()), "")
@@ -152,3 +152,10 @@ def load_torch_bytes(data: bytes, source: str, error: type[Exception]):
             f"{source} is not a readable torch file (truncated or corrupt: {type(exc).__name__}); "
             "write it again with torch.save"
         ) from None
+    # weights_only still builds sparse, CSR and nested tensors, whose readers fail inside torch with an
+    # internal error: every tensor an upload or reference holds is a plain dense one.
+    for t in (obj, *(obj.values() if isinstance(obj, dict) else ())):
+        if isinstance(t, torch.Tensor) and (t.layout != torch.strided or t.is_nested):
+            raise error(f"{source} holds a {'nested' if t.is_nested else str(t.layout).replace('torch.', '')} "
+                        "tensor; save a plain dense one (tensor.to_dense() before torch.save)")
+    return obj

@@ -336,3 +336,27 @@ def test_upload_rules_validate_their_options():
         UploadRules(("mnist5k", "MNIST5K"))
     with pytest.raises(Exception, match="--ipc must be a whole number from 1 to 10000"):
         UploadRules(ipc=0)
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "nested", "soft labels sparse"])
+def test_a_tensor_that_is_not_dense_is_one_line_naming_its_layout(run_cli, tmp_path, mnist5k_random_images, layout):
+    """weights_only builds sparse and nested tensors; each was an internal
+    error of torch's (recorded as such). Now the upload's own failure, named."""
+    images = mnist5k_random_images.clone()
+    res = tmp_path / "res"
+    res.mkdir()
+    if layout == "soft labels sparse":
+        torch.save(images, res / "mnist5k.pt")
+        soft = torch.full((len(images), 10), 0.1, dtype=torch.float16)
+        torch.save(soft.to_sparse(), res / "mnist5k.soft_labels.pt")
+        expected = "holds a sparse_coo tensor; save a plain dense one"
+    else:
+        zeros = torch.zeros_like(images)  # stored sparse, random pixels would pass the size limit
+        made = {"sparse_coo": lambda: zeros.to_sparse(), "sparse_csr": lambda: zeros.reshape(len(zeros), -1).to_sparse_csr(),
+                "nested": lambda: torch.nested.nested_tensor(list(images))}[layout]()
+        torch.save(made, res / "mnist5k.pt")
+        expected = f"holds a {layout} tensor; save a plain dense one"
+    r = run_cli("score", res, "--dataset", "mnist5k", "--ipc", 10, "--epochs", 0, "--rounds", 1, "--quiet",
+                "--output", tmp_path / "out", "--no-sandbox")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert expected in r.stderr and "internal error" not in r.stderr, r.stderr

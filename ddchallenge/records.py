@@ -469,12 +469,40 @@ def read_record(path: str | os.PathLike, key: bytes | None = None) -> dict:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RecordError(f"{where}: is not JSON ({clean(str(exc), 120)})") from None
+    check_record(data, where)
+    check_mac(data, key, where)
+    return data
+
+
+def check_record(data, where: str) -> dict:
+    """`data` if it is a valid score or failed record (its MAC aside)."""
     if is_failed(data):
         check_failed_record(data, where)
     else:
         check_score_record(data, where)
-    check_mac(data, key, where)
+    check_finite(data, where)
     return data
+
+
+def check_finite(data, where: str) -> None:
+    """RecordError naming the first NaN or infinity anywhere in `data`. Python's
+    JSON reader accepts NaN, Infinity and -Infinity, which JSON has not and
+    `score` never writes; the field checks refuse them where they read a
+    number, and this refuses them everywhere else (a batch's settings, a
+    field no check reads), so that no record holding one is ever compared
+    against or shown. Iterative: a record is nested only as deep as the JSON
+    reader allowed."""
+    todo = [(data, "")]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecordError(f"{where}: {path or 'the record'} is {value!r}; a record holds no NaN or infinity "
+                              "(JSON has none, and `score` never writes one): the record was written by hand or "
+                              "planted")
+        if isinstance(value, dict):
+            todo.extend((v, f"{path}.{clean(str(k), 64)}" if path else clean(str(k), 64)) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
 
 
 def load_key(path: str | os.PathLike, outside: list[str | os.PathLike] = ()) -> bytes:

@@ -19,7 +19,7 @@ from tabulate import tabulate
 from ddchallenge.data import denormalise
 from ddchallenge.errors import RecordError, UsageError
 from ddchallenge.isolation import clean
-from ddchallenge.records import check_failed_record, check_score_record, is_failed, read_record
+from ddchallenge.records import check_record, is_failed, read_record
 from ddchallenge.score import ScoreResult
 from ddchallenge.submission import DatasetEntry
 
@@ -195,7 +195,8 @@ def load_leaderboard(paths: list[str | os.PathLike], include_unofficial: bool = 
     rank them. Each record that is not valid (see `records.read_record`;
     with `key`, also one not signed under it) is refused with its reason,
     never ranked; failed-upload records are counted; a record given twice
-    (same name, upload bytes, recipe and seed) is listed once; non-official
+    (same name, upload bytes, recipe, seed and extra measures) is listed
+    once; non-official
     budgets are ranked apart, and only with `include_unofficial`."""
     refused, read = [], []
     for path in record_files(paths):
@@ -213,7 +214,7 @@ def rank_records(records: list[dict], include_unofficial: bool = True) -> Leader
     for i, data in enumerate(records, start=1):
         where = f"record {i}"
         try:
-            read.append((where, check_failed_record(data, where) if is_failed(data) else check_score_record(data, where)))
+            read.append((where, check_record(data, where)))
         except RecordError as exc:
             refused.append((where, str(exc)))
     return _board(read, refused, include_unofficial)
@@ -225,9 +226,12 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
         if is_failed(data):
             failed += 1
             continue
-        # Identity of a result: who, which bytes (per dataset), under which recipe and seed.
+        # Identity of a result: who, which bytes (per dataset, and the upload's: a soft-label companion is part of
+        # it), under which recipe and seed, with which extra measures. Two results that differ in any of these are
+        # two entries, so that the board never depends on the order its records were given in.
         ident = (data["name"], tuple(sorted((d["dataset"], d["sha256"]) for d in data["datasets"])),
-                 data["recipe_hash"], data["seed"])
+                 data.get("submission_sha256"), data["recipe_hash"], data["seed"],
+                 tuple(sorted((e["measure"], e["dataset"], e["recipe_hash"]) for e in data.get("extras", []))))
         if ident in seen:
             duplicates += 1
             continue

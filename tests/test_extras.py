@@ -482,6 +482,27 @@ def test_a_huge_integer_anywhere_in_a_record_is_refused_and_the_rest_ranked(run_
     assert r.stderr.count("must be a finite number") == 3 and "Traceback" not in r.stderr
 
 
+def test_results_that_differ_in_extras_or_upload_bytes_are_two_entries_in_any_order(tmp_path):
+    """The same images with other extra measures, or in another upload (a
+    soft-label companion beside the same images), are other results: the
+    board lists each, whichever order its records come in; the same record
+    twice is listed once."""
+    from ddchallenge.report import rank_records
+
+    plain = make_record()
+    arch = with_extras(arch_row())
+    base = with_extras(baseline_row())
+    companion = {**make_record(), "submission_sha256": "f" * 64}
+    orders = [[plain, arch, base, companion, arch], [arch, companion, base, arch, plain]]
+    boards = [rank_records(order) for order in orders]
+    for board in boards:
+        assert len(board.official) == 4 and board.duplicates == 1 and not board.refused
+    assert [sorted((e.record["submission_sha256"], tuple(x["measure"] for x in e.record.get("extras", [])))
+                   for e in b.official) for b in boards] == \
+        [sorted([(plain["submission_sha256"], ()), (plain["submission_sha256"], ("arch:vgg11",)),
+                 (plain["submission_sha256"], ("baseline:random",)), ("f" * 64, ())])] * 2
+
+
 def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_them(run_cli, tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()

@@ -109,6 +109,15 @@ CRAFTED = [
     ("sha256 not hex", setter("sha256", "x" * 64, 0), "datasets[0].sha256 must be a sha256"),
     ("provenance not an object", setter("provenance", ["x"], 0), "datasets[0].provenance must be a JSON object"),
     ("versions not text", lambda r: r.update(versions={"torch": 2}), "versions.torch must be a text"),
+    # NaN and infinities where no field check reads a number: a batch's settings, a field of a later version
+    ("NaN in settings", lambda r: r.update(settings={"budget": float("nan"), "recipe_hash": OFFICIAL.hash()}),
+     "settings.budget is nan; a record holds no NaN or infinity"),
+    ("-inf deep in settings", lambda r: r.update(settings={"rules": {"ipc": [1, float("-inf")]},
+                                                             "recipe_hash": OFFICIAL.hash()}),
+     "settings.rules.ipc[1] is -inf; a record holds no NaN"),
+    ("inf in an unknown field", setter("later", {"x": float("inf")}), "later.x is inf; a record holds no NaN"),
+    ("NaN in provenance", lambda r: r["datasets"][0].update(provenance={"strength": float("nan")}),
+     "datasets[0].provenance.strength must be a finite number"),
 ]
 
 
@@ -168,8 +177,10 @@ def test_mac_covers_every_field_and_needs_the_key(tmp_path):
         change(tampered)
         with pytest.raises(RecordError, match="does not match the organiser's record key"):
             check_mac(tampered, KEY, "t.json")
-    with pytest.raises(RecordError, match="holds a value a signed record cannot"):  # NaN where no check looks
+    with pytest.raises(RecordError, match="extra is nan; a record holds no NaN or infinity"):  # where no check looks
         read_record(write(tmp_path / "n.json", {**signed, "extra": float("nan")}), KEY)
+    with pytest.raises(RecordError, match="holds a value a signed record cannot"):  # checked in memory: still refused
+        check_mac({**signed, "extra": float("nan")}, KEY, "n.json")
     with pytest.raises(RecordError, match="not signed with the organiser's record key"):
         read_record(write(tmp_path / "u.json", make_record()), KEY)
     with pytest.raises(RecordError, match="does not match"):

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from ddchallenge.data import load_reference
-from ddchallenge.data.reference import data_root, load_train, normalise, train_store_path
-from ddchallenge.errors import DatasetError, EnvironmentFailure
+from ddchallenge.data.reference import class_sizes, data_root, load_train, normalise, train_store_path
+from ddchallenge.errors import DatasetError, EnvironmentFailure, OptionMismatch
 from ddchallenge.evaluation.soft import label_row
 from ddchallenge.evaluation.train import round_accuracies, together_by_default
 from ddchallenge.extras import ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, recipe_hash, standard_error
@@ -61,13 +61,20 @@ def _fmean(xs: list[float]) -> float:
 
 def check_possible(entries: list[DatasetEntry], request: ExtrasRequest) -> None:
     """Refuse, before any training, a baseline for a dataset without
-    training images (DatasetError: the organiser's to fix, never recorded),
-    and a label measure the upload cannot give (ddchallenge.teacher)."""
+    training images (DatasetError: the organiser's to fix, never recorded)
+    or with fewer in a class than the upload's IPC, and a label measure the
+    upload cannot give (ddchallenge.teacher); the last two are the command
+    line's mistake for this upload (OptionMismatch: refused, not recorded)."""
     check_labels_possible(entries, request)
     if not request.baseline:
         return
     for entry in entries:
         need_store(entry.spec, root_of(request), f"--baseline {request.baseline}")
+        smallest = int(class_sizes(entry.spec, root_of(request)).min())
+        if entry.ipc > smallest:
+            raise OptionMismatch(f"--baseline {request.baseline} draws {entry.ipc} real training images per class "
+                                 f"(the upload's IPC for {entry.spec.name}) and the smallest class has {smallest}; "
+                                 "score this upload without --baseline")
 
 
 def check_before_reading(names: tuple[str, ...] | list[str], request: ExtrasRequest, track2: bool = False) -> None:

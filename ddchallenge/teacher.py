@@ -9,7 +9,8 @@ with a recorded recipe, saved as a folder and read back as untrusted input.
 Training is the challenge's recipe (`train.train_round`: SGD, the lr drop,
 DSA) on the whole training set for `epochs` (default TEACHER_EPOCHS), one
 round. Loading checks every field of teacher.json and every tensor's name,
-shape, dtype and finiteness against the network the JSON describes, and the
+shape, dtype, finiteness and magnitude against the network the JSON
+describes, and the
 weights' sha256 against the one recorded; anything else is a TeacherError.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from ddchallenge import __version__
 from ddchallenge.data import data_root, load_reference, load_train, normalise
 from ddchallenge.diffusion.folder import ModelError, read_json_object
-from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
+from ddchallenge.errors import DatasetError, OptionMismatch, OutputExistsError, UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.evaluation.train import accuracy, train_round
@@ -47,6 +48,11 @@ TEACHER_EPOCHS = 50  # our choice (DD-Ranking ships pretrained teachers without 
 MAX_META_BYTES = 64 << 10
 MAX_WIDTH, MAX_DEPTH = 1024, 4  # far past the reference net (128, 3); a hostile width cannot exhaust memory
 MAX_WEIGHTS_BYTES = 512 << 20
+# Trained teachers' weights lie within +-1.1 (mnist5k, 50 epochs). Bounded at 100, every activation of a ConvNet
+# up to MAX_WIDTH x MAX_DEPTH on normalised images stays below ~1e10 (each GroupNorm rescales), so the teacher's
+# logits and softmax are finite; finite but huge weights (3e38) would overflow them to NaN targets, and a NaN loss
+# trains a network to chance, recorded as if it were a measurement.
+MAX_WEIGHT = 100.0
 _FIELDS = {"format", "version", "dataset", "width", "depth", "recipe", "recipe_hash", "seed", "train_images",
            "train_sha256", "test_accuracy", "weights_sha256", "ddchallenge_version", "seconds"}
 
@@ -245,15 +251,26 @@ def load_teacher(folder: str | os.PathLike) -> Teacher:
                                f"{tuple(want.shape)}")
         if not torch.isfinite(got).all():
             raise TeacherError(f"{path}: {key} holds NaN or Inf")
+        largest = float(got.abs().max()) if got.numel() else 0.0
+        if largest > MAX_WEIGHT:
+            raise TeacherError(f"{path}: {key} holds a weight of {largest:.3g}; a trained teacher's lie within "
+                               f"+-{MAX_WEIGHT:g} (larger ones can overflow its outputs to NaN); the folder was "
+                               f"altered; {hint}")
     net.load_state_dict(tensors, strict=True)
     return Teacher(net.eval().requires_grad_(False), spec.name, recipe, seed, weights_sha, test_acc, folder)
+
+
+class TeacherMismatch(OptionMismatch):
+    """--teacher names a teacher of another dataset than the one it would
+    label: the command line's mistake (exit 2), never recorded against an
+    upload (a batch counts it as refused)."""
 
 
 def check_teacher_for(teacher: Teacher, dataset: str) -> None:
     """A teacher labels only the dataset it learnt (a validation view's
     teacher is its own: the base's has seen the held-out images)."""
     if teacher.dataset != dataset:
-        raise TeacherError(f"the teacher {teacher.path} was trained on {teacher.dataset}, not {dataset}; make one "
+        raise TeacherMismatch(f"the teacher {teacher.path} was trained on {teacher.dataset}, not {dataset}; make one "
                            f"with `ddchallenge teacher {dataset}`")
 
 

@@ -265,3 +265,27 @@ def test_unprepared_dataset_names_the_prepare_command(tmp_path, run_cli):
     assert r.exit_code == 1 and "run `ddchallenge data prepare cifar10 --download`" in r.stderr
     r = run_cli("data", "prepare", "mnist5k")
     assert r.exit_code == 0 and "embedded" in r.stdout
+
+
+def test_class_sizes_count_the_training_images_of_each_class(tmp_path, run_cli, monkeypatch):
+    from ddchallenge.data.reference import class_sizes, held_out
+    from ddchallenge.errors import DatasetError
+
+    labels = load_train(get_dataset("mnist5k"))[1]
+    assert class_sizes(get_dataset("mnist5k")).tolist() == np.bincount(labels).tolist()  # embedded
+    assert class_sizes(get_dataset("mnist5k")).sum() == 4000
+    # a validation view: its base's less the share it holds out
+    assert class_sizes(get_dataset("mnist5k-val")).tolist() == np.bincount(labels[~held_out(labels, 10)]).tolist()
+    assert class_sizes(get_dataset("mnist5k-val")).sum() == 3500
+    src, root = tmp_path / "src", tmp_path / "root"
+    raw, _ = write_mnist(src)  # a prepared store: 3 images of each class
+    use_checksums(monkeypatch, "mnist", raw, archives={p.name: p for p in raw.iterdir()})
+    assert run_cli("data", "prepare", "mnist", "--root", root, "--source", src).exit_code == 0
+    assert class_sizes(get_dataset("mnist"), root).tolist() == [3] * 10
+    assert class_sizes(get_dataset("mnist-val"), root).tolist() == [2] * 10
+    with h5py.File(root / "mnist_train.h5", "r+") as f:  # a label past the classes
+        f["labels"][0] = 10
+    with pytest.raises(DatasetError, match=r"expected uint8 \(N, 1, 28, 28\) and \(N,\) labels from 0 to 9"):
+        class_sizes(get_dataset("mnist"), root)
+    with pytest.raises(DatasetError, match="no training images for mnist"):
+        class_sizes(get_dataset("mnist"), tmp_path / "nowhere")

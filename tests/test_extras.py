@@ -453,6 +453,39 @@ def test_baseline_and_full_reference_read_the_training_store_and_cache_under_roo
     assert len(list((root / "extras").glob("mnist-full-*.json"))) == 1 and not data_root.exists()
 
 
+def test_a_baseline_larger_than_a_class_is_refused_before_training_and_the_batch_goes_on(run_cli, tmp_path,
+                                                                                         monkeypatch, data_root):
+    """IPC 4 of a store with 3 training images per class: the command line asks
+    for a baseline this upload cannot have. Refused before any training (it
+    was found after the set had trained, and reported as the machine's
+    failure), one line, not recorded; the batch's other upload is scored."""
+    import torch
+
+    import ddchallenge.score
+    from tests.test_data import use_checksums, write_mnist
+
+    src, root = tmp_path / "src", tmp_path / "root"
+    raw, _ = write_mnist(src)
+    use_checksums(monkeypatch, "mnist", raw, archives={p.name: p for p in raw.iterdir()})
+    assert run_cli("data", "prepare", "mnist", "--root", root, "--source", src).exit_code == 0
+    for name, ipc in (("big", 4), ("small", 1)):
+        torch.save(torch.zeros(10 * ipc, 1, 28, 28), tmp_path / f"{name}.pt")
+    trained = []
+    real = ddchallenge.score.score_entry
+    monkeypatch.setattr(ddchallenge.score, "score_entry", lambda e, *a, **k: trained.append(e.ipc) or real(e, *a, **k))
+    args = ("--dataset", "mnist", "--ref", root, "--root", root, "--baseline", "random", "--epochs", 0, "--rounds", 1,
+            "--quiet", "--no-sandbox", "--output", tmp_path / "out")
+    one = run_cli("score", tmp_path / "big.pt", *args)
+    assert one.exit_code == 2 and one.stdout == "" and trained == [], one.output
+    assert one.stderr.strip().splitlines() == [
+        "error: --baseline random draws 4 real training images per class (the upload's IPC for mnist) and the "
+        "smallest class has 3; score this upload without --baseline"]
+    assert not list((tmp_path / "out").glob("*.json")) if (tmp_path / "out").exists() else True
+    both = run_cli("score", tmp_path / "big.pt", tmp_path / "small.pt", *args)
+    assert both.exit_code == 2 and trained == [1], both.output
+    assert [p.name.startswith("small") for p in (tmp_path / "out").glob("*.json")] == [True]
+
+
 @pytest.mark.slow
 def test_reference_full_on_mnist5k_is_cached_once_and_gives_hlr(run_cli, data_root, tmp_path):
     args = ("reference", "full", "mnist5k", "--epochs", 0, "--rounds", 1, "--quiet")

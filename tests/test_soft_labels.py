@@ -184,6 +184,8 @@ def _retarget(folder, tensors):
     ("byte", "does not match the weights_sha256"),
     ("tensors", "holds other tensors than a mnist5k ConvNet"),
     ("nan", "classifier.bias holds NaN or Inf"),
+    ("huge", "features.0.weight holds a weight of 3e+38; a trained teacher's lie within +-100"),
+    ("large", "classifier.bias holds a weight of 101; a trained teacher's lie within +-100"),
     ("shape", "classifier.weight is torch.float32 (10, 8)"),
     ("link", "is not a teacher folder (a link)"),
     # a recipe `ddchallenge teacher` never uses, its hash made to agree: caught by the recipe itself
@@ -211,6 +213,9 @@ def test_a_folder_that_is_not_a_teacher_is_refused(teacher_at, tmp_path, damage,
         _retarget(folder, {"w": torch.zeros(3)})
     elif damage == "nan":
         state["classifier.bias"][0] = float("nan")
+        _retarget(folder, state)
+    elif damage in ("huge", "large"):  # finite: without the bound, mode M trained on NaN targets and recorded 10 %
+        state["features.0.weight" if damage == "huge" else "classifier.bias"][0] = 3e38 if damage == "huge" else -101
         _retarget(folder, state)
     elif damage == "shape":
         state["classifier.weight"] = torch.zeros(10, 8)
@@ -402,7 +407,7 @@ def test_a_teacher_for_another_dataset_is_refused(teacher_at, run_cli, tmp_path)
     teacher_at(tmp_path / "t")
     result = run_cli("generate", "--dataset", "mnist5k-val", "--method", "random", "--ipc", 1, "-o", tmp_path / "s.h5",
                      "--soft-labels", "teacher", "--teacher", tmp_path / "t", "--quiet")
-    assert result.exit_code == 1 and "was trained on mnist5k, not mnist5k-val" in result.stderr
+    assert result.exit_code == 2 and "was trained on mnist5k, not mnist5k-val" in result.stderr
     assert not (tmp_path / "s.h5").exists()
 
 
@@ -438,7 +443,7 @@ def test_score_refuses_a_set_with_bad_soft_labels_in_one_line(run_cheap, tmp_pat
 
 @pytest.mark.parametrize("args, code, message", [
     (("--labels", "soft"), 2, "a Track 2 generator's images carry none; score it with --teacher DIR"),
-    (("--teacher", "{t}", "--dataset", "mnist5k-val"), 1, "was trained on mnist5k, not mnist5k-val"),
+    (("--teacher", "{t}", "--dataset", "mnist5k-val"), 2, "was trained on mnist5k, not mnist5k-val"),
 ])
 @pytest.mark.parametrize("mixed", [False, True])
 def test_track2_label_measures_it_cannot_give_are_refused_before_the_generator_runs(

@@ -128,6 +128,21 @@ def load_train(spec: DatasetSpec, root: str | os.PathLike | None = None) -> tupl
         return images[~held], labels[~held]
     if spec.name == "mnist5k":
         return mnist5k.load("train")
+    return _read_store(spec, root, images=True)
+
+
+def class_sizes(spec: DatasetSpec, root: str | os.PathLike | None = None) -> np.ndarray:
+    """Training images per class (int64 (classes,)), reading only the labels:
+    what a real-image subset of some IPC can draw from."""
+    base = get_dataset(spec.validation_of) if spec.validation_of is not None else spec
+    labels = mnist5k.load("train")[1] if base.name == "mnist5k" else _read_store(base, root, images=False)[1]
+    if spec.validation_of is not None:
+        labels = labels[~held_out(labels, base.classes)]
+    return np.bincount(labels, minlength=spec.classes)
+
+
+def _read_store(spec: DatasetSpec, root, images: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """(images or None, labels) of a training store, checked against `spec`."""
     path = train_store_path(spec, root)
     if not path.is_file():
         raise DatasetError(
@@ -138,12 +153,15 @@ def load_train(spec: DatasetSpec, root: str | os.PathLike | None = None) -> tupl
 
     try:
         with h5py.File(path, "r") as f:
-            images, labels = f["images"][()], f["labels"][()].astype(np.int64)
+            labels = f["labels"][()].astype(np.int64)
+            pixels = f["images"][()] if images else None
+            count, dtype, shape = f["images"].shape[0], f["images"].dtype, f["images"].shape
     except (OSError, KeyError) as exc:
         raise DatasetError(f"training store {path} is not readable ({exc}); write it again") from None
-    if images.dtype != np.uint8 or images.shape[1:] != spec.image_shape or labels.shape != (images.shape[0],):
+    if dtype != np.uint8 or shape[1:] != spec.image_shape or labels.shape != (count,) \
+            or (len(labels) and not 0 <= labels.min() <= labels.max() < spec.classes):
         raise DatasetError(
-            f"training store {path} holds {images.dtype} {images.shape} images and {labels.shape} labels; "
-            f"expected uint8 (N, {', '.join(map(str, spec.image_shape))}) and (N,)"
+            f"training store {path} holds {dtype} {shape} images and {labels.shape} labels; "
+            f"expected uint8 (N, {', '.join(map(str, spec.image_shape))}) and (N,) labels from 0 to {spec.classes - 1}"
         )
-    return images, labels
+    return pixels, labels

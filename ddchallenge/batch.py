@@ -34,7 +34,7 @@ from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
-from ddchallenge.measures import check_before_reading
+from ddchallenge.measures import check_before_reading, current_full
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
 from ddchallenge.records import read_record, sign
 from ddchallenge.score import ScoreResult, score, upload_name
@@ -235,7 +235,7 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     outcomes, busy = [], 0.0
     with ResultsLock(out):
         for path, name in zip(paths, names):
-            todo = triage(path, name, out, settings)
+            todo = triage(path, name, out, settings, ref_dir)
             if isinstance(todo, Pending):
                 if len(uploads) > 1:
                     log.info("scoring %s", clean(str(path)))
@@ -248,15 +248,17 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     return BatchSummary(outcomes, time.monotonic() - start, busy, resolve_device(device).type == "cuda")
 
 
-def triage(path: Path, name: str, out: Path, settings: BatchSettings) -> BatchOutcome | Pending:
+def triage(path: Path, name: str, out: Path, settings: BatchSettings,
+           ref_dir: str | os.PathLike | None = None) -> BatchOutcome | Pending:
     """The outcome already recorded for this upload, if one can be trusted;
-    otherwise what scoring it needs."""
+    otherwise what scoring it needs. `ref_dir`: the batch's --ref (a reused
+    baseline row's HLR is brought up to date against its test set)."""
     try:
         upload_sha = digest(path, settings.rules, track2=settings.budget_for(path) is not None)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
         return settle(Pending(path, name, ""), out, settings, classify(exc))
     key = record_key(name)
-    return _trusted(out / f"{key}.json", out / f"{key}.failed.json", name, upload_sha, settings) or \
+    return _trusted(out / f"{key}.json", out / f"{key}.failed.json", name, upload_sha, settings, ref_dir) or \
         Pending(path, name, upload_sha)
 
 
@@ -304,9 +306,7 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
         result = tried.result
         if result.submission_sha256 is None and todo.upload_sha:  # a folder: its digest, never a null beside it
             result = dataclasses.replace(result, submission_sha256=todo.upload_sha)
-        record = sign({**dataclasses.asdict(result), "key": key, "upload_sha256": todo.upload_sha,
-                       "settings": settings.fingerprint()}, settings.mac_key)
-        atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
+        _record_score(done, key, result, todo.upload_sha, settings)
         _remove(failed)
         return BatchOutcome(todo.name, "scored", result.score, None, done, result)
     record = sign({"status": "failed", "name": todo.name, "key": key, "submission": str(todo.path),
@@ -317,9 +317,18 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
     return BatchOutcome(todo.name, "over budget" if tried.over_budget else "failed", None, tried.reason, failed)
 
 
-def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: BatchSettings) -> BatchOutcome | None:
+def _record_score(done: Path, key: str, result: ScoreResult, upload_sha: str, settings: BatchSettings) -> None:
+    record = sign({**dataclasses.asdict(result), "key": key, "upload_sha256": upload_sha,
+                   "settings": settings.fingerprint()}, settings.mac_key)
+    atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: BatchSettings,
+             ref_dir: str | os.PathLike | None = None) -> BatchOutcome | None:
     """The outcome an earlier run recorded, if it can be trusted. A record
-    that is not a valid (signed, with a key) record is set aside, kept."""
+    that is not a valid (signed, with a key) record is set aside, kept. A
+    reused result's baseline rows get the HLR of the full-data cache as it
+    is now (`measures.current_full`), rewritten into the record if it moved."""
     for path in (done, failed):
         if not os.path.lexists(path):
             continue
@@ -345,6 +354,17 @@ def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: Bat
             log.warning("%s cannot be read by this version (%s); set aside as %s, scoring %s again", path,
                         clean(str(exc), 120), _set_aside(path), clean(name))
             continue
+        if settings.extras.baseline:
+            try:
+                rows = current_full(result.extras, {d.dataset: d.accuracies for d in result.datasets},
+                                    settings.recipe, settings.seed, settings.extras, ref_dir)
+            except DatasetError as exc:  # the test set is gone or broken: scoring again reports it properly
+                log.info("%s: HLR not checked (%s); scoring %s again", path, clean(str(exc), 160), clean(name))
+                return None
+            if rows != result.extras:
+                result = dataclasses.replace(result, extras=rows)
+                _record_score(done, record["key"], result, upload_sha, settings)
+                log.info("%s: HLR brought up to date with the full-data reference", path)
         return BatchOutcome(name, "done before", result.score, None, path, result)
     return None
 

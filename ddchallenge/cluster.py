@@ -170,7 +170,7 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
         outcomes: dict[int, BatchOutcome] = {}
         todo: dict[int, Pending] = {}
         for i, (path, name) in enumerate(zip(paths, names)):
-            found = triage(path, name, out, settings)
+            found = triage(path, name, out, settings, ref)
             if isinstance(found, Pending):
                 todo[i] = found
             else:

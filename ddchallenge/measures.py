@@ -186,6 +186,28 @@ def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: 
                            hlr=None if full is None else full - own)
 
 
+def current_full(rows: list[ExtraScore], set_accuracies: dict[str, list[float]], recipe: EvalRecipe, seed: int,
+                 request: ExtrasRequest, ref_dir: str | os.PathLike | None = None) -> list[ExtraScore]:
+    """`rows` (a recorded result's) with each baseline's full-data accuracy
+    and HLR as the cache holds them now, for the same recipe, seeds and test
+    set (`ref_dir`'s): a result reused on a rerun shows the HLR a new score
+    would, after `reference full` was run (or its cache entry removed)
+    since. Nothing trains; DatasetError if a test set cannot be read."""
+    tests: dict[str, str] = {}
+    out = []
+    for row in rows:
+        if not row.measure.startswith(BASELINE_PREFIX):
+            out.append(row)
+            continue
+        spec = get_dataset(row.dataset)
+        if spec.name not in tests:
+            tests[spec.name] = reference_digest(load_reference(spec, ref_dir))
+        full = read_full(spec, recipe, seed, root_of(request), tests[spec.name])
+        out.append(dataclasses.replace(row, full=full,
+                                       hlr=None if full is None else full - _fmean(set_accuracies[row.dataset])))
+    return out
+
+
 def baseline_cache(spec: DatasetSpec, method: str, settings: dict, seeds: list[int], test: str, device_name: str,
                    together: bool, root: Path, threads: int | None = None) -> tuple[Path, dict]:
     """The cache file and key of a baseline: everything that changes its

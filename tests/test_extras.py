@@ -274,6 +274,19 @@ def test_a_random_set_against_its_own_random_baseline_has_ior_zero_and_the_cache
     assert row2["seconds"] == 0.0 and row2["accuracies"] == row["accuracies"]
     assert row2["full"] == pytest.approx(0.91) and row2["hlr"] == pytest.approx(0.91 - row["mean"])
     assert "baseline:random" in r.stdout and "+0.00" in r.stdout
+    # the first results folder, run again: its record is reused (nothing trains) with the HLR the cache gives now,
+    # and again when the full-data entry is gone (a review found the HLR of when the record was made kept)
+    from ddchallenge.batch import record_key
+
+    kept = tmp_path / "a" / f"{record_key('set.h5')}.json"
+    for full in (0.91, None):
+        again = run_cli(*args, "--json", tmp_path / "again.json", "--output", tmp_path / "a")
+        assert again.exit_code == 0, again.output
+        for record_now in (read_record(kept), read_record(tmp_path / "again.json")):
+            (row_now,) = record_now["extras"]
+            assert record_now["seconds"] == record["seconds"] and row_now["accuracies"] == row["accuracies"]
+            assert row_now["full"] == pytest.approx(full) and (row_now["hlr"] is None) == (full is None)
+        path.unlink(missing_ok=True)
     # on a CPU the thread count changes the backward pass's float sums: another count is another entry, so the
     # set still has IOR 0 exactly against its own subset (a session-14 benchmark at 1 thread read a 2-thread entry)
     import torch

@@ -36,7 +36,7 @@ from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
 from ddchallenge.measures import check_before_reading, current_full
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
-from ddchallenge.records import read_record, sign
+from ddchallenge.records import MAC_FIELD, read_record, sign
 from ddchallenge.score import ScoreResult, score, upload_name
 from ddchallenge.upload import digest, is_generator
 
@@ -232,10 +232,10 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     if settings.rules.datasets is not None or track2:  # every upload holds these: a measure none can give stops
         check_before_reading(settings.rules.required(), settings.extras, track2)  # the batch once, before any
     out = Path(output_dir)
-    outcomes, busy = [], 0.0
+    outcomes, busy, tests = [], 0.0, {}
     with ResultsLock(out):
         for path, name in zip(paths, names):
-            todo = triage(path, name, out, settings, ref_dir)
+            todo = triage(path, name, out, settings, ref_dir, tests)
             if isinstance(todo, Pending):
                 if len(uploads) > 1:
                     log.info("scoring %s", clean(str(path)))
@@ -248,17 +248,18 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     return BatchSummary(outcomes, time.monotonic() - start, busy, resolve_device(device).type == "cuda")
 
 
-def triage(path: Path, name: str, out: Path, settings: BatchSettings,
-           ref_dir: str | os.PathLike | None = None) -> BatchOutcome | Pending:
+def triage(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir: str | os.PathLike | None = None,
+           tests: dict | None = None) -> BatchOutcome | Pending:
     """The outcome already recorded for this upload, if one can be trusted;
-    otherwise what scoring it needs. `ref_dir`: the batch's --ref (a reused
-    baseline row's HLR is brought up to date against its test set)."""
+    otherwise what scoring it needs. `ref_dir`: the batch's --ref, and
+    `tests`: the digests of its test sets, filled once per batch (a reused
+    baseline row's HLR is brought up to date against them)."""
     try:
         upload_sha = digest(path, settings.rules, track2=settings.budget_for(path) is not None)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
         return settle(Pending(path, name, ""), out, settings, classify(exc))
     key = record_key(name)
-    return _trusted(out / f"{key}.json", out / f"{key}.failed.json", name, upload_sha, settings, ref_dir) or \
+    return _trusted(out / f"{key}.json", out / f"{key}.failed.json", name, upload_sha, settings, ref_dir, tests) or \
         Pending(path, name, upload_sha)
 
 
@@ -306,7 +307,9 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
         result = tried.result
         if result.submission_sha256 is None and todo.upload_sha:  # a folder: its digest, never a null beside it
             result = dataclasses.replace(result, submission_sha256=todo.upload_sha)
-        _record_score(done, key, result, todo.upload_sha, settings)
+        record = sign({**dataclasses.asdict(result), "key": key, "upload_sha256": todo.upload_sha,
+                       "settings": settings.fingerprint()}, settings.mac_key)
+        atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
         _remove(failed)
         return BatchOutcome(todo.name, "scored", result.score, None, done, result)
     record = sign({"status": "failed", "name": todo.name, "key": key, "submission": str(todo.path),
@@ -317,18 +320,12 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
     return BatchOutcome(todo.name, "over budget" if tried.over_budget else "failed", None, tried.reason, failed)
 
 
-def _record_score(done: Path, key: str, result: ScoreResult, upload_sha: str, settings: BatchSettings) -> None:
-    record = sign({**dataclasses.asdict(result), "key": key, "upload_sha256": upload_sha,
-                   "settings": settings.fingerprint()}, settings.mac_key)
-    atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
-
-
 def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: BatchSettings,
-             ref_dir: str | os.PathLike | None = None) -> BatchOutcome | None:
+             ref_dir: str | os.PathLike | None = None, tests: dict | None = None) -> BatchOutcome | None:
     """The outcome an earlier run recorded, if it can be trusted. A record
     that is not a valid (signed, with a key) record is set aside, kept. A
-    reused result's baseline rows get the HLR of the full-data cache as it
-    is now (`measures.current_full`), rewritten into the record if it moved."""
+    reused result with a baseline gets the HLR of the full-data cache as it
+    is now (`_current_hlr`)."""
     for path in (done, failed):
         if not os.path.lexists(path):
             continue
@@ -355,18 +352,41 @@ def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: Bat
                         clean(str(exc), 120), _set_aside(path), clean(name))
             continue
         if settings.extras.baseline:
-            try:
-                rows = current_full(result.extras, {d.dataset: d.accuracies for d in result.datasets},
-                                    settings.recipe, settings.seed, settings.extras, ref_dir)
-            except DatasetError as exc:  # the test set is gone or broken: scoring again reports it properly
-                log.info("%s: HLR not checked (%s); scoring %s again", path, clean(str(exc), 160), clean(name))
-                return None
-            if rows != result.extras:
-                result = dataclasses.replace(result, extras=rows)
-                _record_score(done, record["key"], result, upload_sha, settings)
-                log.info("%s: HLR brought up to date with the full-data reference", path)
+            result = _current_hlr(path, record, result, settings, ref_dir, tests)
         return BatchOutcome(name, "done before", result.score, None, path, result)
     return None
+
+
+def _current_hlr(path: Path, record: dict, result: ScoreResult, settings: BatchSettings, ref_dir,
+                 tests: dict | None) -> ScoreResult:
+    """A reused result with the full-data accuracy and HLR the cache holds
+    now (`measures.current_full`: what scoring it again would give, without
+    training), its record rewritten when they moved, every other field kept.
+    Kept as recorded when a test set cannot be read, when the record is
+    signed and this batch has no key to sign it again (rewriting it would
+    strip its MAC), or when the rewrite fails: the HLR is the one number
+    that can go stale, never a reason to lose or re-score a record."""
+    try:
+        rows = current_full(result.extras, {d.dataset: d.accuracies for d in result.datasets}, settings.recipe,
+                            settings.seed, settings.extras, ref_dir, tests)
+    except (DatasetError, OSError, ValueError) as exc:
+        log.warning("%s: HLR not brought up to date (%s); kept as recorded", path, clean(str(exc), 160))
+        return result
+    if rows == result.extras:
+        return result
+    if MAC_FIELD in record and settings.mac_key is None:
+        log.warning("%s: the full-data reference gives another HLR now, but the record is signed and this batch "
+                    "has no --record-key to sign it again; kept as recorded", path)
+        return result
+    updated = {k: v for k, v in record.items() if k != MAC_FIELD}
+    updated["extras"] = [dataclasses.asdict(r) for r in rows]
+    try:
+        atomic_write_bytes(path, json.dumps(sign(updated, settings.mac_key), indent=2, sort_keys=True).encode())
+    except OSError as exc:
+        log.warning("%s: HLR not brought up to date (%s); kept as recorded", path, clean(str(exc), 160))
+        return result
+    log.info("%s: HLR brought up to date with the full-data reference", path)
+    return dataclasses.replace(result, extras=rows)
 
 
 def _set_aside(path: Path) -> str:

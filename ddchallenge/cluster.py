@@ -169,8 +169,9 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
         ref = os.path.abspath(ref_dir) if ref_dir is not None else None
         outcomes: dict[int, BatchOutcome] = {}
         todo: dict[int, Pending] = {}
+        tests: dict[str, str] = {}  # test-set digests, read once for the batch
         for i, (path, name) in enumerate(zip(paths, names)):
-            found = triage(path, name, out, settings, ref)
+            found = triage(path, name, out, settings, ref, tests)
             if isinstance(found, Pending):
                 todo[i] = found
             else:

@@ -187,13 +187,18 @@ def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: 
 
 
 def current_full(rows: list[ExtraScore], set_accuracies: dict[str, list[float]], recipe: EvalRecipe, seed: int,
-                 request: ExtrasRequest, ref_dir: str | os.PathLike | None = None) -> list[ExtraScore]:
+                 request: ExtrasRequest, ref_dir: str | os.PathLike | None = None,
+                 tests: dict[str, str] | None = None) -> list[ExtraScore]:
     """`rows` (a recorded result's) with each baseline's full-data accuracy
-    and HLR as the cache holds them now, for the same recipe, seeds and test
-    set (`ref_dir`'s): a result reused on a rerun shows the HLR a new score
-    would, after `reference full` was run (or its cache entry removed)
-    since. Nothing trains; DatasetError if a test set cannot be read."""
-    tests: dict[str, str] = {}
+    and HLR as the cache holds them for the same recipe, seeds and test set
+    (`ref_dir`'s) now, so that a result reused on a rerun shows the HLR a
+    new score would after `reference full` was run. Nothing trains. A row
+    for which the cache holds nothing now (another data root, a removed or
+    damaged entry) keeps what it recorded: never cleared. `tests`: test-set
+    digests by dataset, filled as computed, so that a batch reads each test
+    set once. Raises what reading a test set raises (DatasetError, OSError,
+    ValueError)."""
+    tests = {} if tests is None else tests
     out = []
     for row in rows:
         if not row.measure.startswith(BASELINE_PREFIX):
@@ -203,8 +208,8 @@ def current_full(rows: list[ExtraScore], set_accuracies: dict[str, list[float]],
         if spec.name not in tests:
             tests[spec.name] = reference_digest(load_reference(spec, ref_dir))
         full = read_full(spec, recipe, seed, root_of(request), tests[spec.name])
-        out.append(dataclasses.replace(row, full=full,
-                                       hlr=None if full is None else full - _fmean(set_accuracies[row.dataset])))
+        out.append(row if full is None else
+                   dataclasses.replace(row, full=full, hlr=full - _fmean(set_accuracies[row.dataset])))
     return out
 
 

@@ -19,7 +19,7 @@ from tabulate import tabulate
 from ddchallenge.data import denormalise
 from ddchallenge.errors import RecordError, UsageError
 from ddchallenge.isolation import clean
-from ddchallenge.records import check_record, is_failed, read_record
+from ddchallenge.records import canonical, check_record, is_failed, read_record
 from ddchallenge.score import ScoreResult
 from ddchallenge.submission import DatasetEntry
 
@@ -222,7 +222,9 @@ def rank_records(records: list[dict], include_unofficial: bool = True) -> Leader
 
 def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include_unofficial: bool) -> Leaderboard:
     failed, seen, kept, duplicates = 0, set(), [], 0
-    for path, data in read:
+    # Of records given twice, the one kept is the first by content (then file name), never by argument order:
+    # two copies may differ where the identity does not look (an HLR brought up to date, the device).
+    for path, data in sorted(read, key=lambda pair: (canonical(pair[1]), pair[0])):
         if is_failed(data):
             failed += 1
             continue

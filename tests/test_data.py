@@ -283,9 +283,20 @@ def test_class_sizes_count_the_training_images_of_each_class(tmp_path, run_cli, 
     assert run_cli("data", "prepare", "mnist", "--root", root, "--source", src).exit_code == 0
     assert class_sizes(get_dataset("mnist"), root).tolist() == [3] * 10
     assert class_sizes(get_dataset("mnist-val"), root).tolist() == [2] * 10
+    with h5py.File(root / "mnist_train.h5", "r+") as f:  # a class with no images (the validation view needs one)
+        f["labels"][:] = np.where(f["labels"][()] == 9, 8, f["labels"][()])
+    for name in ("mnist", "mnist-val"):
+        with pytest.raises(DatasetError, match="has no images of class 9; write it again"):
+            class_sizes(get_dataset(name), root)
     with h5py.File(root / "mnist_train.h5", "r+") as f:  # a label past the classes
         f["labels"][0] = 10
     with pytest.raises(DatasetError, match=r"expected uint8 \(N, 1, 28, 28\) and \(N,\) labels from 0 to 9"):
         class_sizes(get_dataset("mnist"), root)
+    with h5py.File(root / "mnist_train.h5", "r+") as f:  # images that are one number, not an array
+        del f["images"]
+        f["images"] = np.uint8(3)
+    for read in (class_sizes, load_train):
+        with pytest.raises(DatasetError, match=r"holds uint8 \(\) images"):
+            read(get_dataset("mnist"), root)
     with pytest.raises(DatasetError, match="no training images for mnist"):
         class_sizes(get_dataset("mnist"), tmp_path / "nowhere")

@@ -11,7 +11,7 @@ from ddchallenge.extras import ExtraScore, recipe_hash, standard_error
 from ddchallenge.protocol import OFFICIAL
 from ddchallenge.records import read_record
 from ddchallenge.score import ScoreResult
-from tests.test_records import make_record, write
+from tests.test_records import KEY, make_record, write
 
 SET = [0.40, 0.50, 0.60]  # make_record's cifar100 accuracies
 
@@ -274,18 +274,18 @@ def test_a_random_set_against_its_own_random_baseline_has_ior_zero_and_the_cache
     assert row2["seconds"] == 0.0 and row2["accuracies"] == row["accuracies"]
     assert row2["full"] == pytest.approx(0.91) and row2["hlr"] == pytest.approx(0.91 - row["mean"])
     assert "baseline:random" in r.stdout and "+0.00" in r.stdout
-    # the first results folder, run again: its record is reused (nothing trains) with the HLR the cache gives now,
-    # and again when the full-data entry is gone (a review found the HLR of when the record was made kept)
+    # the first results folder, run again: its record is reused (nothing trains) with the HLR the cache gives now
+    # (a review found the HLR of when the record was made kept); with the entry gone, the HLR is kept, not cleared
     from ddchallenge.batch import record_key
 
     kept = tmp_path / "a" / f"{record_key('set.h5')}.json"
-    for full in (0.91, None):
+    for step in ("cached", "entry removed"):
         again = run_cli(*args, "--json", tmp_path / "again.json", "--output", tmp_path / "a")
         assert again.exit_code == 0, again.output
         for record_now in (read_record(kept), read_record(tmp_path / "again.json")):
             (row_now,) = record_now["extras"]
-            assert record_now["seconds"] == record["seconds"] and row_now["accuracies"] == row["accuracies"]
-            assert row_now["full"] == pytest.approx(full) and (row_now["hlr"] is None) == (full is None)
+            assert record_now["seconds"] == record["seconds"] and row_now["accuracies"] == row["accuracies"], step
+            assert row_now["full"] == pytest.approx(0.91) and row_now["hlr"] == pytest.approx(0.91 - row["mean"])
         path.unlink(missing_ok=True)
     # on a CPU the thread count changes the backward pass's float sums: another count is another entry, so the
     # set still has IOR 0 exactly against its own subset (a session-14 benchmark at 1 thread read a 2-thread entry)
@@ -309,6 +309,58 @@ def test_a_random_set_against_its_own_random_baseline_has_ior_zero_and_the_cache
     assert r.exit_code == 0, r.output
     assert "warning: baseline not cached in" in r.stderr and "+0.00" in r.stdout
     assert len(list((tmp_path / "c").glob("*.json"))) == 1 and not list((tmp_path / "c").glob("*.failed.json"))
+
+
+def test_a_reused_records_hlr_follows_the_cache_keeps_its_signature_and_survives_unreadable_test_sets(
+        run_cli, tmp_path, data_root, small, monkeypatch, caplog):
+    """Signed records: a rerun without the key never rewrites one (it would
+    strip the MAC); with the key it is rewritten and signed again. A test set
+    that cannot be read on rerun is a warning and the record is kept; each
+    test set is read once per batch, however many records reuse it."""
+    import ddchallenge.measures
+    from ddchallenge.batch import record_key
+    from ddchallenge.data import load_reference
+    from ddchallenge.measures import full_path, reference_digest, write_cache
+    from ddchallenge.protocol import get_dataset
+
+    (tmp_path / "sets").mkdir()
+    for seed in (1, 2):
+        made = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--seed", seed, "-o",
+                       tmp_path / "sets" / f"s{seed}.h5", "--quiet")
+        assert made.exit_code == 0, made.output
+    key = tmp_path / "key"
+    key.write_bytes(KEY)
+    uploads = [tmp_path / "sets" / "s1.h5", tmp_path / "sets" / "s2.h5"]
+    args = ("score", *uploads, *FAST, "--ref", small[1], "--rounds", 1, "--baseline", "random", "--output",
+            tmp_path / "out")
+    assert run_cli(*args, "--record-key", key).exit_code == 0
+    files = [tmp_path / "out" / f"{record_key(u.name)}.json" for u in uploads]
+    made = [f.read_bytes() for f in files]
+    spec, recipe = get_dataset("mnist5k"), dataclasses.replace(OFFICIAL, epochs=0, rounds=1)
+    path, cache_key = full_path(spec, recipe, 0, data_root, reference_digest(load_reference(spec, small[1])))
+    write_cache(path, cache_key, [0.91], 1.0, made_on="cpu")
+    reads = []
+    real = ddchallenge.measures.load_reference
+    monkeypatch.setattr(ddchallenge.measures, "load_reference", lambda *a: reads.append(a) or real(*a))
+    keyless = run_cli(*args)
+    assert keyless.exit_code == 0 and "0 scored, 2 done before" in keyless.stdout, keyless.output
+    assert [f.read_bytes() for f in files] == made and len(reads) == 1  # untouched; the test set read once
+    assert keyless.stderr.count("no --record-key to sign it again; kept as recorded") == 2
+    keyed = run_cli(*args, "--record-key", key)
+    assert keyed.exit_code == 0 and "0 scored, 2 done before" in keyed.stdout, keyed.output
+    for f in files:
+        (row,) = read_record(f, KEY)["extras"]  # signed again, under the key
+        assert row["full"] == pytest.approx(0.91)
+    # a test set that cannot be read now: the records are kept as they are, with a warning; nothing is re-scored
+    write_cache(path, cache_key, [0.5], 1.0, made_on="cpu")
+    now = [f.read_bytes() for f in files]
+    for error in (PermissionError(13, "Permission denied"), ValueError("a cannot be empty")):
+        def broken(*a, error=error):
+            raise error
+        monkeypatch.setattr(ddchallenge.measures, "load_reference", broken)
+        r = run_cli(*args, "--record-key", key)
+        assert r.exit_code == 0 and "0 scored, 2 done before" in r.stdout, r.output
+        assert r.stderr.count("HLR not brought up to date") == 2 and [f.read_bytes() for f in files] == now
 
 
 def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path):
@@ -543,6 +595,11 @@ def test_results_that_differ_in_extras_or_upload_bytes_are_two_entries_in_any_or
     boards = [rank_records(order) for order in orders]
     for board in boards:
         assert len(board.official) == 4 and board.duplicates == 1 and not board.refused
+    # copies that differ where the identity does not look (an HLR brought up to date): the same one kept either way
+    later = with_extras(baseline_row(full=0.9))
+    kept = [[e.record["extras"][0]["full"] for e in rank_records(order).official] for order in ([base, later],
+                                                                                                [later, base])]
+    assert kept[0] == kept[1] and len(kept[0]) == 1
     assert [sorted((e.record["submission_sha256"], tuple(x["measure"] for x in e.record.get("extras", [])))
                    for e in b.official) for b in boards] == \
         [sorted([(plain["submission_sha256"], ()), (plain["submission_sha256"], ("arch:vgg11",)),

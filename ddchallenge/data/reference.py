@@ -154,14 +154,18 @@ def _read_store(spec: DatasetSpec, root, images: bool) -> tuple[np.ndarray | Non
     try:
         with h5py.File(path, "r") as f:
             labels = f["labels"][()].astype(np.int64)
+            dtype, shape = f["images"].dtype, f["images"].shape
             pixels = f["images"][()] if images else None
-            count, dtype, shape = f["images"].shape[0], f["images"].dtype, f["images"].shape
-    except (OSError, KeyError) as exc:
+    except (OSError, KeyError, TypeError, ValueError) as exc:
         raise DatasetError(f"training store {path} is not readable ({exc}); write it again") from None
-    if dtype != np.uint8 or shape[1:] != spec.image_shape or labels.shape != (count,) \
+    if dtype != np.uint8 or shape[1:] != spec.image_shape or labels.shape != shape[:1] \
             or (len(labels) and not 0 <= labels.min() <= labels.max() < spec.classes):
         raise DatasetError(
             f"training store {path} holds {dtype} {shape} images and {labels.shape} labels; "
             f"expected uint8 (N, {', '.join(map(str, spec.image_shape))}) and (N,) labels from 0 to {spec.classes - 1}"
         )
+    empty = np.flatnonzero(np.bincount(labels, minlength=spec.classes) == 0)
+    if len(empty):
+        raise DatasetError(f"training store {path} has no images of class {int(empty[0])}; write it again with "
+                           f"`ddchallenge data prepare {spec.name}`")
     return pixels, labels

@@ -196,8 +196,8 @@ def load_leaderboard(paths: list[str | os.PathLike], include_unofficial: bool = 
     with `key`, also one not signed under it) is refused with its reason,
     never ranked; failed-upload records are counted; a record given twice
     (same name, upload bytes, recipe, seed and extra measures) is listed
-    once; non-official
-    budgets are ranked apart, and only with `include_unofficial`."""
+    once; non-official budgets are ranked apart, and only with
+    `include_unofficial`."""
     refused, read = [], []
     for path in record_files(paths):
         try:
@@ -229,8 +229,8 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
             failed += 1
             continue
         # Identity of a result: who, which bytes (per dataset, and the upload's: a soft-label companion is part of
-        # it), under which recipe and seed, with which extra measures. Two results that differ in any of these are
-        # two entries, so that the board never depends on the order its records were given in.
+        # it), under which recipe and seed, with which extra measures. Results that differ in any of these are
+        # entries of their own.
         ident = (data["name"], tuple(sorted((d["dataset"], d["sha256"]) for d in data["datasets"])),
                  data.get("submission_sha256"), data["recipe_hash"], data["seed"],
                  tuple(sorted((e["measure"], e["dataset"], e["recipe_hash"]) for e in data.get("extras", []))))

@@ -10,8 +10,8 @@ Training is the challenge's recipe (`train.train_round`: SGD, the lr drop,
 DSA) on the whole training set for `epochs` (default TEACHER_EPOCHS), one
 round. Loading checks every field of teacher.json and every tensor's name,
 shape, dtype, finiteness and magnitude against the network the JSON
-describes, and the
-weights' sha256 against the one recorded; anything else is a TeacherError.
+describes, and the weights' sha256 against the one recorded; anything else
+is a TeacherError.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ddchallenge import __version__, errors
+from ddchallenge.fileio import check_writable
 from ddchallenge.isolation import clean
 from ddchallenge.progress import shown
 from ddchallenge.protocol import DATASET_NAMES, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED
@@ -44,6 +45,9 @@ class _Group(click.Group):
             raise _OneLineError(str(exc), 2) from None
         except errors.DDChallengeError as exc:
             raise _OneLineError(str(exc), 1) from None
+        except OSError as exc:  # a file the command could not read or write, found only when it tried
+            where = f" {exc.filename}" if exc.filename else ""
+            raise _OneLineError(f"could not read or write{where}: {exc.strerror or exc}", 1) from None
 
 
 class _StderrHandler(logging.Handler):
@@ -195,6 +199,8 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
 
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
+    if json_path is not None and str(json_path) != "-":
+        check_writable(json_path, "--json", replaceable=b"{")  # before the score, not after
     from ddchallenge.evaluation.pool import parse_archs
     from ddchallenge.extras import ExtrasRequest
 
@@ -334,6 +340,7 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
     if output.suffix.lower() != ".h5":  # the set is HDF5 whatever its name says
         raise errors.UsageError(f"-o {output}: a labelled set is an HDF5 file; name it with .h5 (e.g. "
                                 f"{output.with_suffix('.h5').name})")
+    check_writable(output, "-o")  # an existing set is generate's own --force check
     teacher = _set_teacher(dataset, soft_labels, teacher_dir, track)
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
@@ -436,6 +443,9 @@ def teacher_command(dataset, output, epochs, seed, root, device, force, quiet):
     challenge's recipe, recorded in the folder."""
     from ddchallenge.teacher import TEACHER_EPOCHS, make_teacher
 
+    if output is not None:
+        check_writable(output, "-o", folder=True)  # before the training, not after
+
     with shown(not quiet):
         t, kept = make_teacher(dataset, output, TEACHER_EPOCHS if epochs is None else epochs, seed, device, root,
                                force, progress=not quiet)
@@ -469,6 +479,8 @@ def train_command(dataset, output, preset, steps, batch_size, space, vae, checkp
     from ddchallenge.diffusion.config import train_config
     from ddchallenge.diffusion.train import saved_config, train
 
+    check_writable(output, "-o", folder=True)  # before the training, not after
+
     if vae is not None and space is None:
         space = "latent"  # a VAE only makes sense there
     given = dict(steps=steps, batch_size=batch_size, space=space, vae=vae, checkpoint_every=checkpoint_every,
@@ -496,6 +508,8 @@ def train_vae_command(dataset, output, preset, steps, seed, root, device, force,
     """Train an AutoencoderKL on DATASET for latent-space generators (`train --vae`)."""
     from ddchallenge.diffusion.config import vae_config
     from ddchallenge.diffusion.train import train_vae
+
+    check_writable(output, "-o", folder=True)  # before the training, not after
 
     r = train_vae(vae_config(dataset, preset, steps=steps, seed=seed), output, device=device, root=root, force=force,
                   progress=not quiet)
@@ -597,6 +611,7 @@ def pack(sets, output, track, force, input_normalised):
     """Pack labelled SETS into OUTPUT/res/, manifest.json and submission.zip."""
     from ddchallenge.pack import pack as run_pack
 
+    check_writable(output, "-o", folder=True)
     manifest = run_pack(list(sets), output, track=int(track) if track else None, force=force,
                         input_normalised=input_normalised)
     for d in manifest["datasets"]:
@@ -620,6 +635,7 @@ def show(submission, output, dataset, classes, per_class):
     fmt = IMAGE_FORMATS.get(output.suffix.lower())
     if fmt is None:
         raise errors.UsageError(f"-o {output}: write .png or .jpg (the format follows the suffix)")
+    check_writable(output, "-o", replaceable=(b"\x89PNG", b"\xff\xd8\xff"))
     entries = load_submission(submission, dataset, rules=None)
     for entry in entries:
         # One grid per dataset: name them apart when there are several.

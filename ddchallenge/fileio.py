@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ddchallenge.errors import OutputExistsError
+from ddchallenge.errors import OutputExistsError, UsageError
 
 # No challenge file comes near this; a larger one is refused before it is read
 # into memory. (Tiny-ImageNet at IPC 100 is about 1 GB of float32.)
@@ -25,6 +25,41 @@ MAX_FILE_BYTES = 4 << 30
 # read by setting it.)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def check_writable(path: str | os.PathLike, option: str, replaceable: bytes | tuple[bytes, ...] | None = None,
+                   folder: bool = False) -> None:
+    """UsageError, before any work, unless `path` can be written as a file
+    (or, with `folder`, as a folder to write into): a file's path is no
+    folder, the nearest folder that exists at or above it is a folder where
+    a file can be made (tried: a temporary file is made and removed, so
+    read-only mounts and /proc are found too), and, with `replaceable`, an
+    existing file starts with one of those bytes (what this option writes),
+    so that a file of the user's is never overwritten."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise UsageError(f"{option} {path} is a folder; name a file to write")
+    folder = path if folder else path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: {folder} is a file, not a folder; name a path in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ddchallenge-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{option} {path} cannot be written ({exc.strerror or exc} in {folder}); name a path in a "
+                         "folder you can write") from None
+    if replaceable is not None and os.path.lexists(path):
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(64).lstrip()
+        except OSError:
+            head = b""
+        if path.is_symlink() or not path.is_file() or not head.startswith(replaceable):
+            raise UsageError(f"{option} {path} exists and is not a file this option writes; name a new file, or "
+                             "move that one away")
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -104,6 +104,60 @@ def test_an_output_that_names_no_file_is_one_line(run_cli, official_file, tmp_pa
     assert sorted(map(str, tmp_path.rglob("*"))) == before
 
 
+UNWRITABLE_COMMANDS = {
+    "generate": ["generate", "--dataset", "mnist5k", "--method", "random", "--ipc", "1", "-o", "{out}.h5"],
+    "show": ["show", "{official}", "-o", "{out}.png"],
+    "pack": ["pack", "{set}", "-o", "{out}"],
+    "score --json": ["score", "{official}", "--dataset", "mnist5k", "--epochs", "0", "--rounds", "1", "--quiet",
+                     "--output", "{tmp}/results", "--json", "{out}.json"],
+    "train": ["train", "mnist5k", "--preset", "tiny", "--steps", "1", "--quiet", "-o", "{out}"],
+    "train-vae": ["train-vae", "mnist5k", "--steps", "1", "--quiet", "-o", "{out}"],
+    "teacher": ["teacher", "mnist5k", "--epochs", "0", "--quiet", "-o", "{out}"],
+}
+
+
+@pytest.mark.parametrize("command", UNWRITABLE_COMMANDS, ids=str)
+@pytest.mark.parametrize("where", ["a file", "/proc"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(run_cli, official_file, tmp_path, command,
+                                                                     where):
+    """A review found tracebacks (FileExistsError, FileNotFoundError) after the
+    work was done, and `score --json` recording before it crashed: every
+    output is tried first, one line, exit 2 (not the exit 1 of a failure
+    found after the work), nothing written (no record either)."""
+    made = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", "1", "-o", tmp_path / "s.h5",
+                   "--quiet")
+    assert made.exit_code == 0, made.output
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "x" if where == "a file" else Path("/proc/ddchallenge-x")
+    before = sorted(map(str, tmp_path.rglob("*")))
+    r = run_cli(*[a.format(out=out, official=official_file, set=tmp_path / "s.h5", tmp=tmp_path)
+                  for a in UNWRITABLE_COMMANDS[command]])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.output
+    assert ("is a file, not a folder" if where == "a file" else "cannot be written") in lines[0]
+    assert sorted(map(str, tmp_path.rglob("*"))) == before
+
+
+def test_score_json_and_show_never_overwrite_a_file_of_the_users(run_cli, official_file, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    for args in (["score", official_file, "--dataset", "mnist5k", "--epochs", "0", "--rounds", "1", "--quiet",
+                  "--output", tmp_path / "results", "--json", notes], ["show", official_file, "-o", notes]):
+        if args[0] == "show":
+            notes.rename(tmp_path / "notes.png")
+            notes = args[-1] = tmp_path / "notes.png"
+        r = run_cli(*args)
+        assert r.exit_code == 2 and "exists and is not a file this option writes" in r.stderr, r.output
+        assert notes.read_text() == "my notes" and not (tmp_path / "results").exists()
+    # what the option wrote before is replaced, as a rerun expects
+    for args in (["score", official_file, "--dataset", "mnist5k", "--epochs", "0", "--rounds", "1", "--quiet",
+                  "--output", tmp_path / "results", "--json", tmp_path / "r.json"],
+                 ["show", official_file, "-o", tmp_path / "g.png"]):
+        for _ in range(2):
+            r = run_cli(*args)
+            assert r.exit_code == 0, r.output
+
+
 @pytest.mark.parametrize("where", [".", "./", ".."])
 def test_score_the_current_folder(run_cli, official_file, tmp_path, where):
     sub = tmp_path / "team" / "res"

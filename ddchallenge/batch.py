@@ -309,14 +309,14 @@ def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) ->
             result = dataclasses.replace(result, submission_sha256=todo.upload_sha)
         record = sign({**dataclasses.asdict(result), "key": key, "upload_sha256": todo.upload_sha,
                        "settings": settings.fingerprint()}, settings.mac_key)
+        _supersede(done, failed)
         atomic_write_bytes(done, json.dumps(record, indent=2, sort_keys=True).encode())
-        _remove(failed)
         return BatchOutcome(todo.name, "scored", result.score, None, done, result)
     record = sign({"status": "failed", "name": todo.name, "key": key, "submission": str(todo.path),
                    "reason": tried.reason, "upload_sha256": todo.upload_sha or None, "settings": settings.fingerprint(),
                    "over_budget": tried.over_budget}, settings.mac_key)
+    _supersede(done, failed)
     atomic_write_bytes(failed, json.dumps(record, indent=2, sort_keys=True).encode())
-    _remove(done)
     return BatchOutcome(todo.name, "over budget" if tried.over_budget else "failed", None, tried.reason, failed)
 
 
@@ -389,11 +389,21 @@ def _current_hlr(path: Path, record: dict, result: ScoreResult, settings: BatchS
     return dataclasses.replace(result, extras=rows)
 
 
-def _set_aside(path: Path) -> str:
-    """Rename a record that cannot be trusted to `<name>.rejected-<n>` (kept
-    for whoever investigates; never read as a record again)."""
+def _supersede(*paths: Path) -> None:
+    """Keep the records a new one replaces (made from other bytes or under
+    other settings: a trusted one is never scored again) as
+    `<name>.superseded-<n>`, never read as records again: a rerun with a
+    mistaken option loses no earlier score, which renaming it back restores."""
+    for path in paths:
+        if os.path.lexists(path):
+            log.info("kept the earlier record %s as %s", path.name, _set_aside(path, "superseded"))
+
+
+def _set_aside(path: Path, why: str = "rejected") -> str:
+    """Rename a record to `<name>.<why>-<n>` (`rejected`: one that cannot be
+    trusted, kept for whoever investigates); never read as a record again."""
     for n in range(1, 10_000):
-        target = path.with_name(f"{path.name}.rejected-{n}")
+        target = path.with_name(f"{path.name}.{why}-{n}")
         if not os.path.lexists(target):
             try:
                 os.rename(path, target)  # under the results lock: no other batch takes the same name
@@ -461,10 +471,3 @@ class ResultsLock:
 
     def __del__(self) -> None:
         self.release()
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

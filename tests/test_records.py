@@ -238,6 +238,27 @@ def test_planted_records_with_the_uploads_true_sha256_are_set_aside_and_rescored
     assert json.loads((out / f"{record.name}.rejected-1").read_text())["score"] == "99.90"  # kept as it was
 
 
+def test_a_rerun_under_a_mistaken_option_keeps_the_earlier_score_aside(run_cli, official_file, tmp_path):
+    """A new user's review: `--ipc 3` by mistake on a rerun replaced a good
+    record with a failed one. The failure is recorded (the rules of this run
+    refuse the upload), and the earlier score is kept as
+    `<record>.superseded-1`, which the leaderboard never reads and renaming
+    it back restores."""
+    out = tmp_path / "results"
+    assert run_cli("score", official_file, *FAST, "--output", out).exit_code == 0
+    record = out / f"{record_key(official_file.name)}.json"
+    made = record.read_bytes()
+    r = run_cli("score", official_file, *FAST, "--output", out, "--ipc", 3)
+    assert r.exit_code == 1 and "the rules allow IPC 3" in r.stderr, r.output
+    assert f"kept the earlier record {record.name} as {record.name}.superseded-1" in r.stderr
+    assert (out / f"{record.name}.superseded-1").read_bytes() == made and not record.exists()
+    assert sorted(p.name for p in out.glob("*.json")) == [record.name.replace(".json", ".failed.json")]
+    # scored again under the first settings: the failure is superseded in turn, and nothing is ever deleted
+    assert run_cli("score", official_file, *FAST, "--output", out).exit_code == 0
+    assert sorted(p.name.split(".", 1)[1] for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["failed.json.superseded-1", "json", "json.superseded-1"]
+
+
 RERUN = [forged, setter("score", "0.999"), setter("score", float("nan")), setter("score", float("inf")), setter("score", True),
          setter("official_budget", "true"), deleter("std", 0), deleter("ipc", 0), setter("datasets", "mnist5k"),
          setter("name", "other.pt"), setter("seed", 3), lambda r: r.update(status="failed")]

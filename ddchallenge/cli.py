@@ -435,7 +435,8 @@ def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, 
               help="Seed of the weights, batch order and augmentation.")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it holds anything but this teacher.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is a teacher folder made with other settings "
+              "(never a folder of anything else).")
 @quiet_option
 def teacher_command(dataset, output, epochs, seed, root, device, force, quiet):
     """Train a teacher for `score --teacher` and `generate --soft-labels
@@ -490,6 +491,10 @@ def train_command(dataset, output, preset, steps, batch_size, space, vae, checkp
     else:
         config = train_config(dataset, preset, **given)
     r = train(config, output, device=device, root=root, resume=resume, progress=not quiet)
+    if r.steps == r.resumed_from:  # --resume on a finished run: nothing trained, no rate or loss to show
+        click.echo(f"{output} is already trained to its last step ({r.steps}); nothing to train; checkpoint "
+                   f"{r.checkpoint}")
+        return
     click.echo(f"trained {dataset} to step {r.steps} ({r.images_per_second:.1f} images/s, last loss "
                f"{r.final_loss:.4f}); checkpoint {r.checkpoint}")
 
@@ -653,7 +658,9 @@ def show(submission, output, dataset, classes, per_class):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def verify(recipes, with_score, device, strict, record, quiet):
     """Regenerate and repack RECIPES from scratch; check bytes, or pixels
-    within the recipe's tolerance (and the score band with --score)."""
+    within the recipe's tolerance (and the score band with --score). A
+    recipe of a diffusion method trains its own model first (its [train]
+    section): minutes on a GPU, tens of minutes on a CPU."""
     from ddchallenge.verify import record as run_record
     from ddchallenge.verify import verify as run_verify
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import logging
 import os
 import re
 import tempfile
@@ -52,6 +53,8 @@ from ddchallenge.errors import DDChallengeError, UsageError
 from ddchallenge.fileio import atomic_write_bytes, sha256_bytes
 from ddchallenge.protocol import OFFICIAL, DatasetSpec, get_dataset
 from ddchallenge.score import ScoreResult, score
+
+log = logging.getLogger(__name__)
 
 REFERENCE_SUFFIX = ".images.npy.gz"
 # The largest reference a recipe may name, decompressed: Tiny-ImageNet at IPC 50
@@ -330,7 +333,10 @@ def regenerate(recipe: Recipe, tmp: Path, device: str = "auto", progress: bool =
             from ddchallenge.diffusion.config import train_config
             from ddchallenge.diffusion.train import train
 
-            train(train_config(recipe.dataset, **recipe.train), tmp / "model", device=device, progress=progress)
+            config = train_config(recipe.dataset, **recipe.train)
+            log.info("%s trains its own %s model first (%d steps; on a CPU this can take many minutes)",
+                     recipe.path.name, config.preset, config.steps)
+            train(config, tmp / "model", device=device, progress=progress)
             options["model"] = str(tmp / "model")
         config = GenerateConfig(recipe.dataset, recipe.method, recipe.ipc, recipe.seed, device=device,
                                 options=options)

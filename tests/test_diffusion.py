@@ -162,6 +162,10 @@ def test_train_refusals(tiny_model, tmp_path, run_cli):
     assert r.exit_code == 2 and "was trained with steps 4, not 9" in r.stderr
     r = run_cli("train", "mnist5k", "--resume", "-o", tmp_path / "empty")
     assert r.exit_code == 2 and "nothing to resume" in r.stderr
+    shutil.copytree(tiny_model, tmp_path / "done")  # finished: --resume trains nothing and says so (no "nan" loss)
+    r = run_cli("train", "mnist5k", "--resume", "-o", tmp_path / "done", "--quiet")
+    assert r.exit_code == 0 and r.stdout.startswith(f"{tmp_path / 'done'} is already trained to its last step (4); "
+                                                    "nothing to train") and "nan" not in r.stdout, r.output
     r = run_cli("train", "mnist5k", "--preset", "huge", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "no training preset 'huge'; presets: tiny, mnist5k" in r.stderr
     r = run_cli("train", "mnist5k", "--space", "latent", "-o", tmp_path / "x")

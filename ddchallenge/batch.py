@@ -189,8 +189,8 @@ def not_an_upload(path: Path, rules: UploadRules) -> str | None:
                 return None
         except OSError:
             return None  # unreadable: the upload's failure, with the reason, when it is read
-        return (f"{clean(str(path))} is a folder but not an upload: it holds no res/ folder, no <dataset>.pt or .h5 "
-                f"file and no generator (ddchallenge.json); pass {FORMS}")
+        return (f"{clean(str(path))} is a folder but not an upload: it holds no res/ folder, no file named for a "
+                f"dataset (<dataset>.pt or <dataset>.h5) and no generator (ddchallenge.json); pass {FORMS}")
     if path.suffix.lower() not in (".pt", ".h5", ".hdf5", ".zip"):
         return f"{clean(str(path))} is not an upload (a {path.suffix or 'suffix-less'} file); pass {FORMS}"
     named = DATASETS.get(path.stem.lower())

@@ -237,7 +237,7 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
         click.echo(batch_table(summary.outcomes))
         if not settings.recipe.is_official:  # as loud as a single upload's table says it
             r = settings.recipe
-            click.echo(f"*** {NOT_OFFICIAL}: {r.epochs} epochs, {plural(r.rounds, 'round')} (recipe {r.hash()}); "
+            click.echo(f"*** {NOT_OFFICIAL}: {plural(r.epochs, 'epoch')}, {plural(r.rounds, 'round')} (recipe {r.hash()}); "
                        "these numbers are not leaderboard numbers ***")
         click.echo(summary.line())
         if summary.count("refused"):  # the command line is wrong: a bad option's exit code
@@ -637,9 +637,14 @@ def show(submission, output, dataset, classes, per_class):
     from ddchallenge.report import IMAGE_FORMATS, image_grid
     from ddchallenge.submission import load_submission
 
+    from ddchallenge.upload import is_generator
+
     fmt = IMAGE_FORMATS.get(output.suffix.lower())
     if fmt is None:
         raise errors.UsageError(f"-o {output}: write .png or .jpg (the format follows the suffix)")
+    if is_generator(submission):
+        raise errors.UsageError(f"{submission} is a generator folder, not images; make a set with `ddchallenge "
+                                f"generate --model {submission} --dataset DATASET --ipc N -o set.h5` and show that")
     check_writable(output, "-o", replaceable=(b"\x89PNG", b"\xff\xd8\xff"))
     entries = load_submission(submission, dataset, rules=None)
     for entry in entries:
@@ -717,6 +722,9 @@ def leaderboard(results, fmt, extras, include_unofficial, record_key, output, fo
         raise errors.UsageError(f"-o {clean(str(output))} holds the records being ranked; write the site elsewhere")
     if output is not None and output.exists() and not force:
         raise errors.OutputExistsError(f"{clean(str(output))} already exists; pass --force to replace it")
+    missing = [clean(str(p)) for p in results if not p.exists() and not p.is_symlink()]
+    if missing:  # a mistyped path: the command line's mistake, not a record to refuse
+        raise errors.UsageError(f"not found: {', '.join(missing)}; pass records (.json) or results folders")
     if not record_files(results):
         raise errors.DDChallengeError(f"no score results in {', '.join(clean(str(p)) for p in results)}")
     key = None if record_key is None else load_key(record_key, [p for p in results if p.is_dir()])

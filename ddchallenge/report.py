@@ -31,9 +31,9 @@ def _pct(x: float) -> str:
 
 
 def score_table(result: ScoreResult) -> str:
-    rounds = result.recipe["rounds"]
+    rounds, epochs = result.recipe["rounds"], result.recipe["epochs"]
     official = "yes" if result.official_budget else \
-        f"NO ({result.recipe['epochs']} epochs, {rounds} round{'' if rounds == 1 else 's'})"
+        f"NO ({epochs} epoch{'' if epochs == 1 else 's'}, {rounds} round{'' if rounds == 1 else 's'})"
     rows = [
         [d.dataset, d.ipc, d.images, len(d.accuracies), f"{_pct(d.mean)} ± {_pct(d.std)}",
          " ".join(_pct(a) for a in d.accuracies), official, f"{d.seconds:.1f}", result.device]
@@ -65,7 +65,9 @@ def extras_table(result: ScoreResult) -> str:
              tabulate(rows, headers=["dataset", "measure", "accuracy %", "per round %", "IOR %", "HLR %", "recipe",
                                      "seconds"], tablefmt="github", disable_numparse=True)]
     for name, mean in arch_means(result.extras).items():
-        lines.append(f"{name}: mean over architectures {_pct(mean)} %")
+        count = sum(e.dataset == name and e.measure.startswith("arch:") for e in result.extras)
+        if count > 1:  # the mean of one architecture is that architecture's row
+            lines.append(f"{name}: mean over {count} architectures {_pct(mean)} %")
     return "\n".join(lines)
 
 

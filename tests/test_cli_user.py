@@ -189,6 +189,14 @@ def test_show_writes_the_format_its_suffix_names(run_cli, official_file, tmp_pat
     assert r.exit_code == 2 and "write .png or .jpg" in r.stderr and not (tmp_path / "g.gif").exists()
 
 
+def test_show_of_a_generator_folder_says_how_to_make_images(run_cli, tiny_model, tmp_path):
+    r = run_cli("show", tiny_model, "-o", tmp_path / "g.png")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: {tiny_model} is a generator folder, not images; make a set with `ddchallenge generate --model "
+        f"{tiny_model} --dataset DATASET --ipc N -o set.h5` and show that"]
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_data_commands_say_where_data_lives(run_cli, tmp_path):
     r = run_cli("data", "prepare", "mnist5k")
     assert r.exit_code == 0 and "embedded in the package" in r.stdout

@@ -49,7 +49,8 @@ def test_track_rules(run_cli, tmp_path):
         (("--dataset", "cifar100", "--method", "random", "--ipc", 5, "--track", 1), 2, "Track 1 fixes IPC at 10"),
         (("--dataset", "mnist5k", "--method", "magic", "--ipc", 10), 2, "unknown method 'magic'; methods: d3m, d4m, diffusion, herding, random"),
         (("--dataset", "mnist5k", "--method", "random", "--ipc", 0), 2, "--ipc must be a whole number of at least 1 or 'auto', got 0"),
-        (("--dataset", "mnist5k", "--method", "random", "--ipc", 401), 1, "class 0 has only 400 training images"),
+        (("--dataset", "mnist5k", "--method", "random", "--ipc", 401), 1,
+         "class 0 has only 400 training images; IPC 401 asks for more (real images allow IPC 400 at most here)"),
         (("--dataset", "mnist5k", "--method", "random", "--ipc", 1, "--budget", -1), 2, "Invalid value for '--budget'"),
         (("--dataset", "cifar100", "--method", "random", "--ipc", 10, "--root", tmp_path), 1, "no training images for cifar100"),
     ]

@@ -167,6 +167,9 @@ def test_cli_errors(run_cli, tmp_path):
     r = run_cli("leaderboard", write(tmp_path / "x.json", '{"hello": 1}'))
     assert r.exit_code == 1 and r.stderr.splitlines() == [f"refused: {tmp_path}/x.json: name is missing",
                                                          "error: nothing to rank: 0 ranked; 0 failed; 1 refused"]
+    r = run_cli("leaderboard", tmp_path / "x.json", tmp_path / "nothere")  # a mistyped path: one line, exit 2
+    assert r.exit_code == 2 and r.stderr == (f"error: not found: {tmp_path / 'nothere'}; pass records (.json) or "
+                                             "results folders\n")
     r = run_cli("leaderboard", tmp_path / "x.json", "--format", "pdf")
     assert r.exit_code == 2
     assert json.loads((tmp_path / "x.json").read_text()) == {"hello": 1}  # nothing written, nothing moved

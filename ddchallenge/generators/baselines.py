@@ -23,7 +23,9 @@ from ddchallenge.progress import bar
 def _class_members(labels: np.ndarray, k: int, ipc: int) -> np.ndarray:
     members = np.flatnonzero(labels == k)
     if len(members) < ipc:
-        raise DatasetError(f"class {k} has only {len(members)} training images; IPC {ipc} asks for more")
+        smallest = int(np.bincount(labels).min())
+        raise DatasetError(f"class {k} has only {len(members)} training images; IPC {ipc} asks for more (real "
+                           f"images allow IPC {smallest} at most here)")
     return members
 
 

@@ -39,17 +39,17 @@ def check_writable(path: str | os.PathLike, option: str, replaceable: bytes | tu
     path = Path(path)
     if path.is_dir() and not folder:
         raise UsageError(f"{option} {path} is a folder; name a file to write")
-    folder = path if folder else path.parent
-    while not os.path.lexists(folder) and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UsageError(f"{option} {path}: {folder} is a file, not a folder; name a path in a folder")
+    where = path if folder else path.parent
+    while not os.path.lexists(where) and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise UsageError(f"{option} {path}: {where} is a file, not a folder; name a path in a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".ddchallenge-probe.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".ddchallenge-probe.", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UsageError(f"{option} {path} cannot be written ({exc.strerror or exc} in {folder}); name a path in a "
+        raise UsageError(f"{option} {path} cannot be written ({exc.strerror or exc} in {where}); name a path in a "
                          "folder you can write") from None
     if replaceable is not None and os.path.lexists(path):
         try:

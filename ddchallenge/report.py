@@ -64,8 +64,10 @@ def extras_table(result: ScoreResult) -> str:
     lines = ["extra measures (each its own recipe hash; never part of the challenge score):",
              tabulate(rows, headers=["dataset", "measure", "accuracy %", "per round %", "IOR %", "HLR %", "recipe",
                                      "seconds"], tablefmt="github", disable_numparse=True)]
+    from ddchallenge.extras import ARCH_PREFIX
+
     for name, mean in arch_means(result.extras).items():
-        count = sum(e.dataset == name and e.measure.startswith("arch:") for e in result.extras)
+        count = sum(e.dataset == name and e.measure.startswith(ARCH_PREFIX) for e in result.extras)
         if count > 1:  # the mean of one architecture is that architecture's row
             lines.append(f"{name}: mean over {count} architectures {_pct(mean)} %")
     return "\n".join(lines)

@@ -693,13 +693,16 @@ def verify(recipes, with_score, device, strict, record, quiet):
               "--teacher: each architecture, their pool mean, IOR, HLR, soft labels), after the challenge score.")
 @click.option("--include-unofficial", is_flag=True,
               help="Also show records made with a non-official budget, ranked apart.")
+@click.option("--track", type=click.IntRange(1, 2),
+              help="Rank this track's results only (needed where RESULTS hold both: a --mixed batch, or two batches "
+                   "into one folder); the other's are counted as left out.")
 @record_key_option
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="--format html: the folder to write the site into.")
 @click.option("--force", is_flag=True, help="--format html: replace the -o folder if it exists.")
 @click.option("--no-sandbox", is_flag=True,
               help="--format html: read the uploads for sample grids in this process (trusted files only).")
-def leaderboard(results, fmt, extras, include_unofficial, record_key, output, force, no_sandbox):
+def leaderboard(results, fmt, extras, include_unofficial, track, record_key, output, force, no_sandbox):
     """Rank score RESULTS: JSON records written by `score`, or folders of
     them (a batch's --output). Each record is checked (types, ranges, means,
     recipe hash); one that fails is refused with a line on stderr and the
@@ -728,7 +731,7 @@ def leaderboard(results, fmt, extras, include_unofficial, record_key, output, fo
     if not record_files(results):
         raise errors.DDChallengeError(f"no score results in {', '.join(clean(str(p)) for p in results)}")
     key = None if record_key is None else load_key(record_key, [p for p in results if p.is_dir()])
-    board = load_leaderboard(list(results), include_unofficial, key)
+    board = load_leaderboard(list(results), include_unofficial, key, track)
     for _, reason in board.refused:
         click.echo(f"refused: {clean(reason, None)}", err=True)
     if not board.official and not board.unofficial:

@@ -45,6 +45,7 @@ MAC_FIELD = "mac"
 KEY_ID_FIELD = "key_id"  # records.key_id of the key that signed it (records signed before it have none)
 KEY_ENV = "DDCHALLENGE_RECORD_KEY"  # names the key FILE, as --record-key does
 MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 4096
+MAX_BUDGET_SECONDS = 7 * 86_400  # as `score --budget` allows
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -187,6 +188,9 @@ def check_score_record(data, where: str) -> dict:
         raise record.error("score", f"must be the mean of the dataset means ({_fmean(means)!r})", score)
     _check_extras(record, {d["dataset"]: d["accuracies"] for d in record.data["datasets"]}, seed, recipe,
                   {d["dataset"]: d["ipc"] for d in record.data["datasets"]})
+    rules = _Fields(record.data.get("rules", {}), where, "rules.")  # older records have none, or no track
+    if "track" in rules.data and rules.whole("track", 1, 2) == 2:  # the leaderboard ranks tracks and budgets apart
+        rules.number("budget_seconds", 0.0, MAX_BUDGET_SECONDS)
     record.text("device", 200)
     record.text("sandbox")
     record.number("seconds")

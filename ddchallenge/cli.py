@@ -727,13 +727,18 @@ def verify(recipes, with_score, device, strict, record, quiet):
 @click.option("--track", type=click.IntRange(1, 2),
               help="Rank this track's results only (needed where RESULTS hold both: a --mixed batch, or two batches "
                    "into one folder); the other's are counted as left out.")
+@click.option("--dataset", "datasets", multiple=True,
+              help="A dataset of the board (repeat for several): results scored on any other are left out. Needed "
+                   "where no one result holds every dataset the results were scored on.")
+@click.option("--ipc", type=click.IntRange(1, MAX_RULE_IPC),
+              help="Rank the results at this IPC only (needed where Track 1 results differ in IPC).")
 @record_key_option
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="--format html: the folder to write the site into.")
 @click.option("--force", is_flag=True, help="--format html: replace the -o folder if it exists.")
 @click.option("--no-sandbox", is_flag=True,
               help="--format html: read the uploads for sample grids in this process (trusted files only).")
-def leaderboard(results, fmt, extras, include_unofficial, track, record_key, output, force, no_sandbox):
+def leaderboard(results, fmt, extras, include_unofficial, track, datasets, ipc, record_key, output, force, no_sandbox):
     """Rank score RESULTS: JSON records written by `score`, or folders of
     them (a batch's --output). Each record is checked (types, ranges, means,
     recipe hash); one that fails is refused with a line on stderr and the
@@ -762,7 +767,10 @@ def leaderboard(results, fmt, extras, include_unofficial, track, record_key, out
     if not record_files(results):
         raise errors.DDChallengeError(f"no score results in {', '.join(clean(str(p)) for p in results)}")
     key = None if record_key is None else load_key(record_key, [p for p in results if p.is_dir()])
-    board = load_leaderboard(list(results), include_unofficial, key, track)
+    from ddchallenge.protocol import get_dataset
+
+    board = load_leaderboard(list(results), include_unofficial, key, track,
+                             tuple(get_dataset(d).name for d in datasets) or None, ipc)
     for _, reason in board.refused:
         click.echo(f"refused: {clean(reason, None)}", err=True)
     if not board.official and not board.unofficial:

@@ -170,6 +170,7 @@ class Leaderboard:
     extras: list[str] = dataclasses.field(default_factory=list)  # extra-measure columns: the union over entries
     track: tuple[int, float | None] | None = None  # (track, Track 2 budget) of every ranked record (`record_track`)
     other_track: int = 0  # score records of the other track, left out (`track` asked)
+    other_rules: int = 0  # score records on other datasets or at another IPC, left out (`datasets`, `ipc` asked)
 
 
 def display_name(text: str, limit: int = 200) -> str:
@@ -217,7 +218,8 @@ def track_label(track: tuple[int, float | None]) -> str:
 
 
 def load_leaderboard(paths: list[str | os.PathLike], include_unofficial: bool = False,
-                     key: bytes | None = None, track: int | None = None) -> Leaderboard:
+                     key: bytes | None = None, track: int | None = None, datasets: tuple[str, ...] | None = None,
+                     ipc: int | None = None) -> Leaderboard:
     """Read score records (files, or folders of them) as untrusted input and
     rank them. Each record that is not valid (see `records.read_record`;
     with `key`, also one not signed under it) is refused with its reason,
@@ -226,14 +228,15 @@ def load_leaderboard(paths: list[str | os.PathLike], include_unofficial: bool = 
     once; non-official budgets are ranked apart, and only with
     `include_unofficial`. Results of both tracks are never ranked together:
     UsageError unless `track` (1 or 2) says which to rank; the other's are
-    counted as left out (`record_track`)."""
+    counted as left out (`record_track`). Nor are results that do not
+    compare (`_comparable`): `datasets` and `ipc` pick the ones to rank."""
     refused, read = [], []
     for path in record_files(paths):
         try:
             read.append((str(path), read_record(path, key)))
         except RecordError as exc:
             refused.append((str(path), str(exc)))
-    return _board(read, refused, include_unofficial, track)
+    return _board(read, refused, include_unofficial, track, datasets, ipc)
 
 
 def rank_records(records: list[dict], include_unofficial: bool = True) -> Leaderboard:
@@ -273,9 +276,50 @@ def _one_track(read: list[tuple[str, dict]], track: int | None) -> tuple[list[tu
     return read, other, next(iter(scored), None)
 
 
+def _comparable(read: list[tuple[str, dict]], track: tuple[int, float | None] | None,
+                datasets: tuple[str, ...] | None, ipc: int | None) -> tuple[list[tuple[str, dict]], int]:
+    """The records of one board whose official ranking compares, and how many score records
+    `datasets` (the board's datasets: records on any other are left out) and
+    `ipc` (records at another IPC are left out) left out. UsageError where
+    the rest do not compare: a dataset at two IPCs in Track 1 (where the
+    rules fix the IPC; a Track 2 generator makes as many as fit its budget),
+    or datasets that no one record holds all of (a set of one dataset among
+    uploads of two). A dataset a record lacks counts 0, so otherwise a
+    single file of an easy dataset, or at IPC 100, in an organiser's batch
+    would change every score of the board and rank above all of them."""
+    def fits(r: dict) -> bool:
+        held = {d["dataset"]: d["ipc"] for d in r["datasets"]}
+        return (datasets is None or set(held) <= set(datasets)) and (ipc is None or set(held.values()) == {ipc})
+
+    kept = [(p, r) for p, r in read if is_failed(r) or fits(r)]
+    # The official ranking; the non-official budgets' section is not comparable by its nature, and says so.
+    _check_comparable([r for _, r in kept if not is_failed(r) and r["official_budget"]], track, datasets)
+    return kept, len(read) - len(kept)
+
+
+def _check_comparable(scored: list[dict], track: tuple[int, float | None] | None,
+                      datasets: tuple[str, ...] | None) -> None:
+    if track is not None and track[0] == 1:
+        ipcs: dict[str, set[int]] = {}
+        for r in scored:
+            for d in r["datasets"]:
+                ipcs.setdefault(d["dataset"], set()).add(d["ipc"])
+        mixed = {n: sorted(v) for n, v in sorted(ipcs.items()) if len(v) > 1}
+        if mixed:
+            shown = "; ".join(f"{n} at IPC {', '.join(map(str, v))}" for n, v in mixed.items())
+            raise UsageError(f"these records hold Track 1 results at different IPC ({shown}), which are never ranked "
+                             "together: pass --ipc N to rank those at IPC N")
+    union = {d["dataset"] for r in scored for d in r["datasets"]}
+    if datasets is None and scored and not any({d["dataset"] for d in r["datasets"]} >= union for r in scored):
+        raise UsageError(f"these records were scored on datasets ({', '.join(sorted(union))}) that no one record holds "
+                         "all of, which are never ranked together: pass --dataset NAME for each dataset of the board "
+                         "(records on others are left out)")
+
+
 def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include_unofficial: bool,
-           track: int | None = None) -> Leaderboard:
+           track: int | None = None, datasets: tuple[str, ...] | None = None, ipc: int | None = None) -> Leaderboard:
     read, other_track, ranked_track = _one_track(read, track)
+    read, other_rules = _comparable(read, ranked_track, datasets, ipc)
     failed, seen, kept, duplicates = 0, set(), [], 0
     # Of records given twice, the one kept is the first by content (then file name), never by argument order:
     # two copies may differ where the identity does not look (an HLR brought up to date, the device).
@@ -294,12 +338,15 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
             continue
         seen.add(ident)
         kept.append((path, data))
-    official = _rank([(p, r) for p, r in kept if r["official_budget"]])
+    official = _rank([(p, r) for p, r in kept if r["official_budget"]], datasets)
     unofficial = [(p, r) for p, r in kept if not r["official_budget"]]
-    apart = _rank(unofficial) if include_unofficial else []
-    return Leaderboard(official, apart, refused, failed, sorted({n for e in official + apart for n in e.datasets}),
+    apart = _rank(unofficial, datasets) if include_unofficial else []
+    columns = sorted(datasets) if datasets and (official or apart) else \
+        sorted({n for e in official + apart for n in e.datasets})
+    return Leaderboard(official, apart, refused, failed, columns,
                        duplicates, 0 if include_unofficial else len(unofficial),
-                       _extra_order({c for e in official + apart for c in e.extras}), ranked_track, other_track)
+                       _extra_order({c for e in official + apart for c in e.extras}), ranked_track, other_track,
+                       other_rules)
 
 
 def _method(record: dict) -> str | None:
@@ -312,10 +359,11 @@ def _method(record: dict) -> str | None:
     return method if isinstance(method, str) else None
 
 
-def _rank(kept: list[tuple[str, dict]]) -> list[Entry]:
+def _rank(kept: list[tuple[str, dict]], board: tuple[str, ...] | None = None) -> list[Entry]:
     """One section ranked; its scores are means over the section's datasets
-    (an unofficial record never changes an official score)."""
-    datasets = sorted({d["dataset"] for _, r in kept for d in r["datasets"]})
+    (`board`, the organiser's, else those its records hold; an unofficial
+    record never changes an official score)."""
+    datasets = sorted(board) if board else sorted({d["dataset"] for _, r in kept for d in r["datasets"]})
     rows = []
     for path, r in kept:
         cells = {d["dataset"]: DatasetCell(d["ipc"], float(d["mean"]), float(d["std"]),
@@ -388,6 +436,8 @@ def footer(board: Leaderboard) -> str:
         parts.append(f"{board.duplicates} given twice, listed once")
     if board.other_track:
         parts.append(f"{board.other_track} of the other track left out")
+    if board.other_rules:
+        parts.append(f"{board.other_rules} on other datasets or at another IPC left out")
     return "; ".join(parts)
 
 

@@ -215,3 +215,33 @@ def test_results_of_both_tracks_are_never_ranked_together(run_cli, tmp_path):
     r = run_cli("leaderboard", out, "--track", 1)
     assert r.exit_code == 0 and f"refused: {out}/09.json: rules.track must be a whole number from 1 to 2, got 3" in \
         r.stderr and "liar" not in r.stdout
+
+
+def test_a_single_file_of_another_dataset_or_ipc_never_ranks_among_the_batchs_uploads(run_cli, tmp_path):
+    """An organiser's review: in `score uploads/*` a single .h5 file is
+    scored on its own dataset at up to IPC 100. Ranked with the zips, an
+    IPC-100 set came first, and a set of an easy dataset added a column that
+    every other upload counted as 0, its score above all of theirs. Results
+    that do not compare are refused together; --ipc and --dataset pick."""
+    zips = [rec("a.zip", {"cifar100": 0.40, "tinyimagenet": 0.18}), rec("b.zip", {"cifar100": 0.30})]
+    big = make_record("big.h5", {"cifar100": [0.55] * 3}, OFFICIAL)
+    big["datasets"][0].update(ipc=100, images=10_000)
+    easy = rec("easy.h5", {"cifar10": 0.70})
+    out = folder(tmp_path, [*zips, big])
+    r = run_cli("leaderboard", out)
+    assert r.exit_code == 2 and r.stderr == ("error: these records hold Track 1 results at different IPC (cifar100 at IPC "
+                                             "10, 100), which are never ranked together: pass --ipc N to rank those "
+                                             "at IPC N\n"), r.output
+    r = run_cli("leaderboard", out, "--ipc", 10)
+    assert r.exit_code == 0 and [line.split()[1] for line in r.stdout.splitlines()[2:4]] == ["a.zip", "b.zip"]
+    assert r.stdout.splitlines()[-1] == "2 ranked; 0 failed; 0 refused; 1 on other datasets or at another IPC left out"
+    (out / "02.json").unlink()
+    write(out / "03.json", easy)
+    r = run_cli("leaderboard", out)
+    assert r.exit_code == 2 and r.stderr == ("error: these records were scored on datasets (cifar10, cifar100, "
+                                             "tinyimagenet) that no one record holds all of, which are never ranked "
+                                             "together: pass --dataset NAME for each dataset of the board (records on "
+                                             "others are left out)\n"), r.output
+    board = load_leaderboard([out], datasets=("cifar100", "tinyimagenet"))
+    assert [(e.name, round(e.score, 6)) for e in board.official] == [("a.zip", 0.29), ("b.zip", 0.15)]
+    assert board.datasets == ["cifar100", "tinyimagenet"] and board.other_rules == 1

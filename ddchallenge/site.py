@@ -230,6 +230,10 @@ def index_html(board: Leaderboard, site_rows: list[Row], extras: bool = False) -
     return _page("Leaderboard", "\n".join(parts))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def upload_html(row: Row, grids: dict[str, str | None], why: dict[str, str]) -> str:
     """One row's page; `grids`: dataset -> image file name beside the page,
     `why`: dataset -> why there is no grid."""
@@ -241,7 +245,7 @@ def upload_html(row: Row, grids: dict[str, str | None], why: dict[str, str]) -> 
         ("Score", f"{_pct(e.score)} %"),
         ("Method", _e(e.method or "? (not recorded)")),
         ("Recipe hash", f"<code>{_e(e.recipe_hash)}</code>"),
-        ("Recipe", _e(f"{recipe.get('epochs')} epochs, {recipe.get('rounds')} rounds")),
+        ("Recipe", _e(f"{_count(recipe['epochs'], 'epoch')}, {_count(recipe['rounds'], 'round')}")),
         ("Seed", _e(r["seed"])),
         ("Sandbox", _e(r["sandbox"])),
         ("Device", _e(r["device"])),

@@ -270,9 +270,10 @@ def _one_track(read: list[tuple[str, dict]], track: int | None) -> tuple[list[tu
         other = 0
     if len(scored) > 1:
         budgets = sorted(t[1] for t in scored)
-        raise UsageError(f"these records hold Track 2 results run under different budgets ({', '.join(f'{b:g}' for b in budgets)} "
-                         "s per dataset), which are never ranked together: rank each budget's records apart (give "
-                         "each batch its own --output)")
+        shown = ", ".join(f"{b:g}" for b in budgets)
+        raise UsageError(f"these records hold Track 2 results run under different budgets ({shown} s per dataset), "
+                         "which are never ranked together: rank each budget's records apart (give each batch its own "
+                         "--output)")
     return read, other, next(iter(scored), None)
 
 

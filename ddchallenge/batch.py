@@ -36,7 +36,7 @@ from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
 from ddchallenge.measures import check_before_reading, current_full
 from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
-from ddchallenge.records import MAC_FIELD, read_record, sign
+from ddchallenge.records import KEY_ID_FIELD, MAC_FIELD, key_id, read_record, sign
 from ddchallenge.score import ScoreResult, score, upload_name
 from ddchallenge.upload import digest, is_generator
 
@@ -234,8 +234,7 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     out = Path(output_dir)
     outcomes, busy, tests = [], 0.0, {}
     with ResultsLock(out):
-        for path, name in zip(paths, names):
-            todo = triage(path, name, out, settings, ref_dir, tests)
+        for path, name, todo in zip(paths, names, triage_all(paths, names, out, settings, ref_dir, tests)):
             if isinstance(todo, Pending):
                 if len(uploads) > 1:
                     log.info("scoring %s", clean(str(path)))
@@ -248,16 +247,74 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     return BatchSummary(outcomes, time.monotonic() - start, busy, resolve_device(device).type == "cuda")
 
 
+def check_signing(out: Path, key: bytes | None) -> int:
+    """How many valid records in `out` carry a MAC; UsageError when a `key`
+    is given and the records name only other keys (`records.key_id`): the
+    organiser's mistake (another key file, a key made afresh), where going on
+    would set every record aside and score the whole folder again. A record
+    that names this key but fails its MAC was altered: set aside alone."""
+    signed, ids = 0, set()
+    for path in sorted(out.glob("*.json")):
+        try:
+            record = read_record(path)
+        except RecordError:
+            continue  # not a record: set aside when its upload is triaged
+        if MAC_FIELD in record:
+            signed += 1
+            ids.add(record.get(KEY_ID_FIELD))
+    ids.discard(None)  # signed before records named their key
+    if key is not None and ids and key_id(key) not in ids:
+        raise UsageError(f"the {signed} signed record(s) in {clean(str(out))} were signed with another key than this "
+                         "--record-key: pass the key they were signed with (under this one every record would be set "
+                         "aside and its upload scored again), or give this batch a new --output")
+    return signed
+
+
+def check_unsigned(out: Path, signed: int, key: bytes | None, found: list) -> None:
+    """UsageError when a batch without a key would score uploads into a
+    folder of signed records: what it recorded would be unsigned, refused by
+    `leaderboard --record-key` and scored again by the next keyed batch.
+    Reusing records needs no key (nothing is written)."""
+    pending = sum(isinstance(f, Pending) for f in found)
+    if key is None and signed and pending:
+        raise UsageError(f"{clean(str(out))} holds {signed} record(s) signed with a record key, and this batch has "
+                         f"none: the {pending} upload(s) it would score would be recorded unsigned, which "
+                         "`leaderboard --record-key` refuses; pass --record-key FILE (or set $DDCHALLENGE_RECORD_KEY)")
+
+
+def triage_all(paths: list[Path], names: list[str], out: Path, settings: BatchSettings,
+               ref_dir: str | os.PathLike | None = None, tests: dict | None = None) -> list[BatchOutcome | Pending]:
+    """`triage` of every upload of a batch, before any is scored, under the
+    results lock. A key that verifies no signed record of the folder stops
+    the batch before any record is set aside (`check_signing`); so does a
+    batch without a key that would record anything beside signed records
+    (`check_unsigned`): nothing is written then, not even the failure of an
+    upload that cannot be hashed."""
+    signed = check_signing(out, settings.mac_key)
+    looked = [_look(path, name, out, settings, ref_dir, tests) for path, name in zip(paths, names)]
+    found = [Pending(path, name, "") if isinstance(f, Attempt) else f for path, name, f in zip(paths, names, looked)]
+    check_unsigned(out, signed, settings.mac_key, found)
+    return [settle(todo, out, settings, f) if isinstance(f, Attempt) else todo for todo, f in zip(found, looked)]
+
+
 def triage(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir: str | os.PathLike | None = None,
            tests: dict | None = None) -> BatchOutcome | Pending:
     """The outcome already recorded for this upload, if one can be trusted;
     otherwise what scoring it needs. `ref_dir`: the batch's --ref, and
     `tests`: the digests of its test sets, filled once per batch (a reused
     baseline row's HLR is brought up to date against them)."""
+    found = _look(path, name, out, settings, ref_dir, tests)
+    return settle(Pending(path, name, ""), out, settings, found) if isinstance(found, Attempt) else found
+
+
+def _look(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir: str | os.PathLike | None,
+          tests: dict | None) -> BatchOutcome | Pending | Attempt:
+    """`triage` without writing: an upload that cannot even be hashed is
+    the failed Attempt to record."""
     try:
         upload_sha = digest(path, settings.rules, track2=settings.budget_for(path) is not None)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
-        return settle(Pending(path, name, ""), out, settings, classify(exc))
+        return classify(exc)
     key = record_key(name)
     return _trusted(out / f"{key}.json", out / f"{key}.failed.json", name, upload_sha, settings, ref_dir, tests) or \
         Pending(path, name, upload_sha)

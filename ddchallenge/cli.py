@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -27,10 +29,38 @@ class _OneLineError(click.ClickException):
         click.echo(f"error: {clean(self.format_message(), None)}", err=True)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's time limit, `kill`, a lost login),
+    raised like Ctrl-C: Python's default for them ends the process at once,
+    skipping every `finally`, so that a sandboxed child kept running (a
+    generator, up to its whole budget) and its copy of the upload stayed in
+    the temporary folder."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 class _Group(click.Group):
     """Turns the library's exceptions into one-line errors with exit codes."""
 
     def invoke(self, ctx):
+        main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+        before = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if main else {}
+        try:
+            return self._invoke(ctx)
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+
+    def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:  # click's own: a bad option value or a missing argument, on one line
@@ -225,14 +255,15 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
             else:
                 summary = score_batch(list(uploads), output, settings, ref_dir=ref_dir, device=device,
                                       progress=not quiet)
-    except KeyboardInterrupt:
-        # Ctrl-C: say what is kept and how to go on, instead of click's bare "Aborted!".
+    except KeyboardInterrupt as exc:
+        # Ctrl-C, SIGTERM or SIGHUP (`Stopped`): say what is kept and how to go on, instead of click's bare "Aborted!".
         made = [n for n, t in _records(output).items() if before.get(n) != t]
         failed = sum(n.endswith(".failed.json") for n in made)
-        click.echo(f"\ninterrupted: this run recorded {len(made) - failed} scored and {failed} failed of "
+        by = f" by {exc}" if isinstance(exc, Stopped) else ""
+        click.echo(f"\ninterrupted{by}: this run recorded {len(made) - failed} scored and {failed} failed of "
                    f"{plural(len(uploads), 'upload')} in {output} (the one being scored when interrupted is not "
                    "recorded); run the same command again to resume: recorded uploads are skipped", err=True)
-        raise click.exceptions.Exit(130) from None
+        raise click.exceptions.Exit(128 + exc.signum if isinstance(exc, Stopped) else 130) from None
     if len(uploads) > 1:
         click.echo(batch_table(summary.outcomes))
         if not settings.recipe.is_official:  # as loud as a single upload's table says it
@@ -693,13 +724,21 @@ def verify(recipes, with_score, device, strict, record, quiet):
               "--teacher: each architecture, their pool mean, IOR, HLR, soft labels), after the challenge score.")
 @click.option("--include-unofficial", is_flag=True,
               help="Also show records made with a non-official budget, ranked apart.")
+@click.option("--track", type=click.IntRange(1, 2),
+              help="Rank this track's results only (needed where RESULTS hold both: a --mixed batch, or two batches "
+                   "into one folder); the other's are counted as left out.")
+@click.option("--dataset", "datasets", multiple=True,
+              help="A dataset of the board (repeat for several): results scored on any other are left out. Needed "
+                   "where no one result holds every dataset the results were scored on.")
+@click.option("--ipc", type=click.IntRange(1, MAX_RULE_IPC),
+              help="Rank the results at this IPC only (needed where Track 1 results differ in IPC).")
 @record_key_option
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="--format html: the folder to write the site into.")
 @click.option("--force", is_flag=True, help="--format html: replace the -o folder if it exists.")
 @click.option("--no-sandbox", is_flag=True,
               help="--format html: read the uploads for sample grids in this process (trusted files only).")
-def leaderboard(results, fmt, extras, include_unofficial, record_key, output, force, no_sandbox):
+def leaderboard(results, fmt, extras, include_unofficial, track, datasets, ipc, record_key, output, force, no_sandbox):
     """Rank score RESULTS: JSON records written by `score`, or folders of
     them (a batch's --output). Each record is checked (types, ranges, means,
     recipe hash); one that fails is refused with a line on stderr and the
@@ -728,7 +767,10 @@ def leaderboard(results, fmt, extras, include_unofficial, record_key, output, fo
     if not record_files(results):
         raise errors.DDChallengeError(f"no score results in {', '.join(clean(str(p)) for p in results)}")
     key = None if record_key is None else load_key(record_key, [p for p in results if p.is_dir()])
-    board = load_leaderboard(list(results), include_unofficial, key)
+    from ddchallenge.protocol import get_dataset
+
+    board = load_leaderboard(list(results), include_unofficial, key, track,
+                             tuple(get_dataset(d).name for d in datasets) or None, ipc)
     for _, reason in board.refused:
         click.echo(f"refused: {clean(reason, None)}", err=True)
     if not board.official and not board.unofficial:

@@ -40,7 +40,7 @@ from ddchallenge.batch import (
     attempt,
     check_batch,
     settle,
-    triage,
+    triage_all,
 )
 from ddchallenge.errors import EnvironmentFailure, UsageError
 from ddchallenge.isolation import clean
@@ -170,8 +170,7 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
         outcomes: dict[int, BatchOutcome] = {}
         todo: dict[int, Pending] = {}
         tests: dict[str, str] = {}  # test-set digests, read once for the batch
-        for i, (path, name) in enumerate(zip(paths, names)):
-            found = triage(path, name, out, settings, ref, tests)
+        for i, found in enumerate(triage_all(paths, names, out, settings, ref, tests)):
             if isinstance(found, Pending):
                 todo[i] = found
             else:

@@ -448,6 +448,8 @@ def spawn(argv: list[str], work: Path, limits: Limits = Limits(), cuda: bool = F
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # what it left running in its group
+            proc.kill()  # the child itself, should it have left its group
+            proc.wait()  # reaped, also when the parent is interrupted (Ctrl-C, SIGTERM) while it waits
         if watchdog is not None and watchdog.exceeded:
             raise MemoryExceeded(f"the sandboxed work used more than {size(limits.memory_bytes)} of host memory "
                                  "and was killed")

@@ -42,8 +42,10 @@ MAX_METHOD = 64  # as submission.MAX_METHOD: what an upload's manifest may name
 MAX_PROVENANCE_KEYS = 64  # submission.bounded_provenance keeps 32
 TOLERANCE = 1e-9  # recomputed means, stds and scores agree with the recorded ones to this
 MAC_FIELD = "mac"
+KEY_ID_FIELD = "key_id"  # records.key_id of the key that signed it (records signed before it have none)
 KEY_ENV = "DDCHALLENGE_RECORD_KEY"  # names the key FILE, as --record-key does
 MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 4096
+MAX_BUDGET_SECONDS = 7 * 86_400  # as `score --budget` allows
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -186,6 +188,9 @@ def check_score_record(data, where: str) -> dict:
         raise record.error("score", f"must be the mean of the dataset means ({_fmean(means)!r})", score)
     _check_extras(record, {d["dataset"]: d["accuracies"] for d in record.data["datasets"]}, seed, recipe,
                   {d["dataset"]: d["ipc"] for d in record.data["datasets"]})
+    rules = _Fields(record.data.get("rules", {}), where, "rules.")  # older records have none, or no track
+    if "track" in rules.data and rules.whole("track", 1, 2) == 2:  # the leaderboard ranks tracks and budgets apart
+        rules.number("budget_seconds", 0.0, MAX_BUDGET_SECONDS)
     record.text("device", 200)
     record.text("sandbox")
     record.number("seconds")
@@ -378,8 +383,14 @@ def _check_batch_fields(record: _Fields) -> None:
         settings = _Fields(record.get("settings"), record.where, "settings.")
         if "recipe_hash" in record.data and settings.get("recipe_hash") != record.data["recipe_hash"]:
             raise settings.error("recipe_hash", "must be the record's recipe_hash", settings.data["recipe_hash"])
+    _check_signature_fields(record)
+
+
+def _check_signature_fields(record: _Fields) -> None:
     if MAC_FIELD in record.data:
         record.text(MAC_FIELD, 64)
+    if KEY_ID_FIELD in record.data and not _HEX16.fullmatch(record.text(KEY_ID_FIELD, 16)):
+        raise record.error(KEY_ID_FIELD, "must be a key id (16 lowercase hex digits)", record.data[KEY_ID_FIELD])
 
 
 def check_failed_record(data, where: str) -> dict:
@@ -395,8 +406,7 @@ def check_failed_record(data, where: str) -> dict:
     if not isinstance(record.data.get("over_budget", False), bool):
         raise record.error("over_budget", "must be true or false", record.data["over_budget"])
     _Fields(record.get("settings"), where, "settings.")
-    if MAC_FIELD in record.data:
-        record.text(MAC_FIELD, 64)
+    _check_signature_fields(record)
     return data
 
 
@@ -415,12 +425,21 @@ def mac(record: dict, key: bytes) -> str:
     return hmac.new(key, canonical(record), hashlib.sha256).hexdigest()
 
 
+def key_id(key: bytes) -> str:
+    """Which key signed a record, without revealing it: an HMAC of a fixed
+    text. A rerun tells a folder signed under another key (the organiser's
+    mistake) from records altered after signing (set aside one by one)."""
+    return hmac.new(key, b"ddchallenge record key id", hashlib.sha256).hexdigest()[:16]
+
+
 def sign(record: dict, key: bytes | None) -> dict:
-    """`record` with its MAC under `key` (unchanged without a key). The record
-    goes through JSON first, so that what is signed is what is read back."""
+    """`record` with its key's id and its MAC under `key` (unchanged without
+    a key; the MAC covers the id). The record goes through JSON first, so
+    that what is signed is what is read back."""
     if key is None:
         return record
     record = json.loads(json.dumps(record, allow_nan=False))
+    record[KEY_ID_FIELD] = key_id(key)
     record[MAC_FIELD] = mac(record, key)
     return record
 

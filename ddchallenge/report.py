@@ -168,6 +168,9 @@ class Leaderboard:
     duplicates: int = 0  # records given more than once (same name, upload, recipe and seed), listed once
     unofficial_left_out: int = 0  # unofficial records not shown (include_unofficial False)
     extras: list[str] = dataclasses.field(default_factory=list)  # extra-measure columns: the union over entries
+    track: tuple[int, float | None] | None = None  # (track, Track 2 budget) of every ranked record (`record_track`)
+    other_track: int = 0  # score records of the other track, left out (`track` asked)
+    other_rules: int = 0  # score records on other datasets or at another IPC, left out (`datasets`, `ipc` asked)
 
 
 def display_name(text: str, limit: int = 200) -> str:
@@ -193,22 +196,47 @@ def record_files(paths: list[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def record_track(record: dict) -> tuple[int, float | None] | None:
+    """The track a checked record was scored under, with its Track 2 budget
+    in seconds per dataset: `(1, None)` or `(2, 600.0)`. From the result's
+    `rules`, else (older results, failed records) the batch's settings;
+    None for a failed record of a `--mixed` batch, whose track is not
+    recorded. Results of different tracks, or of Track 2 under different
+    budgets, do not compare: a board ranks one of them."""
+    rules = record.get("rules")
+    if isinstance(rules, dict) and rules.get("track") in (1, 2):  # checked by records.read_record
+        return (2, float(rules["budget_seconds"])) if rules["track"] == 2 else (1, None)
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    budget = settings.get("budget")  # a failed record's settings are not checked field by field: type-checked here
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget > 0:
+        return 1, None
+    return None if settings.get("mixed") is True and is_failed(record) else (2, float(budget))
+
+
+def track_label(track: tuple[int, float | None]) -> str:
+    return "Track 1" if track[0] == 1 else f"Track 2 ({track[1]:g} s per dataset)"
+
+
 def load_leaderboard(paths: list[str | os.PathLike], include_unofficial: bool = False,
-                     key: bytes | None = None) -> Leaderboard:
+                     key: bytes | None = None, track: int | None = None, datasets: tuple[str, ...] | None = None,
+                     ipc: int | None = None) -> Leaderboard:
     """Read score records (files, or folders of them) as untrusted input and
     rank them. Each record that is not valid (see `records.read_record`;
     with `key`, also one not signed under it) is refused with its reason,
     never ranked; failed-upload records are counted; a record given twice
     (same name, upload bytes, recipe, seed and extra measures) is listed
     once; non-official budgets are ranked apart, and only with
-    `include_unofficial`."""
+    `include_unofficial`. Results of both tracks are never ranked together:
+    UsageError unless `track` (1 or 2) says which to rank; the other's are
+    counted as left out (`record_track`). Nor are results that do not
+    compare (`_comparable`): `datasets` and `ipc` pick the ones to rank."""
     refused, read = [], []
     for path in record_files(paths):
         try:
             read.append((str(path), read_record(path, key)))
         except RecordError as exc:
             refused.append((str(path), str(exc)))
-    return _board(read, refused, include_unofficial)
+    return _board(read, refused, include_unofficial, track, datasets, ipc)
 
 
 def rank_records(records: list[dict], include_unofficial: bool = True) -> Leaderboard:
@@ -224,7 +252,75 @@ def rank_records(records: list[dict], include_unofficial: bool = True) -> Leader
     return _board(read, refused, include_unofficial)
 
 
-def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include_unofficial: bool) -> Leaderboard:
+def _one_track(read: list[tuple[str, dict]], track: int | None) -> tuple[list[tuple[str, dict]], int,
+                                                                          tuple[int, float | None] | None]:
+    """The records of one track (`track`, or the only one there is), how many
+    score records of the other were left out, and the track ranked.
+    UsageError where the results span both tracks and `track` is None, or
+    Track 2 results were run under different budgets."""
+    scored = {record_track(r) for _, r in read if not is_failed(r)}
+    if track is None and len({t[0] for t in scored}) > 1:
+        raise UsageError(f"these records hold {' and '.join(sorted({track_label(t) for t in scored}))} results, which "
+                         "are never ranked together: pass --track 1 or --track 2 (one board per track)")
+    if track is not None:
+        kept = [(p, r) for p, r in read if (record_track(r) or (track,))[0] == track]
+        other = sum(not is_failed(r) for _, r in read) - sum(not is_failed(r) for _, r in kept)
+        read, scored = kept, {t for t in scored if t[0] == track}
+    else:
+        other = 0
+    if len(scored) > 1:
+        budgets = sorted(t[1] for t in scored)
+        shown = ", ".join(f"{b:g}" for b in budgets)
+        raise UsageError(f"these records hold Track 2 results run under different budgets ({shown} s per dataset), "
+                         "which are never ranked together: rank each budget's records apart (give each batch its own "
+                         "--output)")
+    return read, other, next(iter(scored), None)
+
+
+def _comparable(read: list[tuple[str, dict]], track: tuple[int, float | None] | None,
+                datasets: tuple[str, ...] | None, ipc: int | None) -> tuple[list[tuple[str, dict]], int]:
+    """The records of one board whose official ranking compares, and how many score records
+    `datasets` (the board's datasets: records on any other are left out) and
+    `ipc` (records at another IPC are left out) left out. UsageError where
+    the rest do not compare: a dataset at two IPCs in Track 1 (where the
+    rules fix the IPC; a Track 2 generator makes as many as fit its budget),
+    or datasets that no one record holds all of (a set of one dataset among
+    uploads of two). A dataset a record lacks counts 0, so otherwise a
+    single file of an easy dataset, or at IPC 100, in an organiser's batch
+    would change every score of the board and rank above all of them."""
+    def fits(r: dict) -> bool:
+        held = {d["dataset"]: d["ipc"] for d in r["datasets"]}
+        return (datasets is None or set(held) <= set(datasets)) and (ipc is None or set(held.values()) == {ipc})
+
+    kept = [(p, r) for p, r in read if is_failed(r) or fits(r)]
+    # The official ranking; the non-official budgets' section is not comparable by its nature, and says so.
+    _check_comparable([r for _, r in kept if not is_failed(r) and r["official_budget"]], track, datasets)
+    return kept, len(read) - len(kept)
+
+
+def _check_comparable(scored: list[dict], track: tuple[int, float | None] | None,
+                      datasets: tuple[str, ...] | None) -> None:
+    if track is not None and track[0] == 1:
+        ipcs: dict[str, set[int]] = {}
+        for r in scored:
+            for d in r["datasets"]:
+                ipcs.setdefault(d["dataset"], set()).add(d["ipc"])
+        mixed = {n: sorted(v) for n, v in sorted(ipcs.items()) if len(v) > 1}
+        if mixed:
+            shown = "; ".join(f"{n} at IPC {', '.join(map(str, v))}" for n, v in mixed.items())
+            raise UsageError(f"these records hold Track 1 results at different IPC ({shown}), which are never ranked "
+                             "together: pass --ipc N to rank those at IPC N")
+    union = {d["dataset"] for r in scored for d in r["datasets"]}
+    if datasets is None and scored and not any({d["dataset"] for d in r["datasets"]} >= union for r in scored):
+        raise UsageError(f"these records were scored on datasets ({', '.join(sorted(union))}) that no one record holds "
+                         "all of, which are never ranked together: pass --dataset NAME for each dataset of the board "
+                         "(records on others are left out)")
+
+
+def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include_unofficial: bool,
+           track: int | None = None, datasets: tuple[str, ...] | None = None, ipc: int | None = None) -> Leaderboard:
+    read, other_track, ranked_track = _one_track(read, track)
+    read, other_rules = _comparable(read, ranked_track, datasets, ipc)
     failed, seen, kept, duplicates = 0, set(), [], 0
     # Of records given twice, the one kept is the first by content (then file name), never by argument order:
     # two copies may differ where the identity does not look (an HLR brought up to date, the device).
@@ -243,12 +339,15 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
             continue
         seen.add(ident)
         kept.append((path, data))
-    official = _rank([(p, r) for p, r in kept if r["official_budget"]])
+    official = _rank([(p, r) for p, r in kept if r["official_budget"]], datasets)
     unofficial = [(p, r) for p, r in kept if not r["official_budget"]]
-    apart = _rank(unofficial) if include_unofficial else []
-    return Leaderboard(official, apart, refused, failed, sorted({n for e in official + apart for n in e.datasets}),
+    apart = _rank(unofficial, datasets) if include_unofficial else []
+    columns = sorted(datasets) if datasets and (official or apart) else \
+        sorted({n for e in official + apart for n in e.datasets})
+    return Leaderboard(official, apart, refused, failed, columns,
                        duplicates, 0 if include_unofficial else len(unofficial),
-                       _extra_order({c for e in official + apart for c in e.extras}))
+                       _extra_order({c for e in official + apart for c in e.extras}), ranked_track, other_track,
+                       other_rules)
 
 
 def _method(record: dict) -> str | None:
@@ -261,10 +360,11 @@ def _method(record: dict) -> str | None:
     return method if isinstance(method, str) else None
 
 
-def _rank(kept: list[tuple[str, dict]]) -> list[Entry]:
+def _rank(kept: list[tuple[str, dict]], board: tuple[str, ...] | None = None) -> list[Entry]:
     """One section ranked; its scores are means over the section's datasets
-    (an unofficial record never changes an official score)."""
-    datasets = sorted({d["dataset"] for _, r in kept for d in r["datasets"]})
+    (`board`, the organiser's, else those its records hold; an unofficial
+    record never changes an official score)."""
+    datasets = sorted(board) if board else sorted({d["dataset"] for _, r in kept for d in r["datasets"]})
     rows = []
     for path, r in kept:
         cells = {d["dataset"]: DatasetCell(d["ipc"], float(d["mean"]), float(d["std"]),
@@ -324,8 +424,10 @@ def leaderboard(board: Leaderboard | list[dict], fmt: str = "table", extras: boo
 
 
 def footer(board: Leaderboard) -> str:
-    """One line counting what the board shows and what it left out."""
-    parts = [f"{len(board.official)} ranked"]
+    """One line counting what the board shows and what it left out (naming
+    the track where it is not plainly Track 1)."""
+    named = board.track is not None and (board.track[0] == 2 or board.other_track)
+    parts = [f"{track_label(board.track) + ': ' if named else ''}{len(board.official)} ranked"]
     if board.unofficial:
         parts.append(f"{len(board.unofficial)} not the official budget (ranked apart)")
     if board.unofficial_left_out:
@@ -333,6 +435,10 @@ def footer(board: Leaderboard) -> str:
     parts += [f"{board.failed} failed", f"{len(board.refused)} refused"]
     if board.duplicates:
         parts.append(f"{board.duplicates} given twice, listed once")
+    if board.other_track:
+        parts.append(f"{board.other_track} of the other track left out")
+    if board.other_rules:
+        parts.append(f"{board.other_rules} on other datasets or at another IPC left out")
     return "; ".join(parts)
 
 
@@ -399,7 +505,8 @@ def board_json(board: Leaderboard) -> dict:
                 "datasets": {n: dataclasses.asdict(c) for n, c in e.datasets.items()},
                 "extra_columns": e.extras, "extras": e.record.get("extras") or []}
     return {"official": [entry(e) for e in board.official], "unofficial": [entry(e) for e in board.unofficial],
-            "datasets": board.datasets, "extra_columns": board.extras, "footer": footer(board)}
+            "datasets": board.datasets, "extra_columns": board.extras, "footer": footer(board),
+            "track": None if board.track is None else track_label(board.track)}
 
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|~])")

@@ -35,7 +35,7 @@ from ddchallenge.errors import DDChallengeError, OutputExistsError
 from ddchallenge.fileio import check_replaceable, replace_folder
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import UploadRules
-from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, footer, image_grid
+from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, footer, image_grid, track_label
 from ddchallenge.submission import bounded_provenance
 
 GRID_CLASSES, GRID_PER_CLASS = 10, 10  # rows (first classes) and images per row of a sample grid
@@ -205,8 +205,9 @@ def index_html(board: Leaderboard, site_rows: list[Row], extras: bool = False) -
     official = [r for r in site_rows if r.section == "official"]
     unofficial = [r for r in site_rows if r.section == "unofficial"]
     names = ", ".join(_e(n) for n in board.datasets)
+    named = board.track is not None and (board.track[0] == 2 or board.other_track)  # as the footer names it
     parts = [
-        "<h1>Leaderboard</h1>",
+        f"<h1>Leaderboard{': ' + _e(track_label(board.track)) if named else ''}</h1>",
         f"<p class=\"note\">Score: the mean over the datasets ({names}) of each dataset's mean test accuracy over "
         "its training rounds, ± the standard deviation over rounds; a dataset an upload lacks counts 0. Equal "
         "scores share a rank. Each submission links to its rounds, recipe, sandbox and provenance.</p>",
@@ -229,6 +230,10 @@ def index_html(board: Leaderboard, site_rows: list[Row], extras: bool = False) -
     return _page("Leaderboard", "\n".join(parts))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def upload_html(row: Row, grids: dict[str, str | None], why: dict[str, str]) -> str:
     """One row's page; `grids`: dataset -> image file name beside the page,
     `why`: dataset -> why there is no grid."""
@@ -240,7 +245,7 @@ def upload_html(row: Row, grids: dict[str, str | None], why: dict[str, str]) -> 
         ("Score", f"{_pct(e.score)} %"),
         ("Method", _e(e.method or "? (not recorded)")),
         ("Recipe hash", f"<code>{_e(e.recipe_hash)}</code>"),
-        ("Recipe", _e(f"{recipe.get('epochs')} epochs, {recipe.get('rounds')} rounds")),
+        ("Recipe", _e(f"{_count(recipe['epochs'], 'epoch')}, {_count(recipe['rounds'], 'round')}")),
         ("Seed", _e(r["seed"])),
         ("Sandbox", _e(r["sandbox"])),
         ("Device", _e(r["device"])),

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddchallenge.errors import DDChallengeError, SubmissionError
+from ddchallenge.errors import DDChallengeError, SubmissionError, UsageError
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.protocol import OFFICIAL, UploadRules
 from ddchallenge.report import score_html, score_table
@@ -29,6 +29,8 @@ from ddchallenge.upload import upload_kind
 
 def run(input_dir: Path, output_dir: Path, epochs: int | None, rounds: int | None, device: str) -> float:
     res, ref = input_dir / "res", input_dir / "ref"
+    if output_dir.exists() and not output_dir.is_dir():  # found before the training, not after it
+        raise UsageError(f"{output_dir} is not a folder; OUTPUT is the folder scores.txt is written into")
     if not ref.is_dir() or not res.is_dir():
         raise SubmissionError(f"{input_dir} must hold res/ (the submission) and ref/ (reference test sets)")
     wanted = sorted(p.name[: -len("_test.pt")] for p in ref.glob("*_test.pt"))
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args.input, args.output, args.epochs, args.rounds, args.device)
     except DDChallengeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file it could not read or write, found only when it tried
+        print(f"error: could not read or write {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -129,8 +129,9 @@ NOT_RUN = {
     "ddchallenge data prepare DATASET --download": "network",
     # the organiser's batches: official scores of many uploads, a cluster
     "ddchallenge score uploads/* --output results/": "an organiser's batch: " + OFFICIAL_SCORE + " per upload",
-    "ddchallenge score generators/* --budget 600 --dataset cifar100": "Track 2 batch: 600 s per generator, "
-        "then " + OFFICIAL_SCORE,
+    "ddchallenge score generators/* --budget 600 --dataset cifar100 --output track2/": "Track 2 batch: 600 s per "
+        "generator, then " + OFFICIAL_SCORE,
+    "ddchallenge leaderboard track2/ --format md": NEEDS_RECORDS,
     "ddchallenge score uploads/* --output results/ --cluster local": "starts Ray on this machine (the [cluster] "
         "extra), then official scores; tests/test_cluster.py runs a small batch",
     "ddchallenge score uploads/* --output results/ --cluster head-node:6379": "needs a Ray cluster",

@@ -49,3 +49,18 @@ def test_bad_submission_fails_before_training(tmp_path):
     torch.save(torch.full((100, 1, 28, 28), float("nan")), inp / "res" / "mnist5k.pt")
     proc = _run(inp, out)
     assert proc.returncode == 1 and "NaN or Inf" in proc.stderr and not out.exists()
+
+
+def test_an_output_that_is_a_file_is_refused_before_training(tmp_path, official_file, capsys):
+    """An organiser's review: OUTPUT naming a file trained for the whole
+    recipe, then ended in a traceback. (The program's main, in this process.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("codabench_evaluate", PROGRAM)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    inp, out = _input(tmp_path, official_file), tmp_path / "output"
+    out.write_text("not a folder")
+    assert program.main([str(inp), str(out), "--epochs", "0", "--rounds", "1", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == f"error: {out} is not a folder; OUTPUT is the folder scores.txt is written into\n"
+    assert out.read_text() == "not a folder"

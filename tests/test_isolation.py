@@ -401,3 +401,46 @@ def test_no_sandbox_generator_out_of_gpu_memory_is_the_uploads_failure(tiny_mode
     tried = attempt(tiny_model, settings, None, "cpu", progress=False)
     assert not tried.environment and tried.result is None
     assert tried.reason == "the work on this upload ran out of GPU memory (Tried to allocate 20.00 GiB)"
+
+
+def test_a_batch_stopped_by_sigterm_kills_its_sandboxed_child_and_removes_its_folder(run_cli, official_file, tmp_path,
+                                                                                      monkeypatch):
+    """An organiser's review: a batch stopped by SIGTERM (a scheduler's time
+    limit, `kill`, `timeout`) or SIGHUP (a lost login) died at once, leaving
+    its sandboxed child running (a generator: up to its whole budget) and
+    the child's folder, with its copy of the upload, in the temporary folder.
+    Now it stops as Ctrl-C does: the child killed and reaped, the folder
+    removed, a line saying how to resume, exit 128 + the signal."""
+    import signal
+    import tempfile
+    import time
+
+    import ddchallenge.batch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    child = []
+
+    def stalled(*args, **kwargs):
+        with workdir() as work:
+            def stop():  # once the child runs: its pid, then SIGTERM to this process
+                while not (work / "home" / "pid").exists():
+                    time.sleep(0.05)
+                time.sleep(0.2)
+                child.append(int((work / "home" / "pid").read_text()))
+                os.kill(os.getpid(), signal.SIGTERM)
+            threading.Thread(target=stop, daemon=True).start()
+            spawn(_python("import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(8)"), work)
+
+    monkeypatch.setattr(ddchallenge.batch, "score", stalled)
+    unhandled = []
+    before = signal.signal(signal.SIGTERM, lambda *a: unhandled.append(a))  # without the fix: not this process's end
+    try:
+        r = run_cli("score", official_file, "--dataset", "mnist5k", "--output", tmp_path / "out")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert r.exit_code == 128 + signal.SIGTERM and not unhandled, r.output
+    assert r.stderr.startswith("\ninterrupted by SIGTERM: this run recorded 0 scored and 0 failed of 1 upload"), r.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(child[0], 0)  # killed and reaped
+    assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "out").exists()

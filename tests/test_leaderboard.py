@@ -173,3 +173,75 @@ def test_cli_errors(run_cli, tmp_path):
     r = run_cli("leaderboard", tmp_path / "x.json", "--format", "pdf")
     assert r.exit_code == 2
     assert json.loads((tmp_path / "x.json").read_text()) == {"hello": 1}  # nothing written, nothing moved
+
+
+def track2(record, budget=600.0):
+    return {**record, "rules": {"track": 2, "datasets": ["cifar100"], "ipc": None, "budget_seconds": budget,
+                                "table_rule": "Track 2"}}
+
+
+def test_results_of_both_tracks_are_never_ranked_together(run_cli, tmp_path):
+    """An organiser's review: README's Track 2 batch wrote into the Track 1
+    batch's ./results (and a --mixed batch writes both into one folder), and
+    the leaderboard ranked generators among image uploads, a generator
+    scored on one dataset at half its score. One track per board; Track 2
+    under different budgets does not compare either."""
+    t1 = [rec("images.zip", {"cifar100": 0.5, "tinyimagenet": 0.3}), {**rec("old.zip", {"cifar100": 0.4}),
+                                                                     "rules": {"track": 1}}]
+    out = folder(tmp_path, [*t1, track2(rec("gen", {"cifar100": 0.6}))])
+    write(out / "x.failed.json", {"status": "failed", "name": "slow", "key": "k", "submission": "slow", "reason": "r",
+                                  "upload_sha256": None, "settings": {"budget": 600.0}})
+    r = run_cli("leaderboard", out, "--format", "md")
+    assert r.exit_code == 2 and r.stderr == ("error: these records hold Track 1 and Track 2 (600 s per dataset) results, "
+                                             "which are never ranked together: pass --track 1 or --track 2 (one board "
+                                             "per track)\n"), r.output
+    r = run_cli("leaderboard", out, "--track", 1)
+    assert r.exit_code == 0 and [line.split()[1] for line in r.stdout.splitlines()[2:4]] == ["images.zip", "old.zip"]
+    assert r.stdout.splitlines()[-1] == "Track 1: 2 ranked; 0 failed; 0 refused; 1 of the other track left out"
+    r = run_cli("leaderboard", out, "--track", 2, "--format", "json")
+    board = json.loads(r.stdout)
+    assert [(e["name"], e["score"]) for e in board["official"]] == [("gen", 0.6)] and board["datasets"] == ["cifar100"]
+    assert board["track"] == "Track 2 (600 s per dataset)" and r.stderr == (
+        "Track 2 (600 s per dataset): 1 ranked; 1 failed; 0 refused; 2 of the other track left out\n")  # its failure
+    r = run_cli("leaderboard", out, "--track", 2, "--format", "html", "-o", tmp_path / "site", "--no-sandbox")
+    assert r.exit_code == 0 and "<h1>Leaderboard: Track 2 (600 s per dataset)</h1>" in \
+        (tmp_path / "site" / "index.html").read_text() and "images.zip" not in r.stdout, r.output
+    # Track 2 under another budget: refused, even asked for by track
+    write(out / "09.json", track2(rec("gen-long", {"cifar100": 0.7}), 1200))
+    r = run_cli("leaderboard", out, "--track", 2)
+    assert r.exit_code == 2 and "Track 2 results run under different budgets (600, 1200 s per dataset)" in r.stderr
+    # a rules field that is not one is refused like any malformed field, and ranks nowhere
+    write(out / "09.json", {**rec("liar", {"cifar100": 0.9}), "rules": {"track": 3}})
+    r = run_cli("leaderboard", out, "--track", 1)
+    assert r.exit_code == 0 and f"refused: {out}/09.json: rules.track must be a whole number from 1 to 2, got 3" in \
+        r.stderr and "liar" not in r.stdout
+
+
+def test_a_single_file_of_another_dataset_or_ipc_never_ranks_among_the_batchs_uploads(run_cli, tmp_path):
+    """An organiser's review: in `score uploads/*` a single .h5 file is
+    scored on its own dataset at up to IPC 100. Ranked with the zips, an
+    IPC-100 set came first, and a set of an easy dataset added a column that
+    every other upload counted as 0, its score above all of theirs. Results
+    that do not compare are refused together; --ipc and --dataset pick."""
+    zips = [rec("a.zip", {"cifar100": 0.40, "tinyimagenet": 0.18}), rec("b.zip", {"cifar100": 0.30})]
+    big = make_record("big.h5", {"cifar100": [0.55] * 3}, OFFICIAL)
+    big["datasets"][0].update(ipc=100, images=10_000)
+    easy = rec("easy.h5", {"cifar10": 0.70})
+    out = folder(tmp_path, [*zips, big])
+    r = run_cli("leaderboard", out)
+    assert r.exit_code == 2 and r.stderr == ("error: these records hold Track 1 results at different IPC (cifar100 at IPC "
+                                             "10, 100), which are never ranked together: pass --ipc N to rank those "
+                                             "at IPC N\n"), r.output
+    r = run_cli("leaderboard", out, "--ipc", 10)
+    assert r.exit_code == 0 and [line.split()[1] for line in r.stdout.splitlines()[2:4]] == ["a.zip", "b.zip"]
+    assert r.stdout.splitlines()[-1] == "2 ranked; 0 failed; 0 refused; 1 on other datasets or at another IPC left out"
+    (out / "02.json").unlink()
+    write(out / "03.json", easy)
+    r = run_cli("leaderboard", out)
+    assert r.exit_code == 2 and r.stderr == ("error: these records were scored on datasets (cifar10, cifar100, "
+                                             "tinyimagenet) that no one record holds all of, which are never ranked "
+                                             "together: pass --dataset NAME for each dataset of the board (records on "
+                                             "others are left out)\n"), r.output
+    board = load_leaderboard([out], datasets=("cifar100", "tinyimagenet"))
+    assert [(e.name, round(e.score, 6)) for e in board.official] == [("a.zip", 0.29), ("b.zip", 0.15)]
+    assert board.datasets == ["cifar100", "tinyimagenet"] and board.other_rules == 1

@@ -293,6 +293,51 @@ def test_every_crafted_record_on_rerun_is_set_aside_and_the_upload_is_scored_aga
     assert "reason must be a text" in caplog.records[-1].getMessage() and (out / f"{failed.name}.rejected-1").exists()
 
 
+
+def test_a_rerun_under_another_key_or_none_stops_before_it_sets_aside_or_writes(run_cli, official_file, tmp_path):
+    """An organiser's review: a rerun given another key file (or a key made
+    afresh with the README's command) set every signed record aside and
+    scored the whole folder again; one without the key wrote unsigned
+    records beside signed ones, which `leaderboard --record-key` refuses.
+    Both stop before anything is read, set aside or written; reusing
+    records needs no key."""
+    from ddchallenge.batch import BatchSettings
+    from ddchallenge.protocol import UploadRules
+    from ddchallenge.score import upload_name
+
+    settings = BatchSettings(UploadRules(("mnist5k",)), OFFICIAL.with_overrides(epochs=0, rounds=1))
+    out, name = tmp_path / "results", upload_name(official_file)
+    out.mkdir()
+    data = make_record(name, {"mnist5k": [0.5]}, settings.recipe, method=None)
+    data.update(key=record_key(name), upload_sha256=hashlib.sha256(official_file.read_bytes()).hexdigest(),
+                settings=settings.fingerprint())
+    write(out / f"{record_key(name)}.json", sign(data, KEY))
+    (tmp_path / "key").write_bytes(KEY)
+    (tmp_path / "other-key").write_bytes(b"a key made afresh by mistake 0123")
+    second = tmp_path / "second.pt"
+    second.write_bytes(official_file.read_bytes())
+    listing = sorted(p.name for p in out.iterdir())
+    r = run_cli("score", official_file, second, *FAST, "--output", out, "--record-key", tmp_path / "other-key")
+    assert r.exit_code == 2 and r.stderr == (
+        f"error: the 1 signed record(s) in {out} were signed with another key than this --record-key: pass the key "
+        "they were signed with (under this one every record would be set aside and its upload scored again), or give "
+        "this batch a new --output\n"), r.output
+    r = run_cli("score", official_file, second, *FAST, "--output", out)
+    assert r.exit_code == 2 and r.stderr == (
+        f"error: {out} holds 1 record(s) signed with a record key, and this batch has none: the 1 upload(s) it would "
+        "score would be recorded unsigned, which `leaderboard --record-key` refuses; pass --record-key FILE (or set "
+        "$DDCHALLENGE_RECORD_KEY)\n"), r.output
+    assert sorted(p.name for p in out.iterdir()) == listing  # nothing set aside, nothing written
+    for key in ((), ("--record-key", tmp_path / "key")):  # reused: no key needed, and the right one works
+        r = run_cli("score", official_file, *FAST, "--output", out, *key)
+        assert r.exit_code == 0 and "already scored with the same bytes and settings" in r.stderr, r.output
+    assert sorted(p.name for p in out.iterdir()) == listing
+    # A record planted under another key, beside one signed with this key, stops nothing: it is set aside alone.
+    from ddchallenge.batch import check_signing
+
+    write(out / "planted.json", sign(make_record("planted.pt", {"mnist5k": [0.9]}, settings.recipe), b"x" * 16))
+    assert check_signing(out, KEY) == 2
+
 def test_batch_table_shows_numbers_only():
     from ddchallenge.batch import BatchOutcome
     from ddchallenge.report import batch_table

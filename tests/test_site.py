@@ -339,3 +339,17 @@ def test_packed_zip_scored_then_published_shows_its_own_provenance(run_cli, tmp_
     text = " ".join(" ".join(parse(page).text).split())
     assert "Method test" in text and "Provenance Key Value config {\"k\":1} dataset mnist5k" in text
     assert len(list((tmp_path / "site" / "uploads").glob("team_zip-*-mnist5k.png"))) == 1
+
+
+def test_an_upload_page_counts_its_recipe_in_words():
+    """An organiser's review: a one-round smoke board's pages said '1 epochs, 1 rounds'."""
+    from test_records import make_record
+
+    from ddchallenge.report import rank_records
+    from ddchallenge.site import rows, upload_html
+
+    recipe = OFFICIAL.with_overrides(epochs=1, rounds=1)
+    (row,) = rows(rank_records([make_record("a.zip", {"mnist5k": [0.5]}, recipe)]))
+    assert "<td>Recipe</td><td>1 epoch, 1 round</td>" in upload_html(row, {}, {})
+    (row,) = rows(rank_records([make_record("a.zip", {"mnist5k": [0.5] * 3})]))
+    assert "<td>Recipe</td><td>1000 epochs, 3 rounds</td>" in upload_html(row, {}, {})

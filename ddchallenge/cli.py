@@ -63,6 +63,9 @@ class _Group(click.Group):
     def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Stopped as exc:  # every other command: its `finally`s ran; exit as a process the signal ended would
+            click.echo(f"\ninterrupted by {exc}", err=True)
+            raise click.exceptions.Exit(128 + exc.signum) from None
         except click.UsageError as exc:  # click's own: a bad option value or a missing argument, on one line
             where = exc.ctx.command_path if exc.ctx else ctx.command_path
             raise _OneLineError(f"{exc.format_message()} (see '{where} --help')", 2) from None

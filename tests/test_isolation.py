@@ -444,3 +444,25 @@ def test_a_batch_stopped_by_sigterm_kills_its_sandboxed_child_and_removes_its_fo
     with pytest.raises(ProcessLookupError):
         os.kill(child[0], 0)  # killed and reaped
     assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_any_command_stopped_by_sigterm_exits_as_the_signal_would(run_cli, tmp_path, monkeypatch):
+    """Not only `score`: any command stopped by SIGTERM runs its cleanups
+    (the handler raises where Python's default would end the process at
+    once) and exits 128 + the signal with one line, not click's "Aborted!"
+    and exit 1, which a scheduler would read as the command's own failure."""
+    import signal
+    import time
+
+    import ddchallenge.report
+
+    def stopped(paths):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here, long before this ends
+        return paths
+
+    monkeypatch.setattr(ddchallenge.report, "record_files", stopped)
+    r = run_cli("leaderboard", tmp_path)
+    assert r.exit_code == 128 + signal.SIGTERM, r.output
+    assert r.stderr == "\ninterrupted by SIGTERM\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was

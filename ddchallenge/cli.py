@@ -690,7 +690,7 @@ def verify(recipes, with_score, device, strict, record, quiet):
               show_default=True, help="Output format; html writes a static site into -o (index.html, a page and sample "
               "grid per upload); json and csv carry the extra measures too.")
 @click.option("--extras", is_flag=True, help="Also show the extra measures' columns (score --arch/--baseline/--labels/"
-              "--teacher: each architecture, their pool mean, IOR, HLR, soft labels), after the challenge score.")
+              "--teacher: each architecture, their mean, IOR, HLR, soft labels), after the challenge score.")
 @click.option("--include-unofficial", is_flag=True,
               help="Also show records made with a non-official budget, ranked apart.")
 @record_key_option

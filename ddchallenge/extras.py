@@ -39,6 +39,23 @@ def is_baseline(measure: str) -> bool:
     return measure.startswith(BASELINE_PREFIX)
 
 
+def measure_label(measure: str, recipe: dict) -> str:
+    """The measure with the own settings that change its numbers, as tables
+    and leaderboard columns name it, so that one name never stands for rows
+    made under other settings: a label row's T (and, in mode M, the first 8
+    hex digits of its teacher's weights' sha256), a baseline's subset seed
+    when it is not the default 0. Architectures have no settings of their
+    own. `recipe`: the row's recipe as recorded (checked)."""
+    if measure.startswith(LABELS_PREFIX):
+        label = f"{measure} T={float(recipe['temperature']):g}"
+        if measure == LABELS_PREFIX + "teacher":
+            label += f" teacher {recipe['teacher_weights_sha256'][:8]}"
+        return label
+    if is_baseline(measure) and recipe.get("baseline_seed", 0) != 0:
+        return f"{measure} seed {recipe['baseline_seed']}"
+    return measure
+
+
 def recipe_hash(measure: str, recipe: dict) -> str:
     """A short stable id of an extra measure's recipe: sha256 over the
     measure's name and its recipe (the evaluation recipe's fields, less

@@ -59,7 +59,10 @@ def _signed(x: float | None, se: float | None = None) -> str:
 def extras_table(result: ScoreResult) -> str:
     """The extra measures (ddchallenge.extras) after the challenge score:
     one row each, then each dataset's mean over the architectures asked."""
-    rows = [[e.dataset, e.measure, f"{_pct(e.mean)} ± {_pct(e.std)}", " ".join(_pct(a) for a in e.accuracies),
+    from ddchallenge.extras import measure_label
+
+    rows = [[e.dataset, measure_label(e.measure, e.recipe), f"{_pct(e.mean)} ± {_pct(e.std)}",
+             " ".join(_pct(a) for a in e.accuracies),
              _signed(e.ior, e.ior_se), _signed(e.hlr), e.recipe_hash, f"{e.seconds:.1f}"] for e in result.extras]
     lines = ["extra measures (each its own recipe hash; never part of the challenge score):",
              tabulate(rows, headers=["dataset", "measure", "accuracy %", "per round %", "IOR %", "HLR %", "recipe",
@@ -357,35 +360,44 @@ def _extra_cell(column: str, value: float | None) -> str:
 
 
 POOL_MEAN = "pool mean %"
+ARCH_MEAN = "arch mean"  # "arch mean mlp+vgg11 %": the mean over a part of the pool, named by its architectures
 
 
 def extra_columns(record: dict) -> dict[str, float]:
     """One number per extra measure of a (checked) record, averaged over
     its datasets like the challenge score, and only where every dataset of
     the record has that measure (else the number would not compare):
-    "<measure> %" (mean accuracy), "pool mean %" (over the architectures
-    asked), and for a baseline "IOR vs <name> %" and "HLR %"."""
+    "<measure> %" (mean accuracy), for a baseline "IOR vs <name> %" and
+    "HLR %", and the mean over two or more architectures: "pool mean %" for
+    the whole pool, else "arch mean <a>+<b> %". A column is named by the
+    measure and the own settings that change its numbers
+    (`extras.measure_label`: T, the teacher, a baseline's subset seed), so
+    that no column holds numbers made under other settings."""
+    from ddchallenge.extras import ARCH_PREFIX, ARCHITECTURES, BASELINE_PREFIX, is_baseline, measure_label
+
     datasets = {d["dataset"] for d in record["datasets"]}
     by: dict[str, dict[str, float]] = {}  # column -> dataset -> value: one value per dataset, whatever the rows
     for row in record.get("extras") or []:
-        m, d = row["measure"], row["dataset"]
-        by.setdefault(f"{m} %", {})[d] = float(row["mean"])
-        if m.startswith("baseline:"):
-            by.setdefault(f"IOR vs {m.split(':', 1)[1]} %", {})[d] = float(row["ior"])
+        label, d = measure_label(row["measure"], row["recipe"]), row["dataset"]
+        by.setdefault(f"{label} %", {})[d] = float(row["mean"])
+        if is_baseline(row["measure"]):
+            by.setdefault(f"IOR vs {label[len(BASELINE_PREFIX):]} %", {})[d] = float(row["ior"])
             if row.get("hlr") is not None:  # full - the set's mean: the same whichever baseline carries it
                 by.setdefault("HLR %", {})[d] = float(row["hlr"])
     out = {c: math.fsum(v.values()) / len(v) for c, v in by.items() if set(v) == datasets}
-    archs = [v for c, v in out.items() if c.startswith("arch:")]
-    if archs:
-        out[POOL_MEAN] = math.fsum(archs) / len(archs)
+    archs = {c[len(ARCH_PREFIX):-2]: v for c, v in out.items() if c.startswith(ARCH_PREFIX)}
+    if len(archs) > 1:  # the mean of one architecture is its own column
+        names = [a for a in ARCHITECTURES if a in archs]
+        column = POOL_MEAN if len(names) == len(ARCHITECTURES) else f"{ARCH_MEAN} {'+'.join(names)} %"
+        out[column] = math.fsum(archs.values()) / len(archs)
     return out
 
 
 def _extra_order(columns: set[str]) -> list[str]:
-    """Architectures (then their pool mean), baselines and IOR/HLR, other measures: each group by name."""
+    """Architectures (then their means), baselines and IOR/HLR, other measures: each group by name."""
     def group(c: str) -> int:
-        return 0 if c.startswith("arch:") else 1 if c == POOL_MEAN else 2 if c.startswith(("baseline:", "IOR", "HLR")) \
-            else 3
+        return 0 if c.startswith("arch:") else 1 if c == POOL_MEAN or c.startswith(ARCH_MEAN) else \
+            2 if c.startswith(("baseline:", "IOR", "HLR")) else 3
     return sorted(columns, key=lambda c: (group(c), c))
 
 

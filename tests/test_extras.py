@@ -609,10 +609,10 @@ def test_results_that_differ_in_extras_or_upload_bytes_are_two_entries_in_any_or
 def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_them(run_cli, tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
-    both = with_extras(arch_row(), baseline_row(full=0.9))
+    both = with_extras(arch_row(), arch_row((0.3, 0.4, 0.5), "mlp"), baseline_row(full=0.9))
     # the same measures on tinyimagenet, so that each column covers every dataset of the record
     both["extras"] += [{**r, "dataset": "tinyimagenet"} for r in both["extras"]]
-    both["extras"][3].update(ior=0.3 - 0.33, ior_se=standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]),
+    both["extras"][5].update(ior=0.3 - 0.33, ior_se=standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]),
                              hlr=0.9 - 0.3)
     write(folder / "a.json", both)
     write(folder / "b.json", make_record("bob.zip"))
@@ -621,22 +621,57 @@ def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_
     assert "IOR" not in plain.stdout and "arch:" not in plain.stdout
     shown = run_cli("leaderboard", folder, "--extras")
     header = shown.stdout.splitlines()[0]
-    assert header.index("score %") < header.index("arch:vgg11 %") < header.index("pool mean %") \
+    assert header.index("score %") < header.index("arch:vgg11 %") < header.index("arch mean mlp+vgg11 %") \
         < header.index("IOR vs random %")
     assert "+7.00" in shown.stdout  # IOR averaged over cifar100 (50 - 33 %) and tinyimagenet (30 - 33 %)
     rows = run_cli("leaderboard", folder, "--format", "csv").stdout.splitlines()
-    assert rows[0].split(",")[-5:] == ["arch:vgg11 %", "pool mean %", "HLR %", "IOR vs random %",
-                                       "baseline:random %"]
-    assert rows[2].endswith(",-,-,-,-,-")  # bob has no extras
+    assert rows[0].split(",")[-6:] == ["arch:mlp %", "arch:vgg11 %", "arch mean mlp+vgg11 %", "HLR %",
+                                       "IOR vs random %", "baseline:random %"]
+    assert rows[2].endswith(",-,-,-,-,-,-")  # bob has no extras
     board = json.loads(run_cli("leaderboard", folder, "--format", "json").stdout)
     (alice,) = [e for e in board["official"] if e["name"] == "alice.zip"]
-    assert len(alice["extras"]) == 4 and alice["extra_columns"]["pool mean %"] == pytest.approx(0.35)
+    assert len(alice["extras"]) == 6 and alice["extra_columns"]["arch mean mlp+vgg11 %"] == pytest.approx(0.375)
     # the site, the same way: the columns only with --extras
     for flag, site in (("--extras", "with"), ("--include-unofficial", "without")):
         r = run_cli("leaderboard", folder, "--format", "html", "-o", tmp_path / site, "--no-sandbox", flag)
         assert r.exit_code == 0, r.output
-    assert "pool mean %" in (tmp_path / "with" / "index.html").read_text()
-    assert "pool mean" not in (tmp_path / "without" / "index.html").read_text()
+    assert "arch mean mlp+vgg11 %" in (tmp_path / "with" / "index.html").read_text()
+    assert "arch mean" not in (tmp_path / "without" / "index.html").read_text()
+
+
+def test_an_extra_column_never_holds_numbers_made_under_other_settings():
+    """A leaderboard column is one measure under one set of its own settings:
+    soft labels at T = 1 and T = 4, two teachers, or baselines from two
+    subset seeds are columns of their own, and the mean over architectures
+    is the pool mean only for the whole pool (else named by the
+    architectures it averages); one architecture has no mean column."""
+    from ddchallenge.extras import ARCHITECTURES
+    from ddchallenge.report import extra_columns, leaderboard
+
+    def base(seed):
+        row = dataclasses.asdict(baseline_row())
+        row["recipe"]["baseline_seed"] = seed
+        return ExtraScore.make(**{k: row[k] for k in ("measure", "dataset", "recipe", "seeds", "accuracies",
+                                                      "seconds", "ior", "ior_se", "full", "hlr")})
+
+    def one(*rows):  # a record of cifar100 alone, so that a cifar100 row covers every dataset
+        record = make_record(f"r{next(names)}.zip", {"cifar100": SET})
+        record["extras"] = [json.loads(json.dumps(dataclasses.asdict(r))) for r in rows]
+        return record
+
+    names = iter(range(99))
+    records = [one(label_row("soft", temperature=1.0)), one(label_row("soft")), one(label_row()),
+               one(label_row(teacher_weights_sha256="cd" * 32)), one(base(0)), one(base(3)), one(arch_row()),
+               one(arch_row(), arch_row(name="mlp")), one(*[arch_row(name=a) for a in ARCHITECTURES])]
+    columns = [sorted(extra_columns(r)) for r in records]
+    assert columns == [
+        ["labels:soft T=1 %"], ["labels:soft T=4 %"], ["labels:teacher T=4 teacher abababab %"],
+        ["labels:teacher T=4 teacher cdcdcdcd %"], ["IOR vs random %", "baseline:random %"],
+        ["IOR vs random seed 3 %", "baseline:random seed 3 %"], ["arch:vgg11 %"],
+        ["arch mean mlp+vgg11 %", "arch:mlp %", "arch:vgg11 %"],
+        sorted([f"arch:{a} %" for a in ARCHITECTURES] + ["pool mean %"])]
+    header = leaderboard(records, "csv").splitlines()[0]
+    assert "labels:soft T=1 %,labels:soft T=4 %" in header and "pool mean %" in header
 
 
 @pytest.mark.parametrize("fields, message", [

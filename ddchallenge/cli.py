@@ -692,7 +692,7 @@ def verify(recipes, with_score, device, strict, record, quiet):
 @click.option("--extras", is_flag=True, help="Also show the extra measures' columns (score --arch/--baseline/--labels/"
               "--teacher: each architecture, their mean, IOR, HLR, soft labels), after the challenge score.")
 @click.option("--include-unofficial", is_flag=True,
-              help="Also show records made with a non-official budget, ranked apart.")
+              help="Also show records made with a non-official budget, ranked apart, each recipe on its own.")
 @record_key_option
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="--format html: the folder to write the site into.")

@@ -30,10 +30,16 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def budget_cell(recipe: dict, official: bool) -> str:
+    """"yes", or "NO (E epochs, R rounds)": which budget, wherever a non-official one is shown."""
+    if official:
+        return "yes"
+    rounds, epochs = recipe["rounds"], recipe["epochs"]
+    return f"NO ({epochs} epoch{'' if epochs == 1 else 's'}, {rounds} round{'' if rounds == 1 else 's'})"
+
+
 def score_table(result: ScoreResult) -> str:
-    rounds, epochs = result.recipe["rounds"], result.recipe["epochs"]
-    official = "yes" if result.official_budget else \
-        f"NO ({epochs} epoch{'' if epochs == 1 else 's'}, {rounds} round{'' if rounds == 1 else 's'})"
+    official = budget_cell(result.recipe, result.official_budget)
     rows = [
         [d.dataset, d.ipc, d.images, len(d.accuracies), f"{_pct(d.mean)} ± {_pct(d.std)}",
          " ".join(_pct(a) for a in d.accuracies), official, f"{d.seconds:.1f}", result.device]
@@ -248,7 +254,7 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
         kept.append((path, data))
     official = _rank([(p, r) for p, r in kept if r["official_budget"]])
     unofficial = [(p, r) for p, r in kept if not r["official_budget"]]
-    apart = _rank(unofficial) if include_unofficial else []
+    apart = _rank_by_recipe(unofficial) if include_unofficial else []
     return Leaderboard(official, apart, refused, failed, sorted({n for e in official + apart for n in e.datasets}),
                        duplicates, 0 if include_unofficial else len(unofficial),
                        _extra_order({c for e in official + apart for c in e.extras}))
@@ -262,6 +268,20 @@ def _method(record: dict) -> str | None:
     methods = {d.get("method") for d in record["datasets"]}
     method = methods.pop() if len(methods) == 1 else None
     return method if isinstance(method, str) else None
+
+
+def _rank_by_recipe(kept: list[tuple[str, dict]]) -> list[Entry]:
+    """Non-official records, each recipe ranked on its own (1 epoch against
+    300 compares nothing): the recipes by epochs, then rounds, most first,
+    then by hash; ranks start at 1 in each."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for path, r in kept:
+        groups.setdefault(r["recipe_hash"], []).append((path, r))
+
+    def order(h: str):
+        recipe = groups[h][0][1]["recipe"]
+        return -recipe["epochs"], -recipe["rounds"], h
+    return [e for h in sorted(groups, key=order) for e in _rank(groups[h])]
 
 
 def _rank(kept: list[tuple[str, dict]]) -> list[Entry]:
@@ -318,8 +338,8 @@ def leaderboard(board: Leaderboard | list[dict], fmt: str = "table", extras: boo
     if board.official or not board.unofficial:
         parts.append(tabulate(sections[0], headers=headers, tablefmt=style, disable_numparse=True))
     if board.unofficial:
-        title = f"{NOT_OFFICIAL}: ranked apart, " + ("not comparable with the ranking above" if board.official else
-                                                      "not comparable with official results")
+        title = f"{NOT_OFFICIAL}: ranked apart, each recipe on its own, " + (
+            "not comparable with the ranking above" if board.official else "not comparable with official results")
         parts += [f"<h3>{title}</h3>" if fmt == "html" else f"{chr(10) * bool(parts)}{'### ' * (fmt == 'md')}{title}\n",
                   tabulate(sections[1], headers=headers, tablefmt=style, disable_numparse=True)]
     parts.append(f"<p>{html.escape(footer(board))}</p>" if fmt == "html" else f"\n{footer(board)}")
@@ -348,7 +368,7 @@ def _rows(entries: list[Entry], datasets: list[str], fmt: str, columns: list[str
         # Name and method are already printable ASCII; escaped again for the format they are shown in.
         shown = [_escape(e.name, fmt), _escape(e.method or "?", fmt)]
         extra = [_extra_cell(c, e.extras.get(c)) for c in columns]
-        rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), "yes" if e.official else "NO", *extra])
+        rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), budget_cell(e.record["recipe"], e.official), *extra])
     return rows
 
 

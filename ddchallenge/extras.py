@@ -81,6 +81,21 @@ def standard_error(a: list[float], b: list[float]) -> float | None:
     return math.sqrt(var(a) / len(a) + var(b) / len(b))
 
 
+def paired_standard_error(a: list[float], b: list[float]) -> float | None:
+    """Standard error of mean(a) - mean(b) when round i of both trained on
+    the same seed (network init, batch order, DSA draws): the rounds are
+    pairs, and the SE is that of the per-round differences,
+    sd(a_i - b_i) / sqrt(n) (sample sd). A set against its own subset has
+    every difference 0, so 0, where `standard_error` treats the rounds as
+    independent and reports their spread. None with fewer than two rounds
+    or unequal counts."""
+    if len(a) < 2 or len(a) != len(b):
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    m = math.fsum(d) / len(d)
+    return math.sqrt(math.fsum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
 @dataclass(frozen=True)
 class ExtraScore:
     """One extra measure on one dataset of a result. Accuracies are
@@ -96,12 +111,15 @@ class ExtraScore:
     std: float  # population std over rounds, as the challenge score's
     seconds: float  # wall time of this measure (0 for a baseline read from the cache)
     # Baselines only (None elsewhere): IOR = the set's mean - this baseline's mean (DD-Ranking), its standard
-    # error (`standard_error`), and, where a full-data accuracy is cached for the recipe, that accuracy and
-    # HLR = full - the set's mean. All fractions, like the accuracies.
+    # error with the rounds taken as independent (`standard_error`), and, where a full-data accuracy is cached for
+    # the recipe, that accuracy and HLR = full - the set's mean. All fractions, like the accuracies.
     ior: float | None = None
     ior_se: float | None = None
     full: float | None = None
     hlr: float | None = None
+    # IOR's standard error over the rounds as the pairs they are (same seeds: `paired_standard_error`); records
+    # made before it existed have none (None), which read-back accepts.
+    ior_se_paired: float | None = None
 
     @classmethod
     def make(cls, measure: str, dataset: str, recipe: dict, seeds: list[int], accuracies: list[float],

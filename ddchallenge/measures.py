@@ -36,7 +36,8 @@ from ddchallenge.data.reference import class_sizes, data_root, load_train, norma
 from ddchallenge.errors import DatasetError, EnvironmentFailure, OptionMismatch
 from ddchallenge.evaluation.soft import label_row
 from ddchallenge.evaluation.train import round_accuracies, together_by_default
-from ddchallenge.extras import ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, recipe_hash, standard_error
+from ddchallenge.extras import (ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, paired_standard_error,
+                                recipe_hash, standard_error)
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import DATASETS, DatasetSpec, EvalRecipe, get_dataset
@@ -183,7 +184,8 @@ def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: 
     own = _fmean(set_accs)
     return ExtraScore.make(measure, spec.name, settings, seeds, accs, seconds, ior=own - _fmean(accs),
                            ior_se=standard_error(set_accs, accs), full=full,
-                           hlr=None if full is None else full - own)
+                           hlr=None if full is None else full - own,
+                           ior_se_paired=paired_standard_error(set_accs, accs))
 
 
 def current_full(rows: list[ExtraScore], set_accuracies: dict[str, list[float]], recipe: EvalRecipe, seed: int,

@@ -45,7 +45,8 @@ def score_table(result: ScoreResult) -> str:
          " ".join(_pct(a) for a in d.accuracies), official, f"{d.seconds:.1f}", result.device]
         for d in result.datasets
     ]
-    headers = ["dataset", "IPC", "images", "rounds", "accuracy %", "per round %", "official budget", "seconds", "device"]
+    headers = ["dataset", "IPC", "images", "rounds", "accuracy % ± std", "per round %", "official budget", "seconds",
+               "device"]
     lines = [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
     if len(result.datasets) > 1:
         lines.append(f"challenge score (mean over datasets): {_pct(result.score)} %")
@@ -62,6 +63,14 @@ def _signed(x: float | None, se: float | None = None) -> str:
     return f"{100 * x:+.2f}" + ("" if se is None else f" ± {_pct(se)}")
 
 
+def _ior_cell(e) -> str:
+    """IOR ± the standard error of its paired rounds; a record made before
+    that was recorded shows the independent-rounds one, marked so."""
+    if e.ior_se_paired is not None or e.ior_se is None:
+        return _signed(e.ior, e.ior_se_paired)
+    return _signed(e.ior, e.ior_se) + " (unpaired)"
+
+
 def extras_table(result: ScoreResult) -> str:
     """The extra measures (ddchallenge.extras) after the challenge score:
     one row each, then each dataset's mean over the architectures asked."""
@@ -69,10 +78,12 @@ def extras_table(result: ScoreResult) -> str:
 
     rows = [[e.dataset, measure_label(e.measure, e.recipe), f"{_pct(e.mean)} ± {_pct(e.std)}",
              " ".join(_pct(a) for a in e.accuracies),
-             _signed(e.ior, e.ior_se), _signed(e.hlr), e.recipe_hash, f"{e.seconds:.1f}"] for e in result.extras]
+             _ior_cell(e), _signed(e.hlr), e.recipe_hash, f"{e.seconds:.1f}"] for e in result.extras]
     lines = ["extra measures (each its own recipe hash; never part of the challenge score):",
-             tabulate(rows, headers=["dataset", "measure", "accuracy %", "per round %", "IOR %", "HLR %", "recipe",
-                                     "seconds"], tablefmt="github", disable_numparse=True)]
+             tabulate(rows, headers=["dataset", "measure", "accuracy % ± std", "per round %", "IOR % ± s.e.", "HLR %",
+                                     "recipe", "seconds"], tablefmt="github", disable_numparse=True)]
+    if any(e.ior_se_paired is not None or e.ior_se is not None for e in result.extras):
+        lines.append("IOR's s.e.: over the rounds as pairs (the set's and the baseline's round i share seed i)")
     from ddchallenge.extras import ARCH_PREFIX
 
     for name, mean in arch_means(result.extras).items():

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from ddchallenge.errors import RecordError
-from ddchallenge.extras import ExtraScore, recipe_hash, standard_error
+from ddchallenge.extras import ExtraScore, paired_standard_error, recipe_hash, standard_error
 from ddchallenge.protocol import OFFICIAL
 from ddchallenge.records import read_record
 from ddchallenge.score import ScoreResult
@@ -30,7 +30,8 @@ def arch_row(accs=(0.3, 0.35, 0.4), name="vgg11", recipe=None) -> ExtraScore:
 def baseline_row(accs=(0.30, 0.32, 0.37), full=None) -> ExtraScore:
     mean = sum(accs) / 3
     derived = dict(ior=sum(SET) / 3 - mean, ior_se=standard_error(SET, list(accs)), full=full,
-                   hlr=None if full is None else full - sum(SET) / 3)
+                   hlr=None if full is None else full - sum(SET) / 3,
+                   ior_se_paired=paired_standard_error(SET, list(accs)))
     return ExtraScore.make("baseline:random", "cifar100", {**dataclasses.asdict(OFFICIAL), "baseline_seed": 0,
                                                            "ipc": 10}, [0, 1, 2], list(accs), 0.0, **derived)
 
@@ -43,6 +44,27 @@ def test_extra_hashes_are_their_own_and_the_challenge_hash_is_unchanged():
     # eval_batch_size never changes a result, as for the challenge hash; any other setting does
     assert recipe_hash("arch:mlp", {**recipe, "eval_batch_size": 7}) == recipe_hash("arch:mlp", recipe)
     assert recipe_hash("arch:mlp", {**recipe, "epochs": 7}) != recipe_hash("arch:mlp", recipe)
+
+
+def test_ior_standard_error_takes_the_rounds_as_the_pairs_they_are(tmp_path):
+    """Round i of the set and of its baseline share seed i (init, batches,
+    DSA), so IOR's standard error is that of the per-round differences: 0
+    for a set against its own subset, where the independent-rounds formula
+    reports the rounds' spread. The table shows the paired one; a record
+    made before it existed still reads back, its s.e. marked unpaired."""
+    from ddchallenge.report import extras_table
+
+    assert paired_standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]) == pytest.approx(0.0014333 ** 0.5, rel=1e-4)
+    assert paired_standard_error(SET, SET) == 0.0 and standard_error(SET, SET) == pytest.approx(0.0816, abs=1e-4)
+    assert paired_standard_error([0.5], [0.4]) is None and paired_standard_error(SET, SET[:2]) is None
+    row = baseline_row(SET)  # the set's own rounds as its baseline: IOR 0 in every round
+    assert (row.ior, row.ior_se_paired) == (0.0, 0.0)
+    table = extras_table(ScoreResult.from_dict(read_record(write(tmp_path / "r.json", with_extras(row)))))
+    assert "| +0.00 ± 0.00 " in table and "IOR % ± s.e." in table and "as pairs" in table
+    old = with_extras(row)
+    del old["extras"][0]["ior_se_paired"]
+    table = extras_table(ScoreResult.from_dict(read_record(write(tmp_path / "old.json", old))))
+    assert "| +0.00 ± 8.16 (unpaired) " in table
 
 
 def test_a_record_with_extras_reads_back_and_an_older_one_without_them_too(tmp_path):
@@ -86,6 +108,8 @@ CRAFTED = [
     ("forged ior", _set("ior", 0.5, row=1), "extras[1].ior must be "),
     ("ior infinite", _set("ior", float("inf"), row=1), "extras[1].ior must be a finite number"),
     ("forged ior_se", _set("ior_se", 0.0, row=1), "extras[1].ior_se must be "),
+    ("forged paired se", _set("ior_se_paired", 0.0, row=1), "extras[1].ior_se_paired must be "),
+    ("paired se on an architecture", _set("ior_se_paired", 0.1), "extras[0].ior_se_paired must be null for arch"),
     ("hlr without full", _set("full", None, row=1), "extras[1].hlr must be null"),
     ("forged hlr", _set("hlr", 0.01, row=1), "extras[1].hlr must be "),
     ("full above 1", _set("full", 1.5, row=1), "extras[1].full must be a finite number from 0 to 1"),

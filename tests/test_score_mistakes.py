@@ -72,3 +72,27 @@ def test_in_a_batch_the_mismatch_is_refused_unrecorded_and_a_broken_upload_recor
     assert "1 scored, 0 done before, 1 failed, 1 refused by the command line, 0 environment errors" in r.stdout
     assert "refused: an option contradicts what the upload says it is, not recorded: fix the option" in r.stdout
 
+
+
+def test_ref_is_refused_for_a_validation_view_and_a_missing_one_says_how_to_fix_it(run_cli, tmp_path):
+    """A validation view's test set is its base's held-out training images:
+    --ref would be ignored while the result recorded the folder's digest, so
+    it is the command line's mistake (exit 2, nothing recorded). A --ref
+    folder without the test set says what to place there or to drop --ref."""
+    view = _set(tmp_path / "view.h5", "mnist5k-val")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    r = run_cli("score", view, *FAST, "--no-sandbox", "--ref", refs)
+    assert r.exit_code == 2 and _one_line(r) == (
+        "error: --ref names a folder of test sets, and mnist5k-val's test set is the share of mnist5k's training "
+        "images it holds out; score mnist5k-val without --ref")
+    assert not (tmp_path / "results").exists()
+    r = run_cli("score", _set(tmp_path / "set.h5", "mnist5k"), *FAST, "--no-sandbox", "--ref", refs)
+    assert r.exit_code == 1 and _one_line(r) == (
+        f"error: reference test set not found: {refs}/mnist5k_test.pt; place mnist5k_test.pt in {refs} or drop "
+        "--ref: mnist5k's is built in")
+    r = run_cli("score", _set(tmp_path / "mnist.h5", "mnist"), *FAST, "--no-sandbox", "--ref", refs)
+    assert r.exit_code == 1 and _one_line(r).endswith(
+        f"place mnist_test.pt in {refs} (`ddchallenge data prepare mnist --root DIR` writes it in DIR), or drop --ref "
+        "to use the data root's")
+    assert not (tmp_path / "results").exists()

@@ -450,7 +450,7 @@ def teacher_command(dataset, output, epochs, seed, root, device, force, quiet):
     with shown(not quiet):
         t, kept = make_teacher(dataset, output, TEACHER_EPOCHS if epochs is None else epochs, seed, device, root,
                                force, progress=not quiet)
-    click.echo(f"{'kept' if kept else 'wrote'} {clean(str(t.path))}: {t.dataset} teacher, {t.recipe.epochs} epochs, "
+    click.echo(f"{'kept' if kept else 'wrote'} {clean(str(t.path))}: {t.dataset} teacher, {plural(t.recipe.epochs, 'epoch')}, "
                f"seed {t.seed}, recipe {t.recipe.hash()}, test accuracy {100 * t.test_accuracy:.2f} %")
 
 

@@ -138,8 +138,9 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
 @click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
-              help="Data root holding <dataset>_train.h5 and the cache of --baseline (default: $DDCHALLENGE_DATA or "
-                   "~/.cache/ddchallenge); the test sets are --ref's.")
+              help="Data root holding <dataset>_train.h5 (a validation view's test set is cut from it) and the "
+                   "cache of --baseline (default: $DDCHALLENGE_DATA or ~/.cache/ddchallenge); the test sets are "
+                   "--ref's.")
 @click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds per dataset (official: 3).")
 @click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs; the loop runs epochs + 1 passes (official: 1000).")
 @seed_option

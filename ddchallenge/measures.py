@@ -208,7 +208,7 @@ def current_full(rows: list[ExtraScore], set_accuracies: dict[str, list[float]],
             continue
         spec = get_dataset(row.dataset)
         if spec.name not in tests:
-            tests[spec.name] = reference_digest(load_reference(spec, ref_dir))
+            tests[spec.name] = reference_digest(load_reference(spec, ref_dir, root_of(request)))
         full = read_full(spec, recipe, seed, root_of(request), tests[spec.name])
         out.append(row if full is None else
                    dataclasses.replace(row, full=full, hlr=full - _fmean(set_accuracies[row.dataset])))
@@ -287,7 +287,7 @@ def full_reference(spec: DatasetSpec, recipe: EvalRecipe, seed: int, device: tor
     The test set is `score`'s (`load_reference(spec, ref_dir)`): HLR uses
     it only for a score against the same test set."""
     need_store(spec, root, "a full-data reference")
-    ref = load_reference(spec, ref_dir)
+    ref = load_reference(spec, ref_dir, root)
     path, key = full_path(spec, recipe, seed, root, reference_digest(ref))
     accs = read_cache(path, key, recipe.rounds) if path.exists() else None
     if accs is not None:

@@ -96,3 +96,26 @@ def test_ref_is_refused_for_a_validation_view_and_a_missing_one_says_how_to_fix_
         f"place mnist_test.pt in {refs} (`ddchallenge data prepare mnist --root DIR` writes it in DIR), or drop --ref "
         "to use the data root's")
     assert not (tmp_path / "results").exists()
+
+
+def test_root_is_where_a_validation_views_test_set_is_read_from(run_cli, tmp_path, monkeypatch):
+    """A view's test set is cut from its base's training store, which lives
+    in --root: `score` and `reference full` read it there, never from the
+    default data root (which here holds nothing; they said "pass --root DIR"
+    while it was passed)."""
+    import h5py
+
+    monkeypatch.setenv("DDCHALLENGE_DATA", str(tmp_path / "empty"))
+    root = tmp_path / "root"
+    root.mkdir()
+    with h5py.File(root / "mnist_train.h5", "w") as f:  # 16 noise digits per class: 14 to train on, 2 held out
+        f["images"] = np.random.default_rng(0).integers(0, 255, (160, 1, 28, 28), dtype=np.uint8)
+        f["labels"] = np.repeat(np.arange(10), 16)
+    made = run_cli("generate", "--dataset", "mnist-val", "--method", "random", "--ipc", 1, "--root", root, "-o",
+                   tmp_path / "view.h5", "--quiet")
+    assert made.exit_code == 0, made.output
+    full = run_cli("reference", "full", "mnist-val", "--root", root, "--epochs", 0, "--rounds", 1, "--quiet")
+    assert full.exit_code == 0 and "mnist-val full data" in full.stdout, full.output
+    r = run_cli("score", tmp_path / "view.h5", *FAST, "--no-sandbox", "--root", root)
+    assert r.exit_code == 0 and "| mnist-val " in r.stdout, r.output
+    assert not (tmp_path / "empty").exists()

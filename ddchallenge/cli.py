@@ -171,8 +171,9 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
 @click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
-              help="Data root holding <dataset>_train.h5 and the cache of --baseline (default: $DDCHALLENGE_DATA or "
-                   "~/.cache/ddchallenge); the test sets are --ref's.")
+              help="Data root holding <dataset>_train.h5 (a validation view's test set is cut from it) and the "
+                   "cache of --baseline (default: $DDCHALLENGE_DATA or ~/.cache/ddchallenge); the test sets are "
+                   "--ref's.")
 @click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds per dataset (official: 3).")
 @click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs; the loop runs epochs + 1 passes (official: 1000).")
 @seed_option
@@ -484,7 +485,7 @@ def teacher_command(dataset, output, epochs, seed, root, device, force, quiet):
     with shown(not quiet):
         t, kept = make_teacher(dataset, output, TEACHER_EPOCHS if epochs is None else epochs, seed, device, root,
                                force, progress=not quiet)
-    click.echo(f"{'kept' if kept else 'wrote'} {clean(str(t.path))}: {t.dataset} teacher, {t.recipe.epochs} epochs, "
+    click.echo(f"{'kept' if kept else 'wrote'} {clean(str(t.path))}: {t.dataset} teacher, {plural(t.recipe.epochs, 'epoch')}, "
                f"seed {t.seed}, recipe {t.recipe.hash()}, test accuracy {100 * t.test_accuracy:.2f} %")
 
 
@@ -724,9 +725,9 @@ def verify(recipes, with_score, device, strict, record, quiet):
               show_default=True, help="Output format; html writes a static site into -o (index.html, a page and sample "
               "grid per upload); json and csv carry the extra measures too.")
 @click.option("--extras", is_flag=True, help="Also show the extra measures' columns (score --arch/--baseline/--labels/"
-              "--teacher: each architecture, their pool mean, IOR, HLR, soft labels), after the challenge score.")
+              "--teacher: each architecture, their mean, IOR, HLR, soft labels), after the challenge score.")
 @click.option("--include-unofficial", is_flag=True,
-              help="Also show records made with a non-official budget, ranked apart.")
+              help="Also show records made with a non-official budget, ranked apart, each recipe on its own.")
 @click.option("--track", type=click.IntRange(1, 2),
               help="Rank this track's results only (needed where RESULTS hold both: a --mixed batch, or two batches "
                    "into one folder); the other's are counted as left out.")

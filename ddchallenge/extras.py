@@ -39,6 +39,23 @@ def is_baseline(measure: str) -> bool:
     return measure.startswith(BASELINE_PREFIX)
 
 
+def measure_label(measure: str, recipe: dict) -> str:
+    """The measure with the own settings that change its numbers, as tables
+    and leaderboard columns name it, so that one name never stands for rows
+    made under other settings: a label row's T (and, in mode M, the first 8
+    hex digits of its teacher's weights' sha256), a baseline's subset seed
+    when it is not the default 0. Architectures have no settings of their
+    own. `recipe`: the row's recipe as recorded (checked)."""
+    if measure.startswith(LABELS_PREFIX):
+        label = f"{measure} T={float(recipe['temperature']):g}"
+        if measure == LABELS_PREFIX + "teacher":
+            label += f" teacher {recipe['teacher_weights_sha256'][:8]}"
+        return label
+    if is_baseline(measure) and recipe.get("baseline_seed", 0) != 0:
+        return f"{measure} seed {recipe['baseline_seed']}"
+    return measure
+
+
 def recipe_hash(measure: str, recipe: dict) -> str:
     """A short stable id of an extra measure's recipe: sha256 over the
     measure's name and its recipe (the evaluation recipe's fields, less
@@ -64,6 +81,21 @@ def standard_error(a: list[float], b: list[float]) -> float | None:
     return math.sqrt(var(a) / len(a) + var(b) / len(b))
 
 
+def paired_standard_error(a: list[float], b: list[float]) -> float | None:
+    """Standard error of mean(a) - mean(b) when round i of both trained on
+    the same seed (network init, batch order, DSA draws): the rounds are
+    pairs, and the SE is that of the per-round differences,
+    sd(a_i - b_i) / sqrt(n) (sample sd). A set against its own subset has
+    every difference 0, so 0, where `standard_error` treats the rounds as
+    independent and reports their spread. None with fewer than two rounds
+    or unequal counts."""
+    if len(a) < 2 or len(a) != len(b):
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    m = math.fsum(d) / len(d)
+    return math.sqrt(math.fsum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
 @dataclass(frozen=True)
 class ExtraScore:
     """One extra measure on one dataset of a result. Accuracies are
@@ -79,12 +111,15 @@ class ExtraScore:
     std: float  # population std over rounds, as the challenge score's
     seconds: float  # wall time of this measure (0 for a baseline read from the cache)
     # Baselines only (None elsewhere): IOR = the set's mean - this baseline's mean (DD-Ranking), its standard
-    # error (`standard_error`), and, where a full-data accuracy is cached for the recipe, that accuracy and
-    # HLR = full - the set's mean. All fractions, like the accuracies.
+    # error with the rounds taken as independent (`standard_error`), and, where a full-data accuracy is cached for
+    # the recipe, that accuracy and HLR = full - the set's mean. All fractions, like the accuracies.
     ior: float | None = None
     ior_se: float | None = None
     full: float | None = None
     hlr: float | None = None
+    # IOR's standard error over the rounds as the pairs they are (same seeds: `paired_standard_error`); records
+    # made before it existed have none (None), which read-back accepts.
+    ior_se_paired: float | None = None
 
     @classmethod
     def make(cls, measure: str, dataset: str, recipe: dict, seeds: list[int], accuracies: list[float],

@@ -36,7 +36,8 @@ from ddchallenge.data.reference import class_sizes, data_root, load_train, norma
 from ddchallenge.errors import DatasetError, EnvironmentFailure, OptionMismatch
 from ddchallenge.evaluation.soft import label_row
 from ddchallenge.evaluation.train import round_accuracies, together_by_default
-from ddchallenge.extras import ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, recipe_hash, standard_error
+from ddchallenge.extras import (ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, paired_standard_error,
+                                recipe_hash, standard_error)
 from ddchallenge.fileio import atomic_write_bytes
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import DATASETS, DatasetSpec, EvalRecipe, get_dataset
@@ -183,7 +184,8 @@ def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: 
     own = _fmean(set_accs)
     return ExtraScore.make(measure, spec.name, settings, seeds, accs, seconds, ior=own - _fmean(accs),
                            ior_se=standard_error(set_accs, accs), full=full,
-                           hlr=None if full is None else full - own)
+                           hlr=None if full is None else full - own,
+                           ior_se_paired=paired_standard_error(set_accs, accs))
 
 
 def current_full(rows: list[ExtraScore], set_accuracies: dict[str, list[float]], recipe: EvalRecipe, seed: int,
@@ -206,7 +208,7 @@ def current_full(rows: list[ExtraScore], set_accuracies: dict[str, list[float]],
             continue
         spec = get_dataset(row.dataset)
         if spec.name not in tests:
-            tests[spec.name] = reference_digest(load_reference(spec, ref_dir))
+            tests[spec.name] = reference_digest(load_reference(spec, ref_dir, root_of(request)))
         full = read_full(spec, recipe, seed, root_of(request), tests[spec.name])
         out.append(row if full is None else
                    dataclasses.replace(row, full=full, hlr=full - _fmean(set_accuracies[row.dataset])))
@@ -285,7 +287,7 @@ def full_reference(spec: DatasetSpec, recipe: EvalRecipe, seed: int, device: tor
     The test set is `score`'s (`load_reference(spec, ref_dir)`): HLR uses
     it only for a score against the same test set."""
     need_store(spec, root, "a full-data reference")
-    ref = load_reference(spec, ref_dir)
+    ref = load_reference(spec, ref_dir, root)
     path, key = full_path(spec, recipe, seed, root, reference_digest(ref))
     accs = read_cache(path, key, recipe.rounds) if path.exists() else None
     if accs is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from ddchallenge.errors import RecordError, UsageError
 from ddchallenge.extras import (
     LABEL_SETTINGS, LABELS_PREFIX, LOSS, MAX_EXTRAS, MAX_OWN_SETTINGS, MAX_TEMPERATURE, MEASURES,
-    MIN_TEMPERATURE, TEACHER_SETTINGS, ExtraScore, is_baseline, standard_error,
+    MIN_TEMPERATURE, TEACHER_SETTINGS, ExtraScore, is_baseline, paired_standard_error, standard_error,
 )
 from ddchallenge.extras import recipe_hash as extra_recipe_hash
 from ddchallenge.isolation import clean
@@ -255,7 +255,7 @@ def _check_dataset(d: _Fields, recipe: EvalRecipe, seed: int) -> float:
 
 
 _EXTRA_FIELDS = {f.name for f in dataclasses.fields(ExtraScore)}
-_DERIVED = ("ior", "ior_se", "full", "hlr")
+_DERIVED = ("ior", "ior_se", "full", "hlr", "ior_se_paired")
 
 
 def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int, challenge: EvalRecipe,
@@ -321,6 +321,8 @@ def _check_extras(record: _Fields, sets: dict[str, list[float]], seed: int, chal
             continue
         own_accs = sets[name]
         want = {"ior": _fmean(own_accs) - mean, "ior_se": standard_error(own_accs, accs)}
+        if derived["ior_se_paired"] is not None:  # absent or null in records made before it existed
+            want["ior_se_paired"] = paired_standard_error(own_accs, accs)
         full = None if derived["full"] is None else e.number("full", 0.0, 1.0)
         want["full"] = full
         want["hlr"] = None if full is None else full - _fmean(own_accs)

@@ -30,16 +30,23 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def budget_cell(recipe: dict, official: bool) -> str:
+    """"yes", or "NO (E epochs, R rounds)": which budget, wherever a non-official one is shown."""
+    if official:
+        return "yes"
+    rounds, epochs = recipe["rounds"], recipe["epochs"]
+    return f"NO ({epochs} epoch{'' if epochs == 1 else 's'}, {rounds} round{'' if rounds == 1 else 's'})"
+
+
 def score_table(result: ScoreResult) -> str:
-    rounds, epochs = result.recipe["rounds"], result.recipe["epochs"]
-    official = "yes" if result.official_budget else \
-        f"NO ({epochs} epoch{'' if epochs == 1 else 's'}, {rounds} round{'' if rounds == 1 else 's'})"
+    official = budget_cell(result.recipe, result.official_budget)
     rows = [
         [d.dataset, d.ipc, d.images, len(d.accuracies), f"{_pct(d.mean)} ± {_pct(d.std)}",
          " ".join(_pct(a) for a in d.accuracies), official, f"{d.seconds:.1f}", result.device]
         for d in result.datasets
     ]
-    headers = ["dataset", "IPC", "images", "rounds", "accuracy %", "per round %", "official budget", "seconds", "device"]
+    headers = ["dataset", "IPC", "images", "rounds", "accuracy % ± std", "per round %", "official budget", "seconds",
+               "device"]
     lines = [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
     if len(result.datasets) > 1:
         lines.append(f"challenge score (mean over datasets): {_pct(result.score)} %")
@@ -56,14 +63,27 @@ def _signed(x: float | None, se: float | None = None) -> str:
     return f"{100 * x:+.2f}" + ("" if se is None else f" ± {_pct(se)}")
 
 
+def _ior_cell(e) -> str:
+    """IOR ± the standard error of its paired rounds; a record made before
+    that was recorded shows the independent-rounds one, marked so."""
+    if e.ior_se_paired is not None or e.ior_se is None:
+        return _signed(e.ior, e.ior_se_paired)
+    return _signed(e.ior, e.ior_se) + " (unpaired)"
+
+
 def extras_table(result: ScoreResult) -> str:
     """The extra measures (ddchallenge.extras) after the challenge score:
     one row each, then each dataset's mean over the architectures asked."""
-    rows = [[e.dataset, e.measure, f"{_pct(e.mean)} ± {_pct(e.std)}", " ".join(_pct(a) for a in e.accuracies),
-             _signed(e.ior, e.ior_se), _signed(e.hlr), e.recipe_hash, f"{e.seconds:.1f}"] for e in result.extras]
+    from ddchallenge.extras import measure_label
+
+    rows = [[e.dataset, measure_label(e.measure, e.recipe), f"{_pct(e.mean)} ± {_pct(e.std)}",
+             " ".join(_pct(a) for a in e.accuracies),
+             _ior_cell(e), _signed(e.hlr), e.recipe_hash, f"{e.seconds:.1f}"] for e in result.extras]
     lines = ["extra measures (each its own recipe hash; never part of the challenge score):",
-             tabulate(rows, headers=["dataset", "measure", "accuracy %", "per round %", "IOR %", "HLR %", "recipe",
-                                     "seconds"], tablefmt="github", disable_numparse=True)]
+             tabulate(rows, headers=["dataset", "measure", "accuracy % ± std", "per round %", "IOR % ± s.e.", "HLR %",
+                                     "recipe", "seconds"], tablefmt="github", disable_numparse=True)]
+    if any(e.ior_se_paired is not None or e.ior_se is not None for e in result.extras):
+        lines.append("IOR's s.e.: over the rounds as pairs (the set's and the baseline's round i share seed i)")
     from ddchallenge.extras import ARCH_PREFIX
 
     for name, mean in arch_means(result.extras).items():
@@ -341,7 +361,7 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
         kept.append((path, data))
     official = _rank([(p, r) for p, r in kept if r["official_budget"]], datasets)
     unofficial = [(p, r) for p, r in kept if not r["official_budget"]]
-    apart = _rank(unofficial, datasets) if include_unofficial else []
+    apart = _rank_by_recipe(unofficial, datasets) if include_unofficial else []
     columns = sorted(datasets) if datasets and (official or apart) else \
         sorted({n for e in official + apart for n in e.datasets})
     return Leaderboard(official, apart, refused, failed, columns,
@@ -358,6 +378,20 @@ def _method(record: dict) -> str | None:
     methods = {d.get("method") for d in record["datasets"]}
     method = methods.pop() if len(methods) == 1 else None
     return method if isinstance(method, str) else None
+
+
+def _rank_by_recipe(kept: list[tuple[str, dict]], board: tuple[str, ...] | None = None) -> list[Entry]:
+    """Non-official records, each recipe ranked on its own (1 epoch against
+    300 compares nothing): the recipes by epochs, then rounds, most first,
+    then by hash; ranks start at 1 in each."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for path, r in kept:
+        groups.setdefault(r["recipe_hash"], []).append((path, r))
+
+    def order(h: str):
+        recipe = groups[h][0][1]["recipe"]
+        return -recipe["epochs"], -recipe["rounds"], h
+    return [e for h in sorted(groups, key=order) for e in _rank(groups[h], board)]
 
 
 def _rank(kept: list[tuple[str, dict]], board: tuple[str, ...] | None = None) -> list[Entry]:
@@ -415,8 +449,8 @@ def leaderboard(board: Leaderboard | list[dict], fmt: str = "table", extras: boo
     if board.official or not board.unofficial:
         parts.append(tabulate(sections[0], headers=headers, tablefmt=style, disable_numparse=True))
     if board.unofficial:
-        title = f"{NOT_OFFICIAL}: ranked apart, " + ("not comparable with the ranking above" if board.official else
-                                                      "not comparable with official results")
+        title = f"{NOT_OFFICIAL}: ranked apart, each recipe on its own, " + (
+            "not comparable with the ranking above" if board.official else "not comparable with official results")
         parts += [f"<h3>{title}</h3>" if fmt == "html" else f"{chr(10) * bool(parts)}{'### ' * (fmt == 'md')}{title}\n",
                   tabulate(sections[1], headers=headers, tablefmt=style, disable_numparse=True)]
     parts.append(f"<p>{html.escape(footer(board))}</p>" if fmt == "html" else f"\n{footer(board)}")
@@ -451,7 +485,7 @@ def _rows(entries: list[Entry], datasets: list[str], fmt: str, columns: list[str
         # Name and method are already printable ASCII; escaped again for the format they are shown in.
         shown = [_escape(e.name, fmt), _escape(e.method or "?", fmt)]
         extra = [_extra_cell(c, e.extras.get(c)) for c in columns]
-        rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), "yes" if e.official else "NO", *extra])
+        rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), budget_cell(e.record["recipe"], e.official), *extra])
     return rows
 
 
@@ -463,35 +497,44 @@ def _extra_cell(column: str, value: float | None) -> str:
 
 
 POOL_MEAN = "pool mean %"
+ARCH_MEAN = "arch mean"  # "arch mean mlp+vgg11 %": the mean over a part of the pool, named by its architectures
 
 
 def extra_columns(record: dict) -> dict[str, float]:
     """One number per extra measure of a (checked) record, averaged over
     its datasets like the challenge score, and only where every dataset of
     the record has that measure (else the number would not compare):
-    "<measure> %" (mean accuracy), "pool mean %" (over the architectures
-    asked), and for a baseline "IOR vs <name> %" and "HLR %"."""
+    "<measure> %" (mean accuracy), for a baseline "IOR vs <name> %" and
+    "HLR %", and the mean over two or more architectures: "pool mean %" for
+    the whole pool, else "arch mean <a>+<b> %". A column is named by the
+    measure and the own settings that change its numbers
+    (`extras.measure_label`: T, the teacher, a baseline's subset seed), so
+    that no column holds numbers made under other settings."""
+    from ddchallenge.extras import ARCH_PREFIX, ARCHITECTURES, BASELINE_PREFIX, is_baseline, measure_label
+
     datasets = {d["dataset"] for d in record["datasets"]}
     by: dict[str, dict[str, float]] = {}  # column -> dataset -> value: one value per dataset, whatever the rows
     for row in record.get("extras") or []:
-        m, d = row["measure"], row["dataset"]
-        by.setdefault(f"{m} %", {})[d] = float(row["mean"])
-        if m.startswith("baseline:"):
-            by.setdefault(f"IOR vs {m.split(':', 1)[1]} %", {})[d] = float(row["ior"])
+        label, d = measure_label(row["measure"], row["recipe"]), row["dataset"]
+        by.setdefault(f"{label} %", {})[d] = float(row["mean"])
+        if is_baseline(row["measure"]):
+            by.setdefault(f"IOR vs {label[len(BASELINE_PREFIX):]} %", {})[d] = float(row["ior"])
             if row.get("hlr") is not None:  # full - the set's mean: the same whichever baseline carries it
                 by.setdefault("HLR %", {})[d] = float(row["hlr"])
     out = {c: math.fsum(v.values()) / len(v) for c, v in by.items() if set(v) == datasets}
-    archs = [v for c, v in out.items() if c.startswith("arch:")]
-    if archs:
-        out[POOL_MEAN] = math.fsum(archs) / len(archs)
+    archs = {c[len(ARCH_PREFIX):-2]: v for c, v in out.items() if c.startswith(ARCH_PREFIX)}
+    if len(archs) > 1:  # the mean of one architecture is its own column
+        names = [a for a in ARCHITECTURES if a in archs]
+        column = POOL_MEAN if len(names) == len(ARCHITECTURES) else f"{ARCH_MEAN} {'+'.join(names)} %"
+        out[column] = math.fsum(archs.values()) / len(archs)
     return out
 
 
 def _extra_order(columns: set[str]) -> list[str]:
-    """Architectures (then their pool mean), baselines and IOR/HLR, other measures: each group by name."""
+    """Architectures (then their means), baselines and IOR/HLR, other measures: each group by name."""
     def group(c: str) -> int:
-        return 0 if c.startswith("arch:") else 1 if c == POOL_MEAN else 2 if c.startswith(("baseline:", "IOR", "HLR")) \
-            else 3
+        return 0 if c.startswith("arch:") else 1 if c == POOL_MEAN or c.startswith(ARCH_MEAN) else \
+            2 if c.startswith(("baseline:", "IOR", "HLR")) else 3
     return sorted(columns, key=lambda c: (group(c), c))
 
 

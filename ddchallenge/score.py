@@ -159,7 +159,7 @@ def score(
         entries = generate_upload(path, rules, budget, seed, device, sandbox)
     else:
         entries = read_upload(path, rules, sandbox)
-    refs = {e.spec.name: load_reference(e.spec, ref_dir) for e in entries}
+    refs = {e.spec.name: load_reference(e.spec, ref_dir, extras.data_root) for e in entries}
     measures.check_possible(entries, extras)
     notes = [w for e in entries for w in e.warnings]
     for w in notes:

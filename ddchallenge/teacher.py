@@ -121,7 +121,7 @@ def make_teacher(dataset: str, output: str | os.PathLike | None = None, epochs: 
     check_replaceable(out, META)
     dev = resolve_device(device)
     images, labels = load_train(spec, root)
-    ref = load_reference(spec, None if root is None or spec.validation_of else root)
+    ref = load_reference(spec, None if root is None or spec.validation_of else root, root)
     start = time.perf_counter()
     net = train_round(spec, normalise(images, spec), torch.from_numpy(labels), recipe, seed, dev, progress,
                       desc=f"teacher {spec.name}")

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from ddchallenge.errors import RecordError
-from ddchallenge.extras import ExtraScore, recipe_hash, standard_error
+from ddchallenge.extras import ExtraScore, paired_standard_error, recipe_hash, standard_error
 from ddchallenge.protocol import OFFICIAL
 from ddchallenge.records import read_record
 from ddchallenge.score import ScoreResult
@@ -30,7 +30,8 @@ def arch_row(accs=(0.3, 0.35, 0.4), name="vgg11", recipe=None) -> ExtraScore:
 def baseline_row(accs=(0.30, 0.32, 0.37), full=None) -> ExtraScore:
     mean = sum(accs) / 3
     derived = dict(ior=sum(SET) / 3 - mean, ior_se=standard_error(SET, list(accs)), full=full,
-                   hlr=None if full is None else full - sum(SET) / 3)
+                   hlr=None if full is None else full - sum(SET) / 3,
+                   ior_se_paired=paired_standard_error(SET, list(accs)))
     return ExtraScore.make("baseline:random", "cifar100", {**dataclasses.asdict(OFFICIAL), "baseline_seed": 0,
                                                            "ipc": 10}, [0, 1, 2], list(accs), 0.0, **derived)
 
@@ -43,6 +44,27 @@ def test_extra_hashes_are_their_own_and_the_challenge_hash_is_unchanged():
     # eval_batch_size never changes a result, as for the challenge hash; any other setting does
     assert recipe_hash("arch:mlp", {**recipe, "eval_batch_size": 7}) == recipe_hash("arch:mlp", recipe)
     assert recipe_hash("arch:mlp", {**recipe, "epochs": 7}) != recipe_hash("arch:mlp", recipe)
+
+
+def test_ior_standard_error_takes_the_rounds_as_the_pairs_they_are(tmp_path):
+    """Round i of the set and of its baseline share seed i (init, batches,
+    DSA), so IOR's standard error is that of the per-round differences: 0
+    for a set against its own subset, where the independent-rounds formula
+    reports the rounds' spread. The table shows the paired one; a record
+    made before it existed still reads back, its s.e. marked unpaired."""
+    from ddchallenge.report import extras_table
+
+    assert paired_standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]) == pytest.approx(0.0014333 ** 0.5, rel=1e-4)
+    assert paired_standard_error(SET, SET) == 0.0 and standard_error(SET, SET) == pytest.approx(0.0816, abs=1e-4)
+    assert paired_standard_error([0.5], [0.4]) is None and paired_standard_error(SET, SET[:2]) is None
+    row = baseline_row(SET)  # the set's own rounds as its baseline: IOR 0 in every round
+    assert (row.ior, row.ior_se_paired) == (0.0, 0.0)
+    table = extras_table(ScoreResult.from_dict(read_record(write(tmp_path / "r.json", with_extras(row)))))
+    assert "| +0.00 ± 0.00 " in table and "IOR % ± s.e." in table and "as pairs" in table
+    old = with_extras(row)
+    del old["extras"][0]["ior_se_paired"]
+    table = extras_table(ScoreResult.from_dict(read_record(write(tmp_path / "old.json", old))))
+    assert "| +0.00 ± 8.16 (unpaired) " in table
 
 
 def test_a_record_with_extras_reads_back_and_an_older_one_without_them_too(tmp_path):
@@ -86,6 +108,8 @@ CRAFTED = [
     ("forged ior", _set("ior", 0.5, row=1), "extras[1].ior must be "),
     ("ior infinite", _set("ior", float("inf"), row=1), "extras[1].ior must be a finite number"),
     ("forged ior_se", _set("ior_se", 0.0, row=1), "extras[1].ior_se must be "),
+    ("forged paired se", _set("ior_se_paired", 0.0, row=1), "extras[1].ior_se_paired must be "),
+    ("paired se on an architecture", _set("ior_se_paired", 0.1), "extras[0].ior_se_paired must be null for arch"),
     ("hlr without full", _set("full", None, row=1), "extras[1].hlr must be null"),
     ("forged hlr", _set("hlr", 0.01, row=1), "extras[1].hlr must be "),
     ("full above 1", _set("full", 1.5, row=1), "extras[1].full must be a finite number from 0 to 1"),
@@ -609,10 +633,10 @@ def test_results_that_differ_in_extras_or_upload_bytes_are_two_entries_in_any_or
 def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_them(run_cli, tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
-    both = with_extras(arch_row(), baseline_row(full=0.9))
+    both = with_extras(arch_row(), arch_row((0.3, 0.4, 0.5), "mlp"), baseline_row(full=0.9))
     # the same measures on tinyimagenet, so that each column covers every dataset of the record
     both["extras"] += [{**r, "dataset": "tinyimagenet"} for r in both["extras"]]
-    both["extras"][3].update(ior=0.3 - 0.33, ior_se=standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]),
+    both["extras"][5].update(ior=0.3 - 0.33, ior_se=standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]),
                              hlr=0.9 - 0.3)
     write(folder / "a.json", both)
     write(folder / "b.json", make_record("bob.zip"))
@@ -621,22 +645,57 @@ def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_
     assert "IOR" not in plain.stdout and "arch:" not in plain.stdout
     shown = run_cli("leaderboard", folder, "--extras")
     header = shown.stdout.splitlines()[0]
-    assert header.index("score %") < header.index("arch:vgg11 %") < header.index("pool mean %") \
+    assert header.index("score %") < header.index("arch:vgg11 %") < header.index("arch mean mlp+vgg11 %") \
         < header.index("IOR vs random %")
     assert "+7.00" in shown.stdout  # IOR averaged over cifar100 (50 - 33 %) and tinyimagenet (30 - 33 %)
     rows = run_cli("leaderboard", folder, "--format", "csv").stdout.splitlines()
-    assert rows[0].split(",")[-5:] == ["arch:vgg11 %", "pool mean %", "HLR %", "IOR vs random %",
-                                       "baseline:random %"]
-    assert rows[2].endswith(",-,-,-,-,-")  # bob has no extras
+    assert rows[0].split(",")[-6:] == ["arch:mlp %", "arch:vgg11 %", "arch mean mlp+vgg11 %", "HLR %",
+                                       "IOR vs random %", "baseline:random %"]
+    assert rows[2].endswith(",-,-,-,-,-,-")  # bob has no extras
     board = json.loads(run_cli("leaderboard", folder, "--format", "json").stdout)
     (alice,) = [e for e in board["official"] if e["name"] == "alice.zip"]
-    assert len(alice["extras"]) == 4 and alice["extra_columns"]["pool mean %"] == pytest.approx(0.35)
+    assert len(alice["extras"]) == 6 and alice["extra_columns"]["arch mean mlp+vgg11 %"] == pytest.approx(0.375)
     # the site, the same way: the columns only with --extras
     for flag, site in (("--extras", "with"), ("--include-unofficial", "without")):
         r = run_cli("leaderboard", folder, "--format", "html", "-o", tmp_path / site, "--no-sandbox", flag)
         assert r.exit_code == 0, r.output
-    assert "pool mean %" in (tmp_path / "with" / "index.html").read_text()
-    assert "pool mean" not in (tmp_path / "without" / "index.html").read_text()
+    assert "arch mean mlp+vgg11 %" in (tmp_path / "with" / "index.html").read_text()
+    assert "arch mean" not in (tmp_path / "without" / "index.html").read_text()
+
+
+def test_an_extra_column_never_holds_numbers_made_under_other_settings():
+    """A leaderboard column is one measure under one set of its own settings:
+    soft labels at T = 1 and T = 4, two teachers, or baselines from two
+    subset seeds are columns of their own, and the mean over architectures
+    is the pool mean only for the whole pool (else named by the
+    architectures it averages); one architecture has no mean column."""
+    from ddchallenge.extras import ARCHITECTURES
+    from ddchallenge.report import extra_columns, leaderboard
+
+    def base(seed):
+        row = dataclasses.asdict(baseline_row())
+        row["recipe"]["baseline_seed"] = seed
+        return ExtraScore.make(**{k: row[k] for k in ("measure", "dataset", "recipe", "seeds", "accuracies",
+                                                      "seconds", "ior", "ior_se", "full", "hlr")})
+
+    def one(*rows):  # a record of cifar100 alone, so that a cifar100 row covers every dataset
+        record = make_record(f"r{next(names)}.zip", {"cifar100": SET})
+        record["extras"] = [json.loads(json.dumps(dataclasses.asdict(r))) for r in rows]
+        return record
+
+    names = iter(range(99))
+    records = [one(label_row("soft", temperature=1.0)), one(label_row("soft")), one(label_row()),
+               one(label_row(teacher_weights_sha256="cd" * 32)), one(base(0)), one(base(3)), one(arch_row()),
+               one(arch_row(), arch_row(name="mlp")), one(*[arch_row(name=a) for a in ARCHITECTURES])]
+    columns = [sorted(extra_columns(r)) for r in records]
+    assert columns == [
+        ["labels:soft T=1 %"], ["labels:soft T=4 %"], ["labels:teacher T=4 teacher abababab %"],
+        ["labels:teacher T=4 teacher cdcdcdcd %"], ["IOR vs random %", "baseline:random %"],
+        ["IOR vs random seed 3 %", "baseline:random seed 3 %"], ["arch:vgg11 %"],
+        ["arch mean mlp+vgg11 %", "arch:mlp %", "arch:vgg11 %"],
+        sorted([f"arch:{a} %" for a in ARCHITECTURES] + ["pool mean %"])]
+    header = leaderboard(records, "csv").splitlines()[0]
+    assert "labels:soft T=1 %,labels:soft T=4 %" in header and "pool mean %" in header
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -1,5 +1,6 @@
 """`ddchallenge leaderboard`: records read as untrusted input, each malformed
 one refused in a line, the rest ranked deterministically."""
+import csv
 import dataclasses
 import json
 
@@ -98,8 +99,9 @@ def test_unofficial_budgets_are_never_ranked_among_official_ones(run_cli, tmp_pa
     r = run_cli("leaderboard", out, "--include-unofficial")
     lines = r.stdout.splitlines()
     assert r.exit_code == 0 and lines[2].split()[:2] == ["1", "slow"] and lines[3] == ""
-    assert lines[4] == "NOT THE OFFICIAL BUDGET: ranked apart, not comparable with the ranking above"
-    assert lines[8].split()[:2] == ["1", "fast"] and lines[8].split()[-1] == "NO"
+    assert lines[4] == ("NOT THE OFFICIAL BUDGET: ranked apart, each recipe on its own, not comparable with the "
+                        "ranking above")
+    assert lines[8].split()[:2] == ["1", "fast"] and lines[8].endswith("NO (2 epochs, 3 rounds)")
     assert lines[-1] == "1 ranked; 1 not the official budget (ranked apart); 0 failed; 0 refused"
     # An unofficial record on other datasets changes no official score, shown or not.
     write(out / "02.json", rec("mnist", {"mnist5k": 0.9}, official=False))
@@ -110,6 +112,24 @@ def test_unofficial_budgets_are_never_ranked_among_official_ones(run_cli, tmp_pa
     r = run_cli("leaderboard", out / "00.json")  # nothing official to rank: an error saying why
     assert r.exit_code == 1 and r.stderr == ("error: nothing to rank: 0 ranked; 1 not the official budget left out "
                                              "(--include-unofficial shows them); 0 failed; 0 refused\n")
+
+
+def test_each_unofficial_recipe_is_ranked_on_its_own(run_cli, tmp_path):
+    """One epoch is no rival of 300: non-official records are ranked within
+    their recipe (ranks start at 1 in each, the longer recipe first), and
+    each row says which budget it had."""
+    def short(name, score, epochs, rounds=3):
+        return make_record(name, {"cifar100": [score] * rounds},
+                           dataclasses.replace(OFFICIAL, epochs=epochs, rounds=rounds))
+
+    out = folder(tmp_path, [short("one-epoch", 0.9, 1), short("long-a", 0.5, 300), short("long-b", 0.6, 300),
+                            short("one-epoch-2", 0.2, 1, rounds=1)])
+    board = load_leaderboard([out], include_unofficial=True)
+    assert [(e.rank, e.name) for e in board.unofficial] == [(1, "long-b"), (2, "long-a"), (1, "one-epoch"),
+                                                            (1, "one-epoch-2")]
+    rows = list(csv.reader(leaderboard(board, "csv").splitlines()))[1:]
+    assert [row[-1] for row in rows] == ["NO (300 epochs, 3 rounds)"] * 2 + ["NO (1 epoch, 3 rounds)",
+                                                                                          "NO (1 epoch, 1 round)"]
 
 
 def test_look_alike_names_are_told_apart(run_cli, tmp_path):

@@ -72,3 +72,50 @@ def test_in_a_batch_the_mismatch_is_refused_unrecorded_and_a_broken_upload_recor
     assert "1 scored, 0 done before, 1 failed, 1 refused by the command line, 0 environment errors" in r.stdout
     assert "refused: an option contradicts what the upload says it is, not recorded: fix the option" in r.stdout
 
+
+
+def test_ref_is_refused_for_a_validation_view_and_a_missing_one_says_how_to_fix_it(run_cli, tmp_path):
+    """A validation view's test set is its base's held-out training images:
+    --ref would be ignored while the result recorded the folder's digest, so
+    it is the command line's mistake (exit 2, nothing recorded). A --ref
+    folder without the test set says what to place there or to drop --ref."""
+    view = _set(tmp_path / "view.h5", "mnist5k-val")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    r = run_cli("score", view, *FAST, "--no-sandbox", "--ref", refs)
+    assert r.exit_code == 2 and _one_line(r) == (
+        "error: --ref names a folder of test sets, and mnist5k-val's test set is the share of mnist5k's training "
+        "images it holds out; score mnist5k-val without --ref")
+    assert not (tmp_path / "results").exists()
+    r = run_cli("score", _set(tmp_path / "set.h5", "mnist5k"), *FAST, "--no-sandbox", "--ref", refs)
+    assert r.exit_code == 1 and _one_line(r) == (
+        f"error: reference test set not found: {refs}/mnist5k_test.pt; place mnist5k_test.pt in {refs} or drop "
+        "--ref: mnist5k's is built in")
+    r = run_cli("score", _set(tmp_path / "mnist.h5", "mnist"), *FAST, "--no-sandbox", "--ref", refs)
+    assert r.exit_code == 1 and _one_line(r).endswith(
+        f"place mnist_test.pt in {refs} (`ddchallenge data prepare mnist --root DIR` writes it in DIR), or drop --ref "
+        "to use the data root's")
+    assert not (tmp_path / "results").exists()
+
+
+def test_root_is_where_a_validation_views_test_set_is_read_from(run_cli, tmp_path, monkeypatch):
+    """A view's test set is cut from its base's training store, which lives
+    in --root: `score` and `reference full` read it there, never from the
+    default data root (which here holds nothing; they said "pass --root DIR"
+    while it was passed)."""
+    import h5py
+
+    monkeypatch.setenv("DDCHALLENGE_DATA", str(tmp_path / "empty"))
+    root = tmp_path / "root"
+    root.mkdir()
+    with h5py.File(root / "mnist_train.h5", "w") as f:  # 16 noise digits per class: 14 to train on, 2 held out
+        f["images"] = np.random.default_rng(0).integers(0, 255, (160, 1, 28, 28), dtype=np.uint8)
+        f["labels"] = np.repeat(np.arange(10), 16)
+    made = run_cli("generate", "--dataset", "mnist-val", "--method", "random", "--ipc", 1, "--root", root, "-o",
+                   tmp_path / "view.h5", "--quiet")
+    assert made.exit_code == 0, made.output
+    full = run_cli("reference", "full", "mnist-val", "--root", root, "--epochs", 0, "--rounds", 1, "--quiet")
+    assert full.exit_code == 0 and "mnist-val full data" in full.stdout, full.output
+    r = run_cli("score", tmp_path / "view.h5", *FAST, "--no-sandbox", "--root", root)
+    assert r.exit_code == 0 and "| mnist-val " in r.stdout, r.output
+    assert not (tmp_path / "empty").exists()

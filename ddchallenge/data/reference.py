@@ -84,16 +84,29 @@ def _validation_split(spec: DatasetSpec, root) -> tuple[np.ndarray, np.ndarray, 
     return images, labels, held_out(labels, base.classes)
 
 
-def load_reference(spec: DatasetSpec, ref_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+def load_reference(spec: DatasetSpec, ref_dir: str | os.PathLike | None = None,
+                   root: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """The reference test set of a dataset: `ref_dir/<name>_test.pt` when a
     folder is given, else the data root's, else (mnist5k only) built from the
     embedded data. A validation view's is the share of its base's training
-    images it holds out, read from the data root's training store."""
+    images it holds out, read from the training store in `root` (default:
+    the data root), where the command's --root says."""
     if spec.validation_of is not None:
-        images, labels, held = _validation_split(spec, None)
+        if ref_dir is not None:  # it would be ignored, and a result would claim a test set it never used
+            from ddchallenge.errors import OptionMismatch
+
+            raise OptionMismatch(f"--ref names a folder of test sets, and {spec.name}'s test set is the share of "
+                                 f"{spec.validation_of}'s training images it holds out; score {spec.name} without "
+                                 "--ref")
+        images, labels, held = _validation_split(spec, root)
         return {"images_val": normalise(images[held], spec), "labels_val": torch.from_numpy(labels[held])}
     folder = Path(ref_dir) if ref_dir is not None else data_root()
     path = folder / spec.reference_file
+    if ref_dir is not None and not path.exists() and not path.is_symlink():
+        fix = "drop --ref: mnist5k's is built in" if spec.name == "mnist5k" else \
+            f"`ddchallenge data prepare {spec.name} --root DIR` writes it in DIR), or drop --ref to use the data root's"
+        raise DatasetError(f"reference test set not found: {path}; place {spec.reference_file} in {Path(ref_dir)} "
+                           + ("or " if spec.name == "mnist5k" else "(") + fix)
     if path.exists() or ref_dir is not None:
         data = read_limited(path, DatasetError, "reference test set")
         return validate_reference(load_torch_bytes(data, str(path), DatasetError), spec, str(path))

@@ -365,7 +365,8 @@ def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "au
         optimiser.step()
     seconds = time.perf_counter() - begin
     vae.eval()
-    test = load_reference(spec, root if spec.name != "mnist5k" else None)["images_val"][:512]
+    own = spec.name != "mnist5k" and spec.validation_of is None  # a view's test set is held-out training images
+    test = load_reference(spec, root if own else None, root)["images_val"][:512]
     with torch.no_grad():
         pixels = denormalise(test, spec).to(dev) * 2 - 1
         test_l1 = float((vae(pixels).sample.clamp(-1, 1) - pixels).abs().mean() / 2)

@@ -16,7 +16,7 @@ import click
 from ddchallenge import __version__, errors
 from ddchallenge.fileio import check_writable
 from ddchallenge.isolation import clean
-from ddchallenge.progress import shown
+from ddchallenge.progress import plural, shown
 from ddchallenge.protocol import DATASET_NAMES, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED
 
 
@@ -109,10 +109,6 @@ def _records(folder: Path) -> dict[str, int]:
         return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
     except OSError:
         return {}
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _check_device(ctx, param, value: str) -> str:

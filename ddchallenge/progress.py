@@ -61,3 +61,8 @@ class Fraction:
         if target > self.whole:
             self.bar.update(target - self.whole)
             self.whole = target
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 epoch", "3 epochs": a count in words, as every message and page says it."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -19,6 +19,7 @@ from tabulate import tabulate
 from ddchallenge.data import denormalise
 from ddchallenge.errors import RecordError, UsageError
 from ddchallenge.isolation import clean
+from ddchallenge.progress import plural
 from ddchallenge.records import canonical, check_record, is_failed, read_record
 from ddchallenge.score import ScoreResult
 from ddchallenge.submission import DatasetEntry
@@ -35,7 +36,7 @@ def budget_cell(recipe: dict, official: bool) -> str:
     if official:
         return "yes"
     rounds, epochs = recipe["rounds"], recipe["epochs"]
-    return f"NO ({epochs} epoch{'' if epochs == 1 else 's'}, {rounds} round{'' if rounds == 1 else 's'})"
+    return f"NO ({plural(epochs, 'epoch')}, {plural(rounds, 'round')})"
 
 
 def score_table(result: ScoreResult) -> str:

@@ -34,6 +34,7 @@ from ddchallenge import __version__
 from ddchallenge.errors import DDChallengeError, OutputExistsError
 from ddchallenge.fileio import check_replaceable, replace_folder
 from ddchallenge.isolation import clean
+from ddchallenge.progress import plural
 from ddchallenge.protocol import UploadRules
 from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, footer, image_grid, track_label
 from ddchallenge.submission import bounded_provenance
@@ -230,10 +231,6 @@ def index_html(board: Leaderboard, site_rows: list[Row], extras: bool = False) -
     return _page("Leaderboard", "\n".join(parts))
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def upload_html(row: Row, grids: dict[str, str | None], why: dict[str, str]) -> str:
     """One row's page; `grids`: dataset -> image file name beside the page,
     `why`: dataset -> why there is no grid."""
@@ -245,7 +242,7 @@ def upload_html(row: Row, grids: dict[str, str | None], why: dict[str, str]) -> 
         ("Score", f"{_pct(e.score)} %"),
         ("Method", _e(e.method or "? (not recorded)")),
         ("Recipe hash", f"<code>{_e(e.recipe_hash)}</code>"),
-        ("Recipe", _e(f"{_count(recipe['epochs'], 'epoch')}, {_count(recipe['rounds'], 'round')}")),
+        ("Recipe", _e(f"{plural(recipe['epochs'], 'epoch')}, {plural(recipe['rounds'], 'round')}")),
         ("Seed", _e(r["seed"])),
         ("Sandbox", _e(r["sandbox"])),
         ("Device", _e(r["device"])),

@@ -60,6 +60,11 @@ FOLDERS = {
     "d4m": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "0"]],
     "d4m-m300": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"]],
     "d4m-m1500": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "1500"]],
+    # the pool spread wider around the same prototypes (issue 20, session 17): redrawn from further noise
+    "d4m-m300-p70": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"],
+                     ["settings", "--pool-strength", "0.7"]],
+    "d4m-m300-p90": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"],
+                     ["settings", "--pool-strength", "0.9"]],
     "d3m": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "0"]],
     "d3m-m300": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "300"]],
 }

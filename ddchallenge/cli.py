@@ -348,6 +348,8 @@ def _ipc(value: str) -> int | str:
 @click.option("--batch-size", type=int, help="diffusion: images per sampling batch (default 500).")
 @click.option("--strength", type=FINITE, help="d4m: how far each prototype is noised before denoising, in (0, 1] "
               "(default 0.5; 1 = pure noise).")
+@click.option("--pool-strength", type=FINITE, help="d4m with --match-steps: how far each prototype is noised when "
+              "redrawn for the matching pool, in (0, 1] (default: --strength).")
 @click.option("--per-class", type=int, help="d3m: which stored set of K vectors per class (default: the folder's).")
 @click.option("--oversample", type=FINITE,
               help="Any method: make ceil(R x IPC) candidates per class and keep IPC by herding (R >= 1; default 1).")
@@ -364,7 +366,8 @@ def _ipc(value: str) -> int | str:
               help="With --soft-labels teacher: a teacher folder made by `ddchallenge teacher DATASET`.")
 @quiet_option
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
-             strength, per_class, oversample, match_steps, output, force, soft_labels, teacher_dir, quiet):
+             strength, pool_strength, per_class, oversample, match_steps, output, force, soft_labels, teacher_dir,
+             quiet):
     """Synthesise IPC labelled images per class into a labelled set."""
     if output.name in ("", ".", ".."):
         raise errors.UsageError(f"-o {str(output)!r}: name the labelled set to write (e.g. -o set.h5)")
@@ -376,7 +379,7 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
     given = dict(model=model, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size,
-                 strength=strength, per_class=per_class)
+                 strength=strength, pool_strength=pool_strength, per_class=per_class)
     if track == "2":
         # One Track 2 path: what the scorer will run, not a variant of it.
         r = _track2_generate(dataset, method, _ipc(ipc), seed, budget, device, output, force, quiet,
@@ -385,6 +388,9 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
         if method is None:
             raise errors.UsageError("--method is required (random, herding, diffusion, d4m, d3m), unless --track 2 "
                                     "runs a --model folder with its own")
+        if pool_strength is not None and not match_steps:
+            raise errors.UsageError("--pool-strength shapes the matching pool: add --match-steps N, or drop "
+                                    "--pool-strength")
         config = GenerateConfig(dataset, method, _ipc(ipc), seed, track=int(track) if track else None, budget=budget,
                                 device=device, root=root, options={k: v for k, v in given.items() if v is not None},
                                 oversample=1.0 if oversample is None else oversample, match_steps=match_steps or 0)
@@ -617,6 +623,8 @@ def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, ma
 @cli.command("settings")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--strength", type=FINITE, help="d4m: how far each prototype is noised, in (0, 1].")
+@click.option("--pool-strength", type=FINITE, help="d4m: how far each prototype is noised when redrawn for the "
+              "matching pool, in (0, 1] (default: --strength; higher spreads the pool wider).")
 @click.option("--sampler", help="dpm++ or ddim.")
 @click.option("--steps", type=int, help="Sampling steps.")
 @click.option("--guidance", type=FINITE, help="Classifier-free guidance scale, 1 = none.")
@@ -632,7 +640,7 @@ def settings_command(model, unset, **changes):
 
     meta_path, method, settings = change_settings(model, changes, tuple(k.replace("-", "_") for k in unset))
     given = ", ".join(f"{k} {v}" for k, v in sorted(settings.items()))
-    rest = ", ".join(f"{k} {v}" for k, v in sorted(method_defaults(method).items()) if k not in settings)
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(method_defaults(method, settings).items()) if k not in settings)
     click.echo(f"{meta_path}: runs {method} under Track 2 with {given or 'no settings of its own'}"
                + (f"; defaults: {rest}" if rest else ""))
 

@@ -151,19 +151,21 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     r = run_cli("settings", folder)
     assert r.exit_code == 0 and r.stdout == (f"{folder / 'ddchallenge.json'}: runs d4m under Track 2 with match_steps "
                                              "0, oversample 1.0, strength 0.5; defaults: batch_size 500, guidance "
-                                             "2.0, sampler dpm++, steps 20\n"), r.output
+                                             "2.0, pool_strength 0.5, sampler dpm++, steps 20\n"), r.output
     r = run_cli("settings", folder, "--match-steps", 7, "--guidance", 1.5)
     assert r.exit_code == 0, r.output
     assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0,
                                                                        "match_steps": 7, "guidance": 1.5}}
     r = run_cli("settings", folder, "--unset", "guidance", "--unset", "match-steps")  # back to the defaults
     assert r.exit_code == 0 and r.stdout.endswith("with oversample 1.0, strength 0.5; defaults: batch_size 500, "
-                                                  "guidance 2.0, match_steps 0, sampler dpm++, steps 20\n"), r.output
+                                                  "guidance 2.0, match_steps 0, pool_strength 0.5, sampler dpm++, "
+                                                  "steps 20\n"), r.output
     assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0}}
     run_cli("settings", folder, "--match-steps", 7, "--guidance", 1.5)
     before = (folder / "ddchallenge.json").read_bytes()
     for args, message in [
-            (["--unset", "guidanse"], "--unset guidanse: not a setting; it takes strength, sampler, steps, "),
+            (["--unset", "guidanse"], "--unset guidanse: not a setting; it takes strength, pool-strength, sampler, "),
+            (["--pool-strength", 1.5], "--pool-strength must be a number from 1e-06 to 1, got 1.5"),
             (["--unset", "guidance", "--guidance", 3], "--guidance and --unset guidance contradict each other"),
             (["--match-steps", 10**6], "--match-steps must be a whole number from 0 to"),
             (["--strength", 0], "--strength must be a number from"),
@@ -185,8 +187,9 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     meta = _meta(folder)
     meta["generate"] = {"method": "diffusion", "settings": {}}
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
-    r = run_cli("settings", folder, "--strength", 0.4)
-    assert r.exit_code == 2 and "--strength does not apply to method diffusion" in _errors(r)[0], r.output
+    for option in ("--strength", "--pool-strength"):
+        r = run_cli("settings", folder, option, 0.4)
+        assert r.exit_code == 2 and f"{option} does not apply to method diffusion" in _errors(r)[0], r.output
     r = run_cli("settings", folder, "--match-steps", 3, "--steps", 2)
     assert r.exit_code == 0 and r.stdout.endswith("runs diffusion under Track 2 with match_steps 3, steps 2; defaults: "
                                                   "batch_size 500, guidance 2.0, oversample 1.0, sampler dpm++\n"), r.output
@@ -301,6 +304,49 @@ def test_streams_are_tagged_and_distinct():
     assert generation_seed(0) != 0 and generation_seed(0) == generation_seed(0) != generation_seed(1)
     with pytest.raises(ValueError, match="unknown random stream"):
         stream_seed(0, "noise")
+
+
+def test_pool_strength_redraws_the_d4m_pool_from_further_noise_and_leaves_the_set_before_matching(
+        d4m_folder, tmp_path, run_cli, monkeypatch):
+    """The folder's pool_strength (`settings --pool-strength`) noises the prototypes further for matching's pool
+    only: the pool's record says which strength drew it, the pool's images change, the set made before matching
+    does not; unset, the pool follows the set's strength (the bytes of folders made before the setting)."""
+    from ddchallenge.generators import GenerationRequest
+    from ddchallenge.generators.d4m import d4m, prototype_pool
+    from ddchallenge.protocol import get_dataset
+
+    folder = _copy(d4m_folder, tmp_path)
+    monkeypatch.setattr("ddchallenge.generators.matching.POOL_PER_CLASS", 3)
+    made = {}
+    for pool_strength in (None, 0.9):
+        req = GenerationRequest(get_dataset("mnist5k"), 2, seed=5, device="cpu", root=None, deadline=None, keep=2,
+                                options={"model": str(folder), "strength": 0.5, "pool_strength": pool_strength,
+                                         "steps": 2, "batch_size": 16})
+        images, _, _ = d4m(req)
+        pool, pool_labels, record = prototype_pool(req)
+        made[pool_strength] = images, pool, record
+        assert pool.shape == (30, 1, 28, 28) and list(pool_labels) == [k for k in range(10) for _ in range(3)]
+    assert (made[None][2]["strength"], made[0.9][2]["strength"]) == (0.5, 0.9)
+    assert (made[None][0] == made[0.9][0]).all() and not (made[None][1] == made[0.9][1]).all()
+
+    run_cli("settings", folder, "--match-steps", 2, "--pool-strength", 0.9)
+    assert _meta(folder)["generate"]["settings"]["pool_strength"] == 0.9
+    r = run_cli("generate", "--track", "2", "--model", folder, "--dataset", "mnist5k", "--ipc", 2, "--device", "cpu",
+                "--quiet", "-o", tmp_path / "g.h5")
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "g.h5") as f:
+        matching = json.loads(f.attrs["config"])["provenance"]["matching"]
+    assert (matching["steps_done"], matching["pool"]["strength"], matching["pool"]["per_class"]) == (2, 0.9, 3)
+    out = tmp_path / "x.h5"
+    for args, message in [(["--pool-strength", 0.7], "--pool-strength shapes the matching pool: add --match-steps N, "
+                                                     "or drop --pool-strength"),
+                          (["--match-steps", 1, "--pool-strength", 0], "--pool-strength must be in (0, 1]")]:
+        r = run_cli(*GEN, "--method", "d4m", "--model", folder, "--ipc", 2, *args, "-o", out)
+        assert r.exit_code == 2 and len(_errors(r)) == 1 and message in _errors(r)[0], r.output
+        assert not out.exists()
+    r = run_cli(*GEN, "--method", "diffusion", "--model", folder, "--ipc", 2, "--match-steps", 1, "--pool-strength",
+                0.7, "-o", out)
+    assert r.exit_code == 2 and "--pool-strength does not apply to --method diffusion" in _errors(r)[0], r.output
 
 
 def test_matching_cut_by_the_deadline_keeps_a_valid_set_and_records_the_steps_done(tmp_path):

@@ -40,9 +40,9 @@ def make_command(folder: str | Path, ipc: int) -> str:
     return f"ddchallenge prototypes {folder} --ipc {ipc}"
 
 
-def check_strength(strength: float) -> None:
+def check_strength(strength: float, option: str = "--strength") -> None:
     if not 0 < strength <= 1:
-        raise UsageError(f"--strength must be in (0, 1] (the fraction of the noise schedule a prototype is noised "
+        raise UsageError(f"{option} must be in (0, 1] (the fraction of the noise schedule a prototype is noised "
                          f"to; 1 = pure noise), got {strength:g}")
 
 

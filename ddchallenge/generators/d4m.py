@@ -5,12 +5,13 @@ diffusion/prototypes.py) noised to `strength`, and is denoised with the
 class label and guidance.
 
 Options: model (required), strength (default prototypes.DEFAULT_STRENGTH),
-sampler, steps, guidance, batch_size. The folder's codebook for the IPC
+pool_strength (matching's pool; default: strength), sampler, steps,
+guidance, batch_size. The folder's codebook for the IPC
 made is read (image i of class k from centre i, or i mod IPC when selection
 asks for more candidates), and nothing else: a run that outputs IPC k reads
 exactly k centres per class (protocol.TABLE_RULE), and no training data.
 Matching (`--match-steps`) pulls the set toward the same k prototypes
-redrawn with fresh noise (`prototype_pool`).
+redrawn with fresh noise, noised to `pool_strength` (`prototype_pool`).
 
 `--ipc auto`: one small batch measures this machine's pace at this
 strength, and the largest stored IPC whose candidates fit the time left
@@ -45,18 +46,22 @@ def prototype_pool(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict
     the prototypes found, spread by the noise; they read no table beyond
     the k centres the set itself was made from. (The generator's unguided
     samples, the other methods' pool, are narrower than the real class:
-    matching toward them lowered d4m, docs/benchmarks.md.)"""
+    matching toward them lowered d4m, docs/benchmarks.md.) A
+    `pool_strength` above the set's noises the prototypes further before
+    redrawing them: a pool spread wider around the same modes."""
     gen, device = load_model(req, "d4m")
     centres, book = _centres(req, gen, req.keep)
-    strength = _strength(req)
+    strength = _strength(req, "strength" if req.options.get("pool_strength") is None else "pool_strength")
     return sampled_pool(req, gen, device, sampling_settings(req),
                         {"source": "d4m prototypes redrawn", "codebook": book, "strength": strength},
                         starts=centres, strength=strength)
 
 
-@register("d4m", pool=prototype_pool, options=("model", "strength") + SAMPLING, auto_ipc=True)
+@register("d4m", pool=prototype_pool, options=("model", "strength", "pool_strength") + SAMPLING, auto_ipc=True)
 def d4m(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     strength = _strength(req)
+    if req.options.get("pool_strength") is not None:
+        _strength(req, "pool_strength")  # checked before any image is made, not when matching needs its pool
     settings = sampling_settings(req)
     gen, device = load_model(req, "d4m")
     folder = gen.provenance["folder"]
@@ -74,9 +79,9 @@ def d4m(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray, dict]:
     return images, labels, {"model": gen.provenance, "sampling": settings, "strength": strength, "codebook": book}
 
 
-def _strength(req: GenerationRequest) -> float:
-    strength = DEFAULT_STRENGTH if req.options.get("strength") is None else float(req.options["strength"])
-    check_strength(strength)
+def _strength(req: GenerationRequest, option: str = "strength") -> float:
+    strength = DEFAULT_STRENGTH if req.options.get(option) is None else float(req.options[option])
+    check_strength(strength, "--" + option.replace("_", "-"))
     return strength
 
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 # method -> settings a folder may give it (anything else in the section is refused)
 METHODS: dict[str, tuple[str, ...]] = {
     "diffusion": ("sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
-    "d4m": ("strength", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
+    "d4m": ("strength", "pool_strength", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
     "d3m": ("per_class", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps"),
 }
 MAX_FOLDER_BATCH = 1000  # images per denoiser batch a folder may ask for: twice the default, which fits a GPU
@@ -43,6 +43,7 @@ def _settings_bounds() -> dict:
     return {"sampler": ("choice", SAMPLERS, None), "steps": ("whole", 1, 1000), "guidance": ("number", 0, MAX_GUIDANCE),
             "batch_size": ("whole", 1, MAX_FOLDER_BATCH), "oversample": ("number", 1, MAX_OVERSAMPLE),
             "match_steps": ("whole", 0, MAX_MATCH_STEPS), "strength": ("number", 1e-6, 1),
+            "pool_strength": ("number", 1e-6, 1),
             "per_class": ("whole", 1, MAX_RULE_IPC)}
 
 
@@ -63,15 +64,16 @@ def folder_method(model: str | Path) -> tuple[str, dict]:
 
 
 # What `ddchallenge settings` may change: per_class is not among them, it names d3m's table (`invert` sets it).
-ADJUSTABLE = ("strength", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps")
+ADJUSTABLE = ("strength", "pool_strength", "sampler", "steps", "guidance", "batch_size", "oversample", "match_steps")
 
 
-def method_defaults(method: str) -> dict:
-    """What a run of `method` uses for each adjustable setting its folder does not give."""
+def method_defaults(method: str, settings: dict) -> dict:
+    """What a run of `method` uses for each adjustable setting its folder (`settings`) does not give."""
     from ddchallenge.diffusion.prototypes import DEFAULT_STRENGTH
     from ddchallenge.diffusion.sample import SAMPLING_DEFAULTS
 
-    every = dict(strength=DEFAULT_STRENGTH, **SAMPLING_DEFAULTS, oversample=1.0, match_steps=0)
+    strength = settings.get("strength", DEFAULT_STRENGTH)
+    every = dict(strength=strength, pool_strength=strength, **SAMPLING_DEFAULTS, oversample=1.0, match_steps=0)
     return {k: v for k, v in every.items() if k in METHODS[method]}
 
 

@@ -467,3 +467,50 @@ def test_any_command_stopped_by_sigterm_exits_as_the_signal_would(run_cli, tmp_p
     assert r.exit_code == 128 + signal.SIGTERM, r.output
     assert r.stderr == "\ninterrupted by SIGTERM\n"
     assert signal.getsignal(signal.SIGTERM) is before  # put back as it was
+
+
+def test_the_sandboxed_child_dies_with_a_parent_killed_by_sigkill(tmp_path):
+    """An organiser's batch killed by SIGKILL (the OOM killer, `kill -9`, a
+    scheduler's hard limit) runs no handler: its sandboxed child (a generator,
+    up to its whole budget) went on running, orphaned. The kernel now kills it
+    with its parent (`setpriv --pdeathsig`)."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    if "setpriv" not in " ".join(isolation().prefix):
+        pytest.skip("setpriv --pdeathsig is not available here")
+    child_code = "import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(60)"
+    parent_code = ("import sys\nfrom ddchallenge.isolation import spawn, workdir\nwith workdir() as work:\n"
+                   f"    print(work, flush=True)\n    spawn([sys.executable, '-c', {child_code!r}], work)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    work = Path(parent.stdout.readline().strip())
+    try:
+        pid_file = work / "home" / "pid"
+        for _ in range(400):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert _state(child) not in (None, "Z")  # running
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(200):
+            if _state(child) in (None, "Z"):  # gone, or dead and waiting for init to reap it
+                break
+            time.sleep(0.05)
+        assert _state(child) in (None, "Z"), "the child outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _state(pid):
+    """A process's state letter from /proc, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None

@@ -416,14 +416,49 @@ def _required() -> Isolation:
     return iso
 
 
+WORKDIR_PREFIX = "ddchallenge-sandbox-"
+
+
 @contextlib.contextmanager
 def workdir():
     """A private temporary folder for one child, removed afterwards. It stays
     the parent's (the child cannot swap what the parent reads back); the
-    child writes only its `home/` and the folders handed to it."""
-    with tempfile.TemporaryDirectory(prefix="ddchallenge-sandbox-") as tmp:
+    child writes only its `home/` and the folders handed to it. Its name
+    says which process made it, so that the folders of a parent killed
+    before it could remove them (SIGKILL, the OOM killer: up to a whole
+    upload each) are removed by the next one."""
+    owner = _pid_namespace()
+    _remove_orphans(owner)
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{owner}-{os.getpid()}-") as tmp:
         os.chmod(tmp, 0o711)
         yield Path(tmp)
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (its inode): a pid means a process only
+    within it, so folders made in another container sharing /tmp are never
+    taken for orphans."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def _remove_orphans(owner: str) -> None:
+    """Remove the work folders left in the temporary folder by processes of
+    this PID namespace that are gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}{owner}-*-*"):
+        pid = folder.name[len(f"{WORKDIR_PREFIX}{owner}-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or a process it is not ours to judge)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def hand_over(folder: Path) -> Path:

@@ -502,6 +502,9 @@ def test_the_sandboxed_child_dies_with_a_parent_killed_by_sigkill(tmp_path):
                 break
             time.sleep(0.05)
         assert _state(child) in (None, "Z"), "the child outlived its SIGKILLed parent"
+        assert work.is_dir()  # no handler of the parent ran: its folder, with the upload's copy, is left
+        with workdir():  # the next run removes it
+            assert not work.exists()
     finally:
         parent.kill()
         shutil.rmtree(work, ignore_errors=True)
@@ -514,3 +517,25 @@ def _state(pid):
             return fh.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def test_only_the_folders_of_gone_processes_of_this_pid_namespace_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import tempfile
+
+    from ddchallenge.isolation import WORKDIR_PREFIX, _pid_namespace
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ns = _pid_namespace()
+    names = {"gone": f"{WORKDIR_PREFIX}{ns}-{gone.pid}-abc", "alive": f"{WORKDIR_PREFIX}{ns}-{os.getppid()}-abc",
+             "other namespace": f"{WORKDIR_PREFIX}1{ns}-{gone.pid}-abc", "not a pid": f"{WORKDIR_PREFIX}{ns}-x-abc",
+             "no owner": f"{WORKDIR_PREFIX}abc"}
+    for name in names.values():
+        (tmp_path / name / "home").mkdir(parents=True)
+    with workdir() as work:
+        assert work.name.startswith(f"{WORKDIR_PREFIX}{ns}-{os.getpid()}-")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([work.name] + [
+            names[k] for k in ("alive", "other namespace", "not a pid", "no owner")])
+    assert not work.exists()

@@ -435,13 +435,14 @@ def workdir():
 
 
 def _pid_namespace() -> str:
-    """This process's PID namespace (its inode): a pid means a process only
-    within it, so folders made in another container sharing /tmp are never
-    taken for orphans."""
+    """This machine's boot and this process's PID namespace: a pid means a
+    process only within them, so folders made by another container or host
+    sharing the temporary folder are never taken for orphans."""
     try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+        return f"{boot}.{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
-        return "0"
+        return "unknown"
 
 
 def _remove_orphans(owner: str) -> None:

@@ -530,7 +530,7 @@ def test_only_the_folders_of_gone_processes_of_this_pid_namespace_are_removed(tm
     gone.wait()
     ns = _pid_namespace()
     names = {"gone": f"{WORKDIR_PREFIX}{ns}-{gone.pid}-abc", "alive": f"{WORKDIR_PREFIX}{ns}-{os.getppid()}-abc",
-             "other namespace": f"{WORKDIR_PREFIX}1{ns}-{gone.pid}-abc", "not a pid": f"{WORKDIR_PREFIX}{ns}-x-abc",
+             "other namespace": f"{WORKDIR_PREFIX}{ns}1-{gone.pid}-abc", "not a pid": f"{WORKDIR_PREFIX}{ns}-x-abc",
              "no owner": f"{WORKDIR_PREFIX}abc"}
     for name in names.values():
         (tmp_path / name / "home").mkdir(parents=True)

@@ -212,7 +212,9 @@ def _cgroups(limits: Limits):
             if found is None:
                 continue
             root, limit_file = found
-            group = Path(tempfile.mkdtemp(prefix="ddchallenge-", dir=root))
+            for orphan in _orphans(root, CGROUP_PREFIX):  # a SIGKILLed parent's: what still runs in it too
+                _empty_and_remove(orphan)
+            group = Path(tempfile.mkdtemp(prefix=_owned_prefix(CGROUP_PREFIX), dir=root))
             groups[controller] = group
             (group / limit_file).write_text(str(value))
             if controller == "memory":  # no escape into swap
@@ -222,17 +224,22 @@ def _cgroups(limits: Limits):
         yield groups
     finally:
         for group in groups.values():
-            for _ in range(100):
-                with contextlib.suppress(OSError):
-                    pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
-                    if not pids:
-                        break
-                    for pid in pids:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                time.sleep(0.05)
-            with contextlib.suppress(OSError):
-                group.rmdir()
+            _empty_and_remove(group)
+
+
+def _empty_and_remove(group: Path) -> None:
+    """Kill every process in a cgroup, then remove it."""
+    for _ in range(100):
+        with contextlib.suppress(OSError):
+            pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        group.rmdir()
 
 
 def _limit(limits: Limits, uid: int | None, groups: dict[str, Path], cuda: bool):
@@ -417,6 +424,7 @@ def _required() -> Isolation:
 
 
 WORKDIR_PREFIX = "ddchallenge-sandbox-"
+CGROUP_PREFIX = "ddchallenge-"
 
 
 @contextlib.contextmanager
@@ -427,9 +435,9 @@ def workdir():
     says which process made it, so that the folders of a parent killed
     before it could remove them (SIGKILL, the OOM killer: up to a whole
     upload each) are removed by the next one."""
-    owner = _pid_namespace()
-    _remove_orphans(owner)
-    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{owner}-{os.getpid()}-") as tmp:
+    for orphan in _orphans(Path(tempfile.gettempdir()), WORKDIR_PREFIX):
+        shutil.rmtree(orphan, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=_owned_prefix(WORKDIR_PREFIX)) as tmp:
         os.chmod(tmp, 0o711)
         yield Path(tmp)
 
@@ -445,21 +453,27 @@ def _pid_namespace() -> str:
         return "unknown"
 
 
-def _remove_orphans(owner: str) -> None:
-    """Remove the work folders left in the temporary folder by processes of
-    this PID namespace that are gone."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}{owner}-*-*"):
-        pid = folder.name[len(f"{WORKDIR_PREFIX}{owner}-"):].split("-", 1)[0]
+def _owned_prefix(prefix: str) -> str:
+    """The start of the name of a folder (or cgroup) this process makes: who made it."""
+    return f"{prefix}{_pid_namespace()}-{os.getpid()}-"
+
+
+def _orphans(parent: Path, prefix: str) -> list[Path]:
+    """The folders in `parent` named by `_owned_prefix(prefix)` of processes
+    of this boot and PID namespace that are gone."""
+    start = f"{prefix}{_pid_namespace()}-"
+    found = []
+    for path in parent.glob(f"{start}*-*"):
+        pid = path.name[len(start):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
-            continue  # alive (or a process it is not ours to judge)
+            os.kill(int(pid), 0)  # alive (or a process it is not ours to judge): kept
         except ProcessLookupError:
-            pass
+            found.append(path)
         except (PermissionError, OverflowError):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
+            pass
+    return found
 
 
 def hand_over(folder: Path) -> Path:

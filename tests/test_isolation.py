@@ -1,5 +1,6 @@
 """The isolation of untrusted work (isolation.py) and the scoring that uses
 it (upload.py): each test fails if its protection is missing."""
+import contextlib
 import http.server
 import json
 import os
@@ -539,3 +540,38 @@ def test_only_the_folders_of_gone_processes_of_this_pid_namespace_are_removed(tm
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([work.name] + [
             names[k] for k in ("alive", "other namespace", "not a pid", "no owner")])
     assert not work.exists()
+
+
+def test_a_gone_parents_cgroup_is_emptied_and_removed_by_the_next_child():
+    """Where setpriv is missing a SIGKILLed parent's child runs on in its cgroup: the next child's setup kills
+    what still runs there and removes the group; a live process's group is left alone."""
+    import subprocess
+    import time
+
+    from ddchallenge.isolation import CGROUP_PREFIX, _cgroup_root, _cgroups, _pid_namespace
+
+    found = _cgroup_root("pids")
+    if found is None:
+        pytest.skip("no pids cgroup can be made here")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = found[0] / f"{CGROUP_PREFIX}{_pid_namespace()}-{gone.pid}-abc"
+    alive = found[0] / f"{CGROUP_PREFIX}{_pid_namespace()}-{os.getppid()}-abc"
+    orphan.mkdir()
+    alive.mkdir()
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (orphan / "cgroup.procs").write_text(str(left.pid))
+        with _cgroups(Limits()) as groups:
+            assert groups["pids"].name.startswith(f"{CGROUP_PREFIX}{_pid_namespace()}-{os.getpid()}-")
+            assert not orphan.exists() and alive.is_dir()
+        assert left.wait(timeout=10) == -9
+    finally:
+        left.kill()
+        for group in (orphan, alive):
+            for _ in range(50):
+                if not group.exists():
+                    break
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+                time.sleep(0.05)

@@ -442,6 +442,7 @@ def workdir():
         yield Path(tmp)
 
 
+@functools.lru_cache(maxsize=1)
 def _pid_namespace() -> str:
     """This machine's boot and this process's PID namespace: a pid means a
     process only within them, so folders made by another container or host

@@ -1,4 +1,8 @@
+import json
+import os
 import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,12 +13,19 @@ from ddchallenge.evaluation.device import keep_freed_memory
 MIB = 2**20
 
 
-def _faults_of_a_step(size: int, steps: int = 8) -> int:
-    """The fewest minor page faults among a few "steps" that each fill and
-    free a buffer of `size` bytes, as a training step does with its
-    activations (the first steps may take new memory: glibc's aligned
-    allocation does not fit a freed block of exactly its size until the heap
-    has settled)."""
+# Run in a fresh Python: a process that has trained before (earlier tests, in-process) may hold a freed block
+# of 256 MiB in its heap, which glibc's default then reuses without a fault, and the control below would fail.
+FAULTS = """
+import json, resource
+from ddchallenge.evaluation.device import keep_freed_memory
+import torch
+
+MIB = 2**20
+
+def faults_of_a_step(size, steps=8):
+    # The fewest minor page faults among a few "steps" that each fill and free a buffer of `size` bytes, as a
+    # training step does with its activations (the first steps may take new memory: glibc's aligned allocation
+    # does not fit a freed block of exactly its size until the heap has settled).
     faults = []
     for _ in range(steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -23,24 +34,31 @@ def _faults_of_a_step(size: int, steps: int = 8) -> int:
         del buffer
     return min(faults)
 
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+seen = {"default": faults_of_a_step(256 * MIB)}
+rss = resident()
+with keep_freed_memory():
+    with keep_freed_memory():  # nested: the inner exit keeps the outer's settings
+        seen["nested"] = faults_of_a_step(256 * MIB)
+    seen["outer"] = faults_of_a_step(256 * MIB)
+    seen["kept"] = resident() - rss
+seen["returned"] = resident() - rss
+print(json.dumps(seen))
+"""
+
 
 @pytest.mark.skipif(device_module._glibc() is None, reason="keep_freed_memory only tunes glibc's malloc")
 def test_freed_training_memory_is_reused_without_page_faults_and_returned_afterwards():
+    seen = _run(FAULTS)
     pages = 256 * MIB // resource.getpagesize()
-    # glibc's default: a block this large is a fresh mmap, every page faulted in again.
-    assert _faults_of_a_step(256 * MIB) > pages // 2
-    rss = _resident()
-    with keep_freed_memory():
-        with keep_freed_memory():  # nested: the inner exit keeps the outer's settings
-            assert _faults_of_a_step(256 * MIB) < pages // 10
-        assert _faults_of_a_step(256 * MIB) < pages // 10
-        assert _resident() > rss + 200 * MIB  # kept while training
-    assert _resident() < rss + 64 * MIB  # handed back afterwards
-
-
-def _resident() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    assert seen["default"] > pages // 2  # glibc's default: a block this large is a fresh mmap, faulted in again
+    assert seen["nested"] < pages // 10
+    assert seen["outer"] < pages // 10
+    assert seen["kept"] > 200 * MIB  # kept while training
+    assert seen["returned"] < 64 * MIB  # handed back afterwards
 
 
 # What the probe below prints: whether a 512 MiB malloc is served by mmap (glibc's mallinfo2 counts mmapped
@@ -83,12 +101,12 @@ print(json.dumps(seen))
 
 
 def _probe(limit_mib, **env):
-    import json
-    import os
-    import subprocess
-    import sys
+    return _run(PROBE, str(limit_mib), **env)
 
-    done = subprocess.run([sys.executable, "-c", PROBE, str(limit_mib)], capture_output=True, text=True, timeout=120,
+
+def _run(script, *args, **env):
+    """What `script` prints as JSON, run in a fresh Python."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)

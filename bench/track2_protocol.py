@@ -65,6 +65,12 @@ FOLDERS = {
                      ["settings", "--pool-strength", "0.7"]],
     "d4m-m300-p90": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"],
                      ["settings", "--pool-strength", "0.9"]],
+    # the table fitted to the class before any run (issue 20, session 18): k-means centres moved by 1,000 steps of
+    # distribution matching against the training images (`prototypes --fit-steps`), redrawn at the set's strength
+    "d4m-fit1000-m300": [["prototypes", "--ipc", "{ipc}", "--fit-steps", "1000", "--make-default", "--match-steps",
+                          "300"]],
+    "d4m-fit1000-m300-s30": [["prototypes", "--ipc", "{ipc}", "--fit-steps", "1000", "--make-default", "--match-steps",
+                              "300", "--strength", "0.3"]],
     "d3m": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "0"]],
     "d3m-m300": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "300"]],
 }
@@ -86,13 +92,21 @@ def cli(*args: str) -> None:
 
 
 def folder_for(name: str, model: Path, out: Path, ipc: int) -> Path:
-    """The Track 2 folder of run `name`, made once (a copy of the model's newest checkpoint)."""
+    """The Track 2 folder of run `name`, made once (a copy of the model's
+    newest checkpoint). It is made under a name of its own and renamed when
+    whole, so that a copy of the script starting meanwhile never scores a
+    folder whose tables are still being written."""
     folder = out / "folders" / f"{name}-ipc{ipc}"
-    if not (folder / "ddchallenge.json").is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(model_folder(str(model)), folder)
+    if not folder.is_dir():
+        making = folder.with_name(f"{folder.name}.making-{os.getpid()}")
+        shutil.rmtree(making, ignore_errors=True)
+        shutil.copytree(model_folder(str(model)), making)
         for step in FOLDERS[name]:
-            cli(step[0], folder, *[a.format(ipc=ipc) for a in step[1:]])
+            cli(step[0], making, *[a.format(ipc=ipc) for a in step[1:]])
+        try:
+            making.rename(folder)
+        except OSError:  # another copy finished it first: same commands, same bytes
+            shutil.rmtree(making)
     return folder
 
 

@@ -573,7 +573,11 @@ make_default_option = click.option("--make-default", is_flag=True,
 @click.option("--ipc", "ipcs", type=int, multiple=True, required=True,
               help="Clusters per class (1 to 100: a Track 2 run reads at most as many stored rows per class as it "
               "outputs); repeat for several.")
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the k-means++ draws.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the k-means++ draws and of --fit-steps.")
+@click.option("--fit-steps", type=int, default=0, show_default=True,
+              help="Pixel space: fit the centres to the class by this many steps of distribution matching against its "
+              "training images (0: plain k-means centres).")
 @click.option("--strength", type=FINITE, help="With --make-default: the folder's d4m strength (default 0.5).")
 @click.option("--oversample", type=FINITE, help="With --make-default: the folder's selection R (default 1).")
 @match_steps_record
@@ -581,16 +585,20 @@ make_default_option = click.option("--make-default", is_flag=True,
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
 @quiet_option
-def prototypes_command(model, ipcs, seed, strength, oversample, match_steps, make_default, root, device, quiet):
+def prototypes_command(model, ipcs, seed, fit_steps, strength, oversample, match_steps, make_default, root, device,
+                       quiet):
     """D4M: store k-means prototypes of every class in MODEL (a `train` folder) for `generate --method d4m`."""
     from ddchallenge.diffusion.prototypes import make_prototypes
 
     with shown(not quiet):
         reports = make_prototypes(str(model), list(ipcs), seed=seed, device=device, root=root, strength=strength,
-                                  oversample=oversample, match_steps=match_steps, make_default=make_default)
+                                  oversample=oversample, match_steps=match_steps, make_default=make_default,
+                                  fit_steps=fit_steps)
     for r in reports:
+        fitted = (f", fitted by {r.fit['steps_done']} matching steps (loss {r.fit['loss_first_last'][0]:.2f} -> "
+                  f"{r.fit['loss_first_last'][1]:.2f})" if r.fit else "")
         click.echo(f"wrote {r.path}: IPC {r.ipc} prototypes, k-means {'converged' if r.converged else 'stopped'} "
-                   f"in at most {r.iterations} iterations per class, {r.seconds:.1f} s")
+                   f"in at most {r.iterations} iterations per class{fitted}, {r.seconds:.1f} s")
 
 
 @cli.command("invert")

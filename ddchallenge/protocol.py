@@ -163,7 +163,7 @@ def check_match_steps(steps: int) -> None:
 # Every random stream of generation, inversion, clustering and generator training draws from its own tag, so
 # that no two streams share a seed (a tuple (seed, 5, 1) of one module once equalled another's (seed, 5, 1)).
 STREAMS = ("generation", "sampling", "pool", "selection", "matching", "calibration", "inversion", "prototypes",
-           "training", "validation")
+           "fitting", "training", "validation")
 
 
 def stream_seed(seed: int, stream: str, *index: int) -> int:

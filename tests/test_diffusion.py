@@ -185,6 +185,11 @@ def test_latent_space_with_a_trained_vae(tmp_path, run_cli):
     assert meta["latent_shape"] == [4, 14, 14] and (ckpt / "vae" / "config.json").is_file()
     assert meta["vae"]["source"] == str((tmp_path / "vae").resolve())
     shutil.rmtree(tmp_path / "vae")  # the checkpoint carries its own copy
+    r = run_cli("prototypes", ckpt, "--ipc", 1, "--fit-steps", 2)  # centres of latents are not images to match
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.exit_code == 2 and errors == [f"error: --fit-steps moves pixels; {ckpt} works in a VAE's latent space, "
+                                           "where its centres are not images: leave out --fit-steps"], r.stderr
+    assert not (ckpt / "codebooks").exists()
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "diffusion", "--model", tmp_path / "m", "--ipc", 2,
                 "--steps", 2, "-o", tmp_path / "x.h5")
     assert r.exit_code == 0, r.stderr

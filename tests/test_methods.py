@@ -58,6 +58,37 @@ def test_kmeans_finds_separated_clusters_and_is_seeded():
     assert same.centres.shape == (3, 3) and same.converged
 
 
+def test_fitted_prototypes_are_the_centres_matched_to_the_class_and_change_nothing_else(tiny_model, tmp_path, run_cli):
+    """`prototypes --fit-steps N`: the same IPC rows per class, moved from the k-means centres by N matching
+    steps (recorded, seeded: the same bytes twice), on the uint8 grid every matched image is on; the folder's
+    generate settings stay as they were, and d4m makes its images from the fitted table."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model / "step-0000004", folder, ignore=shutil.ignore_patterns("training_state"))
+    settings = _meta(folder)["generate"]
+    table = folder / "codebooks" / "d4m-ipc2.safetensors"
+
+    def make(*extra):
+        r = run_cli("prototypes", folder, "--ipc", 2, "--device", "cpu", "--quiet", *extra)
+        assert r.exit_code == 0, r.stderr
+        return r.stdout, load_file(table)["centres"], _meta(folder)["codebooks"]["d4m-ipc2"]
+
+    _, plain, plain_record = make()
+    said, fitted, record = make("--fit-steps", 3)
+    assert "fitted by 3 matching steps (loss " in said and "fit" not in plain_record
+    assert (record["fit"]["steps_done"], record["fit"]["pool"], record["rows_per_class"]) == (
+        3, "the class's training images", 2)
+    assert fitted.shape == plain.shape == (10, 2, 1, 28, 28) and not torch.equal(fitted, plain)
+    grid = (fitted + 1) * 127.5
+    assert torch.allclose(grid, grid.round(), atol=1e-3) and fitted.min() >= -1 and fitted.max() <= 1
+    assert make("--fit-steps", 3)[2]["sha256"] == record["sha256"]
+    assert _meta(folder)["generate"] == settings
+    r = run_cli(*GEN, "--method", "d4m", "--model", folder, "--ipc", 2, "-o", tmp_path / "x.h5")
+    assert r.exit_code == 0, r.stderr
+    assert _read(tmp_path / "x.h5")[2]["provenance"]["codebook"]["sha256"] == record["sha256"]
+
+
 def test_d4m_counts_determinism_and_provenance(coded_model, tmp_path, run_cli):
     args = [*GEN, "--method", "d4m", "--model", coded_model, "--ipc", 3]
     for name, extra in (("a", []), ("b", []), ("c", ["--seed", 1])):
@@ -162,7 +193,7 @@ def test_matching_refines_the_kept_images_reproducibly(coded_model, tmp_path, ru
 def test_matching_moves_class_means_toward_the_pool(monkeypatch):
     from ddchallenge.data import load_train, normalise
     from ddchallenge.evaluation.nets import reference_convnet
-    from ddchallenge.generators import matching
+    from ddchallenge.evaluation import matching
     from ddchallenge.protocol import get_dataset
 
     monkeypatch.setattr(matching, "MATCH_BATCH", 16)
@@ -192,7 +223,7 @@ def test_matching_augments_pool_and_kept_images_alike():
     match under any draw (loss 0, pixels unchanged); with independent draws
     per image the two means would differ at every step."""
     from ddchallenge.data import load_train
-    from ddchallenge.generators import matching
+    from ddchallenge.evaluation import matching
     from ddchallenge.protocol import get_dataset
 
     spec = get_dataset("mnist5k")
@@ -370,6 +401,8 @@ def test_bad_input_is_refused(coded_model, tmp_path, run_cli, method, extra, mak
     (["invert", "{m}", "--per-class", 2, "--match-steps", -3, "--make-default"],
      "--match-steps must be a whole number from 0"),
     (["prototypes", "{m}/nowhere", "--ipc", 2], "is not a local model folder"),
+    (["prototypes", "{m}", "--ipc", 2, "--fit-steps", -1], "--fit-steps must be a whole number from 0 (plain k-means "
+     "centres) to 100000"),
     (["invert", "{m}/nowhere", "--per-class", 2], "is not a local model folder"),
 ])
 def test_bad_codebook_commands_are_refused(coded_model, run_cli, args, message):

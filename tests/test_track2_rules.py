@@ -266,7 +266,7 @@ def test_no_generation_stream_equals_an_evaluation_round(d4m_folder, tmp_path, m
     derived from the scoring seed; none equals the seeds of evaluation rounds 0-2 of that scoring seed."""
     from ddchallenge import protocol
     from ddchallenge.diffusion import sample
-    from ddchallenge.evaluation import train
+    from ddchallenge.evaluation import matching as steps, train
     from ddchallenge.evaluation.train import RoundSeeds
     from ddchallenge.generators import matching, selection
     from ddchallenge.generators.track2 import run_folder
@@ -277,7 +277,7 @@ def test_no_generation_stream_equals_an_evaluation_round(d4m_folder, tmp_path, m
         drawn.append(protocol.stream_seed(*args))
         return drawn[-1]
 
-    for module in (sample, matching, selection):
+    for module in (sample, matching, steps, selection):
         monkeypatch.setattr(module, "stream_seed", recording)
     real_round = train.train_round
     monkeypatch.setattr(train, "train_round", lambda spec, x, y, recipe, seed, *a, **k: trained.append(seed)

@@ -233,7 +233,8 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
 def _run(config: GenerateConfig, method: Method, spec: DatasetSpec, budget: float | None, clock: BudgetClock,
          output: Path, selecting: bool, matching: bool) -> GenerationReport:
     from ddchallenge.evaluation.device import resolve_device
-    from ddchallenge.generators.matching import MATCHING_RESERVE, POOL_SHARE, match
+    from ddchallenge.evaluation.matching import match
+    from ddchallenge.generators.matching import MATCHING_RESERVE, POOL_SHARE
     from ddchallenge.generators.selection import SELECTION_RESERVE, candidates, select
 
     start = clock.start

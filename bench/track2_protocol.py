@@ -18,7 +18,8 @@ generate section are written by `ddchallenge prototypes`/`invert` with
 --make-default (diffusion's by `ddchallenge settings`). Every result JSON is kept under --out, a run whose JSON
 exists is not run again, and one markdown row per run is printed (and
 appended to --out/rows.md). Copies of the script may share --out (one
-per core): a run another copy is doing is skipped. The official recipe (1001 passes, 3 rounds);
+per core): a run another copy is doing is skipped. A table run
+(TABLES) scores another run's stored d4m table as the set itself. The official recipe (1001 passes, 3 rounds);
 --epochs/--rounds exist for trying the script, never for reported rows.
 
 --extras adds issue 23's measures to every score of the run, beside the
@@ -46,6 +47,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from ddchallenge.diffusion.codebook import model_folder
 
@@ -83,6 +86,11 @@ BASELINES = {
     "herding": ["--method", "herding"],
     "herding-m300": ["--method", "herding", "--match-steps", "300"],
 }
+
+# name -> the run whose folder's d4m table is scored as the set itself (no generator): a fitted table is
+# k-means centres of real images moved toward real images, a distilled real-image set in its own right, so
+# it is the baseline a generator built on it must beat (issue 20, session 18)
+TABLES = {"d4m-fit1000-table": "d4m-fit1000-m300-s30"}
 
 
 def cli(*args: str) -> None:
@@ -176,6 +184,9 @@ def make(name: str, args, seed: int, result: Path) -> None:
     if name in FOLDERS:
         folder = folder_for(name, args.model, args.out, args.ipc)
         cli("score", folder, "--budget", PROBE_BUDGETS.get(name, BUDGET), "--ipc", args.ipc, "--json", result, *common)
+    elif name in TABLES:
+        images = table_set(TABLES[name], args)
+        cli("score", images, "--json", result, *common)
     else:
         images = args.out / "sets" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}.h5"
         images.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +198,25 @@ def make(name: str, args, seed: int, result: Path) -> None:
                 "--output", records.with_name(records.name + "-S"), "--quiet", "--labels", "soft", *budget)
         cli("score", images, "--json", result, *common)
     print(f"({name}, seed {seed}: {time.perf_counter() - started:.0f} s wall)", file=sys.stderr, flush=True)
+
+
+def table_set(source: str, args) -> Path:
+    """Run `source`'s folder's d4m table of IPC --ipc as a labelled set: each
+    row (pixels in [-1, 1]) an image of its class, as stored."""
+    from safetensors.torch import load_file
+
+    from ddchallenge.fileio import sha256_file
+    from ddchallenge.labelled import write_labelled_set
+
+    folder = folder_for(source, args.model, args.out, args.ipc)
+    table = folder / "codebooks" / f"d4m-ipc{args.ipc}.safetensors"
+    centres = load_file(table)["centres"]  # (classes, IPC, C, H, W)
+    images = centres.flatten(0, 1).add(1).mul(127.5).round().clamp(0, 255).byte().numpy()
+    labels = [k for k in range(centres.shape[0]) for _ in range(centres.shape[1])]
+    out = args.out / "sets" / f"{source}-table-ipc{args.ipc}.h5"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_labelled_set(out, images, np.array(labels), dataset=args.dataset, ipc=args.ipc, method="d4m table",
+                              seed=0, config={"table": str(table), "sha256": sha256_file(table)})
 
 
 def row(name: str, seed: int, result: dict) -> str:
@@ -223,7 +253,7 @@ def main() -> None:
     ap.add_argument("--dataset", required=True, help="mnist5k-val to decide, mnist5k to report")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", required=True, help="scoring (and so generation) seeds")
-    ap.add_argument("--runs", nargs="+", required=True, choices=[*FOLDERS, *BASELINES])
+    ap.add_argument("--runs", nargs="+", required=True, choices=[*FOLDERS, *BASELINES, *TABLES])
     ap.add_argument("--epochs", type=int, help="not for reported rows")
     ap.add_argument("--rounds", type=int, help="not for reported rows")
     ap.add_argument("--extras", action="store_true", help="also issue 23's measures (see above)")

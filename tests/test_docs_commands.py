@@ -152,9 +152,9 @@ NOT_RUN = {
     "ddchallenge generate --dataset mnist5k --method d4m --model /work/mnist5k-model --ipc 50 --seed 0 -o d4m.h5":
         MODEL,
     # docs/generator.md's templates (MODEL_DIR): the same commands on mnist5k-model run in the slow test
-    "ddchallenge prototypes MODEL_DIR --ipc 10 [--ipc 50] [--seed 0] [--make-default [--strength 0.5] "
-    "[--oversample 1] [--match-steps 300]]": "a template; prototypes (with and without --make-default) runs in the "
-        "slow test",
+    "ddchallenge prototypes MODEL_DIR --ipc 10 [--ipc 50] [--seed 0] [--fit-steps 0] [--make-default "
+    "[--strength 0.5] [--oversample 1] [--match-steps 300]]": "a template; prototypes (with and without "
+        "--make-default) runs in the slow test, --fit-steps in tests/test_methods.py",
     "ddchallenge generate --dataset mnist5k --method d4m --model MODEL_DIR --ipc 10 [--strength 0.5] -o d4m.h5":
         "a template; d4m runs in the slow test",
     "ddchallenge invert MODEL_DIR --per-class K [--steps 300] [--batch-size 64] [--seed 0]": "a template; invert "

@@ -96,7 +96,8 @@ def fit_centres(centres: torch.Tensor, codes: torch.Tensor, labels: torch.Tensor
 
     classes, ipc = centres.shape[:2]
     out, record = match(pixels(centres.flatten(0, 1)), np.repeat(np.arange(classes), ipc), pixels(codes),
-                        labels.cpu().numpy(), spec, steps, stream_seed(seed, "fitting"), device)
+                        labels.cpu().numpy(), spec, steps, stream_seed(seed, "fitting"), device,
+                        desc=f"fitting IPC {ipc}")
     record["pool"] = "the class's training images"
     return torch.from_numpy(out).float().div(127.5).sub(1).reshape(centres.shape), record
 

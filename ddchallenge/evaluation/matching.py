@@ -39,7 +39,8 @@ CHUNK_IMAGES = 4096  # pool images per forward pass: bounds activation memory on
 
 
 def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, spec: DatasetSpec,
-          steps: int, seed: int, device: torch.device, deadline: float | None = None) -> tuple[np.ndarray, dict]:
+          steps: int, seed: int, device: torch.device, deadline: float | None = None,
+          desc: str = "matching") -> tuple[np.ndarray, dict]:
     """`images` (uint8, class-major, `labels`) refined for up to `steps`
     steps toward the class means of `pool`; returns uint8 images of the same
     shape and a provenance record. With a `deadline` (time.monotonic()) a
@@ -57,7 +58,7 @@ def match(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, pool_labels:
     per_chunk = max(1, CHUNK_IMAGES // MATCH_BATCH)
     losses = []
     began = time.monotonic()
-    for step in bar(range(steps), desc="matching", unit="step"):
+    for step in bar(range(steps), desc=desc, unit="step"):
         pace = (time.monotonic() - began) / step if step else 0.0
         if deadline is not None and time.monotonic() + pace > deadline:
             break

@@ -72,6 +72,8 @@ OFFICIAL_SCORE = "the official recipe: 3 x 1001 passes, about 10 minutes per IPC
 NEEDS_RECORDS = "ranks official records only: needs an official score first (" + OFFICIAL_SCORE + ")"
 MODEL = "needs a model trained for ~30 min (the mnist5k preset), at the benchmark machine's /work path"
 NOT_RUN = {
+    "ddchallenge prototypes mnist5k-model --ipc 10 --fit-steps 1000 --strength 0.3 --make-default": "long: ~20 "
+        "min of fitting on 2 CPU cores (--fit-steps runs in tests/test_methods.py)",
     # network: installs and downloads
     "python3 -m venv .venv": "makes a virtualenv for the install lines that follow (network)",
     "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu": "network",

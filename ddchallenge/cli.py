@@ -795,6 +795,8 @@ def leaderboard(results, fmt, extras, include_unofficial, track, datasets, ipc, 
         from ddchallenge.site import write_site
 
         site = write_site(board, output, force=force, sandbox=not no_sandbox, extras=extras)
+        for line in site.missing_grids:  # the organiser's to read; the pages say only that there is none
+            click.echo(clean(line), err=True)
         click.echo(f"wrote {clean(str(site.folder / 'index.html'))}: {footer(board)}; {site.pages} upload page(s), "
                    f"{site.grids} sample grid(s)")
         return

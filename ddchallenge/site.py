@@ -81,6 +81,10 @@ class Site:
     pages: int  # upload pages
     grids: int  # sample grid images
     board: Leaderboard
+    # Why a page has no grid, one line per upload and dataset, for the organiser's log only: the published page
+    # says no more than UNPUBLISHED_GRID, because a planted record's path would otherwise turn the site into a
+    # listing of, and a file-existence oracle for, the organiser's machine.
+    missing_grids: tuple[str, ...] = ()
 
 
 def _e(text, limit: int | None = MAX_SHOWN) -> str:
@@ -121,12 +125,18 @@ def rows(board: Leaderboard) -> list[Row]:
 
 # ---------------------------------------------------------------- sample grids
 
+UNPUBLISHED_GRID = ("the upload the record names is not where it says with the bytes scored (the leaderboard's log "
+                    "says why)")
+TRACK2_GRID = "a Track 2 generator's images are made while it is scored and not kept"
+
+
 def sample_grids(record: dict, sandbox: bool = True) -> dict[str, bytes | str]:
     """For each dataset of `record`: its sample grid (PNG bytes), or why
-    there is none (one line). Made from the upload at the record's
-    `submission` path, read under rules that match the record, and only
-    from bytes whose sha256 is the one the record scored."""
-    from ddchallenge.upload import is_generator, read_upload
+    there is none (one line, for the organiser: it may name their files).
+    Made from the upload at the record's `submission` path, read under rules
+    that match the record, and only from bytes whose sha256 is the one the
+    record scored. A Track 2 record's upload (a generator) is not looked for."""
+    from ddchallenge.upload import read_upload
 
     datasets = {d["dataset"]: d for d in record["datasets"]}
     where = record["submission"]
@@ -134,12 +144,12 @@ def sample_grids(record: dict, sandbox: bool = True) -> dict[str, bytes | str]:
     def every(reason: str) -> dict[str, str]:
         return {name: reason for name in datasets}
 
+    if (record.get("rules") or {}).get("track") == 2:
+        return every(TRACK2_GRID)
     path = Path(where) if where and "\0" not in where else None
     if path is None or not os.path.lexists(path):
         return every(f"the upload is not at {where!r} any more (a grid is made from the upload the record names, "
                      "relative to the folder the leaderboard is built in)")
-    if is_generator(path):
-        return every("a Track 2 generator's images are made while it is scored and not kept")
     ipcs = {d["ipc"] for d in datasets.values()}
     try:
         rules = UploadRules(tuple(datasets), ipcs.pop() if len(ipcs) == 1 else None)
@@ -297,7 +307,7 @@ def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = Fals
     site_rows = rows(board)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    grids_written = 0
+    grids_written, missing = 0, []
     try:
         staging.chmod(0o755)
         (staging / "uploads").mkdir()
@@ -309,12 +319,15 @@ def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = Fals
                     files[dataset] = f"{row.page[:-5]}-{dataset}.png"
                     (staging / "uploads" / files[dataset]).write_bytes(grid)
                     grids_written += 1
-                else:
+                elif grid == TRACK2_GRID:
                     why[dataset] = grid
+                else:
+                    why[dataset] = UNPUBLISHED_GRID
+                    missing.append(f"{row.entry.name}: {dataset}: no sample grid: {grid}")
             (staging / "uploads" / row.page).write_text(upload_html(row, files, why), encoding="utf-8")
         (staging / "index.html").write_text(index_html(board, site_rows, extras), encoding="utf-8")
         replace_folder(staging, folder, "index.html")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Site(folder, len(site_rows), grids_written, board)
+    return Site(folder, len(site_rows), grids_written, board, tuple(missing))

@@ -19,6 +19,7 @@ from ddchallenge import __version__
 from ddchallenge.batch import BatchSettings, record_key
 from ddchallenge.protocol import OFFICIAL, UploadRules
 from ddchallenge.score import DatasetScore, ScoreResult, versions
+from ddchallenge.site import TRACK2_GRID, UNPUBLISHED_GRID
 
 UNOFFICIAL = OFFICIAL.with_overrides(epochs=2, rounds=1)
 HOSTILE = '<script>alert("x")</script>&../../etc/passwd'
@@ -159,13 +160,17 @@ def test_upload_page_rounds_recipe_sandbox_provenance_and_grid(run_cli, results,
 
     assert Image.open(site / "uploads" / img).size[0] > 0
     # Where no grid can be made, the page says why.
+    # Where no grid can be made, the page says there is none and the organiser's log says why.
     (bob,) = [p for p in (site / "uploads").glob("bob-*.html")]
-    assert "No sample grid: the upload is not at 'uploads/bob' any more" in " ".join(parse(bob).text)
+    assert f"No sample grid: {UNPUBLISHED_GRID}." in " ".join(parse(bob).text)
     # Changed bytes at the recorded path: no grid from them.
     torch.save(torch.zeros(100, 1, 28, 28), official_file)
-    build(run_cli, results, site, "--force")
+    r = build(run_cli, results, site, "--force")
     (alice,) = [p for p in (site / "uploads").glob("alice_pt-*.html")]
-    assert "has changed since it was scored" in alice.read_text() and not list((site / "uploads").glob("*.png"))
+    said = " ".join(parse(alice).text)
+    assert "has changed since it was scored" not in said and f"No sample grid: {UNPUBLISHED_GRID}." in said
+    assert "has changed since it was scored" in r.stderr and "bob: mnist5k: no sample grid: the upload is not at " \
+        "'uploads/bob' any more" in r.stderr and not list((site / "uploads").glob("*.png"))
 
 
 def test_same_record_twice_one_row_and_lookalike_names_apart(run_cli, tmp_path):
@@ -285,12 +290,15 @@ def test_site_in_headless_chromium(run_cli, results, tmp_path):
     assert "91.00" in page["visible"] and "Provenance" in page["visible"]
     (bob,) = list((site / "uploads").glob("bob-*.html"))
     page = in_browser(bob)
-    assert page["images"] == [] and page["nogrid"][0].startswith("No sample grid: the upload is not at")
+    assert page["images"] == [] and page["nogrid"][0] == f"No sample grid: {UNPUBLISHED_GRID}."
 
 
-def test_a_record_naming_a_link_a_fifo_or_a_generator_gets_no_grid(run_cli, tmp_path, official_file):
+def test_a_record_naming_a_link_a_fifo_a_folder_or_a_generator_gets_no_grid(run_cli, tmp_path, official_file):
     """The path a record names is untrusted: a link or a FIFO is refused
-    (without hanging), a generator is not run; the page says why."""
+    (without hanging), a folder is not listed, a generator is not run or
+    looked for; the organiser's log says why and the published page says
+    no more than that there is no grid (a planted record must not make the
+    site a listing of, or a file-existence oracle for, their machine)."""
     import os
 
     from ddchallenge.diffusion.model import META_FILE
@@ -305,15 +313,28 @@ def test_a_record_naming_a_link_a_fifo_or_a_generator_gets_no_grid(run_cli, tmp_
     generator = tmp_path / "generator"
     generator.mkdir()
     (generator / META_FILE).write_text("{}")
-    for name, where in [("link", link), ("fifo", fifo), ("generator", generator)]:
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "secret-name.txt").write_text("x")
+    for name, where in [("link", link), ("fifo", fifo), ("generator", generator), ("listing", private),
+                        ("gone", tmp_path / "no-such-file.pt")]:
         write_record(out, name, {"mnist5k": [0.5, 0.5, 0.5]}, submission=where, shas={"mnist5k": sha})
+    track2 = write_record(out, "track2", {"mnist5k": [0.5, 0.5, 0.5]}, submission=generator, shas={"mnist5k": sha})
+    record = json.loads(track2.read_text())
+    track2.write_text(json.dumps({**record, "rules": {"track": 2, "budget_seconds": 600.0}}))
     site = tmp_path / "site"
-    build(run_cli, out, site)
+    r = build(run_cli, out, site, "--track", 1)
     said = {p.name.split("-")[0]: " ".join(" ".join(parse(p).text).split()) for p in (site / "uploads").glob("*.html")}
-    assert "link.pt" in said["link"] and "symbolic link" in said["link"] and "No sample grid: the upload at" in said["link"]
-    assert "No sample grid: the upload at" in said["fifo"] and "fifo.pt is a FIFO" in said["fifo"]
-    assert "No sample grid: a Track 2 generator's images are made while it is scored and not kept" in said["generator"]
-    assert not list((site / "uploads").glob("*.png"))
+    assert sorted(said) == ["fifo", "generator", "gone", "link", "listing"]
+    for name, why in [("link", "symbolic link"), ("fifo", "fifo.pt is a FIFO"), ("listing", "secret-name.txt"),
+                      ("gone", "any more"), ("generator", "holds a generator or model")]:
+        assert f"No sample grid: {UNPUBLISHED_GRID}." in said[name] and why not in said[name], name
+        (line,) = [line for line in r.stderr.splitlines() if line.startswith(f"{name}: mnist5k: no sample grid: ")]
+        assert why in line, line
+    r = build(run_cli, out, site, "--track", 2, "--force")
+    (page,) = (site / "uploads").glob("track2-*.html")
+    assert f"No sample grid: {TRACK2_GRID}." in " ".join(" ".join(parse(page).text).split())
+    assert "no sample grid" not in r.stderr and not list((site / "uploads").glob("*.png"))
 
 
 def test_packed_zip_scored_then_published_shows_its_own_provenance(run_cli, tmp_path):

@@ -27,6 +27,18 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def json_depth(value) -> int:
+    """How deep JSON `value` nests objects and lists (0 for a scalar),
+    counted without recursion: a hostile file may nest thousands deep."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def check_writable(path: str | os.PathLike, option: str, replaceable: bytes | tuple[bytes, ...] | None = None,
                    folder: bool = False) -> None:
     """UsageError, before any work, unless `path` can be written as a file

@@ -181,6 +181,17 @@ def _check_self_contained(f: h5py.File, path: Path) -> None:
                               f"{MAX_ATTRIBUTE_BYTES >> 20} MiB; refused")
 
 
+def _text_attr(name: str, value, path: Path):
+    """An attribute as read, bytes decoded: they must be UTF-8 (the file is untrusted)."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise SubmissionError(f"labelled set {path} has a {name[:60]!r} attribute that is not UTF-8 text; write "
+                              "it again with `ddchallenge generate` or write_labelled_set") from None
+
+
 def read_labelled_set(path: str | os.PathLike, pixels: bool = True,
                       check_header: Callable[[Header], None] | None = None) -> LabelledSet:
     """Read and check the structure (not the class counts: see submission.py).
@@ -199,7 +210,7 @@ def read_labelled_set(path: str | os.PathLike, pixels: bool = True,
                     "and /labels (N,), as `ddchallenge generate` writes"
                 )
             _check_self_contained(f, path)
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attrs = {k: _text_attr(k, v, path) for k, v in f.attrs.items()}
             shape, label_shape = f["images"].shape, f["labels"].shape
             if len(shape) != 4 or label_shape != shape[:1]:
                 raise SubmissionError(f"labelled set {path} has images {shape} and labels {label_shape}; expected "

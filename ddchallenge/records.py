@@ -32,10 +32,12 @@ from ddchallenge.extras import (
     MIN_TEMPERATURE, TEACHER_SETTINGS, ExtraScore, is_baseline, paired_standard_error, standard_error,
 )
 from ddchallenge.extras import recipe_hash as extra_recipe_hash
+from ddchallenge.fileio import json_depth
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED, EvalRecipe
 
 MAX_RECORD_BYTES = 16 << 20  # a record of 6 datasets x 100 rounds is a few KB; this only bounds the read
+MAX_RECORD_DEPTH = 16  # nesting of objects and lists; the deepest a record holds is 6 (extras, provenance)
 MAX_TEXT = 4096  # characters of any one text field (names, paths, reasons, warnings)
 MAX_ITEMS = 1000  # entries of any list or table in a record (warnings, versions)
 MAX_METHOD = 64  # as submission.MAX_METHOD: what an upload's manifest may name
@@ -490,6 +492,9 @@ def read_record(path: str | os.PathLike, key: bytes | None = None) -> dict:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RecordError(f"{where}: is not JSON ({clean(str(exc), 120)})") from None
+    if json_depth(data) > MAX_RECORD_DEPTH:  # sorting and signing re-encode the record, recursively
+        raise RecordError(f"{where}: nests objects and lists more than {MAX_RECORD_DEPTH} deep; a record is at most "
+                          f"{MAX_RECORD_DEPTH}")
     check_record(data, where)
     check_mac(data, key, where)
     return data

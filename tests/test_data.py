@@ -125,6 +125,16 @@ def test_cifar100_prepare_shapes_labels_normalisation_and_store(tmp_path, run_cl
     r = run_cli("data", "list", "--root", root)
     rows = [re.split(r"\s{2,}", ln) for ln in r.stdout.splitlines()[3:]]
     assert [row[-2] for row in rows] == ["prepared", "no", "no", "no", "no", "embedded"] + ["derived"] * 6
+    # The metadata is read back as untrusted: any other content means "not prepared", never a traceback or a
+    # read of a file outside the two that `prepare` writes.
+    good = (root / "cifar100.json").read_text()
+    for planted in ['{"sha256": {}}', "[" * 200_000 + "]" * 200_000, "{not json", json.dumps(
+            {**meta, "sha256": {"/dev/zero": "0", "cifar100_test.pt": meta["sha256"]["cifar100_test.pt"]}}),
+            json.dumps({**meta, "counts": {"train": "200", "test": 100}})]:
+        (root / "cifar100.json").write_text(planted)
+        r = run_cli("data", "list", "--root", root)
+        assert r.exit_code == 0 and re.split(r"\s{2,}", r.stdout.splitlines()[3])[-2] == "no", planted[:40]
+    (root / "cifar100.json").write_text(good)
     # The validation view: one in 8 of each class held out (at least one), a seeded draw, disjoint from the rest.
     view = get_dataset("cifar100-val")
     kept_x, kept_y = load_train(view, root)

@@ -62,6 +62,17 @@ def test_resume_ends_where_uninterrupted_run_ends(tmp_path, tiny_model, monkeypa
         assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
     opt = (out / "step-0000004" / "training_state" / "optimizer.pt").read_bytes()
     assert opt == (tiny_model / "step-0000004" / "training_state" / "optimizer.pt").read_bytes()
+    # A checkpoint whose description is broken is a one-line error that says how to go on.
+    from ddchallenge.diffusion.folder import ModelError
+
+    broken = tmp_path / "broken" / "step-0000002"
+    shutil.copytree(out / "step-0000002", broken)
+    for text, said in [('{"step": 2}', "does not describe a training checkpoint"),
+                       ('{"step": 2, "train_config": {"dataset": "mnist5k"}}', "does not describe a training"),
+                       ("[" * 100_000 + "]" * 100_000, "nested deeper than")]:
+        (broken / "ddchallenge.json").write_text(text)
+        with pytest.raises(ModelError, match=said):
+            train(config, broken.parent, device="cpu", progress=False, resume=True)
 
 
 def test_batch_order_is_a_function_of_the_step():

@@ -2,6 +2,7 @@
 one refused in a line, the rest ranked deterministically."""
 import csv
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -72,17 +73,24 @@ def test_cli_refuses_each_malformed_record_in_one_line_and_ranks_the_rest(run_cl
         "official-string": lambda r: r.update(official_budget="false"),
         "forged": lambda r: (d(r).update(accuracies=[0.999] * 3, mean=0.999), r.update(score=0.999,
                                                                                       recipe_hash="forged")),
+        # an unknown field nested deep enough that sorting or signing the record would recurse past the limit
+        "deep": lambda r: r.update(x="@deep@"),  # nested 500 deep below, in the file
+        "deep-17": lambda r: r.update(x=functools.reduce(lambda inner, _: [inner], range(15), [])),  # 1 + 16 lists
     }
     records = [rec("seventy", {"cifar100": 0.70}), rec("ninety", {"cifar100": 0.90})]
     records += [crafted(name, change) for name, change in bad.items()]
     out = folder(tmp_path, records)
     (out / "99.json").write_text("{not json")
+    deep = out / "15.json"
+    deep.write_text(deep.read_text().replace('"@deep@"', "[" * 500 + "]" * 500))
     r = run_cli("leaderboard", out)
     assert r.exit_code == 0 and "Traceback" not in r.output
     refused = r.stderr.splitlines()
     assert len(refused) == len(bad) + 1 and all(line.startswith(f"refused: {out}/") for line in refused), r.stderr
     assert f"refused: {out}/02.json: datasets[0].mean must be a finite number from 0 to 1, got nan" in refused
     assert f"refused: {out}/13.json: official_budget must be true or false (a JSON boolean), got 'false'" in refused
+    assert f"refused: {out}/15.json: nests objects and lists more than 16 deep; a record is at most 16" in refused
+    assert f"refused: {out}/16.json: nests objects and lists more than 16 deep; a record is at most 16" in refused
     assert f"refused: {out}/14.json: recipe_hash must be {OFFICIAL.hash()}, the hash of the recorded recipe " \
         "settings, got 'forged'" in refused
     lines = r.stdout.splitlines()

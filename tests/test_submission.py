@@ -182,6 +182,28 @@ def test_labelled_h5_refuses_normalised_floats_and_missing_datasets(tmp_path):
         load_submission(tmp_path / "junk.h5")
 
 
+@pytest.mark.parametrize("command", [("show", "{set}", "-o", "{out}.png"), ("pack", "{set}", "-o", "{out}"),
+                                     ("score", "{set}", "--no-sandbox", "--epochs", "0", "--rounds", "1", "--quiet",
+                                      "--output", "{out}")])
+def test_an_attribute_that_is_not_utf8_is_one_line_for_every_reader(tmp_path, run_cli, command):
+    """An uploaded HDF5 file's attributes are untrusted bytes: not UTF-8 is the file's fault, said in one line."""
+    import h5py
+
+    path = tmp_path / "set.h5"
+    labelled_h5(path, np.zeros((100, 1, 28, 28), np.uint8), np.repeat(np.arange(10), 10))
+    with h5py.File(path, "a") as f:
+        f.attrs["method"] = np.bytes_(b"\xff\xfe")
+    out = tmp_path / "out"
+    r = run_cli(*[a.format(set=path, out=out) for a in command])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "has a 'method' attribute that is not UTF-8 text" in r.stderr, r.stderr
+    if command[0] == "score":  # a broken upload is the upload's failure, recorded as one
+        (failed,) = out.glob("*.json")
+        assert failed.name.endswith(".failed.json") and "not UTF-8 text" in failed.read_text()
+    else:
+        assert not any(tmp_path.glob("out*"))
+
+
 def _zip(path, members):
     with zipfile.ZipFile(path, "w") as z:
         for name, data in members.items():

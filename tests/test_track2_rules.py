@@ -88,6 +88,7 @@ def test_a_folder_with_more_rows_per_class_than_the_run_outputs_is_refused(d4m_f
     (lambda f: _record(f, file="unet/diffusion_pytorch_model.safetensors"), "points outside codebooks/"),
     (lambda f: _record(f, rows_per_class="2"), "declares '2' rows per class"),
     (lambda f: (f / "codebooks" / "d4m-ipc2.safetensors").write_bytes(b"\xff" * 64), "bad header length"),
+    (lambda f: _nested_header(f / "codebooks" / "d4m-ipc2.safetensors"), "unreadable header"),
 ])
 def test_declared_tables_are_checked_before_the_run(d4m_folder, tmp_path, run_cli, break_it, message):
     folder = _copy(d4m_folder, tmp_path)
@@ -97,6 +98,12 @@ def test_declared_tables_are_checked_before_the_run(d4m_folder, tmp_path, run_cl
     errors = _errors(r)
     assert r.exit_code == 1 and len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+def _nested_header(path):
+    """A header that nests 100,000 lists: json.loads would recurse past Python's limit."""
+    header = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
 
 
 def _record(folder, **fields):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from ddchallenge.data import sources
 from ddchallenge.data.reference import data_root, held_out, load_reference, load_train, normalise, train_store_path
 from ddchallenge.errors import DatasetError
-from ddchallenge.fileio import atomic_path, atomic_torch_save, atomic_write_bytes, sha256_file
+from ddchallenge.fileio import atomic_path, atomic_torch_save, atomic_write_bytes, json_depth, sha256_file
 from ddchallenge.protocol import DATASETS, VALIDATION_SHARE, DatasetSpec, get_dataset
 
 CHUNK = 64  # images per HDF5 chunk
@@ -45,12 +46,45 @@ def _meta_path(spec: DatasetSpec, root: Path) -> Path:
     return root / f"{spec.name}.json"
 
 
-def is_prepared(spec: DatasetSpec, root: Path) -> bool:
+MAX_META_BYTES = 1 << 20  # class names and a few numbers: a few KB for Tiny-ImageNet's 200 classes
+
+
+def _prepared_meta(spec: DatasetSpec, root: Path) -> dict | None:
+    """The dataset's <name>.json when it says the dataset is prepared and
+    the files it names still have their checksums; None otherwise (prepare
+    again). Read as untrusted: a plain file of bounded size, a JSON object
+    whose checksums name exactly the two files `prepare` writes, in the root,
+    and whose counts are whole numbers."""
     try:
-        meta = json.loads(_meta_path(spec, root).read_text())
-        return all(sha256_file(root / name) == digest for name, digest in meta["sha256"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        fd = os.open(_meta_path(spec, root), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        raw = fh.read(MAX_META_BYTES + 1)
+    try:
+        meta = json.loads(raw) if len(raw) <= MAX_META_BYTES else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict) or json_depth(meta) > 4:  # prepare writes 2 levels
+        return None
+    sums, counts = meta.get("sha256"), meta.get("counts")
+    files = {spec.reference_file, train_store_path(spec, root).name}
+    if not (isinstance(sums, dict) and set(sums) == files and all(isinstance(v, str) for v in sums.values())
+            and isinstance(counts, dict) and all(isinstance(counts.get(k), int) and not isinstance(counts[k], bool)
+                                                 and counts[k] >= 0 for k in ("train", "test"))
+            and isinstance(meta.get("kept_reference"), bool)):
+        return None
+    for name, digest in sums.items():
+        path = root / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return None
+    return meta
+
+
+def is_prepared(spec: DatasetSpec, root: Path) -> bool:
+    return _prepared_meta(spec, root) is not None
 
 
 def _check_splits(spec: DatasetSpec, s: sources.Splits) -> None:
@@ -87,8 +121,8 @@ def prepare(name: str, root: str | os.PathLike | None = None, download: bool = F
         return PrepareReport(spec.name, root, True, 4000, 1000, False)
     source = sources.SOURCES[spec.name]
     src = Path(source_dir) if source_dir is not None else root / "downloads"
-    if is_prepared(spec, root):
-        meta = json.loads(_meta_path(spec, root).read_text())
+    meta = _prepared_meta(spec, root)
+    if meta is not None:
         return PrepareReport(spec.name, root, True, meta["counts"]["train"], meta["counts"]["test"],
                              meta["kept_reference"])
     if download:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,15 +202,22 @@ def _table_path(folder: Path, name: str, record: dict) -> Path:
 
 def _header(path: Path, shown: str) -> tuple[int, int, int]:
     """(classes, rows per class, file size) from a safetensors header."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
+    try:  # the folder is untrusted: no link (swapped in since it was checked), no FIFO
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ModelError(f"{shown} cannot be read ({exc.strerror}); remake the table") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelError(f"{shown} is not a regular file; remake the table")
+        size = info.st_size
         head = fh.read(8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         if not 0 < length <= min(MAX_HEADER, size - 8):
             raise ModelError(f"{shown} is not a safetensors table (bad header length); remake the table")
         try:
             header = json.loads(fh.read(length))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             raise ModelError(f"{shown} is not a safetensors table (unreadable header); remake the table") from None
     tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
     if len(tensors) != 1:

@@ -84,13 +84,10 @@ def _no_constant(name: str):
 
 
 def _check_depth(value, path: Path) -> None:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise ModelError(f"{path} is nested deeper than {MAX_JSON_DEPTH} levels; refused")
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    from ddchallenge.fileio import json_depth
+
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ModelError(f"{path} is nested deeper than {MAX_JSON_DEPTH} levels; refused")
 
 
 def _first_line(exc: BaseException) -> str:

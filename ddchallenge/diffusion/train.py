@@ -133,13 +133,31 @@ class _Data:
         return mean + std * torch.randn(mean.shape, generator=g, device=mean.device)
 
 
+def _checkpoint_meta(checkpoint: Path) -> tuple[TrainConfig, int]:
+    """The configuration and step a checkpoint says it holds, read as the
+    generator folder's JSON is (bounded, no link); a broken one is a
+    one-line ModelError that says how to go on."""
+    from ddchallenge.diffusion.folder import ModelError, read_json_object
+
+    meta = read_json_object(checkpoint / META_FILE)
+    try:
+        config, step = TrainConfig.from_json(meta["train_config"]), meta["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(step)
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{checkpoint / META_FILE} does not describe a training checkpoint (train_config and "
+                         "step); remove that checkpoint to resume from the one before, or start a new output "
+                         "folder") from None
+    return config, step
+
+
 def saved_config(output: str | os.PathLike, dataset: str, preset: str | None = None, **given) -> TrainConfig:
     """The configuration of the run in `output`, for --resume; options given
     again must agree with it."""
     found = checkpoints(Path(output))
     if not found:
         raise UsageError(f"nothing to resume: {output} holds no step-* checkpoint; start without --resume")
-    config = TrainConfig.from_json(json.loads((found[-1] / META_FILE).read_text())["train_config"])
+    config = _checkpoint_meta(found[-1])[0]
     given.update(dataset=dataset, preset=preset)
     for name, value in given.items():
         if value is not None and value != getattr(config, name):
@@ -167,8 +185,7 @@ def _train(config: TrainConfig, output: str | os.PathLike, device: str, root, re
     if resume:
         if not existing:
             raise UsageError(f"nothing to resume: {output} holds no step-* checkpoint; start without --resume")
-        saved = json.loads((existing[-1] / META_FILE).read_text())
-        if saved["train_config"] != json.loads(json.dumps(config.to_json())):
+        if _checkpoint_meta(existing[-1])[0] != config:
             raise UsageError(f"{existing[-1]} was trained with another configuration; resume with the same "
                              "options (or start a new output folder)")
     elif output.exists() and any(output.iterdir()):
@@ -236,7 +253,7 @@ def _train(config: TrainConfig, output: str | os.PathLike, device: str, root, re
             last = _save(output, config, spec, done, unet, ema, optimiser, scheduler, data, dev)
             saving += time.perf_counter()
     steps.close()
-    if last is None or json.loads((last / META_FILE).read_text())["step"] != end:
+    if last is None or _checkpoint_meta(last)[1] != end:
         saving -= time.perf_counter()
         last = _save(output, config, spec, end, unet, ema, optimiser, scheduler, data, dev)
         saving += time.perf_counter()
@@ -310,7 +327,7 @@ def _load_state(folder: Path, unet, ema, optimiser, dev: torch.device) -> int:
     ema.load_state_dict(load_unet(folder / "unet").state_dict())  # checked config, local weights only
     state = load_torch_bytes((folder / STATE / "optimizer.pt").read_bytes(), str(folder), DatasetError)
     optimiser.load_state_dict(state)
-    return int(json.loads((folder / META_FILE).read_text())["step"])
+    return _checkpoint_meta(folder)[1]
 
 
 @dataclass(frozen=True)

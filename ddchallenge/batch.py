@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddchallenge.errors import BudgetExceeded, DatasetError, OptionMismatch, RecordError, ResultsBusyError, UsageError
+from ddchallenge.errors import (BudgetExceeded, DatasetError, OptionMismatch, RecordError, ResultsBusyError, UploadChanged,
+                                UsageError)
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
@@ -238,7 +239,7 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
             if isinstance(todo, Pending):
                 if len(uploads) > 1:
                     log.info("scoring %s", clean(str(path)))
-                tried = attempt(path, settings, ref_dir, device, progress)
+                tried = attempt(path, settings, ref_dir, device, progress, todo.upload_sha)
                 busy += tried.seconds
                 todo = settle(todo, out, settings, tried)
             outcomes.append(todo)
@@ -320,12 +321,14 @@ def _look(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir: st
         Pending(path, name, upload_sha)
 
 
-def attempt(path: Path, settings: BatchSettings, ref_dir, device: str, progress: bool) -> Attempt:
-    """Score one upload; whatever happens is classified, nothing is raised."""
+def attempt(path: Path, settings: BatchSettings, ref_dir, device: str, progress: bool,
+            upload_sha: str | None = None) -> Attempt:
+    """Score one upload (the bytes whose digest is `upload_sha`, when given);
+    whatever happens is classified, nothing is raised."""
     start = time.monotonic()
     try:
         result = score(path, settings.rules, ref_dir, settings.recipe, settings.seed, device, progress,
-                       settings.sandbox, settings.budget_for(path), extras=settings.extras)
+                       settings.sandbox, settings.budget_for(path), extras=settings.extras, sha256=upload_sha or None)
     except Exception as exc:  # noqa: BLE001  anything the upload does is its own failure
         return dataclasses.replace(classify(exc), seconds=time.monotonic() - start)
     return Attempt(result, seconds=time.monotonic() - start)
@@ -339,7 +342,8 @@ def classify(exc: Exception) -> Attempt:
     machine's where the scorer's training did (the rules bound its inputs)."""
     if is_environment_failure(exc) or isinstance(exc, DatasetError):
         return Attempt(reason=clean(str(exc)), environment=True)
-    if isinstance(exc, OptionMismatch):  # e.g. --dataset mnist for a set whose header says mnist5k
+    if isinstance(exc, (OptionMismatch, UploadChanged)):  # e.g. --dataset mnist for a set whose header says mnist5k;
+        # an upload rewritten while the batch ran: scored and recorded next time, as it is then
         return Attempt(reason=clean(str(exc)), misused=True)
     if isinstance(exc, BudgetExceeded):  # this machine's pace against this budget, not a broken upload
         return Attempt(reason=clean(str(exc)), over_budget=True)

@@ -148,7 +148,7 @@ def score_on_node(todo: Pending, settings: BatchSettings, ref_dir: str | None, d
     if not same:
         return Attempt(reason=f"node {node} sees other bytes at {clean(str(todo.path))} than the driver (is the "
                        "shared storage in sync?)", environment=True)
-    return attempt(todo.path, settings, ref_dir, device, progress=False)
+    return attempt(todo.path, settings, ref_dir, device, progress=False, upload_sha=todo.upload_sha)
 
 
 def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, cluster: str,

@@ -26,6 +26,11 @@ class UploadRuleError(SubmissionError):
     """An upload that breaks the rules it is scored under (datasets, IPC)."""
 
 
+class UploadChanged(SubmissionError):
+    """The upload's bytes changed between the batch's hash and the scoring:
+    not scored and not recorded (a record must name the bytes it scored)."""
+
+
 class BudgetExceeded(DDChallengeError):
     """A timed run (a Track 2 generator, `generate --budget`) that did not
     finish inside its budget on this machine. A batch records it as such and

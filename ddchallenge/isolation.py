@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import errno
 import fnmatch
+import hashlib
 import functools
 import importlib
 import json
@@ -73,6 +74,12 @@ class TimedOut(Refused):
 class OverBudget(Refused):
     """The isolated work stopped itself because its time budget ran out (it
     raised BudgetExceeded)."""
+
+
+class Changed(Refused):
+    """The input's bytes, as staged, are not those its caller hashed before
+    (`Input.sha256`): it changed in between, and what would be scored is not
+    what would be recorded."""
 
 
 class MemoryExceeded(Refused):
@@ -318,30 +325,50 @@ def inspect(path: str | os.PathLike, limits: Limits = Limits(), skip: tuple[str,
     return Inventory(tuple(files), tuple(folders), total)
 
 
-def _copy_file(src: Path, dst: Path, size: int) -> None:
-    """Copy exactly the checked file: opened without following links or
-    blocking, checked again on the descriptor, never more than `size` bytes."""
+def _read_checked(src: Path, size: int, sink: Callable[[bytes], Any]) -> None:
+    """Pass exactly the checked file's bytes to `sink`: opened without
+    following links or blocking, checked again on the descriptor, never more
+    than `size` bytes."""
     try:
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise Refused(f"{src} cannot be opened ({exc.strerror}); refused") from None
-    with os.fdopen(fd, "rb") as fh, open(dst, "xb") as out:
+    with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            raise Refused(f"{src} changed while it was being copied; refused")
+            raise Refused(f"{src} changed while it was being read; refused")
         left = size
         while left:
             chunk = fh.read(min(left, 1 << 20))
             if not chunk:
-                raise Refused(f"{src} changed while it was being copied; refused")
-            out.write(chunk)
+                raise Refused(f"{src} changed while it was being read; refused")
+            sink(chunk)
             left -= len(chunk)
+
+
+def digest(path: str | os.PathLike, inventory: Inventory,
+           copy_to: Path | None = None) -> str:
+    """sha256 of an input as `inspect` found it: a file's bytes, or over a
+    folder's relative names, sizes and bytes in inventory order. Each file is
+    read once, through `_read_checked`; with `copy_to`, the bytes hashed are
+    the bytes copied there (staging), so what is hashed is what is run."""
+    path, h = Path(path), hashlib.sha256()
+    for rel, size in inventory.files:
+        if inventory.folders:
+            h.update(f"{rel}\0{size}\0".encode(errors="surrogateescape"))
+        if copy_to is None:
+            _read_checked(path / rel if rel else path, size, h.update)
+            continue
+        with open(copy_to / rel if rel else copy_to, "xb") as out:
+            _read_checked(path / rel if rel else path, size, lambda chunk: (h.update(chunk), out.write(chunk)))
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
 class Input:
     path: Path  # a file or folder to stage read-only
     skip: tuple[str, ...] = ()  # names (glob patterns) inside a folder that are left out
+    sha256: str | None = None  # its `digest` when the caller hashed it first: the staged copy must have it
 
 
 def stage(given: Input, inbox: Path, limits: Limits = Limits()) -> Path:
@@ -357,10 +384,12 @@ def stage(given: Input, inbox: Path, limits: Limits = Limits()) -> Path:
     target = inbox / name
     for rel in inventory.folders:
         (target / rel).mkdir()
-    copies = [(path / rel if rel else path, target / rel if rel else target, size) for rel, size in inventory.files]
-    for src, dst, size in copies:
-        _copy_file(src, dst, size)
-        dst.chmod(0o444)
+    staged = digest(path, inventory, copy_to=target)
+    if given.sha256 is not None and staged != given.sha256:
+        raise Changed(f"{path} changed after it was hashed (sha256 {given.sha256[:12]}... then, {staged[:12]}... "
+                      "when staged for scoring); refused: score it again to score it as it is now")
+    for rel, _ in inventory.files:
+        (target / rel if rel else target).chmod(0o444)
     for rel in sorted(inventory.folders, reverse=True):
         (target / rel).chmod(0o555)
     return target

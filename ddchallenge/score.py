@@ -134,6 +134,7 @@ def score(
     budget: float | None = None,
     together: bool | None = None,
     extras: ExtrasRequest = ExtrasRequest(),
+    sha256: str | None = None,
 ) -> ScoreResult:
     """Validate everything first (the upload under `rules`, the reference
     sets), then train. The track is the organiser's: with a `budget`
@@ -145,7 +146,10 @@ def score(
     at a time (False), or as the device's default (None; see
     `ddchallenge.evaluation.train.together_by_default`). `extras`: the
     measures beyond the challenge score to add (ddchallenge.measures), each
-    its own row in `ScoreResult.extras`; the challenge score is unchanged."""
+    its own row in `ScoreResult.extras`; the challenge score is unchanged.
+    `sha256`: the upload's `upload.digest`, taken before (a batch's): the
+    sandbox stages and scores only those bytes (UploadChanged otherwise), and
+    the result records it."""
     start = time.perf_counter()
     check_seed(seed)
     if budget is not None and not budget > 0:
@@ -156,9 +160,9 @@ def score(
         measures.check_before_reading(rules.required(), extras, track2=True)  # before the generator runs, not after
         log.info("running generator %s for %s (IPC %s, budget %g s each)", clean(str(path)),
                  ", ".join(rules.required()), rules.ipc or "auto", budget)
-        entries = generate_upload(path, rules, budget, seed, device, sandbox)
+        entries = generate_upload(path, rules, budget, seed, device, sandbox, sha256=sha256)
     else:
-        entries = read_upload(path, rules, sandbox)
+        entries = read_upload(path, rules, sandbox, sha256=sha256)
     refs = {e.spec.name: load_reference(e.spec, ref_dir, extras.data_root) for e in entries}
     measures.check_possible(entries, extras)
     notes = [w for e in entries for w in e.warnings]
@@ -172,7 +176,7 @@ def score(
     return ScoreResult(
         name=upload_name(path),
         method=methods.pop() if len(methods) == 1 else None,
-        submission=str(submission), submission_sha256=sha256_file(path) if path.is_file() else None,
+        submission=str(submission), submission_sha256=sha256 or (sha256_file(path) if path.is_file() else None),
         score=float(np.mean([s.mean for s in scores])), datasets=scores,
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
         seed=seed, device=device_name,

@@ -10,7 +10,6 @@ rules before any training starts.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -24,8 +23,7 @@ from safetensors.torch import load as load_safetensors, save_file
 
 from ddchallenge import isolation
 from ddchallenge.diffusion.model import checkpoints, generator_marker, META_FILE
-from ddchallenge.errors import BudgetExceeded, SubmissionError, UploadRuleError
-from ddchallenge.fileio import sha256_file
+from ddchallenge.errors import BudgetExceeded, SubmissionError, UploadChanged, UploadRuleError
 from ddchallenge.isolation import Input, Limits
 from ddchallenge.labelled import check_soft_labels
 from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
@@ -124,16 +122,7 @@ def digest(path: str | os.PathLike, rules: UploadRules, track2: bool | None = No
     for the track is refused here already): a batch trusts an earlier record
     only for the same upload."""
     path = Path(path)
-    inventory = inspect(path, rules, track2)
-    if not inventory.folders:
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for rel, size in inventory.files:
-        h.update(f"{rel}\0{size}\0".encode(errors="surrogateescape"))
-        with open(path / rel if rel else path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return isolation.digest(path, inspect(path, rules, track2))
 
 
 def describe(sandbox: bool, device: torch.device) -> str:
@@ -149,10 +138,13 @@ class ReadRequest:
     rules: UploadRules
 
 
-def read_upload(path: str | os.PathLike, rules: UploadRules, sandbox: bool = True) -> list[DatasetEntry]:
+def read_upload(path: str | os.PathLike, rules: UploadRules, sandbox: bool = True,
+                sha256: str | None = None) -> list[DatasetEntry]:
     """Every dataset of a Track 1 (image) upload, read under `rules`; one
     that is or holds a generator is refused (`upload_kind`). Staging into
-    the sandbox runs the same `inspect` checks; without it they run here."""
+    the sandbox runs the same `inspect` checks; without it they run here.
+    `sha256`: the upload's `digest` when hashed before (a batch's), which
+    the staged copy must have (UploadChanged otherwise)."""
     path = Path(path)
     try:
         if not sandbox:
@@ -160,9 +152,11 @@ def read_upload(path: str | os.PathLike, rules: UploadRules, sandbox: bool = Tru
             refuse_generator_zip(path)
             return load_submission(path, rules=rules)
         upload_kind(path, track2=False)
-        given = Input(path)
+        given = Input(path, sha256=sha256)
         with isolation.run(_read_in_child, ReadRequest(rules), {"upload": given}, upload_limits(IMAGES, rules)) as out:
             return _collect(out, rules, official=path.is_dir() or path.suffix.lower() == ".zip")
+    except isolation.Changed as exc:
+        raise UploadChanged(str(exc)) from None
     except isolation.Refused as exc:
         raise SubmissionError(str(exc)) from None
 
@@ -185,12 +179,13 @@ class GenerateRequest:
 
 
 def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float, seed: int = 0, device: str = "auto",
-                    sandbox: bool = True, grace: float = 30.0) -> list[DatasetEntry]:
+                    sandbox: bool = True, grace: float = 30.0, sha256: str | None = None) -> list[DatasetEntry]:
     """Track 2: run a generator folder for each dataset the rules score (not
     one of its own choosing), `budget` seconds each, and return its images.
     Each budget starts when its run does, so the child's start-up counts; the
     process group is killed `grace` seconds after the deadline whatever it
-    does. More images than asked for are refused."""
+    does. More images than asked for are refused. `sha256`: as read_upload's,
+    checked at each dataset's staging."""
     model = Path(model)
     try:
         inspect(model, rules, track2=True)
@@ -207,7 +202,7 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
             cuda = device != "cpu" and torch.cuda.is_available()
             limits = Limits(input_bytes=GENERATOR_BYTES, wall_seconds=budget + grace,
                             cpu_seconds=max(Limits().cpu_seconds, int(budget + grace) * 64))
-            given = Input(model, skip=GENERATOR_SKIP)
+            given = Input(model, skip=GENERATOR_SKIP, sha256=sha256)
             try:
                 with isolation.run(_generate_in_child, request, {"model": given}, limits, cuda=cuda) as out:
                     made = _collect(out, rules, official=False)
@@ -216,6 +211,8 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
                                      f"was killed; {BUDGET_HINT}") from None
             except isolation.OverBudget as exc:
                 raise BudgetExceeded(f"{exc}; {BUDGET_HINT}") from None
+            except isolation.Changed as exc:
+                raise UploadChanged(str(exc)) from None
             except isolation.Refused as exc:
                 raise SubmissionError(str(exc)) from None
         for entry in made:

@@ -6,7 +6,7 @@ import torch
 
 from ddchallenge.batch import record_key
 from ddchallenge.data import save_reference
-from ddchallenge.protocol import get_dataset
+from ddchallenge.protocol import UploadRules, get_dataset
 from ddchallenge.score import score
 
 SMALL = ("--epochs", 2, "--rounds", 2, "--quiet")
@@ -134,3 +134,40 @@ def test_batch_scoring_isolates_failures_and_resumes(run_cli, official_file, tmp
     assert r.stdout.count("done before") == 4 and (out / f"{record_key('mnist5k.pt')}.json").read_bytes() == first
     r = run_cli("score", official_file, good2, "--quiet", "--json", "-")
     assert r.exit_code == 2 and "--json takes one upload" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_bytes_swapped_after_the_batch_hashed_them_are_neither_scored_nor_recorded(run_cli, official_file, tmp_path,
+                                                                                   monkeypatch, kind):
+    """The sandbox stages the upload and hashes the very bytes it copies: an
+    upload rewritten between the batch's hash and its staging (an attacker
+    with write access, a sync) is refused unrecorded, so that no record ever
+    names bytes it did not score; the next run scores it as it is then."""
+    import ddchallenge.batch
+    from ddchallenge.upload import digest
+
+    if kind == "folder":
+        upload = tmp_path / "team"
+        upload.mkdir()
+        target = upload / "mnist5k.pt"
+    else:
+        upload = target = tmp_path / "team.pt"
+    target.write_bytes(official_file.read_bytes())
+    other = torch.load(official_file, weights_only=True)
+    other[0][0] = 1 - other[0][0]  # the same shape and labels, other pixels
+
+    def hash_then_swap(path, *args, **kwargs):
+        hashed = digest(path, *args, **kwargs)
+        torch.save(other, target)
+        return hashed
+    monkeypatch.setattr(ddchallenge.batch, "digest", hash_then_swap)
+    out = tmp_path / "results"
+    args = ("score", upload, "--dataset", "mnist5k", "--epochs", 0, "--rounds", 1, "--quiet", "--output", out)
+    r = run_cli(*args)
+    assert r.exit_code != 0 and "changed after it was hashed" in r.output and "Traceback" not in r.output
+    assert not out.exists() or not list(out.glob("*.json"))
+    monkeypatch.undo()
+    r = run_cli(*args)
+    assert r.exit_code == 0, r.output
+    (record,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert record["upload_sha256"] == record["submission_sha256"] == digest(upload, UploadRules(("mnist5k",)))

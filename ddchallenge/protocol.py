@@ -208,9 +208,11 @@ class UploadRules:
     that outputs IPC k may read at most k stored data-derived rows per class
     (d4m prototypes, d3m class vectors, any table fitted to the training
     images); everything else it uses it makes during the run. A folder
-    carrying a table with more rows per class than the run may output is
-    refused before it runs (`check_table`), and what a run read is checked
-    against what it made (`check_tables_read`)."""
+    whose tables hold more rows per class together than the run may output
+    is refused before it runs (`check_tables`: counted over the folder, not
+    per table, since table names are free and a folder of many tables would
+    otherwise carry a dataset), and what a run read is checked against what
+    it made (`check_tables_read`)."""
 
     datasets: tuple[str, ...] | None = None  # dataset names; None: the defaults above
     ipc: int | None = None  # exact images per class; None: the defaults above
@@ -283,14 +285,17 @@ class UploadRules:
             raise UploadRuleError(f"{source} must hold exactly {', '.join(sorted(required))} ({broke}); an "
                                   f"organiser scoring the datasets it holds says so with {held}")
 
-    def check_table(self, table: str, rows: int, source: str) -> None:
-        """Refuse a stored table with more rows per class than a run may output."""
-        limit = self.max_ipc()
-        if rows > limit:
+    def check_tables(self, rows: dict[str, int], source: str) -> None:
+        """Refuse a folder whose stored tables ({name: rows per class}) hold
+        more rows per class together than a run may output."""
+        limit, total = self.max_ipc(), sum(rows.values())
+        if total > limit:
             outputs = f"IPC {limit}" if self.ipc is not None else f"at most IPC {MAX_IPC}"
-            raise UploadRuleError(f"{source}: table {table} stores {rows} rows per class, but this run outputs "
-                                  f"{outputs} and may read at most {limit} stored rows per class (a generator may "
-                                  f"not carry a dataset); remove the table or remake it with at most {limit}")
+            held = ", ".join(f"{name} {n}" for name, n in sorted(rows.items()))
+            what = f"table {held.replace(' ', ' stores ', 1)}" if len(rows) == 1 else f"tables ({held}) store {total}"
+            raise UploadRuleError(f"{source}: {what} rows per class, but this run outputs {outputs} and may read at "
+                                  f"most {limit} stored rows per class (a generator may not carry a dataset); keep "
+                                  f"only the tables of this IPC, at most {limit} rows per class in all")
 
 
 def check_tables_read(read: dict[str, int], ipc: int, source: str) -> None:

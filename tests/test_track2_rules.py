@@ -63,15 +63,33 @@ def test_a_folder_with_more_rows_per_class_than_the_run_outputs_is_refused(d4m_f
     r = run_cli("score", folder, "--dataset", "mnist5k", "--ipc", 2, "--budget", 600, "--epochs", 1, "--rounds", 1,
                 "--quiet", "--no-sandbox")
     (error,) = _errors(r)
-    assert r.exit_code == 1 and "table d4m-ipc3 stores 3 rows per class, but this run outputs IPC 2" in error, r.stderr
+    assert r.exit_code == 1 and "tables (d4m-ipc2 2, d4m-ipc3 3) store 5 rows per class, but this run outputs " \
+        "IPC 2" in error, r.stderr
     assert "may read at most 2 stored rows per class (a generator may not carry a dataset)" in error
     out = tmp_path / "x.h5"
     r = run_cli("generate", "--dataset", "mnist5k", "--model", folder, "--ipc", 2, "--track", 2, "--quiet", "-o", out)
     (error,) = _errors(r)
-    assert r.exit_code == 1 and "table d4m-ipc3 stores 3 rows per class" in error and not out.exists()
-    # Without a fixed IPC a run may output up to protocol.MAX_IPC (100): a table of 3 rows passes the check.
+    assert r.exit_code == 1 and "store 5 rows per class" in error and not out.exists()
+    # Without a fixed IPC a run may output up to protocol.MAX_IPC (100): tables of 5 rows in all pass the check.
+    from ddchallenge.errors import UploadRuleError
     from ddchallenge.generators.track2 import check_folder_tables
     check_folder_tables(folder, "auto")
+    # The rows are counted over the folder, not per table (names are free): tables each within the limit that
+    # together hold more rows per class than the run may output are refused as one.
+    meta = _meta(folder)
+    for i in range(20):
+        shutil.copy(folder / "codebooks" / "d4m-ipc3.safetensors", folder / "codebooks" / f"copy{i}.safetensors")
+        meta["codebooks"][f"copy{i}"] = {**meta["codebooks"]["d4m-ipc3"], "file": f"codebooks/copy{i}.safetensors"}
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    with pytest.raises(UploadRuleError, match=r"store 65 rows per class, but this run outputs IPC 10"):
+        check_folder_tables(folder, 10)
+    check_folder_tables(folder, "auto")  # 65 <= 100
+    for i in range(20, 32):
+        shutil.copy(folder / "codebooks" / "d4m-ipc3.safetensors", folder / "codebooks" / f"copy{i}.safetensors")
+        meta["codebooks"][f"copy{i}"] = {**meta["codebooks"]["d4m-ipc3"], "file": f"codebooks/copy{i}.safetensors"}
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
+    with pytest.raises(UploadRuleError, match=r"store 101 rows per class, but this run outputs at most IPC 100"):
+        check_folder_tables(folder, "auto")
     r = run_cli("prototypes", folder, "--ipc", 101, "--device", "cpu")
     assert r.exit_code == 2 and "--ipc must be between 1 and 100" in _errors(r)[0]
 
@@ -158,7 +176,8 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     r = run_cli("settings", folder)
     assert r.exit_code == 0 and r.stdout == (f"{folder / 'ddchallenge.json'}: runs d4m under Track 2 with match_steps "
                                              "0, oversample 1.0, strength 0.5; defaults: batch_size 500, guidance "
-                                             "2.0, pool_strength 0.5, sampler dpm++, steps 20\n"), r.output
+                                             "2.0, pool_strength 0.5, sampler dpm++, steps 20; tables: d4m-ipc2 (2 "
+                                             "per class)\n"), r.output
     r = run_cli("settings", folder, "--match-steps", 7, "--guidance", 1.5)
     assert r.exit_code == 0, r.output
     assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0,
@@ -166,7 +185,7 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     r = run_cli("settings", folder, "--unset", "guidance", "--unset", "match-steps")  # back to the defaults
     assert r.exit_code == 0 and r.stdout.endswith("with oversample 1.0, strength 0.5; defaults: batch_size 500, "
                                                   "guidance 2.0, match_steps 0, pool_strength 0.5, sampler dpm++, "
-                                                  "steps 20\n"), r.output
+                                                  "steps 20; tables: d4m-ipc2 (2 per class)\n"), r.output
     assert _meta(folder)["generate"] == {"method": "d4m", "settings": {"strength": 0.5, "oversample": 1.0}}
     run_cli("settings", folder, "--match-steps", 7, "--guidance", 1.5)
     before = (folder / "ddchallenge.json").read_bytes()
@@ -178,7 +197,9 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
             (["--strength", 0], "--strength must be a number from"),
             (["--sampler", "euler"], "--sampler must be one of"),
             (["--guidance", "nan"], "Invalid value for '--guidance': 'nan' is not a finite number"),
-            (["--batch-size", 0], "--batch-size must be a whole number from 1 to")]:
+            (["--batch-size", 0], "--batch-size must be a whole number from 1 to"),
+            (["--drop-table", "d4m-ipc3"], "--drop-table d4m-ipc3: "),
+            (["--drop-table", "d4m-ipc2", "--drop-table", "d4m-ipc"], "--drop-table d4m-ipc: ")]:
         r = run_cli("settings", folder, *args)
         errors = _errors(r)
         assert r.exit_code == 2 and len(errors) == 1 and message in errors[0], (args, r.output)
@@ -199,7 +220,8 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
         assert r.exit_code == 2 and f"{option} does not apply to method diffusion" in _errors(r)[0], r.output
     r = run_cli("settings", folder, "--match-steps", 3, "--steps", 2)
     assert r.exit_code == 0 and r.stdout.endswith("runs diffusion under Track 2 with match_steps 3, steps 2; defaults: "
-                                                  "batch_size 500, guidance 2.0, oversample 1.0, sampler dpm++\n"), r.output
+                                                  "batch_size 500, guidance 2.0, oversample 1.0, sampler dpm++; "
+                                                  "tables: d4m-ipc2 (2 per class)\n"), r.output
     monkeypatch.setattr("ddchallenge.generators.matching.POOL_PER_CLASS", 3)
     r = run_cli("generate", "--track", "2", "--model", folder, "--dataset", "mnist5k", "--ipc", 2, "--device", "cpu",
                 "--quiet", "-o", tmp_path / "g.h5")
@@ -211,6 +233,10 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     r = run_cli("settings", folder, "--match-steps", 0)  # the README's way back to plain diffusion
     assert r.exit_code == 0 and _meta(folder)["generate"] == {"method": "diffusion", "settings": {"match_steps": 0,
                                                                                                   "steps": 2}}
+    # A table the folder's runs do not need is dropped, declaration and file: the table rule counts every one.
+    r = run_cli("settings", folder, "--drop-table", "d4m-ipc2")
+    assert r.exit_code == 0 and r.stdout.endswith("; tables: none\n"), r.output
+    assert _meta(folder)["codebooks"] == {} and not list((folder / "codebooks").iterdir())
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -243,8 +269,10 @@ def test_every_generator_method_runs_the_track2_path_without_training_data(d4m_f
     from ddchallenge.generators.track2 import run_folder
 
     folder = _copy(d4m_folder, tmp_path)
-    if method == "d3m":
+    if method == "d3m":  # its vectors replace the prototypes: a folder's tables count together (2 rows per class)
         from ddchallenge.diffusion.invert import invert
+        from ddchallenge.generators.track2 import change_settings
+        change_settings(folder, {}, drop_tables=("d4m-ipc2",))
         invert(str(folder), 2, steps=1, batch_size=4, device="cpu")
     meta = _meta(folder)
     meta["generate"] = {"method": method, "settings": {"steps": 2, "batch_size": 16, "oversample": 1.5,

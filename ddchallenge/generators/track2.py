@@ -77,12 +77,15 @@ def method_defaults(method: str, settings: dict) -> dict:
     return {k: v for k, v in every.items() if k in METHODS[method]}
 
 
-def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = ()) -> tuple[Path, str, dict]:
+def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (),
+                    drop_tables: tuple[str, ...] = ()) -> tuple[Path, str, dict]:
     """The ddchallenge.json a Track 2 run of `model` reads and its (method,
     settings), with `changes` (setting -> value; None: unchanged) merged in,
     each checked against the bounds a run checks, and the settings named in
-    `unset` removed (a run then uses `method_defaults`), and written back;
-    with no change, read only. A setting the
+    `unset` removed (a run then uses `method_defaults`), the tables named in
+    `drop_tables` removed (declaration and file: Track 2's table rule counts
+    every table a folder carries), and written back; with no change, read
+    only. A setting the
     folder's method does not take is refused: the method itself changes
     with `prototypes`/`invert --make-default`, which also store its table."""
     from ddchallenge.diffusion.codebook import write_meta
@@ -115,18 +118,27 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
                              f"{', '.join(k.replace('_', '-') for k in ADJUSTABLE)}")
         if key in given:
             raise UsageError(f"{flag[key]} and --unset {key.replace('_', '-')} contradict each other; pass one")
+    books = meta.get("codebooks") or {}
+    unknown = sorted(set(drop_tables) - set(books))
+    if unknown:
+        raise UsageError(f"--drop-table {unknown[0]}: {model} has no such table; it has "
+                         f"{', '.join(sorted(books)) or 'none'}")
     dropped = [k for k in unset if k in settings]
-    if not given and not dropped:
+    if not given and not dropped and not drop_tables:
         return meta_path, method, settings
     merged = {k: v for k, v in {**settings, **given}.items() if k not in dropped}
-    write_meta(meta_path.parent, {**meta, "generate": {"method": method, "settings": merged}})
+    kept = {name: record for name, record in books.items() if name not in drop_tables}
+    write_meta(meta_path.parent, {**meta, "codebooks": kept, "generate": {"method": method, "settings": merged}})
+    for name in drop_tables:  # after the declaration: an interruption leaves a stray file, which a run names
+        (meta_path.parent / books[name]["file"]).unlink(missing_ok=True)
     return meta_path, method, merged
 
 
 def check_folder_tables(model: str | Path, ipc: int | str) -> None:
     """Track 2's table rule, before the folder runs: every table it declares
     is read from ddchallenge.json and its file's header (no tensor data),
-    and one with more rows per class than this run may output is refused."""
+    and a folder whose tables hold more rows per class together than this
+    run may output is refused."""
     meta_path, meta = _read_meta(model)
     _check_tables(meta_path.parent, meta, ipc)
 
@@ -175,8 +187,7 @@ def _check_tables(folder: Path, meta: dict, ipc: int | str) -> None:
     from ddchallenge.diffusion.codebook import declared_tables
 
     rules = UploadRules(ipc=ipc if isinstance(ipc, int) else None)
-    for table in declared_tables(folder, meta):
-        rules.check_table(table.name, table.rows_per_class, f"{folder.name}/{table.file}")
+    rules.check_tables({t.name: t.rows_per_class for t in declared_tables(folder, meta)}, folder.name)
 
 
 def run_folder(model: str | Path, dataset: str, ipc: int | str, scoring_seed: int, budget: float, device: str,

@@ -108,6 +108,8 @@ if [ -d "$OUT/mnist5k-model" ]; then
     $PY -m ddchallenge prototypes "$OUT/mnist5k-model" --ipc 10 --make-default $MATCH --quiet >/dev/null 2>"$OUT/prototypes.log"
     track2 d4m 10
     track2 d4m auto
+    # d3m's vectors replace the prototypes: a folder's tables count together under the table rule
+    $PY -m ddchallenge settings "$OUT/mnist5k-model" --drop-table d4m-ipc10 >/dev/null
     step invert 60 $PY -m ddchallenge invert "$OUT/mnist5k-model" --per-class 10 --make-default --quiet $INVERT $MATCH
     track2 d3m 10
     track2 d3m auto

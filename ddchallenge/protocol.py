@@ -306,6 +306,7 @@ def check_tables_read(read: dict[str, int], ipc: int, source: str) -> None:
                                   f"{ipc}; a run may read at most as many stored rows per class as it outputs")
 
 
-TABLE_RULE = ("Track 2: a run that outputs IPC k reads at most k stored data-derived rows per class from the folder; "
-              "pools and candidates are made by the model during the run; generation reads no training data")
+TABLE_RULE = ("Track 2: a run that outputs IPC k runs a folder whose stored data-derived tables hold at most k rows "
+              "per class in all, and reads no more; pools and candidates are made by the model during the run; "
+              "generation reads no training data")
 

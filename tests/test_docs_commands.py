@@ -65,6 +65,7 @@ RUN_SLOW = [
     "ddchallenge generate --dataset mnist5k --method d4m --model mnist5k-model --ipc 10 --match-steps 300 -o dm.h5",
     "ddchallenge prototypes mnist5k-model --ipc 10 --match-steps 300 --make-default",
     "ddchallenge settings mnist5k-model",
+    "ddchallenge settings mnist5k-model --drop-table d3m-k10",
     "ddchallenge generate --dataset mnist5k --model mnist5k-model --ipc 10 --track 2 -o track2.h5",
 ]
 
@@ -167,6 +168,8 @@ NOT_RUN = {
         "a template; matching runs in the slow test",
     "ddchallenge invert MODEL_DIR --per-class 10 --match-steps 300 --make-default": "a template; prototypes "
         "--match-steps --make-default runs in the slow test",
+    "ddchallenge settings FOLDER --drop-table NAME": "a template; --drop-table runs in the slow test (and "
+    "tests/test_track2_rules.py)",
     "ddchallenge settings MODEL_DIR": "a template; settings runs in the slow test (and tests/test_track2_rules.py)",
     "ddchallenge settings MODEL_DIR --match-steps 300": "a template; settings --match-steps runs in "
         "tests/test_track2_rules.py",

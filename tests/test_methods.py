@@ -46,6 +46,15 @@ def _meta(folder):
     return json.loads((folder / "ddchallenge.json").read_text())
 
 
+def _keeping(model, folder, *tables):
+    """A copy of `model` that keeps only `tables`: Track 2 counts a folder's tables together."""
+    from ddchallenge.generators.track2 import change_settings
+
+    shutil.copytree(model, folder)
+    change_settings(folder, {}, drop_tables=tuple(sorted(set(_meta(folder)["codebooks"]) - set(tables))))
+    return folder
+
+
 def test_kmeans_finds_separated_clusters_and_is_seeded():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -236,16 +245,20 @@ def test_matching_augments_pool_and_kept_images_alike():
 
 
 def test_codebook_folder_scores_as_track2_submission(coded_model, run_cli, tmp_path):
-    # IPC 3: the folder carries tables of 2 and 3 rows per class, and a run may read no more rows than it makes.
-    r = run_cli("score", coded_model, "--dataset", "mnist5k", "--ipc", 3, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-",
+    # IPC 3: the folder carries d4m's and d3m's tables (7 rows per class in all) and is refused as it is; kept to
+    # d3m's 2 rows per class, it runs (a run may read no more rows than it makes).
+    r = run_cli("score", coded_model, "--dataset", "mnist5k", "--ipc", 3, "--epochs", 1, "--rounds", 1, "--quiet",
+                "--json", "-", "--budget", 600)
+    assert r.exit_code == 1 and "tables (d3m-k2 2, d4m-ipc2 2, d4m-ipc3 3) store 7 rows per class" in r.stderr
+    d3m = _keeping(coded_model, tmp_path / "d3m", "d3m-k2")
+    r = run_cli("score", d3m, "--dataset", "mnist5k", "--ipc", 3, "--epochs", 1, "--rounds", 1, "--quiet", "--json", "-",
                 "--budget", 600)
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
     (d,) = result["datasets"]
     assert (d["method"], d["ipc"], d["images"]) == ("d3m", 3, 30) and result["sandbox"].startswith("no network")
     # The folder's generate section picks the method; d4m in process this time.
-    folder = tmp_path / "d4m"
-    shutil.copytree(coded_model, folder)
+    folder = _keeping(coded_model, tmp_path / "d4m", "d4m-ipc3")
     meta = _meta(folder)
     meta["generate"] = {"method": "d4m", "settings": {"strength": 0.5}}
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
@@ -312,10 +325,9 @@ def test_track2_folder_settings_reach_the_run(coded_model, tmp_path, monkeypatch
         raise KeyboardInterrupt  # stop before anything is made
 
     monkeypatch.setattr(generators, "generate", capture)
-    meta = _meta(coded_model)
+    folder = _keeping(coded_model, tmp_path / "f", "d4m-ipc3")
+    meta = _meta(folder)
     meta["generate"] = {"method": "d4m", "settings": {"strength": 0.3, "oversample": 2, "match_steps": 7}}
-    folder = tmp_path / "f"
-    shutil.copytree(coded_model, folder)
     (folder / "ddchallenge.json").write_text(json.dumps(meta))
     with pytest.raises(KeyboardInterrupt):
         run_track2(str(folder), "mnist5k", 3, 0, 600.0, "cpu", tmp_path)

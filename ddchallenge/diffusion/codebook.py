@@ -15,8 +15,8 @@ labelled set's provenance names the exact table it was made from.
 
 Track 2's table rule (protocol.TABLE_RULE) is enforced here twice:
 `declared_tables` reads every declaration and file header before a run (no
-tensor data) so that the scorer can refuse a folder that carries more rows
-per class than the run may output, or a file nobody declared; `load_table`,
+tensor data) so that the scorer can refuse a folder whose tables carry more
+rows per class in all than the run may output, or a file nobody declared; `load_table`,
 the one reader d4m and d3m use, checks the file (hash, dtype float32,
 finite, shape against the model) and notes in the run's ledger how many
 rows per class it read.

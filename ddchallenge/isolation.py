@@ -34,8 +34,8 @@ import contextlib
 import dataclasses
 import errno
 import fnmatch
-import hashlib
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -346,8 +346,7 @@ def _read_checked(src: Path, size: int, sink: Callable[[bytes], Any]) -> None:
             left -= len(chunk)
 
 
-def digest(path: str | os.PathLike, inventory: Inventory,
-           copy_to: Path | None = None) -> str:
+def digest(path: str | os.PathLike, inventory: Inventory, copy_to: Path | None = None) -> str:
     """sha256 of an input as `inspect` found it: a file's bytes, or over a
     folder's relative names, sizes and bytes in inventory order. Each file is
     read once, through `_read_checked`; with `copy_to`, the bytes hashed are

@@ -233,6 +233,16 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     r = run_cli("settings", folder, "--match-steps", 0)  # the README's way back to plain diffusion
     assert r.exit_code == 0 and _meta(folder)["generate"] == {"method": "diffusion", "settings": {"match_steps": 0,
                                                                                                   "steps": 2}}
+    # A declaration pointing outside codebooks/ (a folder from elsewhere is untrusted) deletes nothing.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    meta = _meta(folder)
+    (folder / "ddchallenge.json").write_text(json.dumps(
+        {**meta, "codebooks": {**meta["codebooks"], "evil": {"file": "codebooks/../../victim.txt"}}}))
+    r = run_cli("settings", folder, "--drop-table", "evil")
+    assert r.exit_code != 0 and "codebook evil points outside codebooks/; refused" in _errors(r)[0], r.output
+    assert victim.read_text() == "keep me" and "evil" in _meta(folder)["codebooks"]
+    (folder / "ddchallenge.json").write_text(json.dumps(meta))
     # A table the folder's runs do not need is dropped, declaration and file: the table rule counts every one.
     r = run_cli("settings", folder, "--drop-table", "d4m-ipc2")
     assert r.exit_code == 0 and r.stdout.endswith("; tables: none\n"), r.output

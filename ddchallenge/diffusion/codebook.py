@@ -119,7 +119,7 @@ def load_table(gen: Generator, name: str, key: str, expected: tuple[int, ...], h
     if record.get("sample_shape") is not None and list(record["sample_shape"]) != list(gen.sample_shape):
         raise ModelError(f"{folder}: codebook {name} was made in a {record['sample_shape']} space; this model samples "
                          f"{list(gen.sample_shape)}; remake it with `{hint}`")
-    path = _table_path(folder, name, record)
+    path = table_path(folder, name, record)
     if not path.is_file() or path.is_symlink():
         raise ModelError(f"{folder}: the {name} codebook file {record['file']} is missing; copy the whole model "
                          f"folder or remake it with `{hint}`")
@@ -170,9 +170,7 @@ def declared_tables(folder: Path, meta: dict) -> list[DeclaredTable]:
         raise ModelError(f"{where}: 'codebooks' must be an object of table records")
     tables, files = [], set()
     for name, record in sorted(books.items()):
-        if not isinstance(record, dict) or not isinstance(record.get("file"), str):
-            raise ModelError(f"{where}: codebooks.{name} must be an object with a 'file' name")
-        path = _table_path(folder, name, record)
+        path = table_path(folder, name, record)
         if not path.is_file() or path.is_symlink():
             raise ModelError(f"{where}: table {name} names {record['file']}, which is missing or not a regular file")
         classes, rows, size = _header(path, f"{folder.name}/{record['file']}")
@@ -193,7 +191,10 @@ def declared_tables(folder: Path, meta: dict) -> list[DeclaredTable]:
     return tables
 
 
-def _table_path(folder: Path, name: str, record: dict) -> Path:
+def table_path(folder: Path, name: str, record) -> Path:
+    """Where a declared table's file is: under codebooks/, or ModelError (the folder is untrusted)."""
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise ModelError(f"{folder}/{META_FILE}: codebooks.{name} must be an object with a 'file' name")
     rel = Path(record["file"])
     if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != (FOLDER,) or len(rel.parts) != 2:
         raise ModelError(f"{folder}/{META_FILE}: codebook {name} points outside {FOLDER}/; refused")

@@ -88,7 +88,7 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
     only. A setting the
     folder's method does not take is refused: the method itself changes
     with `prototypes`/`invert --make-default`, which also store its table."""
-    from ddchallenge.diffusion.codebook import write_meta
+    from ddchallenge.diffusion.codebook import table_path, write_meta
     from ddchallenge.errors import UsageError
 
     if not Path(model).is_dir():
@@ -119,6 +119,8 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
         if key in given:
             raise UsageError(f"{flag[key]} and --unset {key.replace('_', '-')} contradict each other; pass one")
     books = meta.get("codebooks") or {}
+    if not isinstance(books, dict):
+        raise ModelError(f"{meta_path}: 'codebooks' must be an object of table records")
     unknown = sorted(set(drop_tables) - set(books))
     if unknown:
         raise UsageError(f"--drop-table {unknown[0]}: {model} has no such table; it has "
@@ -127,10 +129,11 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
     if not given and not dropped and not drop_tables:
         return meta_path, method, settings
     merged = {k: v for k, v in {**settings, **given}.items() if k not in dropped}
+    files = [table_path(meta_path.parent, name, books[name]) for name in drop_tables]  # never outside codebooks/
     kept = {name: record for name, record in books.items() if name not in drop_tables}
     write_meta(meta_path.parent, {**meta, "codebooks": kept, "generate": {"method": method, "settings": merged}})
-    for name in drop_tables:  # after the declaration: an interruption leaves a stray file, which a run names
-        (meta_path.parent / books[name]["file"]).unlink(missing_ok=True)
+    for path in files:  # after the declaration: an interruption leaves a stray file, which a run names
+        path.unlink(missing_ok=True)
     return meta_path, method, merged
 
 

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddchallenge.errors import (BudgetExceeded, DatasetError, OptionMismatch, RecordError, ResultsBusyError, UploadChanged,
-                                UsageError)
+from ddchallenge.errors import (BudgetExceeded, DatasetError, OptionMismatch, RecordError, ResultsBusyError, RuleMismatch,
+                                UploadChanged, UsageError)
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
@@ -168,23 +168,35 @@ class Attempt:
     environment: bool = False  # the machine's fault, not the upload's: never recorded
     over_budget: bool = False  # a generator that did not finish inside the budget on this machine
     misused: bool = False  # the command line contradicts the upload (OptionMismatch): the user's, never recorded
+    mismatched: bool = False  # well formed, but not what the rules ask (RuleMismatch): refused when scored alone
     seconds: float = 0.0
 
 
-def not_an_upload(path: Path, rules: UploadRules) -> str | None:
-    """Why `path` is no upload at all, from names and types alone (None: it
-    may be one). Passing it is the user's mistake, like a typo: refused with
-    nothing recorded, where an upload that is broken inside is recorded as
-    failed."""
+def not_an_upload(path: Path, settings: BatchSettings, alone: bool) -> str | None:
+    """Why `path` is no upload of this batch at all, from names and types
+    alone (None: it may be one). Passing it is the user's mistake, like a
+    typo: refused with nothing recorded, where an upload that is broken
+    inside is recorded as failed. `alone`: the batch is this one upload,
+    and the wrong track for it (a generator folder without --budget, images
+    with it) is the command line's mistake too; in a batch of several the
+    track is the organiser's and such an upload has failed: recorded."""
     from ddchallenge.protocol import DATASETS
     from ddchallenge.submission import FORMS
     from ddchallenge.upload import is_generator
 
+    rules = settings.rules
     if path.is_symlink():
         return None  # links are never followed: refused as the upload's own failure
+    generator = path.is_dir() and is_generator(path)
+    if generator and settings.budget is None and alone:
+        return (f"{clean(str(path))} is a generator folder: it is scored by running it, in a Track 2 run with "
+                "--budget SECONDS (the challenge's: 600)")
+    if not generator and settings.budget is not None and not settings.mixed and alone:
+        return (f"{clean(str(path))} is not a generator folder, and --budget scores generator folders only: drop "
+                "--budget, or add --mixed to score images beside generators")
     if path.is_dir():
         try:
-            if is_generator(path) or (path / "res").is_dir() or any(
+            if generator or (path / "res").is_dir() or any(
                     p.name.rpartition(".")[0].lower() in DATASETS and p.suffix.lower() in (".pt", ".h5")
                     for p in path.iterdir()):
                 return None
@@ -202,24 +214,30 @@ def not_an_upload(path: Path, rules: UploadRules) -> str | None:
 
 
 def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, device: str,
-                rules: UploadRules | None = None) -> tuple[list[Path], list[str]]:
+                settings: BatchSettings | None = None) -> tuple[list[Path], list[str]]:
     """The organiser's mistakes, refused before anything is scored; the
-    uploads' paths and names. With `rules`, a path that is no upload at all
-    (`not_an_upload`) is one of them."""
+    uploads' paths and names. With `settings`, a path that is no upload of
+    this batch at all (`not_an_upload`) is one of them."""
     missing = [clean(str(u)) for u in uploads if not os.path.lexists(u)]
     if missing:  # a mistyped path is the organiser's mistake, not an upload's failure
         raise UsageError(f"upload not found: {', '.join(missing)}")
-    if rules is not None:
-        wrong = list(filter(None, (not_an_upload(Path(u), rules) for u in uploads)))
+    if settings is not None:
+        wrong = list(filter(None, (not_an_upload(Path(u), settings, len(uploads) == 1) for u in uploads)))
         if wrong:
             raise UsageError("; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+    out = Path(output_dir).resolve()
+    inside = [clean(str(u)) for u in uploads if not Path(u).is_symlink() and Path(u).is_dir()
+              and out.is_relative_to(Path(u).resolve())]
+    if inside:  # records written into an upload would change the bytes it is scored and recorded by
+        raise UsageError(f"--output {clean(str(output_dir))} is inside the upload {inside[0]}; write the records to "
+                         "a folder outside every upload")
     names = [upload_name(Path(u)) for u in uploads]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UsageError(f"several uploads are named {', '.join(map(clean, repeated))}; results are stored by name")
     resolve_device(device)  # a bad --device is the organiser's mistake too
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"--output {out} is not a folder")
     return [Path(u) for u in uploads], names
 
@@ -228,7 +246,7 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
                 ref_dir: str | os.PathLike | None = None, device: str = "auto", progress: bool = True) -> BatchSummary:
     """Score `uploads` one after another, recording each in `output_dir`."""
     start = time.monotonic()
-    paths, names = check_batch(uploads, output_dir, device, settings.rules)
+    paths, names = check_batch(uploads, output_dir, device, settings)
     track2 = settings.budget is not None and not settings.mixed  # every upload is a generator
     if settings.rules.datasets is not None or track2:  # every upload holds these: a measure none can give stops
         check_before_reading(settings.rules.required(), settings.extras, track2)  # the batch once, before any
@@ -241,7 +259,7 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
                     log.info("scoring %s", clean(str(path)))
                 tried = attempt(path, settings, ref_dir, device, progress, todo.upload_sha)
                 busy += tried.seconds
-                todo = settle(todo, out, settings, tried)
+                todo = settle(todo, out, settings, tried, alone=len(paths) == 1)
             outcomes.append(todo)
             if len(uploads) > 1:
                 log.info("%s: %s%s", clean(name), todo.status, f" ({todo.reason})" if todo.reason else "")
@@ -345,6 +363,8 @@ def classify(exc: Exception) -> Attempt:
     if isinstance(exc, (OptionMismatch, UploadChanged)):  # e.g. --dataset mnist for a set whose header says mnist5k;
         # an upload rewritten while the batch ran: scored and recorded next time, as it is then
         return Attempt(reason=clean(str(exc)), misused=True)
+    if isinstance(exc, RuleMismatch):
+        return Attempt(reason=clean(str(exc)), mismatched=True)
     if isinstance(exc, BudgetExceeded):  # this machine's pace against this budget, not a broken upload
         return Attempt(reason=clean(str(exc)), over_budget=True)
     log.debug("failure", exc_info=exc)
@@ -355,14 +375,16 @@ def classify(exc: Exception) -> Attempt:
                                 else f"internal error on this upload: {type(exc).__name__}: {exc}"))
 
 
-def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt) -> BatchOutcome:
+def settle(todo: Pending, out: Path, settings: BatchSettings, tried: Attempt, alone: bool = False) -> BatchOutcome:
     """Record what an attempt gave (atomically; a success replaces an earlier
-    failure and the other way round) and say what happened."""
+    failure and the other way round) and say what happened. `alone`: the
+    batch is this one upload, so an upload that is not what the rules ask
+    (RuleMismatch) is the command line's mistake, refused, not recorded."""
     key = record_key(todo.name)
     done, failed = out / f"{key}.json", out / f"{key}.failed.json"
     if tried.environment:
         return BatchOutcome(todo.name, "environment error", None, tried.reason, None)
-    if tried.misused:
+    if tried.misused or (tried.mismatched and alone):
         return BatchOutcome(todo.name, "refused", None, tried.reason, None)
     if tried.result is not None:
         result = tried.result
@@ -402,8 +424,7 @@ def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: Bat
             continue
         if record.get("upload_sha256") != upload_sha or record.get("settings") != settings.fingerprint() \
                 or (path is done and record["seed"] != settings.seed):
-            log.info("%s was made from other bytes or settings; scoring %s again", path, clean(name))
-            return None
+            return None  # scored again; a new record keeps this one as superseded (`_supersede` says so)
         if path is failed:
             return BatchOutcome(name, "done before", None, clean(record["reason"]), path)
         try:
@@ -457,7 +478,8 @@ def _supersede(*paths: Path) -> None:
     mistaken option loses no earlier score, which renaming it back restores."""
     for path in paths:
         if os.path.lexists(path):
-            log.info("kept the earlier record %s as %s", path.name, _set_aside(path, "superseded"))
+            log.info("kept the earlier record %s (made from other bytes or settings) as %s", path.name,
+                     _set_aside(path, "superseded"))
 
 
 def _set_aside(path: Path, why: str = "rejected") -> str:

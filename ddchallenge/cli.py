@@ -48,8 +48,41 @@ def _stop(signum, frame):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+class _Command(click.Command):
+    """A command that refuses a single-value option given twice (`--ipc 5
+    --ipc 10`), where click would keep the last one without a word."""
+
+    def parse_args(self, ctx, args):
+        _refuse_repeated_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeated_options(command: click.Command, ctx, args: list[str]) -> None:
+    options = {name: p for p in command.params if isinstance(p, click.Option) and not p.is_flag and not p.count
+               for name in p.opts}
+    seen: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args) and args[i] != "--":
+        arg = args[i]
+        name, value = (arg.split("=", 1) + [None])[:2] if arg.startswith("--") else (arg[:2], arg[2:] or None) \
+            if arg.startswith("-") else (None, None)
+        option = options.get(name)
+        if option is not None and value is None:  # its value follows, whatever it looks like
+            value = " ".join(args[i + 1:i + 1 + option.nargs])
+            i += option.nargs
+        if option is not None and not option.multiple:
+            seen.setdefault(option.name, []).append(f"{name} {value}")
+            if len(seen[option.name]) > 1:
+                raise click.UsageError(f"{' and '.join(seen[option.name])}: this option takes one value; give it "
+                                       "once", ctx)
+        i += 1
+
+
 class _Group(click.Group):
     """Turns the library's exceptions into one-line errors with exit codes."""
+
+    command_class = _Command
+    group_class = type  # subgroups (`data`, `reference`) are _Groups too
 
     def invoke(self, ctx):
         main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
@@ -374,7 +407,9 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
     if output.suffix.lower() != ".h5":  # the set is HDF5 whatever its name says
         raise errors.UsageError(f"-o {output}: a labelled set is an HDF5 file; name it with .h5 (e.g. "
                                 f"{output.with_suffix('.h5').name})")
-    check_writable(output, "-o")  # an existing set is generate's own --force check
+    from ddchallenge.labelled import HDF5_SIGNATURE
+
+    check_writable(output, "-o", replaceable=HDF5_SIGNATURE)  # an existing set is generate's own --force check
     teacher = _set_teacher(dataset, soft_labels, teacher_dir, track)
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
@@ -544,7 +579,7 @@ def train_command(dataset, output, preset, steps, batch_size, space, vae, checkp
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed of the weights and data order (default 0).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
 @device_option
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it is not empty.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is a VAE folder `train-vae` wrote before.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_vae_command(dataset, output, preset, steps, seed, root, device, force, quiet):
     """Train an AutoencoderKL on DATASET for latent-space generators (`train --vae`)."""
@@ -667,7 +702,7 @@ def settings_command(model, unset, drop_tables, **changes):
 @click.argument("sets", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 and both Track 1 datasets.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is a folder `pack` wrote before.")
 @click.option("--input-normalised", is_flag=True, help="The sets hold normalised floats, not pixels.")
 def pack(sets, output, track, force, input_normalised):
     """Pack labelled SETS into OUTPUT/res/, manifest.json and submission.zip."""
@@ -761,7 +796,7 @@ def verify(recipes, with_score, device, strict, record, quiet):
 @record_key_option
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="--format html: the folder to write the site into.")
-@click.option("--force", is_flag=True, help="--format html: replace the -o folder if it exists.")
+@click.option("--force", is_flag=True, help="--format html: replace the -o folder if it is a site written before.")
 @click.option("--no-sandbox", is_flag=True,
               help="--format html: read the uploads for sample grids in this process (trusted files only).")
 def leaderboard(results, fmt, extras, include_unofficial, track, datasets, ipc, record_key, output, force, no_sandbox):
@@ -785,8 +820,12 @@ def leaderboard(results, fmt, extras, include_unofficial, track, datasets, ipc, 
     if output is not None and any(Path(r).resolve().is_relative_to(output.resolve()) for r in results):
         # --force replaces the whole folder: never the records being ranked
         raise errors.UsageError(f"-o {clean(str(output))} holds the records being ranked; write the site elsewhere")
-    if output is not None and output.exists() and not force:
-        raise errors.OutputExistsError(f"{clean(str(output))} already exists; pass --force to replace it")
+    if output is not None:
+        from ddchallenge.fileio import check_output_folder
+        from ddchallenge.site import SITE_MARKER
+
+        check_writable(output, "-o", folder=True)
+        check_output_folder(output, SITE_MARKER, force)  # before the records are read and the grids made
     missing = [clean(str(p)) for p in results if not p.exists() and not p.is_symlink()]
     if missing:  # a mistyped path: the command line's mistake, not a record to refuse
         raise errors.UsageError(f"not found: {', '.join(missing)}; pass records (.json) or results folders")
@@ -797,10 +836,11 @@ def leaderboard(results, fmt, extras, include_unofficial, track, datasets, ipc, 
 
     board = load_leaderboard(list(results), include_unofficial, key, track,
                              tuple(get_dataset(d).name for d in datasets) or None, ipc)
+    if not board.official and not board.unofficial:  # one line: the error, with the first refusal's reason
+        first = f" (first refused: {clean(board.refused[0][1], None)})" if board.refused else ""
+        raise errors.DDChallengeError(f"nothing to rank: {footer(board)}{first}")
     for _, reason in board.refused:
         click.echo(f"refused: {clean(reason, None)}", err=True)
-    if not board.official and not board.unofficial:
-        raise errors.DDChallengeError(f"nothing to rank: {footer(board)}")
     if fmt == "html":
         from ddchallenge.site import write_site
 

@@ -161,7 +161,7 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
     check_cluster(cluster)
     if device.startswith("cuda:"):
         task_resources(0, device)
-    paths, names = check_batch(uploads, output_dir, device, settings.rules)
+    paths, names = check_batch(uploads, output_dir, device, settings)
     out = Path(output_dir)
     with ResultsLock(out):  # one batch at a time writes `out`
         # Workers may start in another folder: they get absolute paths (links are not followed here either).
@@ -213,7 +213,7 @@ def _run(ray, todo: dict[int, Pending], outcomes: dict[int, BatchOutcome], names
                 retried += 1
                 submit(i)
                 continue
-            outcomes[i] = settle(todo[i], out, settings, tried)
+            outcomes[i] = settle(todo[i], out, settings, tried, alone=total == 1)
             bar.update()
     finally:
         bar.close()

@@ -26,6 +26,15 @@ class UploadRuleError(SubmissionError):
     """An upload that breaks the rules it is scored under (datasets, IPC)."""
 
 
+class RuleMismatch(UploadRuleError):
+    """An upload that is well formed but not what the rules of this run ask
+    for (another IPC, a dataset they leave out, none of the datasets they
+    require). Scoring one upload, it is the command line's mistake, like
+    OptionMismatch (a typo in --ipc, a missing --dataset): refused, never
+    recorded. In a batch the rules are the organiser's and the upload that
+    breaks them has failed: recorded."""
+
+
 class UploadChanged(SubmissionError):
     """The upload's bytes changed between the batch's hash and the scoring:
     not scored and not recorded (a record must name the bytes it scored)."""

@@ -97,9 +97,25 @@ def check_replaceable(target: Path, marker: str) -> None:
     here = Path.cwd().resolve()
     if target.resolve() in (here, *here.parents):
         raise OutputExistsError(f"{target} is the working folder or holds it; name a new folder to write into")
-    if target.is_symlink() or not target.is_dir() or not (target / marker).is_file():
+    if target.is_symlink() or not target.is_dir():
+        raise OutputExistsError(f"{target} exists and is not a folder; name a new folder to write into")
+    if not any(target.iterdir()):
+        return  # an empty folder the user made for it holds nothing to lose
+    if not (target / marker).is_file():
         raise OutputExistsError(f"{target} exists and is not one this command wrote (no {marker}); --force replaces "
                                 "only such a folder: name a new folder, or move this one away")
+
+
+def check_output_folder(target: str | os.PathLike, marker: str, force: bool) -> None:
+    """Before any work: OutputExistsError unless `target` may become this
+    command's output folder: absent, empty, or, with `force`, a folder the
+    same command wrote before (`check_replaceable`). A refusal suggests
+    --force only where --force would be accepted."""
+    target = Path(target)
+    check_replaceable(target, marker)
+    if os.path.lexists(target) and any(target.iterdir()) and not force:
+        raise OutputExistsError(f"{target} holds an earlier output of this command; pass --force to replace it, or "
+                                "name a new folder")
 
 
 def replace_folder(staging: Path, target: Path, marker: str) -> None:

@@ -53,11 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ddchallenge.errors import BudgetExceeded, DDChallengeError, EnvironmentFailure, OptionMismatch
+from ddchallenge.errors import BudgetExceeded, DDChallengeError, EnvironmentFailure, OptionMismatch, RuleMismatch
 
 NOBODY = 65534
 REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT, OVER_BUDGET_EXIT = 3, 4, 5, 6
 OPTION_MISMATCH_EXIT = 7  # the work found the command line contradicting the input (errors.OptionMismatch)
+RULE_MISMATCH_EXIT = 8  # the work found the input well formed but not what the rules ask (errors.RuleMismatch)
 MAX_MESSAGE = 500  # characters of a child's message kept; it is untrusted text
 MAX_VALUE_BYTES = 1 << 20  # the function's JSON value
 MAX_DEPTH = 32  # folder nesting staged into the child
@@ -732,7 +733,7 @@ def _read_bounded(path: Path, limit: int) -> bytes:
 
 
 def _outcome(code: int, outbox: Path, stderr: str, limits: Limits) -> Any:
-    if code in (REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT, OVER_BUDGET_EXIT, OPTION_MISMATCH_EXIT):
+    if code in (REFUSED_EXIT, ENVIRONMENT_EXIT, CRASHED_EXIT, OVER_BUDGET_EXIT, OPTION_MISMATCH_EXIT, RULE_MISMATCH_EXIT):
         try:
             message = clean(_read_bounded(outbox / "_message.txt", 4 * MAX_MESSAGE).decode(errors="replace").strip())
         except Refused:
@@ -743,6 +744,8 @@ def _outcome(code: int, outbox: Path, stderr: str, limits: Limits) -> Any:
             raise OverBudget(message)
         if code == OPTION_MISMATCH_EXIT:
             raise OptionMismatch(message)
+        if code == RULE_MISMATCH_EXIT:
+            raise RuleMismatch(message)
         raise Refused(message if code == REFUSED_EXIT else f"reading the upload failed: {message}")
     if code != 0:
         why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
@@ -895,6 +898,8 @@ def _report(exc: BaseException, share: int | None) -> tuple[int, str]:
         return OVER_BUDGET_EXIT, str(exc)
     if isinstance(exc, OptionMismatch):
         return OPTION_MISMATCH_EXIT, str(exc)
+    if isinstance(exc, RuleMismatch):
+        return RULE_MISMATCH_EXIT, str(exc)
     if isinstance(exc, DDChallengeError):
         return REFUSED_EXIT, str(exc)
     return CRASHED_EXIT, f"{type(exc).__name__}: {exc}"

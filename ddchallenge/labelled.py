@@ -23,6 +23,8 @@ from ddchallenge import __version__
 from ddchallenge.errors import SubmissionError
 from ddchallenge.fileio import atomic_path
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of every HDF5 file: what `generate --force` may replace
+
 
 @dataclass(frozen=True)
 class LabelledSet:

@@ -31,8 +31,8 @@ import torch
 
 from ddchallenge import __version__
 from ddchallenge.data import normalise
-from ddchallenge.errors import OutputExistsError, SubmissionError, UsageError
-from ddchallenge.fileio import check_replaceable, replace_folder, sha256_bytes, sha256_file, torch_bytes
+from ddchallenge.errors import SubmissionError, UsageError
+from ddchallenge.fileio import check_output_folder, replace_folder, sha256_bytes, sha256_file, torch_bytes
 from ddchallenge.labelled import check_soft_labels, read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, TRACK1_IPC, get_dataset
 from ddchallenge.submission import MANIFEST, SOFT_SUFFIX, check_image_shape, check_labels, load_submission
@@ -112,9 +112,7 @@ def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | 
         raise UsageError("give at least one labelled set to pack")
     if track not in (None, 1, 2):
         raise UsageError(f"--track must be 1 or 2, got {track}")
-    if os.path.lexists(outdir) and not force:
-        raise OutputExistsError(f"{outdir} already exists; pass --force to replace it")
-    check_replaceable(outdir, MANIFEST)
+    check_output_folder(outdir, MANIFEST, force)
     files, entries = {}, []
     for s in map(Path, sets):
         _check_is_labelled_set(s)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ddchallenge.errors import UploadRuleError, UsageError
+from ddchallenge.errors import RuleMismatch, UploadRuleError, UsageError
 
 
 @dataclass(frozen=True)
@@ -258,19 +258,20 @@ class UploadRules:
     def check_count(self, spec: DatasetSpec, n: int, source: str, official: bool = False) -> None:
         """Refuse a dataset's image count, read from a header, before its data."""
         if not self.allows(spec):
-            raise UploadRuleError(f"{source} is a {spec.name} set, but the rules score {', '.join(self.required())}; "
+            raise RuleMismatch(f"{source} is a {spec.name} set, but the rules score {', '.join(self.required())}; "
                                   f"pass --dataset {spec.name} to score it")
         if n > self.max_images(spec, official):
             rule = (f"IPC {self.max_ipc(official)}" if official or self.ipc is not None else
                     f"at most IPC {MAX_IPC} without --ipc")
-            raise UploadRuleError(f"{source} holds {n} {spec.name} images; the rules allow {rule}, i.e. "
+            raise RuleMismatch(f"{source} holds {n} {spec.name} images; the rules allow {rule}, i.e. "
                                   f"{self.max_images(spec, official)} images of {spec.classes} classes")
 
     def check_ipc(self, spec: DatasetSpec, ipc: int, source: str, official: bool) -> None:
         wanted = self.official_ipc() if official else self.ipc
         if wanted is not None and ipc != wanted:
-            raise UploadRuleError(f"{source} holds IPC {ipc} for {spec.name}; the rules require IPC {wanted}"
-                                  + ("" if self.ipc is not None else " (the challenge's; an organiser may pass --ipc)"))
+            raise RuleMismatch(f"{source} holds IPC {ipc} for {spec.name}; the rules require IPC {wanted}"
+                               + (f" (--ipc {wanted})" if self.ipc is not None else
+                                  " (the challenge's; an organiser may pass --ipc)"))
         if ipc > self.max_ipc(official):
             raise UploadRuleError(f"{source} holds IPC {ipc} for {spec.name}, over the limit of {self.max_ipc(official)}")
 
@@ -282,7 +283,8 @@ class UploadRules:
             broke = "; ".join(part for part in (
                 f"missing {', '.join(missing)}" if missing else "", f"extra {', '.join(extra)}" if extra else "") if part)
             held = " ".join(f"--dataset {n}" for n in sorted(names)) or "--dataset NAME"
-            raise UploadRuleError(f"{source} must hold exactly {', '.join(sorted(required))} ({broke}); an "
+            # holding none of them, it is no upload for these rules at all (a --dataset left out), not a broken one
+            raise (UploadRuleError if names & required else RuleMismatch)(f"{source} must hold exactly {', '.join(sorted(required))} ({broke}); an "
                                   f"organiser scoring the datasets it holds says so with {held}")
 
     def check_tables(self, rows: dict[str, int], source: str) -> None:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddchallenge import __version__
-from ddchallenge.errors import DDChallengeError, OutputExistsError
-from ddchallenge.fileio import check_replaceable, replace_folder
+from ddchallenge.errors import DDChallengeError
+from ddchallenge.fileio import check_output_folder, replace_folder
 from ddchallenge.isolation import clean
 from ddchallenge.progress import plural
 from ddchallenge.protocol import UploadRules
@@ -40,6 +40,7 @@ from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, fo
 from ddchallenge.submission import bounded_provenance
 
 GRID_CLASSES, GRID_PER_CLASS = 10, 10  # rows (first classes) and images per row of a sample grid
+SITE_MARKER = "index.html"  # what every site holds: a folder --force may replace
 MAX_SHOWN = 300  # characters of any one untrusted text shown on a page
 
 STYLE = """
@@ -301,9 +302,7 @@ def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = Fals
     the end: an interrupted build leaves the old folder or none). A folder
     that exists is replaced only with `force`."""
     folder = Path(folder)
-    if os.path.lexists(folder) and not force:
-        raise OutputExistsError(f"{folder} already exists; pass --force to replace it")
-    check_replaceable(folder, "index.html")
+    check_output_folder(folder, SITE_MARKER, force)
     site_rows = rows(board)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -326,7 +325,7 @@ def write_site(board: Leaderboard, folder: str | os.PathLike, force: bool = Fals
                     missing.append(f"{row.entry.name}: {dataset}: no sample grid: {grid}")
             (staging / "uploads" / row.page).write_text(upload_html(row, files, why), encoding="utf-8")
         (staging / "index.html").write_text(index_html(board, site_rows, extras), encoding="utf-8")
-        replace_folder(staging, folder, "index.html")
+        replace_folder(staging, folder, SITE_MARKER)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -116,8 +116,10 @@ def make_teacher(dataset: str, output: str | os.PathLike | None = None, epochs: 
             kept = None
         if kept is not None and (kept.dataset, kept.recipe.hash(), kept.seed) == (spec.name, recipe.hash(), seed):
             return kept, True
-        raise OutputExistsError(f"{out} already exists and is not this teacher ({spec.name}, {epochs} epochs, seed "
-                                f"{seed}); pass --force to replace it, or another -o")
+        check_replaceable(out, META)  # a folder of the user's: never suggest --force
+        if any(out.iterdir()):
+            raise OutputExistsError(f"{out} holds another teacher than this one ({spec.name}, {epochs} epochs, seed "
+                                    f"{seed}); pass --force to replace it, or another -o")
     check_replaceable(out, META)
     dev = resolve_device(device)
     images, labels = load_train(spec, root)

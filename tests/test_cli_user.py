@@ -89,6 +89,52 @@ def test_every_bad_option_is_one_line_and_writes_nothing(run_cli, official_file,
     assert sorted(map(str, tmp_path.rglob("*"))) == before
 
 
+def _single_value_options():
+    return [(path, tuple(p.opts)) for path, command in _commands(cli, []) for p in command.params
+            if isinstance(p, click.Option) and not p.is_flag and not p.multiple and p.name != "version"]
+
+
+@pytest.mark.parametrize("command, opts", _single_value_options(), ids=lambda x: str(x)[:20])
+def test_a_single_value_option_given_twice_is_refused(run_cli, official_file, tmp_path, command, opts):
+    """A new user's review: `--ipc 5 --ipc 10` ran with 10, the last one,
+    without a word. Whatever the values, the command stops before any work."""
+    args = [a.format(official=official_file, model=tmp_path / "model") for a in BASE[command]]
+    for opt in opts:  # the valid value BASE gives it, taken out
+        if opt in args:
+            i = args.index(opt)
+            args = args[:i] + args[i + 2:]
+    flag = max(opts, key=len)
+    before = sorted(map(str, tmp_path.rglob("*")))
+    r = run_cli(*command.split(), *args, flag, "a", f"{flag}=b" if flag.startswith("--") else f"{flag}b")
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines() == [f"error: {flag} a and {flag} b: this option takes one value; give it "
+                                             f"once (see 'cli {command} --help')"]  # CliRunner's program name
+    assert sorted(map(str, tmp_path.rglob("*"))) == before
+
+
+def test_train_vae_replaces_only_its_own_folder(run_cli, tmp_path):
+    """A new user's review: `train-vae -o DIR --force` emptied a folder it
+    never wrote. --force replaces a VAE folder only, and is suggested only
+    where it would be accepted."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for force in ((), ("--force",)):
+        r = run_cli("train-vae", "mnist5k", "-o", mine, "--preset", "tiny", "--steps", "1", "--quiet", *force)
+        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+            f"error: {mine} exists and is not one this command wrote (no ddchallenge-vae.json); --force replaces only "
+            "such a folder: name a new folder, or move this one away"]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    vae = tmp_path / "vae"
+    assert run_cli("train-vae", "mnist5k", "-o", vae, "--preset", "tiny", "--steps", "1", "--quiet").exit_code == 0
+    (vae / "stale.txt").write_text("x")
+    r = run_cli("train-vae", "mnist5k", "-o", vae, "--preset", "tiny", "--steps", "1", "--quiet")
+    assert r.exit_code == 1 and "holds an earlier output of this command; pass --force to replace it" in r.stderr
+    r = run_cli("train-vae", "mnist5k", "-o", vae, "--preset", "tiny", "--steps", "1", "--quiet", "--force")
+    assert r.exit_code == 0 and not (vae / "stale.txt").exists() and (vae / "ddchallenge-vae.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "vae"]  # no staging folder left behind
+
+
 @pytest.mark.parametrize("command", [["generate", "--dataset", "mnist5k", "--method", "random", "--ipc", "1"],
                                      ["show", "{official}"], ["pack", "{official}", "--force"]])
 @pytest.mark.parametrize("where", ["", ".", ".."])

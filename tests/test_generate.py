@@ -82,8 +82,16 @@ def test_budget_exceeded_writes_nothing(tmp_path, monkeypatch):
 def test_existing_output_needs_force(run_cli, tmp_path):
     out = tmp_path / "s.h5"
     out.write_bytes(b"keep me")
+    for force in ((), ("--force",)):  # not a labelled set (no HDF5 file): never replaced
+        r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out, *force)
+        assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+            f"error: -o {out} exists and is not a file this option writes; name a new file, or move that one away"]
+        assert out.read_bytes() == b"keep me"
+    out.unlink()
+    assert run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 2, "-o", out).exit_code == 0
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out)
-    assert r.exit_code == 1 and "already exists; pass --force" in r.stderr and out.read_bytes() == b"keep me"
+    assert r.exit_code == 1 and "already exists; pass --force" in r.stderr
+    assert read_labelled_set(out).images.shape[0] == 20
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out, "--force")
     assert r.exit_code == 0 and read_labelled_set(out).images.shape[0] == 10
 

@@ -209,9 +209,11 @@ def test_what_an_upload_costs_is_checked_from_its_header(run_cli, tmp_path):
     assert "holds 100000 mnist5k images; the rules allow at most IPC 100" in failed_reason(out, "zeros.h5")
     assert "holds compressed records, which torch.save never writes" in failed_reason(out, "mnist5k.pt")
     assert "holds more than 5261152 bytes, the limit for this upload" in failed_reason(out, "big.pt")
-    # --ipc is the organiser's rule: exactly that many images per class.
-    r, _ = batch(run_cli, [up / "zeros.h5"], tmp_path / "r2", "--ipc", 5)
+    # --ipc is the organiser's rule: exactly that many images per class (scored alone, the command line's mistake)
+    r, _ = batch(run_cli, [up / "zeros.h5", up / "big.pt"], tmp_path / "r2", "--ipc", 5)
     assert r.exit_code == 1 and "the rules allow IPC 5" in failed_reason(tmp_path / "r2", "zeros.h5")
+    r = run_cli("score", up / "zeros.h5", "--dataset", "mnist5k", *FAST, "--ipc", 5, "--output", tmp_path / "r3")
+    assert r.exit_code == 2 and "the rules allow IPC 5" in r.stderr and not (tmp_path / "r3").exists()
 
 
 def test_a_generator_making_more_than_asked_is_refused():
@@ -253,9 +255,10 @@ def test_track1_rules_hold_for_every_form(run_cli, official_file, tmp_path, mnis
     assert "holds IPC 5 for mnist5k; the rules require IPC 10" in failed_reason(out, "ipc5")
     assert "must hold exactly mnist5k (extra cifar10)" in failed_reason(out, "extra")
     assert "must hold exactly mnist5k (extra cifar10)" in failed_reason(out, "zipped-extra.zip")
-    # By default a folder is held to the challenge's datasets: an easy mnist5k set is no challenge upload.
+    # By default a folder is held to the challenge's datasets: an easy mnist5k set is no challenge upload (alone,
+    # the command line's mistake: --dataset left out)
     r = run_cli("score", uploads[2], *FAST, "--output", tmp_path / "r-default")
-    assert r.exit_code == 1 and "must hold exactly cifar100, tinyimagenet (missing cifar100, tinyimagenet; extra " \
+    assert r.exit_code == 2 and "must hold exactly cifar100, tinyimagenet (missing cifar100, tinyimagenet; extra " \
                                 "mnist5k)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r, _ = batch(run_cli, [uploads[0]], tmp_path / "r-ipc5", "--ipc", 5)

@@ -224,8 +224,9 @@ def test_track2_generator_past_its_budget_is_killed(tiny_model, tmp_path):
 
 
 def test_a_budget_needs_a_generator(run_cli, official_file):
-    r = run_cli("score", official_file, "--budget", 5)
-    assert r.exit_code == 1 and "is not a generator folder; a Track 2 run (--budget)" in r.stderr
+    r = run_cli("score", official_file, "--budget", 5)  # alone: the command line's mistake, nothing recorded
+    assert r.exit_code == 2 and "is not a generator folder, and --budget scores generator folders only" in r.stderr
+    assert not os.path.exists("results")  # run_cli works in tmp_path
 
 
 def test_generator_folder_with_a_symlink_is_refused(run_cli, tiny_model, tmp_path):

@@ -179,11 +179,12 @@ def test_existing_output_needs_force_and_input_normalised(tmp_path, run_cli):
     out = tmp_path / "sub"
     out.mkdir()
     (out / "precious.txt").write_text("x")
-    r = run_cli("pack", tmp_path / "a.h5", "-o", out)
-    assert r.exit_code == 1 and "already exists; pass --force" in r.stderr and (out / "precious.txt").exists()
-    # --force replaces a folder that pack wrote before, never another one (the user's, the working folder)
-    r = run_cli("pack", tmp_path / "a.h5", "-o", out, "--force")
-    assert r.exit_code == 1 and "is not one this command wrote (no manifest.json)" in r.stderr
+    # --force replaces a folder that pack wrote before, never another one (the user's, the working folder), and
+    # is suggested only where it would be accepted
+    for force in ((), ("--force",)):
+        r = run_cli("pack", tmp_path / "a.h5", "-o", out, *force)
+        assert r.exit_code == 1 and "is not one this command wrote (no manifest.json)" in r.stderr
+        assert "pass --force" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     os.chdir(out)
     for here in (".", "", ".."):
@@ -191,8 +192,14 @@ def test_existing_output_needs_force_and_input_normalised(tmp_path, run_cli):
         assert r.exit_code == 1 and "is the working folder or holds it" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "packed").mkdir()  # an empty folder made for it
     r = run_cli("pack", tmp_path / "a.h5", "-o", tmp_path / "packed")
+    assert r.exit_code == 0, r.output
     (tmp_path / "packed" / "stale.txt").write_text("x")
+    r = run_cli("pack", tmp_path / "a.h5", "-o", tmp_path / "packed")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'packed'} holds an earlier output of this command; pass --force to replace it, or name a "
+        "new folder"]
     r = run_cli("pack", tmp_path / "a.h5", "-o", tmp_path / "packed", "--force")
     assert r.exit_code == 0 and not (tmp_path / "packed" / "stale.txt").exists()
     assert (tmp_path / "packed" / "res" / "mnist5k.pt").exists()

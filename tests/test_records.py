@@ -238,24 +238,35 @@ def test_planted_records_with_the_uploads_true_sha256_are_set_aside_and_rescored
     assert json.loads((out / f"{record.name}.rejected-1").read_text())["score"] == "99.90"  # kept as it was
 
 
-def test_a_rerun_under_a_mistaken_option_keeps_the_earlier_score_aside(run_cli, official_file, tmp_path):
+def test_a_rerun_under_a_mistaken_option_keeps_the_earlier_score(run_cli, official_file, tmp_path):
     """A new user's review: `--ipc 3` by mistake on a rerun replaced a good
-    record with a failed one. The failure is recorded (the rules of this run
-    refuse the upload), and the earlier score is kept as
-    `<record>.superseded-1`, which the leaderboard never reads and renaming
-    it back restores."""
+    record with a failed one. Scoring that one upload, the mistake is the
+    command line's: one line, exit 2, the record untouched. In a batch the
+    rules are the organiser's: the failure is recorded and the earlier
+    score kept as `<record>.superseded-1`, which the leaderboard never
+    reads and renaming it back restores."""
     out = tmp_path / "results"
     assert run_cli("score", official_file, *FAST, "--output", out).exit_code == 0
     record = out / f"{record_key(official_file.name)}.json"
     made = record.read_bytes()
     r = run_cli("score", official_file, *FAST, "--output", out, "--ipc", 3)
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: {official_file} holds 100 mnist5k images; the rules allow IPC 3, i.e. 30 images of 10 classes"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [record.name]
+    assert record.read_bytes() == made
+    other = tmp_path / "other" / official_file.name  # a folder upload holding the same file
+    other.parent.mkdir()
+    other.write_bytes(official_file.read_bytes())
+    r = run_cli("score", official_file, tmp_path / "other", *FAST, "--output", out, "--ipc", 3)
     assert r.exit_code == 1 and "the rules allow IPC 3" in r.stderr, r.output
-    assert f"kept the earlier record {record.name} as {record.name}.superseded-1" in r.stderr
+    assert f"kept the earlier record {record.name} (made from other bytes or settings) as {record.name}.superseded-1" \
+        in r.stderr
     assert (out / f"{record.name}.superseded-1").read_bytes() == made and not record.exists()
-    assert sorted(p.name for p in out.glob("*.json")) == [record.name.replace(".json", ".failed.json")]
+    assert (out / record.name.replace(".json", ".failed.json")).exists()
     # scored again under the first settings: the failure is superseded in turn, and nothing is ever deleted
     assert run_cli("score", official_file, *FAST, "--output", out).exit_code == 0
-    assert sorted(p.name.split(".", 1)[1] for p in out.iterdir() if not p.name.startswith(".")) == \
+    assert sorted(p.name.split(".", 1)[1] for p in out.iterdir()
+                  if not p.name.startswith(".") and p.name.startswith(record.name.split(".")[0])) == \
         ["failed.json.superseded-1", "json", "json.superseded-1"]
 
 

@@ -119,3 +119,73 @@ def test_root_is_where_a_validation_views_test_set_is_read_from(run_cli, tmp_pat
     r = run_cli("score", tmp_path / "view.h5", *FAST, "--no-sandbox", "--root", root)
     assert r.exit_code == 0 and "| mnist-val " in r.stdout, r.output
     assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.parametrize("ipc", [2, 5])  # fewer images than asked, and more than one IPC more
+def test_one_upload_not_at_the_ipc_asked_is_refused_and_in_a_batch_recorded(run_cli, tmp_path, ipc):
+    """A new user's review: `--ipc` mistyped for one upload was recorded as
+    its failure (and set its earlier score aside). Alone, an upload that is
+    not what the rules of the command line ask is the command line's
+    mistake; in a batch the rules are the organiser's, and such an upload
+    has failed them: recorded."""
+    one = _set(tmp_path / "one.h5", "mnist5k")
+    r = run_cli("score", one, "--dataset", "mnist5k", "--ipc", ipc, *FAST, "--no-sandbox")
+    assert r.exit_code == 2
+    assert _one_line(r) == f"error: {one} holds IPC 1 for mnist5k; the rules require IPC {ipc} (--ipc {ipc})"
+    assert not (tmp_path / "results").exists()
+    two = _set(tmp_path / "two.h5", "mnist5k")
+    r = run_cli("score", one, two, "--dataset", "mnist5k", "--ipc", ipc, *FAST, "--no-sandbox")
+    assert r.exit_code == 1, r.output
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        f"{record_key('one.h5')}.failed.json", f"{record_key('two.h5')}.failed.json"]
+
+
+@sandboxed
+def test_the_sandbox_reports_a_rule_mismatch_as_such(run_cli, tmp_path):
+    one = _set(tmp_path / "one.h5", "mnist5k")
+    r = run_cli("score", one, "--dataset", "mnist5k", "--ipc", 3, *FAST)
+    assert r.exit_code == 2
+    assert _one_line(r) == f"error: {one} holds IPC 1 for mnist5k; the rules require IPC 3 (--ipc 3)"
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_res_folder_of_no_required_dataset_wants_dataset_and_records_nothing(run_cli, tmp_path):
+    """Without --dataset a res/ folder is held to the challenge's datasets:
+    one holding none of them is no challenge upload (the user left out
+    --dataset); one holding some of them but not all is a broken upload."""
+    upload = tmp_path / "up"
+    (upload / "res").mkdir(parents=True)
+    _set(upload / "res" / "mnist5k.h5", "mnist5k")
+    r = run_cli("score", upload, *FAST, "--no-sandbox")
+    assert r.exit_code == 2
+    assert _one_line(r) == (f"error: {upload}/res must hold exactly cifar100, tinyimagenet (missing cifar100, "
+                            "tinyimagenet; extra mnist5k); an organiser scoring the datasets it holds says so with "
+                            "--dataset mnist5k")
+    assert not (tmp_path / "results").exists()
+    assert run_cli("score", upload, "--dataset", "mnist5k", "--ipc", 1, *FAST, "--no-sandbox").exit_code == 0
+
+
+def test_the_wrong_track_for_one_upload_is_refused_before_reading_it(run_cli, tiny_model, tmp_path):
+    one = _set(tmp_path / "one.h5", "mnist5k")
+    r = run_cli("score", tiny_model, *FAST)
+    assert r.exit_code == 2
+    assert _one_line(r) == (f"error: {tiny_model} is a generator folder: it is scored by running it, in a Track 2 "
+                            "run with --budget SECONDS (the challenge's: 600)")
+    r = run_cli("score", one, "--budget", 60, *FAST)
+    assert r.exit_code == 2
+    assert _one_line(r) == (f"error: {one} is not a generator folder, and --budget scores generator folders only: "
+                            "drop --budget, or add --mixed to score images beside generators")
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("inside", ["up", "up/res/records"])
+def test_records_are_never_written_into_an_upload(run_cli, tmp_path, inside):
+    upload = tmp_path / "up"
+    (upload / "res").mkdir(parents=True)
+    _set(upload / "res" / "mnist5k.h5", "mnist5k")
+    before = sorted(map(str, tmp_path.rglob("*")))
+    r = run_cli("score", upload, "--dataset", "mnist5k", "--ipc", 1, *FAST, "--output", tmp_path / inside)
+    assert r.exit_code == 2
+    assert _one_line(r) == (f"error: --output {tmp_path / inside} is inside the upload {upload}; write the records "
+                            "to a folder outside every upload")
+    assert sorted(map(str, tmp_path.rglob("*"))) == before

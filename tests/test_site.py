@@ -203,10 +203,15 @@ def test_html_needs_an_output_folder_and_keeps_an_existing_one(run_cli, results,
     site = tmp_path / "site"
     site.mkdir()
     (site / "precious.txt").write_text("x")
-    r = run_cli("leaderboard", results, "--format", "html", "-o", site)
-    assert r.exit_code == 1 and "already exists; pass --force" in r.stderr and (site / "precious.txt").exists()
-    r = run_cli("leaderboard", results, "--format", "html", "-o", site, "--force")
-    assert r.exit_code == 1 and "is not one this command wrote (no index.html)" in r.stderr
+    for force in ((), ("--force",)):  # --force is suggested only where it would be accepted
+        r = run_cli("leaderboard", results, "--format", "html", "-o", site, *force)
+        assert r.exit_code == 1 and "is not one this command wrote (no index.html)" in r.stderr
+        assert "pass --force" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "site.html").write_text("x")
+    r = run_cli("leaderboard", results, "--format", "html", "-o", tmp_path / "site.html", "--force")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: -o {tmp_path / 'site.html'}: {tmp_path / 'site.html'} is a file, not a folder; name a path in a "
+        "folder"]
     assert sorted(p.name for p in site.iterdir()) == ["precious.txt"]  # --force replaces a site, not any folder
     (site / "precious.txt").rename(tmp_path / "precious.txt")
     site.rmdir()

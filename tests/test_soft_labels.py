@@ -423,7 +423,17 @@ def test_teacher_command_trains_records_and_reuses(run_cli, tmp_path):
     again = run_cli("teacher", "mnist5k", "-o", tmp_path / "t", "--epochs", 0, "--device", "cpu", "--quiet")
     assert again.exit_code == 0 and again.stdout.startswith("kept")
     other = run_cli("teacher", "mnist5k", "-o", tmp_path / "t", "--epochs", 1, "--quiet")
-    assert other.exit_code == 1 and "is not this teacher" in other.stderr
+    assert other.exit_code == 1 and "holds another teacher than this one (mnist5k, 1 epochs, seed 0); pass --force" \
+        in other.stderr
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("x")
+    for force in ((), ("--force",)):  # a folder of the user's: --force is neither suggested nor accepted
+        r = run_cli("teacher", "mnist5k", "-o", user, "--epochs", 0, "--quiet", *force)
+        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+            f"error: {user} exists and is not one this command wrote (no teacher.json); --force replaces only such a "
+            "folder: name a new folder, or move this one away"]
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("soft, message", [

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from ddchallenge.diffusion.model import (
     META_FILE, Generator, PixelCodec, build_scheduler, build_unet, checkpoints, describe, latent_shape, load_vae,
 )
 from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
+from ddchallenge.fileio import check_output_folder, replace_folder
 from ddchallenge.progress import bar, shown
 from ddchallenge.protocol import DatasetSpec, get_dataset, stream_seed
 from ddchallenge.evaluation.device import resolve_device
@@ -339,6 +341,9 @@ class VaeReport:
     latent_shape: tuple[int, int, int]
 
 
+VAE_MARKER = "ddchallenge-vae.json"  # what every folder `train-vae` writes holds
+
+
 def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "auto", root=None,
               force: bool = False, progress: bool = True) -> VaeReport:
     """Train an AutoencoderKL on the dataset's training images (L1
@@ -351,8 +356,7 @@ def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "au
 
     spec = get_dataset(config.dataset)
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not force:
-        raise OutputExistsError(f"{output} is not empty; pass --force to replace it")
+    check_output_folder(output, VAE_MARKER, force)
     if spec.size % 2 ** (len(config.channels) - 1):
         raise UsageError(f"a {len(config.channels)}-level VAE does not divide {spec.size}-pixel images; use fewer levels")
     dev = resolve_device(device)
@@ -387,12 +391,15 @@ def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "au
     with torch.no_grad():
         pixels = denormalise(test, spec).to(dev) * 2 - 1
         test_l1 = float((vae(pixels).sample.clamp(-1, 1) - pixels).abs().mean() / 2)
-    tmp = output.with_name(f".tmp-{output.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "ddchallenge-vae.json").write_text(json.dumps({"vae_config": config.to_json(), "test_l1": test_l1},
-                                                         indent=2, sort_keys=True))
-    if output.exists():
-        shutil.rmtree(output)
-    os.rename(tmp, output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        vae.save_pretrained(staging, safe_serialization=True)
+        (staging / VAE_MARKER).write_text(json.dumps({"vae_config": config.to_json(), "test_l1": test_l1},
+                                                     indent=2, sort_keys=True))
+        replace_folder(staging, output, VAE_MARKER)  # the old folder or the new one, never a mix
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return VaeReport(output, config.steps, seconds, test_l1, latent_shape(vae, spec.size))

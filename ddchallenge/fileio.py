@@ -3,14 +3,18 @@ way this project reads a torch file (never unpickling arbitrary objects)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -37,6 +41,49 @@ def json_depth(value) -> int:
             deepest = max(deepest, depth)
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
     return deepest
+
+
+def read_json_bounded(path: str | os.PathLike, max_bytes: int, max_depth: int, error: Callable[[str], Exception],
+                      finite: bool = False):
+    """The JSON value in `path`, read as untrusted input: opened without
+    following a link and without blocking (a FIFO is never read), a regular
+    file checked on the open descriptor, at most `max_bytes`, UTF-8, nested
+    at most `max_depth` deep, and with `finite` no NaN or Infinity. Anything
+    else raises `error(why)`, `why` completing a sentence about the path
+    ("is a symbolic link ...")."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise error("is missing") from None
+    except OSError as exc:
+        raise error("is a symbolic link (links are not followed)" if exc.errno == errno.ELOOP else
+                    f"cannot be read ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise error("is not a plain file")
+        if info.st_size > max_bytes:
+            raise error(f"is {info.st_size} bytes, more than the {max_bytes} allowed")
+        try:
+            raw = fh.read(max_bytes + 1)
+        except OSError as exc:
+            raise error(f"cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > max_bytes:
+        raise error(f"grew past {max_bytes} bytes while being read")
+    try:
+        value = json.loads(raw.decode("utf-8"), **({"parse_constant": _not_finite} if finite else {}))
+    except RecursionError:
+        raise error(f"is nested deeper than {max_depth} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise error(f"is not valid JSON ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})") \
+            from None
+    if json_depth(value) > max_depth:
+        raise error(f"is nested deeper than {max_depth} levels")
+    return value
+
+
+def _not_finite(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def check_writable(path: str | os.PathLike, option: str, replaceable: bytes | tuple[bytes, ...] | None = None,
@@ -192,11 +239,17 @@ def read_limited(path: Path, error: type[Exception], what: str) -> bytes:
     return path.read_bytes()
 
 
+TORCH_STARTS = (b"PK\x03\x04", b"\x80")  # a zip archive (torch.save's format), a pickle (its legacy format)
+
+
 def load_torch_bytes(data: bytes, source: str, error: type[Exception]):
     """torch.load with weights_only=True and no fallback: tensors and plain
     containers come back; anything that would run code is refused."""
     if not data:
         raise error(f"{source} is empty (0 bytes); it should be a file written by torch.save")
+    if not data.startswith(TORCH_STARTS):
+        raise error(f"{source} is not a torch file (torch.save writes a zip archive, or a pickle in its legacy "
+                    "format, and it starts as neither); write it again with torch.save")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it may not support; the

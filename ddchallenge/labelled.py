@@ -204,6 +204,16 @@ def read_labelled_set(path: str | os.PathLike, pixels: bool = True,
     if not path.is_file():
         raise SubmissionError(f"labelled set not found: {path}")
     try:
+        with open(path, "rb") as fh:
+            start = fh.read(len(HDF5_SIGNATURE))
+    except OSError as exc:
+        raise SubmissionError(f"labelled set {path} cannot be read: {exc.strerror or exc}") from None
+    if not start:  # named apart, and the same words whichever command reads it
+        raise SubmissionError(f"labelled set {path} is empty (0 bytes)")
+    if start != HDF5_SIGNATURE:
+        raise SubmissionError(f"{path} is not an HDF5 file (it does not start with the HDF5 signature); a labelled "
+                              "set is the .h5 file `ddchallenge generate` writes")
+    try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("images", "labels") if k not in f]
             if missing:

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import stat
 from pathlib import Path
 
 from ddchallenge.errors import RecordError, UsageError
@@ -32,7 +31,7 @@ from ddchallenge.extras import (
     MIN_TEMPERATURE, TEACHER_SETTINGS, ExtraScore, is_baseline, paired_standard_error, standard_error,
 )
 from ddchallenge.extras import recipe_hash as extra_recipe_hash
-from ddchallenge.fileio import json_depth
+from ddchallenge.fileio import read_json_bounded
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_ROUNDS, MAX_RULE_IPC, MAX_SEED, EvalRecipe
 
@@ -471,30 +470,8 @@ def read_record(path: str | os.PathLike, key: bytes | None = None) -> dict:
     under `key` when one is given. RecordError on anything else."""
     path = Path(path)
     where = clean(str(path), 300)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise RecordError(f"{where}: cannot be read as a record ({exc.strerror or exc}; links are not followed)") \
-            from None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise RecordError(f"{where}: is not a plain file")
-        if info.st_size > MAX_RECORD_BYTES:
-            raise RecordError(f"{where}: is {info.st_size} bytes; a record is at most {MAX_RECORD_BYTES}")
-        try:
-            raw = fh.read(MAX_RECORD_BYTES + 1)
-        except OSError as exc:
-            raise RecordError(f"{where}: cannot be read ({exc.strerror or exc})") from None
-    if len(raw) > MAX_RECORD_BYTES:  # grown since fstat
-        raise RecordError(f"{where}: is over {MAX_RECORD_BYTES} bytes; a record is at most that")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise RecordError(f"{where}: is not JSON ({clean(str(exc), 120)})") from None
-    if json_depth(data) > MAX_RECORD_DEPTH:  # sorting and signing re-encode the record, recursively
-        raise RecordError(f"{where}: nests objects and lists more than {MAX_RECORD_DEPTH} deep; a record is at most "
-                          f"{MAX_RECORD_DEPTH}")
+    # sorting and signing re-encode a record recursively: its depth is bounded (a record holds at most 6)
+    data = read_json_bounded(path, MAX_RECORD_BYTES, MAX_RECORD_DEPTH, lambda why: RecordError(f"{where}: {why}"))
     check_record(data, where)
     check_mac(data, key, where)
     return data

@@ -133,11 +133,15 @@ def _levels(n: int, kind: str = "") -> str:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"recipe {path} is a folder; pass its recipe files (e.g. {path}/*.toml)")
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"recipe not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise UsageError(f"recipe {path} cannot be read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"recipe {path} is not valid TOML: {exc}") from None
     try:
         expect = data.get("expect", {})

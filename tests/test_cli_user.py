@@ -184,6 +184,21 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(run_cli, of
     assert sorted(map(str, tmp_path.rglob("*"))) == before
 
 
+@pytest.mark.parametrize("command", [c for c in UNWRITABLE_COMMANDS if c in ("generate", "show", "score --json")])
+def test_a_file_output_in_a_missing_folder_is_refused_not_made(run_cli, official_file, tmp_path, command):
+    """A new user's review: `-o reslts/set.h5` made the mistyped folder
+    without a word. A file is written only into a folder that exists."""
+    out = tmp_path / "no" / "such" / "out"
+    args = [a.format(out=out, official=official_file, tmp=tmp_path) for a in UNWRITABLE_COMMANDS[command]]
+    r = run_cli(*args)
+    option = "--json" if command == "score --json" else "-o"
+    target = args[args.index(option) + 1]
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: {option} {target}: the folder {out.parent} does not exist; create it first (mkdir -p {out.parent}) "
+        "or name a file in a folder that exists"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [official_file.name]
+
+
 def test_score_json_and_show_never_overwrite_a_file_of_the_users(run_cli, official_file, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")

@@ -89,8 +89,8 @@ def test_cli_refuses_each_malformed_record_in_one_line_and_ranks_the_rest(run_cl
     assert len(refused) == len(bad) + 1 and all(line.startswith(f"refused: {out}/") for line in refused), r.stderr
     assert f"refused: {out}/02.json: datasets[0].mean must be a finite number from 0 to 1, got nan" in refused
     assert f"refused: {out}/13.json: official_budget must be true or false (a JSON boolean), got 'false'" in refused
-    assert f"refused: {out}/15.json: nests objects and lists more than 16 deep; a record is at most 16" in refused
-    assert f"refused: {out}/16.json: nests objects and lists more than 16 deep; a record is at most 16" in refused
+    assert f"refused: {out}/15.json: is nested deeper than 16 levels" in refused
+    assert f"refused: {out}/16.json: is nested deeper than 16 levels" in refused
     assert f"refused: {out}/14.json: recipe_hash must be {OFFICIAL.hash()}, the hash of the recorded recipe " \
         "settings, got 'forged'" in refused
     lines = r.stdout.splitlines()

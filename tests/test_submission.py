@@ -125,6 +125,9 @@ def test_missing_empty_truncated_and_unknown_files(tmp_path, official_file):
     official_file.write_bytes(data[: len(data) // 2])
     with pytest.raises(SubmissionError, match="not a readable torch file \\(truncated or corrupt"):
         load_submission(official_file)
+    official_file.write_text("tensor([1, 2, 3])\n")  # text where a torch file should be
+    with pytest.raises(SubmissionError, match="is not a torch file \\(torch.save writes a zip archive, or a pickle"):
+        load_submission(official_file)
     other = tmp_path / "images.npy"
     other.write_bytes(b"x")
     with pytest.raises(SubmissionError, match="unknown file type '.npy'"):
@@ -178,8 +181,12 @@ def test_labelled_h5_refuses_normalised_floats_and_missing_datasets(tmp_path):
     with pytest.raises(SubmissionError, match="has no dataset labels"):
         load_submission(tmp_path / "bad.h5")
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
-    with pytest.raises(SubmissionError, match="not a readable HDF5 labelled set"):
+    with pytest.raises(SubmissionError, match="junk.h5 is not an HDF5 file \\(it does not start with the HDF5 "):
         load_submission(tmp_path / "junk.h5")
+    data = (tmp_path / "bad.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[:len(data) // 3])  # an HDF5 file, truncated
+    with pytest.raises(SubmissionError, match="not a readable HDF5 labelled set \\(truncated or corrupt"):
+        load_submission(tmp_path / "cut.h5")
 
 
 @pytest.mark.parametrize("command", [("show", "{set}", "-o", "{out}.png"), ("pack", "{set}", "-o", "{out}"),
@@ -202,6 +209,22 @@ def test_an_attribute_that_is_not_utf8_is_one_line_for_every_reader(tmp_path, ru
         assert failed.name.endswith(".failed.json") and "not UTF-8 text" in failed.read_text()
     else:
         assert not any(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("content, says", [(b"", "error: labelled set {set} is empty (0 bytes)"),
+                                           (b"images,labels\n", "error: {set} is not an HDF5 file (it does not start "
+                                            "with the HDF5 signature); a labelled set is the .h5 file `ddchallenge "
+                                            "generate` writes")], ids=["empty", "text"])
+@pytest.mark.parametrize("command", [("show", "{set}", "-o", "{out}.png"), ("pack", "{set}", "-o", "{out}"),
+                                     ("score", "{set}", "--epochs", "0", "--rounds", "1", "--quiet", "--dataset",
+                                      "mnist5k", "--output", "{out}")], ids=lambda c: c[0])
+def test_a_set_that_is_no_hdf5_file_reads_the_same_in_every_command(tmp_path, run_cli, command, content, says):
+    """A new user's review: an empty .h5 was 'empty' to `score` and 'truncated
+    or corrupt: file signature not found' to `pack`."""
+    path = tmp_path / "set.h5"
+    path.write_bytes(content)
+    r = run_cli(*[a.format(set=path, out=tmp_path / "out") for a in command])
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [says.format(set=path)], r.output
 
 
 def _zip(path, members):

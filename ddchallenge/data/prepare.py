@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from ddchallenge.data import sources
 from ddchallenge.data.reference import data_root, held_out, load_reference, load_train, normalise, train_store_path
 from ddchallenge.errors import DatasetError
-from ddchallenge.fileio import atomic_path, atomic_torch_save, atomic_write_bytes, json_depth, sha256_file
+from ddchallenge.fileio import atomic_path, atomic_torch_save, atomic_write_bytes, read_json_bounded, sha256_file
 from ddchallenge.protocol import DATASETS, VALIDATION_SHARE, DatasetSpec, get_dataset
 
 CHUNK = 64  # images per HDF5 chunk
@@ -49,6 +48,10 @@ def _meta_path(spec: DatasetSpec, root: Path) -> Path:
 MAX_META_BYTES = 1 << 20  # class names and a few numbers: a few KB for Tiny-ImageNet's 200 classes
 
 
+class _Unusable(Exception):
+    """A metadata file that cannot be trusted: the dataset is prepared again."""
+
+
 def _prepared_meta(spec: DatasetSpec, root: Path) -> dict | None:
     """The dataset's <name>.json when it says the dataset is prepared and
     the files it names still have their checksums; None otherwise (prepare
@@ -56,18 +59,10 @@ def _prepared_meta(spec: DatasetSpec, root: Path) -> dict | None:
     whose checksums name exactly the two files `prepare` writes, in the root,
     and whose counts are whole numbers."""
     try:
-        fd = os.open(_meta_path(spec, root), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        meta = read_json_bounded(_meta_path(spec, root), MAX_META_BYTES, 4, _Unusable)  # prepare writes 2 levels
+    except _Unusable:
         return None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            return None
-        raw = fh.read(MAX_META_BYTES + 1)
-    try:
-        meta = json.loads(raw) if len(raw) <= MAX_META_BYTES else None
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(meta, dict) or json_depth(meta) > 4:  # prepare writes 2 levels
+    if not isinstance(meta, dict):
         return None
     sums, counts = meta.get("sha256"), meta.get("counts")
     files = {spec.reference_file, train_store_path(spec, root).name}

@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ddchallenge.errors import UsageError
-from ddchallenge.protocol import VALIDATION_SUFFIX
+from ddchallenge.protocol import VALIDATION_SUFFIX, get_dataset
 
 SPACES = ("pixel", "latent")
 
@@ -128,6 +128,7 @@ VAE_PRESETS: dict[str, dict] = {
 
 
 def _preset(table: dict[str, dict], dataset: str, preset: str | None, what: str) -> tuple[str, dict]:
+    get_dataset(dataset)  # an unknown dataset is named as such, not as a missing preset
     name = preset or dataset.removesuffix(VALIDATION_SUFFIX)  # a validation view trains as its base does
     if name not in table:
         raise UsageError(f"no {what} preset {name!r}; presets: {', '.join(table)}"

@@ -52,42 +52,17 @@ class ModelArgumentError(ModelError, UsageError):
 def read_json_object(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict:
     """The JSON object in `path`: a regular file (never a link) of at most
     `max_bytes`, nested at most MAX_JSON_DEPTH deep, without NaN or Infinity."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise ModelError(f"{path} is missing; copy the whole model folder") from None
-    except OSError as exc:
-        raise ModelError(f"{path} cannot be read ({exc.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ModelError(f"{path} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'not a regular file'}; "
-                         "a model folder holds plain files only")
-    if st.st_size > max_bytes:
-        raise ModelError(f"{path} is {st.st_size} bytes, more than the {max_bytes} a model's JSON file may have")
-    with open(path, "rb") as fh:
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ModelError(f"{path} grew past {max_bytes} bytes while being read; refused")
-    try:
-        value = json.loads(data, parse_constant=_no_constant)
-    except RecursionError:
-        raise ModelError(f"{path} is nested deeper than {MAX_JSON_DEPTH} levels; refused") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({_first_line(exc)})") from None
-    _check_depth(value, path)
+    from ddchallenge.fileio import read_json_bounded
+
+    def refused(why: str) -> ModelError:
+        fix = {"is missing": "copy the whole model folder", "is not a plain file": "a model folder holds plain files "
+               "only"}.get(why, "a model folder holds plain files only" if "symbolic link" in why else "refused")
+        return ModelError(f"{path} {why}; {fix}")
+
+    value = read_json_bounded(path, max_bytes, MAX_JSON_DEPTH, refused, finite=True)
     if not isinstance(value, dict):
         raise ModelError(f"{path} must hold a JSON object, not {_kind(value)}")
     return value
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _check_depth(value, path: Path) -> None:
-    from ddchallenge.fileio import json_depth
-
-    if json_depth(value) > MAX_JSON_DEPTH:
-        raise ModelError(f"{path} is nested deeper than {MAX_JSON_DEPTH} levels; refused")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -693,17 +693,15 @@ def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, ma
                    "folder whose tables hold more than k rows per class in all; repeat for several.")
 def settings_command(model, unset, drop_tables, **changes):
     """Show, or change, the settings MODEL (a generator folder) runs with under Track 2, and its tables."""
-    from ddchallenge.diffusion.codebook import declared_tables
-    from ddchallenge.diffusion.folder import read_json_object
     from ddchallenge.generators.track2 import change_settings, method_defaults
 
-    meta_path, method, settings = change_settings(model, changes, tuple(k.replace("-", "_") for k in unset),
-                                                  tuple(drop_tables))
+    folder = change_settings(model, changes, tuple(k.replace("-", "_") for k in unset), tuple(drop_tables))
+    settings, tables = folder.settings, folder.tables
     given = ", ".join(f"{k} {v}" for k, v in sorted(settings.items()))
-    rest = ", ".join(f"{k} {v}" for k, v in sorted(method_defaults(method, settings).items()) if k not in settings)
-    tables = declared_tables(meta_path.parent, read_json_object(meta_path))
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(method_defaults(folder.method, settings).items())
+                     if k not in settings)
     held = ", ".join(f"{t.name} ({t.rows_per_class} per class)" for t in tables)
-    click.echo(f"{meta_path}: runs {method} under Track 2 with {given or 'no settings of its own'}"
+    click.echo(f"{folder.meta_path}: runs {folder.method} under Track 2 with {given or 'no settings of its own'}"
                + (f"; defaults: {rest}" if rest else "")
                + f"; tables: {held or 'none'}"
                + (f", {sum(t.rows_per_class for t in tables)} rows per class in all" if len(tables) > 1 else ""))

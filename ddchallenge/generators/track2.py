@@ -23,6 +23,7 @@ from ddchallenge.protocol import UploadRules, generation_seed
 from ddchallenge.submission import DatasetEntry
 
 if TYPE_CHECKING:
+    from ddchallenge.diffusion.codebook import DeclaredTable
     from ddchallenge.generators import GenerationReport
 
 # method -> settings a folder may give it (anything else in the section is refused)
@@ -77,10 +78,20 @@ def method_defaults(method: str, settings: dict) -> dict:
     return {k: v for k, v in every.items() if k in METHODS[method]}
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderSettings:
+    """What a Track 2 run of a folder reads, as `change_settings` left it."""
+
+    meta_path: Path  # the ddchallenge.json a run reads
+    method: str
+    settings: dict  # the folder's own settings (a run fills the rest from `method_defaults`)
+    tables: list[DeclaredTable]  # every table the folder declares, checked
+
+
 def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (),
-                    drop_tables: tuple[str, ...] = ()) -> tuple[Path, str, dict]:
-    """The ddchallenge.json a Track 2 run of `model` reads and its (method,
-    settings), with `changes` (setting -> value; None: unchanged) merged in,
+                    drop_tables: tuple[str, ...] = ()) -> FolderSettings:
+    """The ddchallenge.json a Track 2 run of `model` reads, its method,
+    settings and tables, with `changes` (setting -> value; None: unchanged) merged in,
     each checked against the bounds a run checks, and the settings named in
     `unset` removed (a run then uses `method_defaults`), the tables named in
     `drop_tables` removed (declaration and file: Track 2's table rule counts
@@ -88,7 +99,7 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
     only. A setting the
     folder's method does not take is refused: the method itself changes
     with `prototypes`/`invert --make-default`, which also store its table."""
-    from ddchallenge.diffusion.codebook import table_path, write_meta
+    from ddchallenge.diffusion.codebook import declared_tables, table_path, write_meta
     from ddchallenge.errors import UsageError
 
     if not Path(model).is_dir():
@@ -127,14 +138,15 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
                          f"{', '.join(sorted(books)) or 'none'}")
     dropped = [k for k in unset if k in settings]
     if not given and not dropped and not drop_tables:
-        return meta_path, method, settings
+        return FolderSettings(meta_path, method, settings, declared_tables(meta_path.parent, meta))
     merged = {k: v for k, v in {**settings, **given}.items() if k not in dropped}
     files = [table_path(meta_path.parent, name, books[name]) for name in drop_tables]  # never outside codebooks/
-    kept = {name: record for name, record in books.items() if name not in drop_tables}
-    write_meta(meta_path.parent, {**meta, "codebooks": kept, "generate": {"method": method, "settings": merged}})
+    meta = {**meta, "codebooks": {name: record for name, record in books.items() if name not in drop_tables},
+            "generate": {"method": method, "settings": merged}}
+    write_meta(meta_path.parent, meta)
     for path in files:  # after the declaration: an interruption leaves a stray file, which a run names
         path.unlink(missing_ok=True)
-    return meta_path, method, merged
+    return FolderSettings(meta_path, method, merged, declared_tables(meta_path.parent, meta))
 
 
 def check_folder_tables(model: str | Path, ipc: int | str) -> None:

@@ -187,7 +187,10 @@ def not_an_upload(path: Path, settings: BatchSettings, alone: bool) -> str | Non
     rules = settings.rules
     if path.is_symlink():
         return None  # links are never followed: refused as the upload's own failure
-    generator = path.is_dir() and is_generator(path)
+    try:
+        generator = path.is_dir() and is_generator(path)
+    except OSError:
+        return None  # unreadable: the upload's failure, with the reason, when it is read
     if generator and settings.budget is None and alone:
         return (f"{clean(str(path))} is a generator folder: it is scored by running it, in a Track 2 run with "
                 "--budget SECONDS (the challenge's: 600)")
@@ -313,7 +316,8 @@ def triage_all(paths: list[Path], names: list[str], out: Path, settings: BatchSe
     looked = [_look(path, name, out, settings, ref_dir, tests) for path, name in zip(paths, names)]
     found = [Pending(path, name, "") if isinstance(f, Attempt) else f for path, name, f in zip(paths, names, looked)]
     check_unsigned(out, signed, settings.mac_key, found)
-    return [settle(todo, out, settings, f) if isinstance(f, Attempt) else todo for todo, f in zip(found, looked)]
+    return [settle(todo, out, settings, f, alone=len(paths) == 1) if isinstance(f, Attempt) else todo
+            for todo, f in zip(found, looked)]
 
 
 def triage(path: Path, name: str, out: Path, settings: BatchSettings, ref_dir: str | os.PathLike | None = None,

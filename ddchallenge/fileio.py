@@ -13,6 +13,7 @@ import shutil
 import stat
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -71,7 +72,7 @@ def read_json_bounded(path: str | os.PathLike, max_bytes: int, max_depth: int, e
     if len(raw) > max_bytes:
         raise error(f"grew past {max_bytes} bytes while being read")
     try:
-        value = json.loads(raw.decode("utf-8"), **({"parse_constant": _not_finite} if finite else {}))
+        value = json.loads(raw.decode("utf-8-sig"), **({"parse_constant": _not_finite} if finite else {}))
     except RecursionError:
         raise error(f"is nested deeper than {max_depth} levels") from None
     except (UnicodeDecodeError, ValueError) as exc:
@@ -134,11 +135,29 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def check_replaceable(target: Path, marker: str) -> None:
-    """OutputExistsError unless `target` is absent or a folder that the same
-    writer made before (it holds `marker`, the file every such folder has):
-    --force replaces a previous output, never a folder of the user's (the
-    working folder, a home, the folder holding the inputs)."""
+@dataclass(frozen=True)
+class OutputMarker:
+    """What every output folder of one command holds: a plain file named
+    `file` whose start holds `holds` (a name alone is not enough: any web
+    app has a manifest.json, any website an index.html)."""
+
+    file: str
+    holds: bytes
+
+    def found_in(self, folder: Path) -> bool:
+        try:
+            fd = os.open(folder / self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False
+        with os.fdopen(fd, "rb") as fh:
+            return stat.S_ISREG(os.fstat(fh.fileno()).st_mode) and self.holds in fh.read(64 << 10)
+
+
+def check_replaceable(target: Path, marker: OutputMarker) -> None:
+    """OutputExistsError unless `target` is absent, empty, or a folder that
+    the same writer made before (it holds `marker`): --force replaces a
+    previous output, never a folder of the user's (the working folder, a
+    home, the folder holding the inputs)."""
     if not os.path.lexists(target):
         return
     here = Path.cwd().resolve()
@@ -148,12 +167,12 @@ def check_replaceable(target: Path, marker: str) -> None:
         raise OutputExistsError(f"{target} exists and is not a folder; name a new folder to write into")
     if not any(target.iterdir()):
         return  # an empty folder the user made for it holds nothing to lose
-    if not (target / marker).is_file():
-        raise OutputExistsError(f"{target} exists and is not one this command wrote (no {marker}); --force replaces "
-                                "only such a folder: name a new folder, or move this one away")
+    if not marker.found_in(target):
+        raise OutputExistsError(f"{target} exists and is not one this command wrote (no {marker.file} of its own); "
+                                "--force replaces only such a folder: name a new folder, or move this one away")
 
 
-def check_output_folder(target: str | os.PathLike, marker: str, force: bool) -> None:
+def check_output_folder(target: str | os.PathLike, marker: OutputMarker, force: bool) -> None:
     """Before any work: OutputExistsError unless `target` may become this
     command's output folder: absent, empty, or, with `force`, a folder the
     same command wrote before (`check_replaceable`). A refusal suggests
@@ -165,12 +184,19 @@ def check_output_folder(target: str | os.PathLike, marker: str, force: bool) -> 
                                 "name a new folder")
 
 
-def replace_folder(staging: Path, target: Path, marker: str) -> None:
+def replace_folder(staging: Path, target: Path, marker: OutputMarker) -> None:
     """Move a finished `staging` folder onto `target`, replacing a folder
     there that `check_replaceable` allows: the old one is moved aside first
     and removed after, so `target` is at every moment the old folder or the
-    new one, never a mix."""
-    check_replaceable(target, marker)
+    new one, never a mix. Should `target` have become a folder it may not
+    replace while the work ran, the finished folder is kept beside it, named
+    in the error, never thrown away."""
+    try:
+        check_replaceable(target, marker)
+    except OutputExistsError as exc:
+        kept = Path(tempfile.mkdtemp(prefix=f"{target.name}.finished-", dir=target.parent))
+        os.replace(staging, kept)  # onto the empty folder just made: a name nothing else takes
+        raise OutputExistsError(f"{exc}; the finished output is kept in {kept}") from None
     if os.path.lexists(target):
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.replace(target, old / "x")

@@ -68,6 +68,10 @@ class Refused(DDChallengeError):
     """The input, or the isolated work on it, failed: the input's fault."""
 
 
+class OverLimit(Refused):
+    """The input holds more bytes than its limits allow (`inspect`)."""
+
+
 class TimedOut(Refused):
     """The isolated work ran past its wall limit and was killed."""
 
@@ -319,7 +323,7 @@ def inspect(path: str | os.PathLike, limits: Limits = Limits(), skip: tuple[str,
                           "upload plain files")
         total += st.st_size
         if total > limits.input_bytes:
-            raise Refused(f"{top} holds more than {limits.input_bytes} bytes, the limit for this upload; refused")
+            raise OverLimit(f"{top} holds more than {limits.input_bytes} bytes, the limit for this upload; refused")
         files.append((rel, st.st_size))
 
     visit(top, "", 0)

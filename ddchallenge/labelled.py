@@ -101,6 +101,17 @@ def write_labelled_set(
     return Path(path)
 
 
+def written_here(path: str | os.PathLike) -> bool:
+    """Whether `path` is a labelled set this package wrote (images, labels
+    and its version attribute): what `generate --force` may replace, where
+    any other HDF5 file (a training store, someone's data) is kept."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {"images", "labels"} <= set(f) and "ddchallenge_version" in f.attrs
+    except (OSError, ValueError):
+        return False
+
+
 def add_soft_labels(path: str | os.PathLike, soft_labels: np.ndarray, source: dict) -> Path:
     """Rewrite the labelled set at `path` (atomically) with `soft_labels`
     (checked) and a `soft_labels_source` attribute (JSON: what made them);

@@ -32,7 +32,7 @@ import torch
 from ddchallenge import __version__
 from ddchallenge.data import normalise
 from ddchallenge.errors import SubmissionError, UsageError
-from ddchallenge.fileio import check_output_folder, replace_folder, sha256_bytes, sha256_file, torch_bytes
+from ddchallenge.fileio import OutputMarker, check_output_folder, replace_folder, sha256_bytes, sha256_file, torch_bytes
 from ddchallenge.labelled import check_soft_labels, read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, TRACK1_IPC, get_dataset
 from ddchallenge.submission import MANIFEST, SOFT_SUFFIX, check_image_shape, check_labels, load_submission
@@ -40,6 +40,7 @@ from ddchallenge.submission import MANIFEST, SOFT_SUFFIX, check_image_shape, che
 ZIP_NAME = "submission.zip"
 # A fixed timestamp keeps the zip's bytes a function of its contents only.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+PACKED = OutputMarker(MANIFEST, b'"ddchallenge_version"')  # every folder `pack` writes: its manifest
 
 
 def _packed_file(set_path: Path, track: int | None, input_normalised: bool) -> tuple[dict[str, bytes], dict]:
@@ -112,7 +113,7 @@ def pack(sets: list[str | os.PathLike], outdir: str | os.PathLike, track: int | 
         raise UsageError("give at least one labelled set to pack")
     if track not in (None, 1, 2):
         raise UsageError(f"--track must be 1 or 2, got {track}")
-    check_output_folder(outdir, MANIFEST, force)
+    check_output_folder(outdir, PACKED, force)
     files, entries = {}, []
     for s in map(Path, sets):
         _check_is_labelled_set(s)
@@ -155,7 +156,7 @@ def _write_folder(outdir: Path, files: dict[str, bytes], manifest: dict, archive
         (staging / ZIP_NAME).write_bytes(archive)
         # The upload must read back exactly as `score` will read it.
         load_submission(staging / ZIP_NAME, rules=None)
-        replace_folder(staging, outdir, MANIFEST)  # an existing one only with force (checked above)
+        replace_folder(staging, outdir, PACKED)  # an existing one only with force (checked above)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ddchallenge import __version__
 from ddchallenge.errors import DDChallengeError
-from ddchallenge.fileio import check_output_folder, replace_folder
+from ddchallenge.fileio import OutputMarker, check_output_folder, replace_folder
 from ddchallenge.isolation import clean
 from ddchallenge.progress import plural
 from ddchallenge.protocol import UploadRules
@@ -40,7 +40,8 @@ from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, fo
 from ddchallenge.submission import bounded_provenance
 
 GRID_CLASSES, GRID_PER_CLASS = 10, 10  # rows (first classes) and images per row of a sample grid
-SITE_MARKER = "index.html"  # what every site holds: a folder --force may replace
+GENERATOR_META = '<meta name="generator" content="ddchallenge leaderboard">'
+SITE_MARKER = OutputMarker("index.html", GENERATOR_META.encode())  # what every site holds: a folder --force may replace
 MAX_SHOWN = 300  # characters of any one untrusted text shown on a page
 
 STYLE = """
@@ -178,7 +179,7 @@ def _page(title: str, body: str) -> str:
     return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            "<meta name=\"referrer\" content=\"no-referrer\">\n"
+            "<meta name=\"referrer\" content=\"no-referrer\">\n" + GENERATOR_META + "\n"
             f"<title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ddchallenge.data import normalise
-from ddchallenge.errors import OptionMismatch, SubmissionError, UploadRuleError
+from ddchallenge.errors import OptionMismatch, RuleMismatch, SubmissionError
 from ddchallenge.fileio import MAX_FILE_BYTES, check_file, load_torch_bytes, read_limited, sha256_bytes, sha256_file
 from ddchallenge.labelled import Header, check_soft_labels, read_labelled_set
 from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, DatasetSpec, UploadRules, get_dataset
@@ -101,7 +101,7 @@ def load_submission(path: str | os.PathLike, dataset: str | None = None,
 
 def _check_size(size: int, limit: int, source: str) -> None:
     if size > limit:
-        raise UploadRuleError(f"{source} is {size} bytes, more than any set the rules allow can take ({limit} bytes); "
+        raise RuleMismatch(f"{source} is {size} bytes, more than any set the rules allow can take ({limit} bytes); "
                               "check the IPC and the dataset")
 
 

@@ -38,12 +38,13 @@ from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.evaluation.nets import reference_convnet
 from ddchallenge.evaluation.train import accuracy, train_round
 from ddchallenge.extras import TEACHER_SETTINGS
-from ddchallenge.fileio import check_replaceable, replace_folder, sha256_bytes
+from ddchallenge.fileio import OutputMarker, check_replaceable, replace_folder, sha256_bytes
 from ddchallenge.protocol import DATASETS, MAX_EPOCHS, MAX_SEED, OFFICIAL, EvalRecipe, check_seed, get_dataset
 
 FORMAT = "ddchallenge-teacher"
 VERSION = 1
 META, WEIGHTS = "teacher.json", "model.safetensors"
+TEACHER_MARKER = OutputMarker(META, f'"format": "{FORMAT}"'.encode())  # what --force may replace
 TEACHER_EPOCHS = 50  # our choice (DD-Ranking ships pretrained teachers without a recipe); recorded in each folder
 MAX_META_BYTES = 64 << 10
 MAX_WIDTH, MAX_DEPTH = 1024, 4  # far past the reference net (128, 3); a hostile width cannot exhaust memory
@@ -116,11 +117,11 @@ def make_teacher(dataset: str, output: str | os.PathLike | None = None, epochs: 
             kept = None
         if kept is not None and (kept.dataset, kept.recipe.hash(), kept.seed) == (spec.name, recipe.hash(), seed):
             return kept, True
-        check_replaceable(out, META)  # a folder of the user's: never suggest --force
+        check_replaceable(out, TEACHER_MARKER)  # a folder of the user's: never suggest --force
         if any(out.iterdir()):
             raise OutputExistsError(f"{out} holds another teacher than this one ({spec.name}, {epochs} epochs, seed "
                                     f"{seed}); pass --force to replace it, or another -o")
-    check_replaceable(out, META)
+    check_replaceable(out, TEACHER_MARKER)
     dev = resolve_device(device)
     images, labels = load_train(spec, root)
     ref = load_reference(spec, None if root is None or spec.validation_of else root, root)
@@ -150,7 +151,7 @@ def write_teacher(out: str | os.PathLike, net: torch.nn.Module, dataset: str, re
         (staging / WEIGHTS).write_bytes(weights)
         (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         load_teacher(staging)  # what was written reads back as a teacher
-        replace_folder(staging, out, META)
+        replace_folder(staging, out, TEACHER_MARKER)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

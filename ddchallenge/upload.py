@@ -23,7 +23,7 @@ from safetensors.torch import load as load_safetensors, save_file
 
 from ddchallenge import isolation
 from ddchallenge.diffusion.model import checkpoints, generator_marker, META_FILE
-from ddchallenge.errors import BudgetExceeded, SubmissionError, UploadChanged, UploadRuleError
+from ddchallenge.errors import BudgetExceeded, RuleMismatch, SubmissionError, UploadChanged, UploadRuleError
 from ddchallenge.isolation import Input, Limits
 from ddchallenge.labelled import check_soft_labels
 from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
@@ -113,7 +113,15 @@ def inspect(path: str | os.PathLike, rules: UploadRules, track2: bool | None) ->
         kind = GENERATOR if is_generator(path) else IMAGES
     else:
         kind = upload_kind(path, track2)
-    return isolation.inspect(path, upload_limits(kind, rules), GENERATOR_SKIP if kind == GENERATOR else ())
+    limits = upload_limits(kind, rules)
+    try:
+        return isolation.inspect(path, limits, GENERATOR_SKIP if kind == GENERATOR else ())
+    except isolation.OverLimit:
+        if kind == GENERATOR:
+            raise
+        # images the rules' IPC and datasets could not fill: the upload is not what they ask (another IPC?)
+        raise RuleMismatch(f"{path} holds more than {limits.input_bytes} bytes, more than any set the rules allow "
+                           "can take; check the IPC and the dataset") from None
 
 
 def digest(path: str | os.PathLike, rules: UploadRules, track2: bool | None = None) -> str:

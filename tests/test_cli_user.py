@@ -122,8 +122,8 @@ def test_train_vae_replaces_only_its_own_folder(run_cli, tmp_path):
     for force in ((), ("--force",)):
         r = run_cli("train-vae", "mnist5k", "-o", mine, "--preset", "tiny", "--steps", "1", "--quiet", *force)
         assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
-            f"error: {mine} exists and is not one this command wrote (no ddchallenge-vae.json); --force replaces only "
-            "such a folder: name a new folder, or move this one away"]
+            f"error: {mine} exists and is not one this command wrote (no ddchallenge-vae.json of its own); --force "
+            "replaces only such a folder: name a new folder, or move this one away"]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     vae = tmp_path / "vae"
     assert run_cli("train-vae", "mnist5k", "-o", vae, "--preset", "tiny", "--steps", "1", "--quiet").exit_code == 0

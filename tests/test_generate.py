@@ -1,6 +1,7 @@
 """`ddchallenge generate`: the registry, the baselines, the track rules."""
 import hashlib
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -87,6 +88,13 @@ def test_existing_output_needs_force(run_cli, tmp_path):
         assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
             f"error: -o {out} exists and is not a file this option writes; name a new file, or move that one away"]
         assert out.read_bytes() == b"keep me"
+    out.unlink()
+    with h5py.File(out, "w") as f:  # an HDF5 file of someone else's (a training store, say)
+        f["images"] = np.zeros((2, 1, 28, 28), np.uint8)
+    for force in ((), ("--force",)):
+        r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out, *force)
+        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+            f"error: {out} is an HDF5 file but no labelled set this tool wrote; name a new file, or move that one away"]
     out.unlink()
     assert run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 2, "-o", out).exit_code == 0
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out)

@@ -193,8 +193,14 @@ def test_cli_errors(run_cli, tmp_path):
     r = run_cli("leaderboard", tmp_path / "empty")
     assert r.exit_code == 1 and r.stderr == f"error: no score results in {tmp_path / 'empty'}\n"
     r = run_cli("leaderboard", write(tmp_path / "x.json", '{"hello": 1}'))
-    assert r.exit_code == 1 and r.stderr.splitlines() == [f"refused: {tmp_path}/x.json: name is missing",
-                                                         "error: nothing to rank: 0 ranked; 0 failed; 1 refused"]
+    assert r.exit_code == 1 and r.stderr.splitlines() == [  # one line: the error names the first refusal
+        f"error: nothing to rank: 0 ranked; 0 failed; 1 refused (first refused: {tmp_path}/x.json: name is missing)"]
+    key = write(tmp_path / "key", "k" * 32)
+    r = run_cli("leaderboard", tmp_path / "empty", "--record-key", tmp_path / "no-key")  # the key is checked first
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
+        f"error: --record-key {tmp_path / 'no-key'}: must be a file of 16 to 4096 bytes (e.g. `head -c 32 "
+        "/dev/urandom | base64 > KEYFILE`)"]
+    assert run_cli("leaderboard", tmp_path / "empty", "--record-key", key).exit_code == 1
     r = run_cli("leaderboard", tmp_path / "x.json", tmp_path / "nothere")  # a mistyped path: one line, exit 2
     assert r.exit_code == 2 and r.stderr == (f"error: not found: {tmp_path / 'nothere'}; pass records (.json) or "
                                              "results folders\n")

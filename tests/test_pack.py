@@ -181,10 +181,14 @@ def test_existing_output_needs_force_and_input_normalised(tmp_path, run_cli):
     (out / "precious.txt").write_text("x")
     # --force replaces a folder that pack wrote before, never another one (the user's, the working folder), and
     # is suggested only where it would be accepted
-    for force in ((), ("--force",)):
-        r = run_cli("pack", tmp_path / "a.h5", "-o", out, *force)
-        assert r.exit_code == 1 and "is not one this command wrote (no manifest.json)" in r.stderr
-        assert "pass --force" not in r.stderr
+    for manifest in (None, '{"name": "my web app", "version": "1.0"}'):  # a web app's manifest is not pack's
+        if manifest:
+            (out / "manifest.json").write_text(manifest)
+        for force in ((), ("--force",)):
+            r = run_cli("pack", tmp_path / "a.h5", "-o", out, *force)
+            assert r.exit_code == 1 and "is not one this command wrote (no manifest.json of its own)" in r.stderr
+            assert "pass --force" not in r.stderr
+    (out / "manifest.json").unlink()
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     os.chdir(out)
     for here in (".", "", ".."):

@@ -189,3 +189,19 @@ def test_records_are_never_written_into_an_upload(run_cli, tmp_path, inside):
     assert _one_line(r) == (f"error: --output {tmp_path / inside} is inside the upload {upload}; write the records "
                             "to a folder outside every upload")
     assert sorted(map(str, tmp_path.rglob("*"))) == before
+
+
+@pytest.mark.parametrize("name", ["mnist5k.pt", "set.h5"])
+def test_one_upload_too_big_for_the_rules_is_refused_whichever_check_finds_it(run_cli, tmp_path, name):
+    """More bytes than any set of the rules' IPC can take is found by the
+    hash's size bound before anything is read: scoring one upload, the
+    command line's mistake too (another --ipc?), not a record."""
+    upload = tmp_path / name
+    with open(upload, "wb") as fh:
+        fh.write(b"\x89HDF\r\n\x1a\n" if name.endswith(".h5") else b"PK\x03\x04")
+        fh.write(bytes(6 << 20))
+    r = run_cli("score", upload, "--dataset", "mnist5k", "--ipc", 10, *FAST)
+    assert r.exit_code == 2
+    assert _one_line(r).startswith(f"error: {upload} holds more than ") and _one_line(r).endswith(
+        " bytes, more than any set the rules allow can take; check the IPC and the dataset")
+    assert not (tmp_path / "results").exists()

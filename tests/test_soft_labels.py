@@ -431,8 +431,8 @@ def test_teacher_command_trains_records_and_reuses(run_cli, tmp_path):
     for force in ((), ("--force",)):  # a folder of the user's: --force is neither suggested nor accepted
         r = run_cli("teacher", "mnist5k", "-o", user, "--epochs", 0, "--quiet", *force)
         assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
-            f"error: {user} exists and is not one this command wrote (no teacher.json); --force replaces only such a "
-            "folder: name a new folder, or move this one away"]
+            f"error: {user} exists and is not one this command wrote (no teacher.json of its own); --force replaces "
+            "only such a folder: name a new folder, or move this one away"]
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
 
 

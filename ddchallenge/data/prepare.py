@@ -24,7 +24,7 @@ import torch
 
 from ddchallenge.data import sources
 from ddchallenge.data.reference import data_root, held_out, load_reference, load_train, normalise, train_store_path
-from ddchallenge.errors import DatasetError
+from ddchallenge.errors import DatasetError, UsageError
 from ddchallenge.fileio import atomic_path, atomic_torch_save, atomic_write_bytes, read_json_bounded, sha256_file
 from ddchallenge.protocol import DATASETS, VALIDATION_SHARE, DatasetSpec, get_dataset
 
@@ -122,6 +122,9 @@ def prepare(name: str, root: str | os.PathLike | None = None, download: bool = F
                              meta["kept_reference"])
     if download:
         sources.download(source, src)
+    elif source_dir is not None and not src.is_dir():  # the option named, not a standard file missing inside it
+        raise UsageError(f"--source {src} is not a folder; pass the folder holding the standard files, or add "
+                         "--download to fetch them into it")
     splits = sources.read(source, src, workers)
     _check_splits(spec, splits)
     root.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from ddchallenge.diffusion.model import (
     META_FILE, Generator, PixelCodec, build_scheduler, build_unet, checkpoints, describe, latent_shape, load_vae,
 )
 from ddchallenge.errors import DatasetError, OutputExistsError, UsageError
-from ddchallenge.fileio import check_output_folder, replace_folder
+from ddchallenge.fileio import OutputMarker, check_output_folder, replace_folder
 from ddchallenge.progress import bar, shown
 from ddchallenge.protocol import DatasetSpec, get_dataset, stream_seed
 from ddchallenge.evaluation.device import resolve_device
@@ -156,6 +156,7 @@ def _checkpoint_meta(checkpoint: Path) -> tuple[TrainConfig, int]:
 def saved_config(output: str | os.PathLike, dataset: str, preset: str | None = None, **given) -> TrainConfig:
     """The configuration of the run in `output`, for --resume; options given
     again must agree with it."""
+    get_dataset(dataset)  # an unknown name is named as such first
     found = checkpoints(Path(output))
     if not found:
         raise UsageError(f"nothing to resume: {output} holds no step-* checkpoint; start without --resume")
@@ -341,7 +342,8 @@ class VaeReport:
     latent_shape: tuple[int, int, int]
 
 
-VAE_MARKER = "ddchallenge-vae.json"  # what every folder `train-vae` writes holds
+VAE_META = "ddchallenge-vae.json"
+VAE_MARKER = OutputMarker(VAE_META, b'"vae_config"')  # what every folder `train-vae` writes holds
 
 
 def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "auto", root=None,
@@ -396,7 +398,7 @@ def train_vae(config: VaeConfig, output: str | os.PathLike, *, device: str = "au
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         vae.save_pretrained(staging, safe_serialization=True)
-        (staging / VAE_MARKER).write_text(json.dumps({"vae_config": config.to_json(), "test_l1": test_l1},
+        (staging / VAE_META).write_text(json.dumps({"vae_config": config.to_json(), "test_l1": test_l1},
                                                      indent=2, sort_keys=True))
         replace_folder(staging, output, VAE_MARKER)  # the old folder or the new one, never a mix
     except BaseException:

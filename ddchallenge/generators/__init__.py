@@ -38,7 +38,7 @@ import numpy as np
 
 from ddchallenge.errors import BudgetExceeded, DDChallengeError, OutputExistsError, UsageError
 from ddchallenge.fileio import atomic_path, check_writable
-from ddchallenge.labelled import HDF5_SIGNATURE, write_labelled_set
+from ddchallenge.labelled import HDF5_SIGNATURE, write_labelled_set, written_here
 from ddchallenge.protocol import (
     TRACK1_DATASETS, TRACK1_IPC, TRACK2_BUDGET_SECONDS, DatasetSpec, check_match_steps, check_seed,
     check_tables_read, get_dataset,
@@ -222,6 +222,9 @@ def generate(config: GenerateConfig, output: str | os.PathLike, force: bool = Fa
     selecting, matching = config.oversample > 1, config.match_steps > 0
     output = Path(output)
     check_writable(output, "-o", replaceable=HDF5_SIGNATURE)  # --force replaces a labelled set, no other file
+    if os.path.lexists(output) and not written_here(output):
+        raise OutputExistsError(f"{output} is an HDF5 file but no labelled set this tool wrote; name a new file, or "
+                                "move that one away")
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to overwrite it")
     clock = BudgetClock(budget, started)

@@ -112,6 +112,14 @@ def test_a_single_value_option_given_twice_is_refused(run_cli, official_file, tm
     assert sorted(map(str, tmp_path.rglob("*"))) == before
 
 
+def test_help_and_completion_read_a_repeated_option_as_typed(run_cli):
+    r = run_cli("generate", "--ipc", 1, "--ipc", 2, "--help")
+    assert r.exit_code == 0 and r.stdout.startswith("Usage: cli generate")
+    env = {"_CLI_COMPLETE": "bash_complete", "COMP_WORDS": "cli generate --ipc 1 --ipc 2 --da", "COMP_CWORD": "6"}
+    r = __import__("click.testing").testing.CliRunner().invoke(cli, [], env=env, prog_name="cli")
+    assert r.exit_code == 0 and "--dataset" in r.stdout and "Traceback" not in r.output
+
+
 def test_train_vae_replaces_only_its_own_folder(run_cli, tmp_path):
     """A new user's review: `train-vae -o DIR --force` emptied a folder it
     never wrote. --force replaces a VAE folder only, and is suggested only

@@ -228,3 +228,23 @@ def test_show_writes_one_row_per_class(tmp_path, run_cli):
     assert img.size == (3 * 58 + 2, 10 * 58 + 2) and img.mode == "L"
     r = run_cli("show", tmp_path / "nothing.pt", "-o", tmp_path / "h.png")
     assert r.exit_code == 1 and not (tmp_path / "h.png").exists()
+
+
+def test_a_finished_output_the_target_refuses_is_kept_and_named(tmp_path):
+    """The target was empty when the work began and holds a file of the
+    user's when it ends: nothing is replaced and the work is not lost."""
+    from ddchallenge.errors import OutputExistsError
+    from ddchallenge.fileio import replace_folder
+    from ddchallenge.pack import PACKED
+
+    target, staging = tmp_path / "out", tmp_path / ".out.staging"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    staging.mkdir()
+    (staging / "manifest.json").write_text('{"ddchallenge_version": "x"}')
+    with pytest.raises(OutputExistsError, match=r"is not one this command wrote .*; the finished output is kept in "
+                                                r".*/out\.finished-"):
+        replace_folder(staging, target, PACKED)
+    (kept,) = tmp_path.glob("out.finished-*")
+    assert [p.name for p in kept.iterdir()] == ["manifest.json"] and not staging.exists()
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]

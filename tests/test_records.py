@@ -401,3 +401,10 @@ def test_two_batches_cannot_write_one_results_folder(run_cli, official_file, tmp
     (out / ".lock").symlink_to(tmp_path / "elsewhere")
     r = run_cli("score", official_file, *FAST, "--output", out)
     assert r.exit_code == 1 and "cannot lock the results folder" in r.stderr and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_record_saved_with_a_byte_order_mark_reads_as_it_was(tmp_path):
+    plain = write(tmp_path / "plain.json", make_record())
+    marked = tmp_path / "marked.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # what some editors save
+    assert read_record(marked) == read_record(plain)

@@ -205,3 +205,19 @@ def test_one_upload_too_big_for_the_rules_is_refused_whichever_check_finds_it(ru
     assert _one_line(r).startswith(f"error: {upload} holds more than ") and _one_line(r).endswith(
         " bytes, more than any set the rules allow can take; check the IPC and the dataset")
     assert not (tmp_path / "results").exists()
+
+
+def test_an_unreadable_folder_in_a_batch_is_left_to_fail_alone(tmp_path, monkeypatch):
+    """Deciding the track reads the folder; one that cannot be read is no
+    reason to refuse the whole batch: it fails alone when it is read."""
+    from ddchallenge import upload
+    from ddchallenge.batch import BatchSettings, not_an_upload
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(upload, "is_generator", unreadable)
+    assert not_an_upload(locked, BatchSettings(), alone=False) is None
+    assert not_an_upload(locked, BatchSettings(), alone=True) is None

@@ -42,8 +42,19 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []  # the stop signals this invocation got, in order
+
+
 def _stop(signum, frame):
+    _received.append(signum)
     raise Stopped(signum)
+
+
+def _stop_signal(exc: KeyboardInterrupt) -> int | None:
+    """The signal behind an interrupt: a library that catches `Stopped` in
+    its own code (Ray's wait does) raises a plain KeyboardInterrupt again;
+    None for Ctrl-C."""
+    return exc.signum if isinstance(exc, Stopped) else (_received[-1] if _received else None)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -88,6 +99,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+        _received.clear()
         before = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if main else {}
         try:
             return self._invoke(ctx)
@@ -98,9 +110,12 @@ class _Group(click.Group):
     def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except Stopped as exc:  # every other command: its `finally`s ran; exit as a process the signal ended would
-            click.echo(f"\ninterrupted by {exc}", err=True)
-            raise click.exceptions.Exit(128 + exc.signum) from None
+        except KeyboardInterrupt as exc:  # every other command: its `finally`s ran; exit as a process the signal
+            signum = _stop_signal(exc)  # ended would
+            if signum is None:
+                raise  # Ctrl-C: click's own "Aborted!"
+            click.echo(f"\ninterrupted by {signal.Signals(signum).name}", err=True)
+            raise click.exceptions.Exit(128 + signum) from None
         except click.UsageError as exc:  # click's own: a bad option value or a missing argument, on one line
             where = exc.ctx.command_path if exc.ctx else ctx.command_path
             raise _OneLineError(f"{exc.format_message()} (see '{where} --help')", 2) from None
@@ -304,11 +319,12 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
         # Ctrl-C, SIGTERM or SIGHUP (`Stopped`): say what is kept and how to go on, instead of click's bare "Aborted!".
         made = [n for n, t in _records(output).items() if before.get(n) != t]
         failed = sum(n.endswith(".failed.json") for n in made)
-        by = f" by {exc}" if isinstance(exc, Stopped) else ""
+        signum = _stop_signal(exc)
+        by = f" by {signal.Signals(signum).name}" if signum else ""
         click.echo(f"\ninterrupted{by}: this run recorded {len(made) - failed} scored and {failed} failed of "
                    f"{plural(len(uploads), 'upload')} in {output} (the one being scored when interrupted is not "
                    "recorded); run the same command again to resume: recorded uploads are skipped", err=True)
-        raise click.exceptions.Exit(128 + exc.signum if isinstance(exc, Stopped) else 130) from None
+        raise click.exceptions.Exit(128 + signum if signum else 130) from None
     if len(uploads) > 1:
         click.echo(batch_table(summary.outcomes))
         if not settings.recipe.is_official:  # as loud as a single upload's table says it

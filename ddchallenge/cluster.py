@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +80,7 @@ def connected(cluster: str):
         return
     # Ray's own warnings (token authentication, resources) are not this batch's output: errors only.
     options = {"log_to_driver": False, "logging_level": logging.ERROR}
+    handlers = _signal_handlers()
     try:
         if cluster == "local":
             ray.init(include_dashboard=False, **options)
@@ -87,10 +90,29 @@ def connected(cluster: str):
         first = clean(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 300)
         raise EnvironmentFailure(f"cannot reach the Ray cluster {clean(cluster)!r} ({first}); start one with "
                                  "`ray start --head`, or use --cluster local") from None
+    _restore_signal_handlers(handlers)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def _signal_handlers() -> dict:
+    return {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    """`ray.init` replaces the driver's SIGTERM handler with its own, which
+    prints a C++ stack dump and ends the process: the caller's handlers (the
+    CLI's: one line, what the batch recorded, exit 143) are put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread sets handlers (and ray.init set none from another)
+    for signum, handler in handlers.items():
+        if handler is not None:  # None: set outside Python. Set again even when Python still names it: the
+            signal.signal(signum, handler)  # C++ core worker installs its own below Python's view
 
 
 def check_cluster(cluster: str) -> tuple[str, int] | None:

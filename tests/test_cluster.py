@@ -58,6 +58,26 @@ def test_a_local_cluster_started_by_the_cli(uploads, tmp_path):
                                                                    f"{record_key('beta')}.json"]
 
 
+def test_sigterm_stops_a_cluster_batch_in_one_line(uploads, tmp_path):
+    """A new user's review: SIGTERM to `score --cluster local` printed Ray's
+    C++ stack dump (ray.init puts its own handler in) and exited 130. The
+    CLI's handlers are put back: one line, exit 143, Ray stopped."""
+    proc = subprocess.Popen([sys.executable, "-m", "ddchallenge", "score", str(uploads[0]), "--dataset", "mnist5k",
+                             "--epochs", "1000", "--rounds", "1", "--output", "res", "--cluster", "local"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = ""
+    while "uploads:" not in seen:  # the batch's bar: Ray is up and the task submitted
+        char = proc.stderr.read(1)
+        assert char, seen
+        seen += char
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, seen + rest
+    assert "SIGTERM received" not in rest and "logging.cc" not in rest, rest
+    assert rest.replace("\r", "\n").strip().splitlines()[-1].startswith(
+        "interrupted by SIGTERM: this run recorded 0 scored and 0 failed of 1 upload in res"), rest
+
+
 def one_thread_plain_batch(uploads, out, settings, monkeypatch):
     """A plain batch with the one thread a one-CPU task uses, here and in the
     sandbox child: on a CPU the last bits depend on the thread count."""

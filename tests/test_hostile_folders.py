@@ -115,12 +115,16 @@ def test_track1_refuses_generators_without_the_sandbox_and_alone(run_cli, checkp
     for name in ("res-generator", "zipped.zip"):
         r = run_cli("score", ups[name], "--dataset", "mnist5k", *FAST, "--no-sandbox", "--output", tmp_path / name)
         assert r.exit_code == 1 and REFUSED in _one_line(r)
-    # A generator folder on its own is Track 2 only: without --budget it is not run.
+    # A generator folder is Track 2 only: without --budget it is not run. Alone, the command line's mistake (one
+    # line, exit 2, no record); in a batch of several, the upload's failure, recorded.
     for folder in (tiny_model, checkpoint):
         r = run_cli("score", folder, "--dataset", "mnist5k", *FAST, "--output", tmp_path / "r-alone")
-        assert r.exit_code == 1 and REFUSED in _one_line(r)
-        assert REFUSED in failed_reason(tmp_path / "r-alone", folder.name)
-        assert not (tmp_path / "r-alone" / f"{record_key(folder.name)}.json").exists()
+        assert r.exit_code == 2 and _one_line(r) == (f"error: {folder} is a generator folder: it is scored by running "
+                                                     "it, in a Track 2 run with --budget SECONDS (the challenge's: 600)")
+        assert not (tmp_path / "r-alone").exists()
+    r = run_cli("score", checkpoint, official_file, "--dataset", "mnist5k", *FAST, "--output", tmp_path / "r-two")
+    assert r.exit_code == 1 and REFUSED in failed_reason(tmp_path / "r-two", checkpoint.name)
+    assert not (tmp_path / "r-two" / f"{record_key(checkpoint.name)}.json").exists()
 
 
 def _evaluator_input(tmp_path):

@@ -166,8 +166,9 @@ def test_tensor_header_claiming_a_huge_shape(run_cli, tmp_path):
     huge = torch.zeros(1, 1, 1, 1).expand(10_000_000, 1, 28, 28)  # 31 GB if ever made contiguous
     torch.save(huge, tmp_path / "mnist5k.pt")
     assert (tmp_path / "mnist5k.pt").stat().st_size < 10_000
-    r = run_cli("score", tmp_path / "mnist5k.pt", "--quiet")
-    assert r.exit_code == 1 and "holds 10000000 mnist5k images; the rules allow at most IPC 100" in r.stderr
+    r = run_cli("score", tmp_path / "mnist5k.pt", "--quiet")  # alone: not what the rules ask, refused unrecorded
+    assert r.exit_code == 2 and "holds 10000000 mnist5k images; the rules allow at most IPC 100" in r.stderr
+    assert not (tmp_path / "results").exists()
     # Within the count the rules allow, the storage behind the header is checked before any copy.
     torch.save(torch.zeros(1, 1, 1, 1).expand(1000, 1, 28, 28), tmp_path / "mnist5k.pt")
     r = run_cli("score", tmp_path / "mnist5k.pt", "--quiet")

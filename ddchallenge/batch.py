@@ -228,9 +228,9 @@ def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
         wrong = list(filter(None, (not_an_upload(Path(u), settings, len(uploads) == 1) for u in uploads)))
         if wrong:
             raise UsageError("; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
-    out = Path(output_dir).resolve()
+    records = Path(output_dir).resolve()
     inside = [clean(str(u)) for u in uploads if not Path(u).is_symlink() and Path(u).is_dir()
-              and out.is_relative_to(Path(u).resolve())]
+              and records.is_relative_to(Path(u).resolve())]
     if inside:  # records written into an upload would change the bytes it is scored and recorded by
         raise UsageError(f"--output {clean(str(output_dir))} is inside the upload {inside[0]}; write the records to "
                          "a folder outside every upload")

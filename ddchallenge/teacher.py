@@ -117,11 +117,10 @@ def make_teacher(dataset: str, output: str | os.PathLike | None = None, epochs: 
             kept = None
         if kept is not None and (kept.dataset, kept.recipe.hash(), kept.seed) == (spec.name, recipe.hash(), seed):
             return kept, True
-        check_replaceable(out, TEACHER_MARKER)  # a folder of the user's: never suggest --force
-        if any(out.iterdir()):
-            raise OutputExistsError(f"{out} holds another teacher than this one ({spec.name}, {epochs} epochs, seed "
-                                    f"{seed}); pass --force to replace it, or another -o")
-    check_replaceable(out, TEACHER_MARKER)
+    check_replaceable(out, TEACHER_MARKER)  # a folder of the user's: never replaced, never a --force suggested
+    if os.path.lexists(out) and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"{out} holds another teacher than this one ({spec.name}, {epochs} epochs, seed "
+                                f"{seed}); pass --force to replace it, or another -o")
     dev = resolve_device(device)
     images, labels = load_train(spec, root)
     ref = load_reference(spec, None if root is None or spec.validation_of else root, root)

@@ -77,8 +77,11 @@ def _refuse_repeated_options(command: click.Command, ctx, args: list[str]) -> No
     i = 0
     while i < len(args) and args[i] != "--":
         arg = args[i]
-        name, value = (arg.split("=", 1) + [None])[:2] if arg.startswith("--") else (arg[:2], arg[2:] or None) \
-            if arg.startswith("-") else (None, None)
+        if arg.startswith("--"):  # --name VALUE or --name=VALUE
+            name, equals, value = arg.partition("=")
+            value = value if equals else None
+        else:  # -o VALUE or -oVALUE (an argument matches no option)
+            name, value = arg[:2], arg[2:] or None
         option = options.get(name)
         if option is not None and value is None:  # its value follows, whatever it looks like
             value = " ".join(args[i + 1:i + 1 + option.nargs])

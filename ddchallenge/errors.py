@@ -59,8 +59,9 @@ class ResultsBusyError(DDChallengeError):
     """A results folder another batch is writing right now."""
 
 
-class OutputExistsError(DDChallengeError):
-    """An output that exists and would be overwritten without --force."""
+class OutputExistsError(UsageError):
+    """An output that exists and would be overwritten without --force: the
+    command line's to change (exit 2, as any other refused output path)."""
 
 
 class EnvironmentFailure(DDChallengeError):

@@ -254,17 +254,39 @@ def _empty_and_remove(group: Path) -> None:
         group.rmdir()
 
 
+def _rlimits(limits: Limits, uid: int | None, groups: dict[str, Path], cuda: bool) -> list[tuple[int, int, str]]:
+    """(resource, value, what `ulimit` calls it) of each limit the child is given."""
+    wanted = [(resource.RLIMIT_FSIZE, limits.file_bytes, "file size (ulimit -f)"),
+              (resource.RLIMIT_CPU, limits.cpu_seconds, "CPU time (ulimit -t)"),
+              (resource.RLIMIT_CORE, 0, "core file size (ulimit -c)")]
+    if "memory" not in groups and not cuda:  # CUDA maps far more address space than it uses
+        wanted.append((resource.RLIMIT_AS, limits.memory_bytes, "address space (ulimit -v)"))
+    if uid is not None:  # counted per user: only meaningful for a user of its own
+        wanted.append((resource.RLIMIT_NPROC, limits.processes, "processes (ulimit -u)"))
+    return wanted
+
+
+def _check_inherited(wanted: list[tuple[int, int, str]]) -> None:
+    """EnvironmentFailure where this process's hard limit is below one the
+    child is given: the child could not be given it (and were it started
+    under the lower one, its work would fail for the machine's limit, counted
+    against the upload)."""
+    for res, value, what in wanted:
+        hard = resource.getrlimit(res)[1]
+        if hard != resource.RLIM_INFINITY and hard < value:
+            raise EnvironmentFailure(f"this machine's hard limit on {what} is {hard}, below the {value} the sandbox "
+                                     "gives untrusted work; raise it, or score where it is unlimited")
+
+
 def _limit(limits: Limits, uid: int | None, groups: dict[str, Path], cuda: bool):
+    wanted = _rlimits(limits, uid, groups, cuda)
+    _check_inherited(wanted)
+
     def apply() -> None:
         for group in groups.values():
             (group / "cgroup.procs").write_text(str(os.getpid()))
-        if "memory" not in groups and not cuda:  # CUDA maps far more address space than it uses
-            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if uid is not None:  # counted per user: only meaningful for a user of its own
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+        for res, value, _ in wanted:
+            resource.setrlimit(res, (value, value))
     return apply
 
 
@@ -538,8 +560,13 @@ def spawn(argv: list[str], work: Path, limits: Limits = Limits(), cuda: bool = F
     if cuda:
         _release_gpu_cache()
     with _cgroups(limits) as groups, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([*iso.prefix, *argv], cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=err, start_new_session=True, preexec_fn=_limit(limits, iso.uid, groups, cuda))
+        try:
+            proc = subprocess.Popen([*iso.prefix, *argv], cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, start_new_session=True,
+                                    preexec_fn=_limit(limits, iso.uid, groups, cuda))
+        except subprocess.SubprocessError as exc:  # the limits or cgroups could not be applied: the machine's
+            raise EnvironmentFailure(f"the sandbox could not start its child ({exc}); check the machine's limits "
+                                     "(ulimit -a) and cgroups") from None
         watch = cuda and "memory" not in groups
         watchdog = _Watchdog(proc.pid, limits.memory_bytes, groups.get("pids")) if watch else None
         try:

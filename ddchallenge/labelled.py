@@ -234,6 +234,12 @@ def read_labelled_set(path: str | os.PathLike, pixels: bool = True,
                 )
             _check_self_contained(f, path)
             attrs = {k: _text_attr(k, v, path) for k, v in f.attrs.items()}
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
+            arrays = sorted(k for k, v in attrs.items() if not isinstance(v, (str, int, float, bool)))
+            if arrays:  # provenance is text and numbers: an array would reach every reader of the attributes
+                raise SubmissionError(f"labelled set {path} has attribute(s) "
+                                      f"{', '.join(repr(k[:60]) for k in arrays[:3])} that are not text or a number; "
+                                      "write it again with `ddchallenge generate` or write_labelled_set")
             shape, label_shape = f["images"].shape, f["labels"].shape
             if len(shape) != 4 or label_shape != shape[:1]:
                 raise SubmissionError(f"labelled set {path} has images {shape} and labels {label_shape}; expected "
@@ -253,7 +259,6 @@ def read_labelled_set(path: str | os.PathLike, pixels: bool = True,
     except OSError as exc:
         raise SubmissionError(f"{path} is not a readable HDF5 labelled set (truncated or corrupt: "
                               f"{str(exc)[:200]})") from None
-    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
     if "config" in attrs:
         try:
             attrs["config"] = json.loads(attrs["config"])

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import threading
+import time
 from typing import Iterable, Iterator
 
 from tqdm import tqdm
@@ -61,6 +63,31 @@ class Fraction:
         if target > self.whole:
             self.bar.update(target - self.whole)
             self.whole = target
+
+
+@contextlib.contextmanager
+def ticking(desc: str, seconds: float) -> Iterator[None]:
+    """A bar of the wall seconds spent inside, out of `seconds`, moved once a
+    second: the progress of work that shows none of its own (a sandboxed
+    child, whose bars are off)."""
+    progress = bar(desc=desc, unit="s", total=round(seconds), leave=False)
+    if progress.disable:
+        yield
+        return
+    stop, start, moved = threading.Event(), time.monotonic(), Fraction(progress)
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            moved.to(time.monotonic() - start)
+
+    thread = threading.Thread(target=tick, name="ddchallenge-ticking", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        progress.close()
 
 
 def plural(count: int, noun: str) -> str:

@@ -464,16 +464,35 @@ def check_mac(record: dict, key: bytes | None, where: str) -> None:
                           "changed after it was signed, or signed with another key")
 
 
+def record_key(name: str) -> str:
+    """A file-name-safe key, unique per exact name: readable part + hash."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60] or "upload"
+    return f"{readable}-{hashlib.sha256(name.encode(errors='surrogateescape')).hexdigest()[:12]}"
+
+
+def record_file_name(record: dict) -> str:
+    """The file a batch keeps a checked record in: `<key>.json`, or
+    `<key>.failed.json` for a failure."""
+    return f"{record['key']}.failed.json" if is_failed(record) else f"{record['key']}.json"
+
+
 def read_record(path: str | os.PathLike, key: bytes | None = None) -> dict:
     """A score or failed record read from `path` as untrusted input: a plain
     file (no link) of a sane size, JSON, checked field by field, and signed
-    under `key` when one is given. RecordError on anything else."""
+    under `key` when one is given. A record a batch wrote (it names its
+    `key`) is read only from the file that batch kept it in: a copy under
+    another name, or a record set aside (`.superseded-1`) renamed, is not
+    the upload's current record, signed or not. RecordError on anything else."""
     path = Path(path)
     where = clean(str(path), 300)
     # sorting and signing re-encode a record recursively: its depth is bounded (a record holds at most 6)
     data = read_json_bounded(path, MAX_RECORD_BYTES, MAX_RECORD_DEPTH, lambda why: RecordError(f"{where}: {why}"))
     check_record(data, where)
     check_mac(data, key, where)
+    if "key" in data and (data["key"] != record_key(data["name"]) or path.name != record_file_name(data)):
+        raise RecordError(f"{where}: a record of {clean(data['name'], 80)!r} is kept in "
+                          f"{clean(record_file_name(data), 120)} with the key of its name, and this file is not that "
+                          "(a copy, or a record set aside and renamed); not read")
     return data
 
 

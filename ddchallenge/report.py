@@ -39,6 +39,11 @@ def budget_cell(recipe: dict, official: bool) -> str:
     return f"NO ({plural(epochs, 'epoch')}, {plural(rounds, 'round')})"
 
 
+def not_official_line(result: ScoreResult) -> str:
+    """What a result of another recipe says wherever it is shown, as loudly."""
+    return f"*** {NOT_OFFICIAL}: recipe {result.recipe_hash}; these numbers are not leaderboard numbers ***"
+
+
 def score_table(result: ScoreResult) -> str:
     official = budget_cell(result.recipe, result.official_budget)
     rows = [
@@ -52,7 +57,7 @@ def score_table(result: ScoreResult) -> str:
     if len(result.datasets) > 1:
         lines.append(f"challenge score (mean over datasets): {_pct(result.score)} %")
     if not result.official_budget:
-        lines.append(f"*** {NOT_OFFICIAL}: recipe {result.recipe_hash}; these numbers are not leaderboard numbers ***")
+        lines.append(not_official_line(result))
     if result.extras:
         lines += ["", extras_table(result)]
     return "\n".join(lines)

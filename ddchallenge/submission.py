@@ -21,9 +21,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import lzma
 import math
 import os
 import zipfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -44,6 +47,11 @@ FORMS = "an official <dataset>.pt file, a labelled .h5 set, a res/ folder or a s
 # Files a Codabench/Codalab res/ folder may hold beside the submission.
 IGNORED_IN_FOLDER = {"metadata", MANIFEST}
 SOFT_SUFFIX = ".soft_labels.pt"  # <dataset>.soft_labels.pt: a dataset file's soft labels, a bare float16 tensor
+# A zip holds one file per dataset, its soft labels and pack's manifest: more members are refused before any is
+# looked at, so that no check costs more than a look at each of these few.
+MAX_ZIP_MEMBERS = 2 * len(DATASETS) + 1
+# What an inflating zip member may raise besides BadZipFile: a corrupt deflate or LZMA stream.
+_INFLATE_ERRORS = (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error, lzma.LZMAError)
 
 
 @dataclass(frozen=True)
@@ -105,9 +113,20 @@ def _check_size(size: int, limit: int, source: str) -> None:
                               "check the IPC and the dataset")
 
 
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name not in IGNORED_IN_FOLDER and not p.name.startswith("."))
+
+
 def _load_folder(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
     folder = path / "res" if (path / "res").is_dir() else path
-    files = sorted(p for p in folder.iterdir() if p.name not in IGNORED_IN_FOLDER and not p.name.startswith("."))
+    if folder != path:
+        # A folder holding res/ holds no dataset file of its own: the files checked are the files scored (a
+        # res/ of decoys beside a res/res/ would be read as res/res/). What `pack` writes beside res/ is not one.
+        beside = [p.name for p in _visible(path) if _is_dataset_file(p.name) or soft_companion_of(p.name)]
+        if beside:
+            raise SubmissionError(f"{path} holds res/ and also {', '.join(beside[:5])}; a submission folder is "
+                                  "either a res/ folder of dataset files or a folder holding res/, not both")
+    files = _visible(folder)
     links = [p.name for p in [folder, *files] if p.is_symlink()]
     if links:
         # A link could make the scorer read any file it can see.
@@ -149,6 +168,10 @@ def _load_zip(path: Path, rules: UploadRules | None) -> tuple[list[DatasetEntry]
         raise SubmissionError(f"{path} is not a readable zip archive ({exc}); zip the dataset .pt files again") from None
     with archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
+        if len(members) > MAX_ZIP_MEMBERS:
+            raise SubmissionError(f"{path} holds {len(members)} files; a submission zip holds at most "
+                                  f"{MAX_ZIP_MEMBERS} (one <dataset>.pt per dataset, its soft labels and the "
+                                  f"{MANIFEST} `pack` writes)")
         for m in members:
             pure = PurePosixPath(m.filename.replace("\\", "/"))
             if pure.is_absolute() or ".." in pure.parts or ":" in m.filename:
@@ -189,13 +212,15 @@ def _load_zip(path: Path, rules: UploadRules | None) -> tuple[list[DatasetEntry]
 
 def _member_bytes(archive: zipfile.ZipFile, m: zipfile.ZipInfo, limit: int, path: Path) -> bytes:
     _check_size(m.file_size, limit, f"{path}:{m.filename}")
+    if m.flag_bits & 0x1:
+        raise SubmissionError(f"{path}:{m.filename} is encrypted; zip the files again without a password")
     try:
         with archive.open(m) as fh:
             # Read at most one byte past the declared size: a member
             # that lies about its size is caught without inflating it.
             data = fh.read(m.file_size + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-        raise SubmissionError(f"{path}:{m.filename} cannot be extracted ({exc}); zip it again") from None
+    except _INFLATE_ERRORS as exc:
+        raise SubmissionError(f"{path}:{m.filename} cannot be extracted ({str(exc)[:200]}); zip it again") from None
     if len(data) != m.file_size:
         raise SubmissionError(f"{path}:{m.filename} does not match its declared size; refused")
     return data
@@ -252,8 +277,7 @@ def _is_dataset_file(name: str) -> bool:
 
 
 def _refuse_duplicates(names: list[str], where: str) -> None:
-    stems = [n.rpartition(".")[0] for n in names]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
+    dup = sorted(s for s, n in Counter(n.rpartition(".")[0] or n for n in names).items() if n > 1)
     if dup:
         raise SubmissionError(f"{where} holds more than one file for {', '.join(dup)}; keep one per dataset")
 
@@ -268,6 +292,9 @@ def _resolve_spec(source: str, stem: str | None, dataset: str | None, image_shap
         spec = get_dataset(dataset)
         if named is not None and named is not spec:
             raise OptionMismatch(f"{source} is named for {named.name} but --dataset says {spec.name}; fix one")
+        if named is None and tuple(image_shape) != spec.image_shape:  # alone, --dataset is wrong; in a batch, the set
+            raise RuleMismatch(f"{source} holds images of shape {tuple(image_shape)}, not {spec.name}'s "
+                               f"{spec.image_shape}; check --dataset")
         return spec
     if named is not None:
         return named
@@ -345,6 +372,11 @@ def _from_labelled_h5(path: Path, dataset: str | None, rules: UploadRules | None
     found: dict = {}
 
     def check_header(header: Header) -> None:
+        by_file = DATASETS.get(path.stem.lower())
+        if by_file is not None and header.dataset in DATASETS and DATASETS[header.dataset] is not by_file:
+            # The name is what the rules were checked against (a res/ folder's files): the set must be that one.
+            raise SubmissionError(f"{path} is named for {by_file.name} but its header says {header.dataset}; name "
+                                  "the file for the dataset its images are of")
         named = header.dataset if header.dataset in DATASETS else path.stem
         spec = _resolve_spec(str(path), named, dataset, header.images_shape[1:], header.images_shape[0])
         if rules is not None and not official and DATASETS.get(named.lower()) is spec and not rules.allows(spec):
@@ -417,7 +449,7 @@ def _read_manifest_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo | No
     try:
         with archive.open(member) as fh:
             return fh.read(MAX_MANIFEST_BYTES + 1)  # never inflated past the cap, whatever the header says
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError):
+    except (*_INFLATE_ERRORS, RuntimeError):  # RuntimeError: an encrypted member; the manifest is informational
         return None
 
 

@@ -26,6 +26,7 @@ from ddchallenge.diffusion.model import checkpoints, generator_marker, META_FILE
 from ddchallenge.errors import BudgetExceeded, RuleMismatch, SubmissionError, UploadChanged, UploadRuleError
 from ddchallenge.isolation import Input, Limits
 from ddchallenge.labelled import check_soft_labels
+from ddchallenge.progress import ticking
 from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
 from ddchallenge.submission import DatasetEntry, bounded_provenance, check_images, check_labels, load_submission
 
@@ -212,7 +213,8 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
                             cpu_seconds=max(Limits().cpu_seconds, int(budget + grace) * 64))
             given = Input(model, skip=GENERATOR_SKIP, sha256=sha256)
             try:
-                with isolation.run(_generate_in_child, request, {"model": given}, limits, cuda=cuda) as out:
+                with ticking(f"Track 2 run for {dataset} (sandboxed, {budget:g} s budget)", budget), \
+                        isolation.run(_generate_in_child, request, {"model": given}, limits, cuda=cuda) as out:
                     made = _collect(out, rules, official=False)
             except isolation.TimedOut:
                 raise BudgetExceeded(f"the generator {model} did not finish within its {budget:g} s budget and "

@@ -11,7 +11,9 @@ OUTPUT/result.json and OUTPUT/detailed_results.html. With no options the
 recipe is the official one; the options exist for local smoke runs.
 
 Any invalid submission ends with a one-line reason on stderr and exit code 1,
-which the platform shows to the participant.
+which the platform shows to the participant. A failure of the scoring
+machine itself (no way to sandbox the submission, out of disk or memory)
+ends with exit code 2 and a line that says it is not the submission's.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddchallenge.errors import DDChallengeError, SubmissionError, UsageError
+from ddchallenge.errors import DDChallengeError, EnvironmentFailure, SubmissionError, UsageError
 from ddchallenge.fileio import atomic_write_bytes
+from ddchallenge.isolation import SandboxUnavailable
 from ddchallenge.protocol import OFFICIAL, UploadRules
 from ddchallenge.report import score_html, score_table
 from ddchallenge.score import score
@@ -62,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         run(args.input, args.output, args.epochs, args.rounds, args.device)
+    except SandboxUnavailable:  # its message offers --no-sandbox, which a scoring program never has
+        print("error: the scoring machine cannot sandbox submissions (`unshare --net` is missing or not permitted); "
+              "this is the host's failure, not the submission's", file=sys.stderr)
+        return 2
+    except EnvironmentFailure as exc:
+        print(f"error: the scoring machine failed, not the submission: {exc}", file=sys.stderr)
+        return 2
     except DDChallengeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -129,7 +129,7 @@ def test_train_vae_replaces_only_its_own_folder(run_cli, tmp_path):
     (mine / "notes.txt").write_text("keep")
     for force in ((), ("--force",)):
         r = run_cli("train-vae", "mnist5k", "-o", mine, "--preset", "tiny", "--steps", "1", "--quiet", *force)
-        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
             f"error: {mine} exists and is not one this command wrote (no ddchallenge-vae.json of its own); --force "
             "replaces only such a folder: name a new folder, or move this one away"]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
@@ -137,7 +137,7 @@ def test_train_vae_replaces_only_its_own_folder(run_cli, tmp_path):
     assert run_cli("train-vae", "mnist5k", "-o", vae, "--preset", "tiny", "--steps", "1", "--quiet").exit_code == 0
     (vae / "stale.txt").write_text("x")
     r = run_cli("train-vae", "mnist5k", "-o", vae, "--preset", "tiny", "--steps", "1", "--quiet")
-    assert r.exit_code == 1 and "holds an earlier output of this command; pass --force to replace it" in r.stderr
+    assert r.exit_code == 2 and "holds an earlier output of this command; pass --force to replace it" in r.stderr
     r = run_cli("train-vae", "mnist5k", "-o", vae, "--preset", "tiny", "--steps", "1", "--quiet", "--force")
     assert r.exit_code == 0 and not (vae / "stale.txt").exists() and (vae / "ddchallenge-vae.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "vae"]  # no staging folder left behind

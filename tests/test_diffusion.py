@@ -168,7 +168,7 @@ def test_broken_model_folders(tiny_model, tmp_path, run_cli):
 
 def test_train_refusals(tiny_model, tmp_path, run_cli):
     r = run_cli("train", "mnist5k", "--preset", "tiny", "-o", tiny_model)
-    assert r.exit_code == 1 and "is not empty; pass --resume" in r.stderr
+    assert r.exit_code == 2 and "is not empty; pass --resume" in r.stderr
     r = run_cli("train", "mnist5k", "--resume", "--steps", 9, "-o", tiny_model)
     assert r.exit_code == 2 and "was trained with steps 4, not 9" in r.stderr
     r = run_cli("train", "mnist5k", "--resume", "-o", tmp_path / "empty")
@@ -182,6 +182,22 @@ def test_train_refusals(tiny_model, tmp_path, run_cli):
     r = run_cli("train", "mnist5k", "--space", "latent", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "--space latent needs --vae" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_stopped_in_its_first_save_starts_again_without_resume(tmp_path, run_cli):
+    """A new user's review: a run killed while writing its first checkpoint left only `.tmp-step-*`; without
+    --resume it was "not empty", with it "nothing to resume", and only deleting the folder by hand got out."""
+    out = tmp_path / "m"
+    (out / ".tmp-step-0000002" / "unet").mkdir(parents=True)
+    r = run_cli("train", "mnist5k", "--preset", "tiny", "--steps", 2, "-o", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["step-0000002"]
+    (tmp_path / "other").mkdir()  # a folder holding anything else is still refused, and left as it is
+    (tmp_path / "other" / ".tmp-step-0000002").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    r = run_cli("train", "mnist5k", "--preset", "tiny", "--steps", 2, "-o", tmp_path / "other", "--quiet")
+    assert r.exit_code == 2 and "is not empty; pass --resume" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == [".tmp-step-0000002", "notes.txt"]
 
 
 def test_latent_space_with_a_trained_vae(tmp_path, run_cli):

@@ -64,3 +64,30 @@ def test_an_output_that_is_a_file_is_refused_before_training(tmp_path, official_
     assert program.main([str(inp), str(out), "--epochs", "0", "--rounds", "1", "--device", "cpu"]) == 1
     assert capsys.readouterr().err == f"error: {out} is not a folder; OUTPUT is the folder scores.txt is written into\n"
     assert out.read_text() == "not a folder"
+
+
+def test_a_res_folder_nested_under_decoy_files_is_refused(tmp_path, official_file):
+    """An attacker's review: the presence check saw res/mnist5k.pt (a decoy) and the scorer read res/res/
+    instead, exit 0."""
+    inp, out = _input(tmp_path), tmp_path / "output"
+    (inp / "res" / "mnist5k.pt").write_text("not a tensor")
+    (inp / "res" / "res").mkdir()
+    (inp / "res" / "res" / "mnist5k.pt").write_bytes(official_file.read_bytes())
+    proc = _run(inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert proc.returncode == 1 and not out.exists()
+    assert proc.stderr == (f"error: {inp / 'res'} holds res/ and also mnist5k.pt; a submission folder is either a "
+                           "res/ folder of dataset files or a folder holding res/, not both\n")
+
+
+def test_a_machine_that_cannot_sandbox_is_not_the_submissions_failure(tmp_path, official_file):
+    """An attacker's review: with no `unshare`, every submission failed with exit 1 and advice to pass
+    --no-sandbox, an option the scoring program does not have."""
+    import os
+
+    inp, out = _input(tmp_path, official_file), tmp_path / "output"
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no unshare on it
+    proc = subprocess.run([sys.executable, str(PROGRAM), *map(str, (inp, out, "--epochs", 0, "--rounds", 1)),
+                           "--device", "cpu"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and not (out / "scores.txt").exists()
+    assert proc.stderr == ("error: the scoring machine cannot sandbox submissions (`unshare --net` is missing or not "
+                           "permitted); this is the host's failure, not the submission's\n")

@@ -93,12 +93,12 @@ def test_existing_output_needs_force(run_cli, tmp_path):
         f["images"] = np.zeros((2, 1, 28, 28), np.uint8)
     for force in ((), ("--force",)):
         r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out, *force)
-        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
             f"error: {out} is an HDF5 file but no labelled set this tool wrote; name a new file, or move that one away"]
     out.unlink()
     assert run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 2, "-o", out).exit_code == 0
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out)
-    assert r.exit_code == 1 and "already exists; pass --force" in r.stderr
+    assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
     assert read_labelled_set(out).images.shape[0] == 20
     r = run_cli("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", 1, "-o", out, "--force")
     assert r.exit_code == 0 and read_labelled_set(out).images.shape[0] == 10

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,10 +210,15 @@ def test_track2_generator_runs_in_the_sandbox(run_cli, tiny_model):
     r = run_cli("score", tiny_model / "step-0000002", "--dataset", "mnist5k", "--ipc", 2, "--epochs", 1, "--rounds",
                 1, "--quiet", "--json", "-", "--no-sandbox", "--budget", 600)
     assert r.exit_code == 0 and json.loads(r.stdout)["sandbox"] == "none (--no-sandbox)"
-    # The organiser's dataset, not the generator's: by default the challenge's two, which it cannot make.
+    # The organiser's dataset, not the generator's: by default the challenge's two, which it cannot make. Alone,
+    # the command line's mistake, refused before it runs; in a batch, the upload's failure, found when it runs.
     for extra in (("--dataset", "cifar10"), ()):
         r = run_cli("score", tiny_model, *extra, "--ipc", 1, "--quiet", "--budget", 600)
-        assert r.exit_code == 1 and "was trained for mnist5k" in r.stderr, r.stderr
+        assert r.exit_code == 2 and "is a generator trained for mnist5k" in r.stderr, r.stderr
+    r = run_cli("score", tiny_model, tiny_model / "step-0000002", "--ipc", 1, "--quiet", "--budget", 600,
+                "--output", "batch")
+    failed = [json.loads(p.read_text())["reason"] for p in sorted(Path("batch").glob("*.failed.json"))]
+    assert r.exit_code == 1 and len(failed) == 2 and all("was trained for mnist5k" in f for f in failed), r.output
 
 
 def test_track2_generator_past_its_budget_is_killed(tiny_model, tmp_path):
@@ -577,3 +583,18 @@ def test_a_gone_parents_cgroup_is_emptied_and_removed_by_the_next_child():
                 with contextlib.suppress(OSError):
                     group.rmdir()
                 time.sleep(0.05)
+
+
+def test_a_hard_limit_below_the_sandboxs_is_the_machines_failure_not_the_uploads(official_file, tmp_path):
+    """A new user's review: under `ulimit -t 100` (a login node's) the child could not be given its CPU limit;
+    `SubprocessError: Exception occurred in preexec_fn` was recorded as the upload's failure, then replayed."""
+    import resource
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "ddchallenge", "score", str(official_file), "--epochs", "0",
+                           "--rounds", "1", "--quiet"], capture_output=True, text=True, cwd=tmp_path,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CPU, (100, 100)))
+    assert proc.returncode == 1 and proc.stderr == (
+        "error: this machine's hard limit on CPU time (ulimit -t) is 100, below the 900 the sandbox gives untrusted "
+        "work; raise it, or score where it is unlimited\n"), proc.stderr
+    assert not list(tmp_path.glob("results/*.json"))  # not recorded: the next run, with the limit raised, scores it

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ddchallenge.protocol import OFFICIAL
-from ddchallenge.records import sign
+from ddchallenge.records import record_key, sign
 from ddchallenge.report import display_name, leaderboard, load_leaderboard
 from test_records import KEY, make_record, write
 
@@ -155,7 +155,8 @@ def test_look_alike_names_are_told_apart(run_cli, tmp_path):
 def test_a_record_given_twice_is_listed_once_and_failed_records_are_counted(run_cli, tmp_path):
     one = rec("team.zip", {"cifar100": 0.5})
     out = folder(tmp_path, [one, one, rec("other.zip", {"cifar100": 0.4})])
-    write(out / "x.failed.json", {"status": "failed", "name": "broken.zip", "key": "k", "submission": "broken.zip",
+    write(out / f"{record_key('broken.zip')}.failed.json", {"status": "failed", "name": "broken.zip",
+                                                            "key": record_key("broken.zip"), "submission": "broken.zip",
                                   "reason": "not a zip", "upload_sha256": None, "settings": {}})
     r = run_cli("leaderboard", out, out / "00.json", "--format", "md")
     assert r.exit_code == 0 and r.stdout.count("team.zip") == 1, r.output
@@ -223,7 +224,8 @@ def test_results_of_both_tracks_are_never_ranked_together(run_cli, tmp_path):
     t1 = [rec("images.zip", {"cifar100": 0.5, "tinyimagenet": 0.3}), {**rec("old.zip", {"cifar100": 0.4}),
                                                                      "rules": {"track": 1}}]
     out = folder(tmp_path, [*t1, track2(rec("gen", {"cifar100": 0.6}))])
-    write(out / "x.failed.json", {"status": "failed", "name": "slow", "key": "k", "submission": "slow", "reason": "r",
+    write(out / f"{record_key('slow')}.failed.json", {"status": "failed", "name": "slow", "key": record_key("slow"),
+                                                      "submission": "slow", "reason": "r",
                                   "upload_sha256": None, "settings": {"budget": 600.0}})
     r = run_cli("leaderboard", out, "--format", "md")
     assert r.exit_code == 2 and r.stderr == ("error: these records hold Track 1 and Track 2 (600 s per dataset) results, "
@@ -279,3 +281,28 @@ def test_a_single_file_of_another_dataset_or_ipc_never_ranks_among_the_batchs_up
     board = load_leaderboard([out], datasets=("cifar100", "tinyimagenet"))
     assert [(e.name, round(e.score, 6)) for e in board.official] == [("a.zip", 0.29), ("b.zip", 0.15)]
     assert board.datasets == ["cifar100", "tinyimagenet"] and board.other_rules == 1
+
+
+def test_a_record_is_read_only_from_the_file_its_batch_kept_it_in(tmp_path):
+    """An attacker's review: a signed record set aside as superseded, copied back under any *.json name, was
+    ranked #1 beside the upload's current record; a copy under a second name was counted as given twice."""
+    name, out = "team.h5", tmp_path / "results"
+    out.mkdir()
+    key = record_key(name)
+    current = sign({**rec(name, {"mnist5k": 0.5}), "key": key}, KEY)
+    earlier = sign({**rec(name, {"mnist5k": 0.9}), "key": key}, KEY)
+    write(out / f"{key}.json", current)
+    write(out / f"{key}.json.superseded-1", earlier)  # as a batch keeps it: never read
+    write(out / "zz-anything.json", earlier)  # put back under another name
+    write(out / "copy.json", current)
+    other = "other.h5"
+    write(out / f"{record_key(other)}.json", sign({**rec(other, {"mnist5k": 0.7}), "key": "other-0123456789ab"}, KEY))
+    board = load_leaderboard([out], key=KEY)
+    assert [(e.name, round(e.score, 6)) for e in board.official] == [(name, 0.5)]
+    assert board.duplicates == 0
+    refused = {p.rpartition("/")[2]: why for p, why in board.refused}
+    assert sorted(refused) == ["copy.json", f"{record_key(other)}.json", "zz-anything.json"]
+    assert refused["zz-anything.json"].endswith(
+        f"zz-anything.json: a record of 'team.h5' is kept in {key}.json with the key of its name, and this file is "
+        "not that (a copy, or a record set aside and renamed); not read")
+    assert "a record of 'other.h5' is kept in other-0123456789ab.json" in refused[f"{record_key(other)}.json"]

@@ -186,14 +186,14 @@ def test_existing_output_needs_force_and_input_normalised(tmp_path, run_cli):
             (out / "manifest.json").write_text(manifest)
         for force in ((), ("--force",)):
             r = run_cli("pack", tmp_path / "a.h5", "-o", out, *force)
-            assert r.exit_code == 1 and "is not one this command wrote (no manifest.json of its own)" in r.stderr
+            assert r.exit_code == 2 and "is not one this command wrote (no manifest.json of its own)" in r.stderr
             assert "pass --force" not in r.stderr
     (out / "manifest.json").unlink()
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     os.chdir(out)
     for here in (".", "", ".."):
         r = run_cli("pack", tmp_path / "a.h5", "-o", here, "--force")
-        assert r.exit_code == 1 and "is the working folder or holds it" in r.stderr and "Traceback" not in r.stderr
+        assert r.exit_code == 2 and "is the working folder or holds it" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     (tmp_path / "packed").mkdir()  # an empty folder made for it
@@ -228,6 +228,23 @@ def test_show_writes_one_row_per_class(tmp_path, run_cli):
     assert img.size == (3 * 58 + 2, 10 * 58 + 2) and img.mode == "L"
     r = run_cli("show", tmp_path / "nothing.pt", "-o", tmp_path / "h.png")
     assert r.exit_code == 1 and not (tmp_path / "h.png").exists()
+
+
+def test_show_checks_every_grid_it_writes_before_writing_any(run_cli, tmp_path, official_file):
+    """A new user's review: with several datasets, `show -o g.png` replaced the user's g_<dataset>.png files;
+    only -o itself was checked."""
+    res = tmp_path / "up" / "res"
+    res.mkdir(parents=True)
+    for name in ("mnist5k", "mnist5k-val"):
+        (res / f"{name}.pt").write_bytes(official_file.read_bytes())
+    (tmp_path / "g_mnist5k-val.png").write_text("my notes")
+    r = run_cli("show", tmp_path / "up", "-o", tmp_path / "g.png")
+    assert r.exit_code == 2 and "g_mnist5k-val.png" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.glob("g*")) == ["g_mnist5k-val.png"]
+    assert (tmp_path / "g_mnist5k-val.png").read_text() == "my notes"
+    (tmp_path / "g_mnist5k-val.png").unlink()
+    r = run_cli("show", tmp_path / "up", "-o", tmp_path / "g.png")
+    assert r.exit_code == 0 and sorted(p.name for p in tmp_path.glob("g*")) == ["g_mnist5k-val.png", "g_mnist5k.png"]
 
 
 def test_a_finished_output_the_target_refuses_is_kept_and_named(tmp_path):

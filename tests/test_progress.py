@@ -83,7 +83,9 @@ def test_train_shows_steps_then_each_checkpoint_it_writes(tiny_training):
 
 @pytest.mark.parametrize("command", [["prototypes", "{m}", "--ipc", "1"], ["invert", "{m}", "--per-class", "1"],
                                      ["generate", "--dataset", "mnist5k", "--method", "d4m", "--model", "{m}",
-                                      "--ipc", "1", "-o", "x.h5"]], ids=lambda c: c[0])
+                                      "--ipc", "1", "-o", "x.h5"],
+                                     ["generate", "--dataset", "mnist5k", "--track", "2", "--ipc", "auto", "--model", "{m}", "-o",
+                                      "x.h5"]], ids=["prototypes", "invert", "generate", "generate-track2"])
 def test_a_folder_that_is_no_model_is_one_line(run_cli, tmp_path, command):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.md").write_text("hello")
@@ -169,3 +171,19 @@ def test_a_folders_record_names_its_digest_and_one_round_is_singular(run_cli, of
     (record,) = (tmp_path / "results").glob("*.json")
     data = json.loads(record.read_text())
     assert data["submission_sha256"] == data["upload_sha256"] and len(data["upload_sha256"]) == 64
+
+
+def test_a_sandboxed_step_shows_its_seconds_out_of_its_budget(capsys):
+    """A new user's review: a Track 2 run showed one line and nothing for up to its whole budget (the sandboxed
+    child's bars are off): the parent now shows the seconds spent, out of the budget."""
+    import time
+
+    from ddchallenge.progress import shown, ticking
+
+    with shown(True), ticking("Track 2 run for mnist5k (sandboxed, 3 s budget)", 3):
+        time.sleep(2.5)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert re.search(r"Track 2 run for mnist5k \(sandboxed, 3 s budget\): +\d+%\|[^\n]*\| 2/3 ", err), err
+    with shown(False), ticking("hidden", 3):
+        time.sleep(1.2)
+    assert capsys.readouterr().err == ""

@@ -12,7 +12,7 @@ import pytest
 from ddchallenge.batch import ResultsLock, record_key
 from ddchallenge.errors import RecordError, ResultsBusyError, UsageError
 from ddchallenge.protocol import OFFICIAL
-from ddchallenge.records import check_mac, load_key, read_record, sign
+from ddchallenge.records import check_mac, key_id, load_key, read_record, sign
 from ddchallenge.score import DatasetScore, ScoreResult
 
 FAST = ("--dataset", "mnist5k", "--epochs", 0, "--rounds", 1, "--quiet")
@@ -329,15 +329,17 @@ def test_a_rerun_under_another_key_or_none_stops_before_it_sets_aside_or_writes(
     second.write_bytes(official_file.read_bytes())
     listing = sorted(p.name for p in out.iterdir())
     r = run_cli("score", official_file, second, *FAST, "--output", out, "--record-key", tmp_path / "other-key")
+    file = f"{record_key(name)}.json"
     assert r.exit_code == 2 and r.stderr == (
-        f"error: the 1 signed record(s) in {out} were signed with another key than this --record-key: pass the key "
-        "they were signed with (under this one every record would be set aside and its upload scored again), or give "
-        "this batch a new --output\n"), r.output
+        f"error: the 1 signed record(s) in {out} name another key than this --record-key ({file}: key id "
+        f"{key_id(KEY)}): pass the key they were signed with (under this one every record would be set aside and its "
+        "upload scored again), move away any that are not the organiser's, or give this batch a new --output\n"), \
+        r.output
     r = run_cli("score", official_file, second, *FAST, "--output", out)
     assert r.exit_code == 2 and r.stderr == (
-        f"error: {out} holds 1 record(s) signed with a record key, and this batch has none: the 1 upload(s) it would "
-        "score would be recorded unsigned, which `leaderboard --record-key` refuses; pass --record-key FILE (or set "
-        "$DDCHALLENGE_RECORD_KEY)\n"), r.output
+        f"error: {out} holds 1 record(s) signed with a record key ({file}), and this batch has none: the 1 upload(s) "
+        "it would score would be recorded unsigned, which `leaderboard --record-key` refuses; pass --record-key FILE "
+        "(or set $DDCHALLENGE_RECORD_KEY), or move away any that are not the organiser's\n"), r.output
     assert sorted(p.name for p in out.iterdir()) == listing  # nothing set aside, nothing written
     for key in ((), ("--record-key", tmp_path / "key")):  # reused: no key needed, and the right one works
         r = run_cli("score", official_file, *FAST, "--output", out, *key)
@@ -347,7 +349,7 @@ def test_a_rerun_under_another_key_or_none_stops_before_it_sets_aside_or_writes(
     from ddchallenge.batch import check_signing
 
     write(out / "planted.json", sign(make_record("planted.pt", {"mnist5k": [0.9]}, settings.recipe), b"x" * 16))
-    assert check_signing(out, KEY) == 2
+    assert check_signing(out, KEY) == [file, "planted.json"]
 
 def test_batch_table_shows_numbers_only():
     from ddchallenge.batch import BatchOutcome
@@ -374,7 +376,8 @@ def test_with_a_key_only_signed_records_are_trusted(run_cli, official_file, tmp_
     assert r.exit_code == 0 and "does not match the organiser's record key" in r.stderr, r.output
     assert f"set aside as {record.name}.rejected-1" in r.stderr and json.loads(record.read_text())["score"] == data["score"]
     # The leaderboard with the key refuses unsigned records (and the set-aside one is no record at all).
-    unsigned = write(tmp_path / "unsigned.json", {k: v for k, v in data.items() if k != "mac"})
+    (tmp_path / "copied").mkdir()  # under the file name its batch gave it (any other is refused, signed or not)
+    unsigned = write(tmp_path / "copied" / record.name, {k: v for k, v in data.items() if k != "mac"})
     board = run_cli("leaderboard", out, unsigned, "--record-key", key, "--include-unofficial")
     assert board.exit_code == 0 and board.stderr == f"refused: {unsigned}: not signed with the organiser's record " \
         "key (no mac field); records made without --record-key, or planted\n"

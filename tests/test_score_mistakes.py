@@ -5,6 +5,7 @@ own header names a dataset that --dataset leaves out; only reading the set,
 in the sandbox, finds it) is the user's mistake: one line, exit 2, nothing
 recorded, alone or in a batch. A broken upload is still the team's failure,
 recorded. Scoring's bars go to stderr and --quiet hides them."""
+import json
 import re
 
 import numpy as np
@@ -175,7 +176,53 @@ def test_the_wrong_track_for_one_upload_is_refused_before_reading_it(run_cli, ti
     assert r.exit_code == 2
     assert _one_line(r) == (f"error: {one} is not a generator folder, and --budget scores generator folders only: "
                             "drop --budget, or add --mixed to score images beside generators")
+    # A new user's review: the documented `score MODEL_DIR --budget 600` on a generator trained for mnist5k ran it
+    # for the challenge's datasets and recorded the failure; the dataset a folder names is known before it runs.
+    r = run_cli("score", tiny_model, "--budget", 60, *FAST)
+    assert r.exit_code == 2
+    assert _one_line(r) == (f"error: {tiny_model} is a generator trained for mnist5k (10 classes of 1x28x28), which "
+                            "cannot make cifar100, tinyimagenet (the datasets scored by default); pass --dataset "
+                            "mnist5k")
+    r = run_cli("score", tiny_model, "--budget", 60, "--dataset", "cifar10", *FAST)
+    assert r.exit_code == 2 and "which cannot make cifar10 (the datasets scored); pass --dataset mnist5k" in r.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_dataset_the_files_shape_contradicts_is_refused_alone_and_recorded_in_a_batch(run_cli, tmp_path,
+                                                                                       official_file):
+    """A new user's review: `score foo.pt --dataset cifar10` on a 28x28 file recorded the upload's failure."""
+    foo = tmp_path / "foo.pt"
+    foo.write_bytes(official_file.read_bytes())
+    r = run_cli("score", foo, "--dataset", "cifar10", *FAST, "--no-sandbox")
+    assert r.exit_code == 2
+    assert _one_line(r) == (f"error: {foo} holds images of shape (1, 28, 28), not cifar10's (3, 32, 32); check "
+                            "--dataset")
+    assert not (tmp_path / "results").exists()
+    bar = tmp_path / "bar.pt"
+    bar.write_bytes(official_file.read_bytes())
+    r = run_cli("score", foo, bar, "--dataset", "cifar10", *FAST, "--no-sandbox")
+    assert r.exit_code == 1 and sorted(p.name for p in (tmp_path / "results").iterdir()) == \
+        sorted(f"{record_key(n)}.failed.json" for n in ("foo.pt", "bar.pt"))
+
+
+def test_a_failure_replayed_from_its_record_says_so(run_cli, tmp_path):
+    """A new user's review: a reused failure printed only its old reason, so fixing its cause seemed to do
+    nothing."""
+    broken = tmp_path / "mnist5k.pt"
+    broken.write_text("not a tensor")
+    first = run_cli("score", broken, *FAST, "--no-sandbox")
+    record = tmp_path / "results" / f"{record_key('mnist5k.pt')}.failed.json"
+    assert first.exit_code == 1 and record.exists()
+    again = run_cli("score", broken, *FAST, "--no-sandbox")
+    assert again.exit_code == 1
+    assert _one_line(again) == (f"{_one_line(first)} (recorded by an earlier run with the same bytes and settings in "
+                                f"results/{record.name}; delete it to score again)")
+
+
+def test_json_to_stdout_says_another_recipe_on_stderr(run_cli, tmp_path, official_file):
+    r = run_cli("score", official_file, *FAST, "--no-sandbox", "--json", "-")
+    assert r.exit_code == 0 and json.loads(r.stdout)["official_budget"] is False
+    assert "*** NOT THE OFFICIAL BUDGET: recipe " in r.stderr
 
 
 @pytest.mark.parametrize("inside", ["up", "up/res/records"])

@@ -208,7 +208,7 @@ def test_html_needs_an_output_folder_and_keeps_an_existing_one(run_cli, results,
             (site / "index.html").write_text(page)
         for force in ((), ("--force",)):  # --force is suggested only where it would be accepted
             r = run_cli("leaderboard", results, "--format", "html", "-o", site, *force)
-            assert r.exit_code == 1 and "is not one this command wrote (no index.html of its own)" in r.stderr
+            assert r.exit_code == 2 and "is not one this command wrote (no index.html of its own)" in r.stderr
             assert "pass --force" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     (site / "index.html").unlink()
     (tmp_path / "site.html").write_text("x")

@@ -423,7 +423,7 @@ def test_teacher_command_trains_records_and_reuses(run_cli, tmp_path):
     again = run_cli("teacher", "mnist5k", "-o", tmp_path / "t", "--epochs", 0, "--device", "cpu", "--quiet")
     assert again.exit_code == 0 and again.stdout.startswith("kept")
     other = run_cli("teacher", "mnist5k", "-o", tmp_path / "t", "--epochs", 1, "--quiet")
-    assert other.exit_code == 1 and "holds another teacher than this one (mnist5k, 1 epochs, seed 0); pass --force" \
+    assert other.exit_code == 2 and "holds another teacher than this one (mnist5k, 1 epochs, seed 0); pass --force" \
         in other.stderr
     user = tmp_path / "mine"
     user.mkdir()

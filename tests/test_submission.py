@@ -9,6 +9,7 @@ import torch
 
 from ddchallenge.errors import OptionMismatch, SubmissionError, UploadRuleError
 from ddchallenge.labelled import write_labelled_set
+from ddchallenge.protocol import UploadRules
 from ddchallenge.submission import load_submission
 
 
@@ -313,3 +314,115 @@ def test_zip_member_lying_about_its_size_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(SubmissionError, match="cifar100.pt (cannot be extracted|does not match its declared size)"):
         load_submission(path)
+
+
+def _mnist5k_zip(path, member_bytes, compress=zipfile.ZIP_DEFLATED, flag_bits=0):
+    """A zip whose mnist5k.pt member holds `member_bytes`, stored with `compress` and those flag bits."""
+    with zipfile.ZipFile(path, "w") as z:
+        info = zipfile.ZipInfo("mnist5k.pt")
+        info.compress_type = compress
+        z.writestr(info, member_bytes)
+    if flag_bits:  # set in both headers, as an encrypting zip tool does
+        data = bytearray(path.read_bytes())
+        for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = data.find(signature) + offset
+            data[at:at + 2] = (int.from_bytes(data[at:at + 2], "little") | flag_bits).to_bytes(2, "little")
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("compress", [zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA, zipfile.ZIP_BZIP2],
+                         ids=["deflate", "lzma", "bzip2"])
+def test_a_corrupt_compressed_member_is_one_submission_error(tmp_path, official_file, compress):
+    """An attacker's review: a corrupt deflate or LZMA stream raised zlib.error or LZMAError, which no reader
+    caught (a traceback from `show`, a raw reason in a record)."""
+    path = _mnist5k_zip(tmp_path / "bad.zip", official_file.read_bytes(), compress)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"PK\x03\x04") + 30 + len("mnist5k.pt")
+    data[start + 40:start + 240] = bytes(range(200))  # the compressed stream, past its header, overwritten
+    path.write_bytes(data)
+    with pytest.raises(SubmissionError, match=r"bad.zip:mnist5k.pt cannot be extracted \(.*\); zip it again"):
+        load_submission(path, rules=UploadRules(("mnist5k",)))
+
+
+def test_an_encrypted_member_is_refused_by_name(tmp_path, official_file):
+    path = _mnist5k_zip(tmp_path / "enc.zip", official_file.read_bytes(), flag_bits=0x1)
+    for rules in (UploadRules(("mnist5k",)), None):  # score's reading and show's
+        with pytest.raises(SubmissionError, match=r"enc.zip:mnist5k.pt is encrypted; zip the files again without a "
+                                                  "password"):
+            load_submission(path, rules=rules)
+
+
+def test_a_zip_of_many_members_is_refused_before_any_is_looked_at(tmp_path):
+    """An attacker's review: duplicate names were counted in quadratic time before the stray check, so 20,000
+    empty members took 7 s of CPU (a zip of 250,000, the sandbox's whole wall limit)."""
+    from ddchallenge.submission import MAX_ZIP_MEMBERS
+
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(MAX_ZIP_MEMBERS + 1):
+            z.writestr(f"m{i}", b"")
+    with pytest.raises(SubmissionError, match=f"many.zip holds {MAX_ZIP_MEMBERS + 1} files; a submission zip holds "
+                                              f"at most {MAX_ZIP_MEMBERS} "):
+        load_submission(path, rules=None)
+    with zipfile.ZipFile(path, "w") as z:  # at the bound, the usual checks speak; names without a suffix are named
+        for name in ("notes", "notes", "mnist5k.pt"):
+            z.writestr(name, b"")
+    with pytest.raises(SubmissionError, match="holds more than one file for notes; keep one per dataset"):
+        load_submission(path, rules=None)
+
+
+def test_a_folder_holding_res_and_other_files_is_refused(tmp_path, official_file):
+    """An attacker's review: with res/res/ present, the files of res/ (the ones Codabench's presence check saw)
+    were never read, and res/res/ was scored instead."""
+    upload = tmp_path / "up"
+    (upload / "res").mkdir(parents=True)
+    (upload / "res" / "mnist5k.pt").write_bytes(official_file.read_bytes())
+    (upload / "mnist5k.pt").write_text("a decoy")
+    with pytest.raises(SubmissionError, match=r"up holds res/ and also mnist5k.pt; a submission folder is either a "
+                                              r"res/ folder of dataset files or a folder holding res/, not both"):
+        load_submission(upload, rules=UploadRules(("mnist5k",)))
+    (upload / "mnist5k.pt").unlink()
+    for name in ("manifest.json", "submission.zip", "notes.txt"):  # what `pack` writes beside res/, and a note
+        (upload / name).write_text("{}")
+    assert [e.spec.name for e in load_submission(upload, rules=UploadRules(("mnist5k",)))] == ["mnist5k"]
+
+
+@pytest.mark.parametrize("folder", [True, False], ids=["res-folder", "single-file"])
+def test_a_set_named_for_one_dataset_whose_header_says_another_is_refused(tmp_path, folder):
+    """An attacker's review: in a res/ folder the file names were checked against the rules and the headers then
+    decided what was scored (two files, both mnist5k inside: mnist5k-val was never scored)."""
+    res = tmp_path / "res"
+    res.mkdir()
+    images, labels = np.zeros((10, 1, 28, 28), np.uint8), np.arange(10)
+    labelled_h5(res / "mnist5k.h5", images, labels)
+    labelled_h5(res / "mnist5k-val.h5", images, labels)  # header: mnist5k
+    upload = res if folder else res / "mnist5k-val.h5"
+    with pytest.raises(SubmissionError, match=r"mnist5k-val.h5 is named for mnist5k-val but its header says "
+                                              "mnist5k; name the file for the dataset its images are of"):
+        load_submission(upload, rules=UploadRules(("mnist5k", "mnist5k-val"), 1) if folder else None)
+
+
+def test_an_attribute_that_is_an_array_is_refused(tmp_path):
+    """An attacker's review: an array attribute reached `pack` (a TypeError from JSON) and an array `dataset`
+    attribute a set lookup (unhashable)."""
+    import h5py
+
+    for name, value in (("extra", np.arange(3)), ("dataset", np.array(["mnist5k"], dtype=h5py.string_dtype()))):
+        path = labelled_h5(tmp_path / f"{name}.h5", np.zeros((10, 1, 28, 28), np.uint8), np.arange(10))
+        with h5py.File(path, "a") as f:
+            f.attrs[name] = value
+        with pytest.raises(SubmissionError, match=f"has attribute\\(s\\) '{name}' that are not text or a number"):
+            load_submission(path, rules=None)
+
+
+def test_a_dataset_the_images_shape_contradicts_is_a_rule_mismatch(tmp_path, official_file):
+    """A new user's review: `--dataset cifar10` for a 28x28 file was recorded as the upload's failure; alone it
+    is the command line's mistake (RuleMismatch: refused alone, recorded in a batch)."""
+    from ddchallenge.errors import RuleMismatch
+
+    single = tmp_path / "foo.pt"
+    single.write_bytes(official_file.read_bytes())
+    with pytest.raises(RuleMismatch, match=r"foo.pt holds images of shape \(1, 28, 28\), not cifar10's \(3, 32, 32\); "
+                                           "check --dataset"):
+        load_submission(single, dataset="cifar10", rules=None)

@@ -199,6 +199,9 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
             (["--guidance", "nan"], "Invalid value for '--guidance': 'nan' is not a finite number"),
             (["--batch-size", 0], "--batch-size must be a whole number from 1 to"),
             (["--drop-table", "d4m-ipc3"], "--drop-table d4m-ipc3: "),
+            # A new user's review: an --unset that changed nothing said nothing, exit 0.
+            (["--unset", "sampler"], f"--unset sampler: {folder} does not set it (the method's default runs); "
+                                     "nothing to unset"),
             (["--drop-table", "d4m-ipc2", "--drop-table", "d4m-ipc"], "--drop-table d4m-ipc: ")]:
         r = run_cli("settings", folder, *args)
         errors = _errors(r)
@@ -209,9 +212,10 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
                                                "generator folder (`ddchallenge train` makes one)"], r.output
     (tmp_path / "empty").mkdir()
     r = run_cli("settings", tmp_path / "empty")
-    assert r.exit_code == 2 and _errors(r) == [f"error: {tmp_path / 'empty'} is not a generator folder (no "
-                                               "ddchallenge.json in it or in a step-* checkpoint); pass a folder "
-                                               "written by `ddchallenge train`"], r.output
+    assert r.exit_code == 2 and _errors(r) == [f"error: {tmp_path / 'empty'} is not a ddchallenge diffusion model: it "
+                                               "holds neither ddchallenge.json nor a step-* checkpoint; pass a folder "
+                                               "written by `ddchallenge train` (or one of its step-* checkpoints)"], \
+        r.output
     meta = _meta(folder)
     meta["generate"] = {"method": "diffusion", "settings": {}}
     (folder / "ddchallenge.json").write_text(json.dumps(meta))

@@ -14,7 +14,7 @@ Why the presets look the way they do:
   well-scaled at every noise level, which small models sampled in 20 steps
   need (epsilon-prediction gives poor clean-image estimates at high noise).
 - Step counts: `tiny` is a smoke test (seconds on a CPU). `mnist5k` is sized
-  to train in about 45 minutes on a 2-core CPU (measured, docs/benchmarks.md).
+  to train in about half an hour on a 2-core CPU (25 to 36 minutes measured).
   The CIFAR and Tiny-ImageNet budgets are sized for one GPU for about half an
   hour at the batch size given; they were not measured on a GPU here, and
   `--steps` overrides them.

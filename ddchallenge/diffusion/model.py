@@ -205,16 +205,24 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(p for p in output.iterdir() if CHECKPOINT.match(p.name) and (p / META_FILE).is_file())
 
 
+def meta_file(path: str | os.PathLike) -> Path:
+    """The ddchallenge.json that describes a generator folder: its own (a
+    link too, refused when read), else its newest checkpoint's; ModelError
+    where it has neither."""
+    path = Path(path)
+    if os.path.lexists(path / META_FILE):
+        return path / META_FILE
+    found = checkpoints(path)
+    if not found:
+        raise ModelError(f"{path} is not a ddchallenge diffusion model: it holds neither {META_FILE} nor a step-* "
+                         "checkpoint; pass a folder written by `ddchallenge train` (or one of its step-* checkpoints)")
+    return found[-1] / META_FILE
+
+
 def generator_dataset(path: str | os.PathLike) -> str:
     """The dataset a generator folder says it was trained for (read as
     bounded JSON only)."""
-    path = Path(path)
-    found = checkpoints(path)
-    if not (path / META_FILE).is_file() and not found:
-        raise ModelError(f"{path} is not a ddchallenge diffusion model: it holds neither {META_FILE} nor a step-* "
-                         "checkpoint; pass a folder written by `ddchallenge train` (or one of its step-* checkpoints)")
-    folder = path if (path / META_FILE).is_file() else found[-1]
-    meta_path = folder / META_FILE
+    meta_path = meta_file(path)
     name = read_json_object(meta_path).get("dataset")
     if not isinstance(name, str):
         raise ModelError(f"{meta_path}: dataset must be a dataset name; this folder does not name its dataset")

@@ -185,16 +185,19 @@ def _train(config: TrainConfig, output: str | os.PathLike, device: str, root, re
     output = Path(output)
     dev = resolve_device(device)
     existing = checkpoints(output)
+    # A save that an interruption cut half-way, the only thing a run stopped during its first save leaves: removed,
+    # and not counted as content (a folder holding only that is the new run's to start in).
+    stale = [p for p in output.glob(".tmp-step-*") if p.is_dir() and not p.is_symlink()] if output.is_dir() else []
     if resume:
         if not existing:
             raise UsageError(f"nothing to resume: {output} holds no step-* checkpoint; start without --resume")
         if _checkpoint_meta(existing[-1])[0] != config:
             raise UsageError(f"{existing[-1]} was trained with another configuration; resume with the same "
                              "options (or start a new output folder)")
-    elif output.exists() and any(output.iterdir()):
+    elif output.exists() and any(p not in stale for p in output.iterdir()):
         raise OutputExistsError(f"{output} is not empty; pass --resume to continue its training, or choose a new folder")
-    for stale in output.glob(".tmp-step-*"):  # an earlier save that crashed half-way
-        shutil.rmtree(stale)
+    for folder in stale:
+        shutil.rmtree(folder)
 
     data = _Data(config, spec, root, dev)
     if config.preset == "tiny":  # said once the run is sure to start, not before an error

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ddchallenge.diffusion.model import META_FILE, ModelError, checkpoints
+from ddchallenge.diffusion.model import ModelError, meta_file
 from ddchallenge.protocol import UploadRules, generation_seed
 from ddchallenge.submission import DatasetEntry
 
@@ -46,13 +46,6 @@ def _settings_bounds() -> dict:
             "match_steps": ("whole", 0, MAX_MATCH_STEPS), "strength": ("number", 1e-6, 1),
             "pool_strength": ("number", 1e-6, 1),
             "per_class": ("whole", 1, MAX_RULE_IPC)}
-
-
-def _meta_path(model: str | Path) -> Path:
-    """The ddchallenge.json a Track 2 run reads: the folder's, or its newest checkpoint's."""
-    path = Path(model)
-    folder = path if (path / META_FILE).is_file() or not checkpoints(path) else checkpoints(path)[-1]
-    return folder / META_FILE
 
 
 def folder_method(model: str | Path) -> tuple[str, dict]:
@@ -104,9 +97,10 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
 
     if not Path(model).is_dir():
         raise UsageError(f"{model} is not a folder; pass a generator folder (`ddchallenge train` makes one)")
-    if not _meta_path(model).is_file():
-        raise UsageError(f"{model} is not a generator folder (no {META_FILE} in it or in a step-* checkpoint); pass "
-                         "a folder written by `ddchallenge train`")
+    try:
+        meta_file(model)
+    except ModelError as exc:  # the user's own folder: a usage mistake
+        raise UsageError(str(exc)) from None
     meta_path, meta = _read_meta(model)
     method, settings = _method_of(meta, str(meta_path))
     given = {k: v for k, v in changes.items() if v is not None}
@@ -129,6 +123,12 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
                              f"{', '.join(k.replace('_', '-') for k in ADJUSTABLE)}")
         if key in given:
             raise UsageError(f"{flag[key]} and --unset {key.replace('_', '-')} contradict each other; pass one")
+        if key not in METHODS[method]:
+            raise UsageError(f"--unset {key.replace('_', '-')}: the setting does not apply to method {method}, the "
+                             f"one {model} runs")
+        if key not in settings:
+            raise UsageError(f"--unset {key.replace('_', '-')}: {model} does not set it (the method's default runs); "
+                             "nothing to unset")
     books = meta.get("codebooks") or {}
     if not isinstance(books, dict):
         raise ModelError(f"{meta_path}: 'codebooks' must be an object of table records")
@@ -136,7 +136,7 @@ def change_settings(model: str | Path, changes: dict, unset: tuple[str, ...] = (
     if unknown:
         raise UsageError(f"--drop-table {unknown[0]}: {model} has no such table; it has "
                          f"{', '.join(sorted(books)) or 'none'}")
-    dropped = [k for k in unset if k in settings]
+    dropped = list(unset)  # each one set (checked above)
     if not given and not dropped and not drop_tables:
         return FolderSettings(meta_path, method, settings, declared_tables(meta_path.parent, meta))
     merged = {k: v for k, v in {**settings, **given}.items() if k not in dropped}
@@ -165,7 +165,7 @@ def _read_meta(model: str | Path) -> tuple[Path, dict]:
     from ddchallenge.diffusion.folder import check_meta, read_json_object
     from ddchallenge.diffusion.model import FORMAT
 
-    meta_path = _meta_path(model)
+    meta_path = meta_file(model)
     return meta_path, check_meta(read_json_object(meta_path, MAX_META_BYTES), str(meta_path), FORMAT, SPACES)
 
 

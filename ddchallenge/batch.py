@@ -35,7 +35,7 @@ from ddchallenge.extras import ExtrasRequest
 from ddchallenge.fileio import atomic_write_bytes, sha256_file
 from ddchallenge.isolation import clean, is_environment_failure, provoked, raised_in_upload_code
 from ddchallenge.measures import check_before_reading, current_full
-from ddchallenge.protocol import OFFICIAL, EvalRecipe, UploadRules, check_seed, get_dataset
+from ddchallenge.protocol import DATASETS, OFFICIAL, EvalRecipe, UploadRules, check_seed, get_dataset
 from ddchallenge.records import KEY_ID_FIELD, MAC_FIELD, key_id, read_record, record_key, sign
 from ddchallenge.score import ScoreResult, score, upload_name
 from ddchallenge.upload import digest, is_generator
@@ -173,7 +173,6 @@ def not_an_upload(path: Path, settings: BatchSettings, alone: bool) -> str | Non
     and the wrong track for it (a generator folder without --budget, images
     with it) is the command line's mistake too; in a batch of several the
     track is the organiser's and such an upload has failed: recorded."""
-    from ddchallenge.protocol import DATASETS
     from ddchallenge.submission import FORMS
     from ddchallenge.upload import is_generator
 
@@ -218,7 +217,6 @@ def _datasets_it_cannot_make(path: Path, rules: UploadRules) -> str | None:
     the dataset its ddchallenge.json names (bounded JSON, nothing run), or
     None (it may; anything unreadable is found when it is run)."""
     from ddchallenge.diffusion.model import generator_dataset
-    from ddchallenge.protocol import DATASETS
 
     try:
         trained = DATASETS.get(generator_dataset(path))

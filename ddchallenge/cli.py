@@ -975,7 +975,6 @@ def data_list(root):
 def data_prepare(name, root, download, source, workers):
     """Write NAME's reference test set, training store and metadata under the root."""
     from ddchallenge.data.prepare import prepare
-
     from ddchallenge.protocol import get_dataset
 
     r = prepare(name, root, download=download, source_dir=source, workers=workers)

@@ -201,7 +201,7 @@ def test_existing_output_needs_force_and_input_normalised(tmp_path, run_cli):
     assert r.exit_code == 0, r.output
     (tmp_path / "packed" / "stale.txt").write_text("x")
     r = run_cli("pack", tmp_path / "a.h5", "-o", tmp_path / "packed")
-    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'packed'} holds an earlier output of this command; pass --force to replace it, or name a "
         "new folder"]
     r = run_cli("pack", tmp_path / "a.h5", "-o", tmp_path / "packed", "--force")

@@ -180,7 +180,8 @@ def test_same_record_twice_one_row_and_lookalike_names_apart(run_cli, tmp_path):
     write_record(out, "\u0430lice", {"mnist5k": [0.5, 0.5, 0.5]})  # Cyrillic a
     write_record(out, "a l i c e", {"mnist5k": [0.4, 0.4, 0.4]})
     write_record(out, "a_l_i_c_e", {"mnist5k": [0.4, 0.4, 0.4]})
-    copy = tmp_path / "copy.json"
+    (tmp_path / "copied").mkdir()  # a copy keeps its file name: under any other it is refused
+    copy = tmp_path / "copied" / path.name
     shutil.copy(path, copy)
     site = tmp_path / "site"
     r = run_cli("leaderboard", out, copy, "--format", "html", "-o", site)

@@ -60,6 +60,10 @@ PROBE_BUDGETS = {"d4m-m1500": 3000}
 FOLDERS = {
     "diffusion": [["settings", "--match-steps", "0"]],  # plain runs say so: folders match by default (session 13)
     "diffusion-m300": [["settings", "--match-steps", "300"]],
+    # no classifier-free guidance (issue 20, session 22): at IPC 50 the guided sampler's typical digits cover a
+    # class's spread less than random real images do; guidance 1 samples the model's own distribution, in half
+    # the UNet passes
+    "diffusion-m300-g1": [["settings", "--match-steps", "300", "--guidance", "1"]],
     "d4m": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "0"]],
     "d4m-m300": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"]],
     "d4m-m1500": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "1500"]],

@@ -88,7 +88,8 @@ class BatchSettings:
         mixed = {"mixed": True} if self.mixed else {}  # absent when off: earlier records stay valid
         extras = {"extras": self.extras.fingerprint()} if self.extras else {}  # the same
         reference = {"reference": self.reference} if self.reference else {}  # the same
-        return json.loads(json.dumps({"rules": dataclasses.asdict(self.rules), "recipe_hash": self.recipe.hash(),
+        return json.loads(json.dumps({"rules": {"datasets": self.rules.datasets, "ipc": self.rules.ipc},
+                                      "recipe_hash": self.recipe.hash(),
                                       "seed": self.seed, "budget": self.budget, "sandbox": self.sandbox, **mixed,
                                       **extras, **reference}))
 

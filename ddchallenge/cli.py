@@ -227,7 +227,7 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
 @click.option("--ipc", type=click.IntRange(1, MAX_RULE_IPC),
               help="Images per class every dataset must have (default: 10 for a res/ folder or zip, at most 100 for "
                    "a single file; for a generator folder the most that fit --budget, at most 100).")
-@click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--ref", "ref_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="Data root holding <dataset>_train.h5 (a validation view's test set is cut from it) and the "
@@ -266,7 +266,7 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
                    "own row, never in the challenge score.")
 @click.option("--temperature", type=FiniteFloatRange(0.1, 100.0),
               help="T of the soft-label KL, 0.1 to 100 (default 1: the probabilities as they are).")
-@click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
+@click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Teacher folder made by `ddchallenge teacher DATASET` (implies --labels teacher).")
 @record_key_option
 def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
@@ -434,7 +434,7 @@ def _ipc(value: str) -> int | str:
 @click.option("--soft-labels", type=click.Choice(["teacher"]),
               help="Also store each image's soft labels: the --teacher's class probabilities (for score --labels "
                    "soft; not timed by --budget).")
-@click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
+@click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="With --soft-labels teacher: a teacher folder made by `ddchallenge teacher DATASET`.")
 @quiet_option
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
@@ -808,19 +808,31 @@ def verify(recipes, with_score, device, strict, record, quiet):
     from ddchallenge.verify import record as run_record
     from ddchallenge.verify import verify as run_verify
 
+    from ddchallenge.verify import VerificationFailed, load_recipe
+
     if strict and record:
         raise errors.UsageError("--record writes what a run makes; it takes no --strict")
-    for path in recipes:
-        if record:
-            v = run_record(path, with_score=with_score, device=device, progress=not quiet)
-        else:
-            v = run_verify(path, with_score=with_score, device=device, progress=not quiet, strict=strict)
+    for path in recipes:  # every recipe is read before any runs: a typo in the last fails in a second, not an hour
+        load_recipe(path)
+    failed = []
+    for path in recipes:  # a recipe that fails is reported and the others still run, so CI lists every failure
+        try:
+            if record:
+                v = run_record(path, with_score=with_score, device=device, progress=not quiet)
+            else:
+                v = run_verify(path, with_score=with_score, device=device, progress=not quiet, strict=strict)
+        except VerificationFailed as exc:
+            click.echo(f"FAILED {path}: {exc}", err=True)
+            failed.append(str(path))
+            continue
         extra = f", score {100 * v.result.score:.2f} % in [{100 * v.recipe.band.min:.1f}, {100 * v.recipe.band.max:.1f}]" if v.result else ""
         if record:
             click.echo(f"recorded {v.recipe.name}: sha256 {v.sha256}, images {v.recipe.images} "
                        f"(sha256 {v.recipe.images_sha256}){extra}")
         else:
             click.echo(f"ok {v.recipe.name}: {v.summary()}{extra}")
+    if failed:
+        raise VerificationFailed(f"{len(failed)} of {len(recipes)} recipes failed: {', '.join(failed)}")
 
 
 @cli.command()
@@ -912,7 +924,7 @@ def reference() -> None:
 @click.argument("dataset")
 @click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds (official: 3).")
 @click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs (official: 1000).")
-@click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--ref", "ref_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt, as score --ref (default: the data root's test set).")
 @root_option
 @seed_option

@@ -47,7 +47,8 @@ def measure_label(measure: str, recipe: dict) -> str:
     when it is not the default 0. Architectures have no settings of their
     own. `recipe`: the row's recipe as recorded (checked)."""
     if measure.startswith(LABELS_PREFIX):
-        label = f"{measure} T={float(recipe['temperature']):g}"
+        t = float(recipe["temperature"])
+        label = f"{measure} T={t:g}" if float(f"{t:g}") == t else f"{measure} T={t!r}"  # 4 and 4.0000001 apart
         if measure == LABELS_PREFIX + "teacher":
             label += f" teacher {recipe['teacher_weights_sha256'][:8]}"
         return label

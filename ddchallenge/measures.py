@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ddchallenge import __version__
 from ddchallenge.data import load_reference
 from ddchallenge.data.reference import class_sizes, data_root, load_train, normalise, train_store_path
 from ddchallenge.errors import DatasetError, EnvironmentFailure, OptionMismatch
@@ -228,8 +229,19 @@ def baseline_cache(spec: DatasetSpec, method: str, settings: dict, seeds: list[i
     key = {"measure": measure, "dataset": spec.name, "ipc": settings["ipc"],
            "recipe_hash": recipe_hash(measure, settings), "seeds": list(seeds), "test_sha256": test,
            "device": device_name, "cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-           "together": together, "threads": threads}
+           "together": together, "threads": threads, "ddchallenge": __version__, "store": store_identity(spec, root)}
     return root / CACHE_FOLDER / f"{spec.name}-ipc{settings['ipc']}-{method}-{_digest(key)}.json", key
+
+
+def store_identity(spec: DatasetSpec, root: Path) -> str:
+    """Which training store a baseline's subset was drawn from: its size and
+    modification time (a store prepared again, from another source, is
+    another baseline); mnist5k's is the package's own."""
+    base = DATASETS[spec.validation_of] if spec.validation_of else spec
+    if base.name == "mnist5k":
+        return "embedded"
+    st = train_store_path(base, root).stat()
+    return f"{st.st_size} bytes, modified {st.st_mtime_ns}"
 
 
 def baseline_images(spec: DatasetSpec, method: str, ipc: int, seed: int, device: torch.device,

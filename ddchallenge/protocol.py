@@ -216,6 +216,9 @@ class UploadRules:
 
     datasets: tuple[str, ...] | None = None  # dataset names; None: the defaults above
     ipc: int | None = None  # exact images per class; None: the defaults above
+    # whether a refusal names the scorer's options that set other rules (--dataset, --ipc); False where the
+    # reader cannot pass any (the Codabench program: the competition's reference sets set the rules)
+    option_hints: bool = True
 
     def __post_init__(self) -> None:
         if self.datasets is not None:
@@ -258,8 +261,10 @@ class UploadRules:
     def check_count(self, spec: DatasetSpec, n: int, source: str, official: bool = False) -> None:
         """Refuse a dataset's image count, read from a header, before its data."""
         if not self.allows(spec):
+            fix = f"pass --dataset {spec.name} to score it" if self.option_hints else \
+                f"upload {' and '.join(f'{d}.pt' for d in self.required())}"
             raise RuleMismatch(f"{source} is a {spec.name} set, but the rules score {', '.join(self.required())}; "
-                                  f"pass --dataset {spec.name} to score it")
+                               + fix)
         if n > self.max_images(spec, official):
             rule = (f"IPC {self.max_ipc(official)}" if official or self.ipc is not None else
                     f"at most IPC {MAX_IPC} without --ipc")
@@ -270,7 +275,7 @@ class UploadRules:
         wanted = self.official_ipc() if official else self.ipc
         if wanted is not None and ipc != wanted:
             raise RuleMismatch(f"{source} holds IPC {ipc} for {spec.name}; the rules require IPC {wanted}"
-                               + (f" (--ipc {wanted})" if self.ipc is not None else
+                               + ("" if not self.option_hints else f" (--ipc {wanted})" if self.ipc is not None else
                                   " (the challenge's; an organiser may pass --ipc)"))
         if ipc > self.max_ipc(official):
             raise UploadRuleError(f"{source} holds IPC {ipc} for {spec.name}, over the limit of {self.max_ipc(official)}")
@@ -283,9 +288,11 @@ class UploadRules:
             broke = "; ".join(part for part in (
                 f"missing {', '.join(missing)}" if missing else "", f"extra {', '.join(extra)}" if extra else "") if part)
             held = " ".join(f"--dataset {n}" for n in sorted(names)) or "--dataset NAME"
+            fix = f"an organiser scoring the datasets it holds says so with {held}" if self.option_hints else \
+                f"upload one file per dataset: {', '.join(f'{d}.pt' for d in sorted(required))}"
             # holding none of them, it is no upload for these rules at all (a --dataset left out), not a broken one
-            raise (UploadRuleError if names & required else RuleMismatch)(f"{source} must hold exactly {', '.join(sorted(required))} ({broke}); an "
-                                  f"organiser scoring the datasets it holds says so with {held}")
+            raise (UploadRuleError if names & required else RuleMismatch)(
+                f"{source} must hold exactly {', '.join(sorted(required))} ({broke}); {fix}")
 
     def check_tables(self, rows: dict[str, int], source: str) -> None:
         """Refuse a folder whose stored tables ({name: rows per class}) hold

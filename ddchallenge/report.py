@@ -25,6 +25,7 @@ from ddchallenge.score import ScoreResult
 from ddchallenge.submission import DatasetEntry
 
 NOT_OFFICIAL = "NOT THE OFFICIAL BUDGET"
+TIE = 1e-9  # scores this close rank together
 
 
 def _pct(x: float) -> str:
@@ -211,11 +212,13 @@ def display_name(text: str, limit: int = 200) -> str:
 
 
 def record_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """The record files `paths` name: files as given, folders' `*.json` (not
-    following links, in name order)."""
+    """The record files `paths` name: files as given, folders' `*.json` in
+    name order. A folder the command line names is followed if it is a link
+    (the organiser's own argument); a link inside it is not (its reader
+    refuses it)."""
     files = []
     for path in map(Path, paths):
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir():
             files += sorted(p for p in path.iterdir() if p.name.endswith(".json"))
         else:
             files.append(path)
@@ -388,16 +391,19 @@ def _method(record: dict) -> str | None:
 
 def _rank_by_recipe(kept: list[tuple[str, dict]], board: tuple[str, ...] | None = None) -> list[Entry]:
     """Non-official records, each recipe ranked on its own (1 epoch against
-    300 compares nothing): the recipes by epochs, then rounds, most first,
-    then by hash; ranks start at 1 in each."""
-    groups: dict[str, list[tuple[str, dict]]] = {}
+    300 compares nothing), and within it each set of datasets and IPCs (IPC
+    1 against IPC 50 compares nothing either, and a dataset a record lacks
+    would count 0): the recipes by epochs, then rounds, most first, then by
+    hash; ranks start at 1 in each group."""
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
     for path, r in kept:
-        groups.setdefault(r["recipe_hash"], []).append((path, r))
+        held = tuple(sorted((d["dataset"], d["ipc"]) for d in r["datasets"]))
+        groups.setdefault((r["recipe_hash"], held), []).append((path, r))
 
-    def order(h: str):
-        recipe = groups[h][0][1]["recipe"]
-        return -recipe["epochs"], -recipe["rounds"], h
-    return [e for h in sorted(groups, key=order) for e in _rank(groups[h], board)]
+    def order(key: tuple):
+        recipe = groups[key][0][1]["recipe"]
+        return -recipe["epochs"], -recipe["rounds"], key
+    return [e for key in sorted(groups, key=order) for e in _rank(groups[key], board)]
 
 
 def _rank(kept: list[tuple[str, dict]], board: tuple[str, ...] | None = None) -> list[Entry]:
@@ -413,14 +419,20 @@ def _rank(kept: list[tuple[str, dict]], board: tuple[str, ...] | None = None) ->
         method = _method(r)
         rows.append(Entry(0, display_name(r["name"]), total, cells, None if method is None else display_name(method),
                           r["recipe_hash"], r["official_budget"], str(path), r, extra_columns(r)))
-    # Scores are finite (refused otherwise), so this order is total; ties by name, then by file. Scores equal
-    # to 1e-9 tie: the same accuracies summed in another order differ in the last bits.
-    rows.sort(key=lambda e: (-round(e.score, 9), e.record["name"], e.path))
-    ranked, rank = [], 0
-    for i, e in enumerate(rows):
-        if i == 0 or round(e.score, 9) != round(rows[i - 1].score, 9):
-            rank = i + 1
-        ranked.append(dataclasses.replace(e, rank=rank))
+    # Scores are finite (refused otherwise), so this order is total. Scores within TIE of the one before tie
+    # (the same accuracies summed in another order differ in the last bits; rounding to a grid would split
+    # two such scores that straddle a grid line): a tie shares its rank and is listed by name, then by file.
+    rows.sort(key=lambda e: -e.score)
+    ties: list[list[Entry]] = []
+    for e in rows:
+        if ties and ties[-1][-1].score - e.score <= TIE:
+            ties[-1].append(e)
+        else:
+            ties.append([e])
+    ranked = []
+    for tie in ties:
+        rank = len(ranked) + 1
+        ranked += [dataclasses.replace(e, rank=rank) for e in sorted(tie, key=lambda e: (e.record["name"], e.path))]
     return ranked
 
 
@@ -547,14 +559,21 @@ def _extra_order(columns: set[str]) -> list[str]:
 def board_json(board: Leaderboard) -> dict:
     """Everything the board knows, for machines: each entry's rank, name,
     method, score, datasets, recipe, extra columns and extra rows as recorded
-    (checked by records.read_record; text fields still untrusted)."""
+    (checked by records.read_record; text fields still untrusted). Numbers
+    are fractions, as the score is: a column's key drops the " %" of its
+    display name."""
+    def fraction_key(column: str) -> str:
+        return column.removesuffix(" %")
+
     def entry(e: Entry) -> dict:
         return {"rank": e.rank, "name": e.name, "method": e.method, "score": e.score, "official": e.official,
                 "recipe_hash": e.recipe_hash, "record": e.path,
                 "datasets": {n: dataclasses.asdict(c) for n, c in e.datasets.items()},
-                "extra_columns": e.extras, "extras": e.record.get("extras") or []}
+                "extra_columns": {fraction_key(c): v for c, v in e.extras.items()},
+                "extras": e.record.get("extras") or []}
     return {"official": [entry(e) for e in board.official], "unofficial": [entry(e) for e in board.unofficial],
-            "datasets": board.datasets, "extra_columns": board.extras, "footer": footer(board),
+            "datasets": board.datasets, "extra_columns": [fraction_key(c) for c in board.extras],
+            "footer": footer(board),
             "track": None if board.track is None else track_label(board.track)}
 
 

@@ -181,13 +181,23 @@ def score(
         official_budget=recipe.is_official, recipe=dataclasses.asdict(recipe), recipe_hash=recipe.hash(),
         seed=seed, device=device_name,
         sandbox=describe_upload_isolation(sandbox, dev), seconds=time.perf_counter() - start, warnings=notes,
-        versions=versions(), rules=rules_record(rules, budget), extras=rows,
+        versions=versions(), rules=rules_record(rules, budget, None if is_upload_bundle(path) else entries),
+        extras=rows,
     )
 
 
-def rules_record(rules: UploadRules, budget: float | None) -> dict:
-    """What a result records of the rules it was scored under."""
-    record = {"track": 2 if budget is not None else 1, "datasets": list(rules.required()), "ipc": rules.ipc}
+def is_upload_bundle(path: Path) -> bool:
+    """A zip or res/ folder (held to the challenge's datasets unless the
+    rules name others), or a generator folder; not a single dataset file."""
+    return path.is_dir() or path.suffix.lower() == ".zip"
+
+
+def rules_record(rules: UploadRules, budget: float | None, single: list | None = None) -> dict:
+    """What a result records of the rules it was scored under. `single`:
+    the entries of a single dataset file, scored on its own dataset when the
+    rules name none (the challenge's two are then not its rules)."""
+    datasets = rules.required() if single is None or rules.datasets is not None else [e.spec.name for e in single]
+    record = {"track": 2 if budget is not None else 1, "datasets": list(datasets), "ipc": rules.ipc}
     if budget is not None:
         record.update(budget_seconds=budget, table_rule=TABLE_RULE)
     return record

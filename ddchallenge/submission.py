@@ -41,11 +41,13 @@ from ddchallenge.protocol import DATASETS, TRACK1_DATASETS, DatasetSpec, UploadR
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_METHOD = 64  # characters of a method name kept from an upload's manifest or attributes
 MANIFEST = "manifest.json"  # what `pack` writes: inside the zip, in res/ and beside them
+MACOS_FORKS = "__MACOSX"  # the folder of resource forks a macOS Finder zip adds
 # Provenance kept in a record: a flat object, this many keys of this many characters at most.
 MAX_PROVENANCE_KEYS, MAX_PROVENANCE_KEY, MAX_PROVENANCE_VALUE = 32, 64, 2048
 FORMS = "an official <dataset>.pt file, a labelled .h5 set, a res/ folder or a submission .zip"
-# Files a Codabench/Codalab res/ folder may hold beside the submission.
-IGNORED_IN_FOLDER = {"metadata", MANIFEST}
+# Files a Codabench/Codalab res/ folder may hold beside the submission, never read: Codabench's own file,
+# what `pack` writes, and the resource forks a macOS Finder zip adds
+IGNORED_IN_FOLDER = {"metadata", MANIFEST, MACOS_FORKS}
 SOFT_SUFFIX = ".soft_labels.pt"  # <dataset>.soft_labels.pt: a dataset file's soft labels, a bare float16 tensor
 # A zip holds one file per dataset, its soft labels and pack's manifest: more members are refused before any is
 # looked at, so that no check costs more than a look at each of these few.
@@ -177,6 +179,7 @@ def _load_zip(path: Path, rules: UploadRules | None) -> tuple[list[DatasetEntry]
             if pure.is_absolute() or ".." in pure.parts or ":" in m.filename:
                 raise SubmissionError(f"{path} has a member with an unsafe path {m.filename!r}; refused")
         _refuse_duplicates([m.filename for m in members], str(path))
+        members = [m for m in members if not m.filename.startswith(MACOS_FORKS + "/")]
         manifest = next((m for m in members if m.filename == MANIFEST), None)
         members = [m for m in members if m is not manifest]
         companions = {soft_companion_of(m.filename): m for m in members

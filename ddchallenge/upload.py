@@ -63,15 +63,22 @@ def upload_kind(path: str | os.PathLike, track2: bool) -> str:
             raise SubmissionError(f"{path} is not a generator folder; a Track 2 run (--budget) scores folders "
                                   "written by `ddchallenge train`")
         return GENERATOR
-    if path.is_dir() and not path.is_symlink():
-        try:  # names and types only (lstat), bounded in count; nothing is opened
-            inventory = isolation.inspect(path, Limits(input_bytes=GENERATOR_BYTES))
-        except isolation.Refused as exc:
-            raise SubmissionError(str(exc)) from None
-        found = generator_marker([*inventory.folders, *(rel for rel, _ in inventory.files)])
-        if found:
-            raise UploadRuleError(track1_refusal(str(path), found))
+    found = generator_inside(path)
+    if found:
+        raise UploadRuleError(track1_refusal(str(path), found))
     return IMAGES
+
+
+def generator_inside(path: Path) -> str | None:
+    """What in a folder shows a generator or model (`generator_marker`), or
+    None; None for a file."""
+    if not path.is_dir() or path.is_symlink():
+        return None
+    try:  # names and types only (lstat), bounded in count; nothing is opened
+        inventory = isolation.inspect(path, Limits(input_bytes=GENERATOR_BYTES))
+    except isolation.Refused as exc:
+        raise SubmissionError(str(exc)) from None
+    return generator_marker([*inventory.folders, *(rel for rel, _ in inventory.files)])
 
 
 def track1_refusal(where: str, found: str) -> str:

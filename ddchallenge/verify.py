@@ -40,18 +40,19 @@ import contextlib
 import gzip
 import io
 import logging
+import math
 import os
 import re
 import tempfile
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from ddchallenge.errors import DDChallengeError, UsageError
 from ddchallenge.fileio import atomic_write_bytes, sha256_bytes
-from ddchallenge.protocol import OFFICIAL, DatasetSpec, get_dataset
+from ddchallenge.protocol import MAX_EPOCHS, MAX_IPC, MAX_ROUNDS, MAX_SEED, OFFICIAL, DatasetSpec, get_dataset
 from ddchallenge.score import ScoreResult, score
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ REFERENCE_SUFFIX = ".images.npy.gz"
 MAX_REFERENCE_BYTES = 128 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 EXPECT_KEYS = {"sha256", "images", "images_sha256", "tolerance", "score"}
+# A recipe is CI-sized: [train] numbers past this are a typo that would train for days, not a recipe.
+MAX_TRAIN_NUMBER, MAX_LEVELS = 100_000, 8
 # Threads split float sums (convolution gradients, reductions) into per-thread
 # parts, so their count changes the bytes as the CPU's vector width does (on the
 # diffusion recipe 1 thread and 2 threads give images 4 pixels apart). Every
@@ -151,20 +154,18 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         if unknown:
             raise UsageError(f"recipe {path}: [expect] has unknown key {unknown[0]!r}; allowed: "
                              f"{', '.join(sorted(EXPECT_KEYS))}")
-        band = expect.get("score")
         recipe = Recipe(
-            path=path, name=str(data["name"]), dataset=str(data["dataset"]), method=str(data["method"]),
-            ipc=int(data["ipc"]), seed=int(data["seed"]), sha256=_hex(expect, "sha256", path),
-            options=dict(data.get("options", {})), train=_train_section(data.get("train"), path),
-            band=None if band is None else ScoreBand(int(band["epochs"]), int(band["rounds"]), int(band["seed"]),
-                                                     float(band["min"]), float(band["max"])),
-            images=_images_name(expect.get("images"), path), images_sha256=_hex(expect, "images_sha256", path),
-            tolerance=_tolerance(expect.get("tolerance"), path),
+            path=path, name=_text(data, "name", path), dataset=get_dataset(_text(data, "dataset", path)).name,
+            method=_text(data, "method", path), ipc=_whole(data, "ipc", path, 1, MAX_IPC),
+            seed=_whole(data, "seed", path, 0, MAX_SEED), sha256=_hex(expect, "sha256", path),
+            options=_options(data.get("options", {}), path), train=_train_section(data.get("train"), path),
+            band=_band(expect.get("score"), path), images=_images_name(expect.get("images"), path),
+            images_sha256=_hex(expect, "images_sha256", path), tolerance=_tolerance(expect.get("tolerance"), path),
         )
     except KeyError as exc:
         raise UsageError(f"recipe {path} lacks the key {exc.args[0]!r}; see submissions/README.md") from None
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"recipe {path} has a value of the wrong type ({exc})") from None
+    except TypeError as exc:
+        raise UsageError(f"recipe {path}: {exc}") from None
     if (recipe.images is None) != (recipe.images_sha256 is None):
         raise UsageError(f"recipe {path}: [expect] images and images_sha256 go together; write both with "
                          f"`ddchallenge verify --record {path}`")
@@ -172,6 +173,71 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise UsageError(f"recipe {path}: [expect.tolerance] needs recorded images ([expect] images); write them "
                          f"with `ddchallenge verify --record {path}`")
     return recipe
+
+
+# Each value is read as exactly its type: TOML's `true` is no IPC, `10.9` no seed, `inf` no epoch count.
+
+def _text(table: dict, key: str, path: Path, where: str = "") -> str:
+    value = table[key]
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"recipe {path}: {where}{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _whole(table: dict, key: str, path: Path, low: int, high: int, where: str = "") -> int:
+    value = table[key]
+    if type(value) is not int or not low <= value <= high:
+        raise UsageError(f"recipe {path}: {where}{key} must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def _fraction(table: dict, key: str, path: Path, where: str = "") -> float:
+    value = table[key]
+    if type(value) not in (int, float) or not 0 <= value <= 1:  # NaN fails the comparison too
+        raise UsageError(f"recipe {path}: {where}{key} must be a fraction from 0 to 1 (an accuracy of 0.85 is 85 %), "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _band(section, path: Path) -> ScoreBand | None:
+    """[expect.score], checked when the recipe is read: a band that cannot hold fails before any run."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise UsageError(f"recipe {path}: [expect.score] must be a table with epochs, rounds, seed, min and max")
+    unknown = sorted(set(section) - {f.name for f in fields(ScoreBand)})
+    if unknown:
+        raise UsageError(f"recipe {path}: [expect.score] has unknown key {unknown[0]!r}; allowed: epochs, max, min, "
+                         "rounds, seed")
+    at = "[expect.score] "
+    band = ScoreBand(_whole(section, "epochs", path, 0, MAX_EPOCHS, at), _whole(section, "rounds", path, 1, MAX_ROUNDS, at),
+                     _whole(section, "seed", path, 0, MAX_SEED, at), _fraction(section, "min", path, at),
+                     _fraction(section, "max", path, at))
+    if band.min > band.max:
+        raise UsageError(f"recipe {path}: [expect.score] min {band.min} is above max {band.max}")
+    return band
+
+
+def _outside(value: str) -> bool:
+    """Whether a path names something outside the recipe's folder."""
+    pure = Path(value)
+    return pure.is_absolute() or ".." in pure.parts or value.startswith("~") or "\\" in value
+
+
+def _options(section, path: Path) -> dict:
+    """[options]: the method's options, plain values only. A recipe reads
+    nothing outside its folder, and a diffusion recipe's model is the one
+    its [train] section trains."""
+    if not isinstance(section, dict):
+        raise UsageError(f"recipe {path}: [options] must be a table of the method's options")
+    for key, value in section.items():
+        if key == "model":
+            raise UsageError(f"recipe {path}: [options] model is not allowed; a recipe trains its own model ([train])")
+        if type(value) not in (str, int, float, bool) or (type(value) is float and not math.isfinite(value)):
+            raise UsageError(f"recipe {path}: [options] {key} must be a string, number or true/false, got {value!r}")
+        if isinstance(value, str) and _outside(value):
+            raise UsageError(f"recipe {path}: [options] {key} names a path outside the recipe's folder ({value!r})")
+    return dict(section)
 
 
 def _hex(expect: dict, key: str, path: Path) -> str | None:
@@ -215,14 +281,34 @@ def _tolerance(section, path: Path) -> Tolerance:
 def _train_section(section, path: Path) -> dict | None:
     if section is None:
         return None
-    from dataclasses import fields
-
     from ddchallenge.diffusion.config import TrainConfig
 
-    allowed = {f.name for f in fields(TrainConfig)} - {"dataset"}
-    unknown = sorted(set(section) - allowed)
+    if not isinstance(section, dict):
+        raise UsageError(f"recipe {path}: [train] must be a table of training settings")
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name != "dataset"}
+    unknown = sorted(set(section) - set(defaults))
     if unknown:
-        raise UsageError(f"recipe {path}: [train] has unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        raise UsageError(f"recipe {path}: [train] has unknown key {unknown[0]!r}; allowed: {', '.join(sorted(defaults))}")
+    for key, value in section.items():
+        default = defaults[key]
+        if key in ("preset", "space", "vae", "prediction"):  # names (vae: a Hub id or a folder beside the recipe)
+            ok = isinstance(value, str) and bool(value) and not (key == "vae" and _outside(value))
+            want = "a name" if key != "vae" else "a Hub id or a relative path, nothing outside the repository"
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else int
+            ok = isinstance(value, list) and 0 < len(value) <= MAX_LEVELS and all(type(v) is kind for v in value) \
+                and all(0 < v <= MAX_TRAIN_NUMBER for v in value if kind is int)
+            want = f"a list of {'true/false' if kind is bool else 'whole numbers'}, one per level"
+        elif type(default) is bool:
+            ok, want = type(value) is bool, "true or false"
+        elif type(default) is int:
+            ok = type(value) is int and 0 <= value <= MAX_TRAIN_NUMBER
+            want = f"a whole number from 0 to {MAX_TRAIN_NUMBER:,}"
+        else:
+            ok = type(value) in (int, float) and math.isfinite(value) and value >= 0
+            want = "a number >= 0"
+        if not ok:
+            raise UsageError(f"recipe {path}: [train] {key} must be {want}, got {value!r}")
     return dict(section)
 
 

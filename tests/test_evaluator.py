@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ddchallenge.data import save_reference
@@ -90,4 +91,78 @@ def test_a_machine_that_cannot_sandbox_is_not_the_submissions_failure(tmp_path, 
                            "--device", "cpu"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and not (out / "scores.txt").exists()
     assert proc.stderr == ("error: the scoring machine cannot sandbox submissions (`unshare --net` is missing or not "
-                           "permitted); this is the host's failure, not the submission's\n")
+                           "permitted); this is the host's failure, not the submission's; on a worker that cannot make "
+                           "a network namespace (Codabench's default), pass --container-network in the metadata's "
+                           "command\n")
+
+
+def test_on_a_worker_without_network_namespaces_container_network_scores_and_says_so(tmp_path, official_file):
+    """An organiser's review: Codabench's default worker starts the scoring container without CAP_SYS_ADMIN, so
+    `unshare --net` fails and no upload was ever scored. The shipped metadata passes --container-network: the
+    child then shares the container's network, keeps every other limit, and result.json says so."""
+    import os
+
+    inp, out = _input(tmp_path, official_file), tmp_path / "output"
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no unshare: as in that container
+    proc = subprocess.run([sys.executable, str(PROGRAM), str(inp), str(out), "--container-network", "--epochs", "0",
+                           "--rounds", "1", "--device", "cpu"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["sandbox"].startswith("network shared with the scoring container (no namespace could be made), ")
+    assert "CPU 900 s" in result["sandbox"] and (out / "scores.txt").is_file()
+    assert "--container-network" in (PROGRAM.parent / "metadata").read_text().splitlines()[0]
+
+
+def test_where_a_namespace_can_be_made_container_network_changes_nothing(tmp_path, official_file):
+    inp, out = _input(tmp_path, official_file), tmp_path / "output"
+    proc = _run(inp, out, "--container-network", "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert proc.returncode == 0 and json.loads((out / "result.json").read_text())["sandbox"].startswith("no network")
+
+
+@pytest.mark.parametrize("layout, message", [
+    # An organiser's review: each refusal said only "missing mnist5k.pt", or named an option the team cannot pass.
+    ({"submission/mnist5k.pt": "x"}, "the submission is missing mnist5k.pt; it holds submission/ (zip the files "
+     "themselves, not the folder that holds them); upload a zip holding mnist5k.pt at its top level"),
+    ({"MNIST5K.pt": "x", "mnist5k.h5": "x"}, "the submission is missing mnist5k.pt; it holds MNIST5K.pt, mnist5k.h5; "
+     "upload a zip holding mnist5k.pt at its top level"),
+    ({}, "the submission is missing mnist5k.pt; it holds nothing; upload a zip holding mnist5k.pt at its top level"),
+    ({"model/config.json": "{}"}, "the submission holds a generator or model (model/config.json: a diffusers config); "
+     "this competition scores images: upload mnist5k.pt, the images your method made"),
+    ({"mnist5k.pt": "official", "mnist.pt": "official"}, "must hold exactly mnist5k (extra mnist); upload one file "
+     "per dataset: mnist5k.pt"),
+    ({"mnist5k.pt": "ipc1"}, "holds IPC 1 for mnist5k; the rules require IPC 10\n"),
+])
+def test_a_wrong_upload_is_told_what_was_found_and_what_to_upload(tmp_path, official_file, layout, message):
+    inp, out = _input(tmp_path), tmp_path / "output"
+    for name, content in layout.items():
+        target = inp / "res" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if content == "official":
+            target.write_bytes(official_file.read_bytes())
+        elif content == "ipc1":
+            torch.save(torch.zeros(10, 1, 28, 28), target)
+        else:
+            target.write_text(content)
+    proc = _run(inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert proc.returncode == 1 and not out.exists()
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert "--" not in proc.stderr  # no option of a command line the team does not have
+
+
+def test_a_finder_zips_resource_forks_are_ignored(tmp_path, official_file):
+    inp, out = _input(tmp_path, official_file), tmp_path / "output"
+    (inp / "res" / "__MACOSX").mkdir()
+    (inp / "res" / "__MACOSX" / "._mnist5k.pt").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    proc = _run(inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["foo", "mnist5k-val", "MNIST5K"])
+def test_a_reference_set_of_no_dataset_is_the_organisers_failure(tmp_path, official_file, name):
+    """An organiser's review: a stray ref/foo_test.pt told the team to upload foo.pt, exit 1."""
+    inp, out = _input(tmp_path, official_file), tmp_path / "output"
+    (inp / "ref" / f"{name}_test.pt").write_bytes(b"")
+    proc = _run(inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.startswith(f"error: the scoring machine failed, not the submission: {inp / 'ref'} holds "
+                                  f"{name}_test.pt, which names no dataset this program scores")

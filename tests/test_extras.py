@@ -654,7 +654,7 @@ def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_
     assert rows[2].endswith(",-,-,-,-,-,-")  # bob has no extras
     board = json.loads(run_cli("leaderboard", folder, "--format", "json").stdout)
     (alice,) = [e for e in board["official"] if e["name"] == "alice.zip"]
-    assert len(alice["extras"]) == 6 and alice["extra_columns"]["arch mean mlp+vgg11 %"] == pytest.approx(0.375)
+    assert len(alice["extras"]) == 6 and alice["extra_columns"]["arch mean mlp+vgg11"] == pytest.approx(0.375)
     # the site, the same way: the columns only with --extras
     for flag, site in (("--extras", "with"), ("--include-unofficial", "without")):
         r = run_cli("leaderboard", folder, "--format", "html", "-o", tmp_path / site, "--no-sandbox", flag)
@@ -724,3 +724,12 @@ def test_the_library_refuses_an_extras_request_the_cli_would_refuse(fields, mess
     with pytest.raises(UsageError, match=re.escape(message)):
         ExtrasRequest(**fields)
     assert not ExtrasRequest() and ExtrasRequest(("mlp",), "random", 3)  # what the CLI builds still builds
+
+
+def test_a_column_never_joins_two_temperatures_that_print_alike():
+    """A researcher's review: T=4 and T=4.0000001 (other recipe hashes) shared the column `labels:soft T=4`."""
+    from ddchallenge.extras import measure_label
+
+    assert measure_label("labels:soft", {"temperature": 4.0}) == "labels:soft T=4"
+    assert measure_label("labels:soft", {"temperature": 0.5}) == "labels:soft T=0.5"
+    assert measure_label("labels:soft", {"temperature": 4.0000001}) == "labels:soft T=4.0000001"

@@ -116,7 +116,8 @@ def test_unofficial_budgets_are_never_ranked_among_official_ones(run_cli, tmp_pa
     for include in (False, True):
         board = load_leaderboard([out], include)
         assert [(e.name, e.score) for e in board.official] == [("slow", pytest.approx(0.5))]
-    assert board.datasets == ["cifar100", "mnist5k"] and [e.rank for e in board.unofficial] == [1, 2]
+    # ... and is ranked apart from one on another dataset (a dataset it lacks would count 0)
+    assert board.datasets == ["cifar100", "mnist5k"] and [e.rank for e in board.unofficial] == [1, 1]
     r = run_cli("leaderboard", out / "00.json")  # nothing official to rank: an error saying why
     assert r.exit_code == 1 and r.stderr == ("error: nothing to rank: 0 ranked; 1 not the official budget left out "
                                              "(--include-unofficial shows them); 0 failed; 0 refused\n")
@@ -306,3 +307,36 @@ def test_a_record_is_read_only_from_the_file_its_batch_kept_it_in(tmp_path):
         f"zz-anything.json: a record of 'team.h5' is kept in {key}.json with the key of its name, and this file is "
         "not that (a copy, or a record set aside and renamed); not read")
     assert "a record of 'other.h5' is kept in other-0123456789ab.json" in refused[f"{record_key(other)}.json"]
+
+
+def test_scores_within_1e9_of_each_other_share_a_rank_across_any_rounding_line(tmp_path):
+    """An organiser's review: 0.8000000004999 and 0.8000000005001 (2e-13 apart) were ranked 1 and 2, because
+    rounding to 9 places put them on either side of a grid line."""
+    out = folder(tmp_path, [rec("tie-b", {"cifar100": 0.8000000005001}), rec("tie-a", {"cifar100": 0.8000000004999}),
+                            rec("third", {"cifar100": 0.7999999})])
+    board = load_leaderboard([out], datasets=("cifar100",))
+    assert [(e.rank, e.name) for e in board.official] == [(1, "tie-a"), (1, "tie-b"), (3, "third")]
+
+
+def test_unofficial_results_at_other_ipcs_are_ranked_apart(tmp_path):
+    """An organiser's review: in the non-official section an IPC-50 result ranked above an IPC-1 result of the
+    same recipe, a comparison the official section refuses."""
+    def at(name, score, ipc):
+        r = make_record(name, {"mnist5k": [score] * 3}, dataclasses.replace(OFFICIAL, epochs=2))
+        r["datasets"][0].update(ipc=ipc, images=10 * ipc)
+        return r
+
+    out = folder(tmp_path, [at("ipc50", 0.97, 50), at("ipc1-a", 0.60, 1), at("ipc1-b", 0.70, 1)])
+    board = load_leaderboard([out], include_unofficial=True)
+    assert [(e.rank, e.name) for e in board.unofficial] == [(1, "ipc1-b"), (2, "ipc1-a"), (1, "ipc50")]
+
+
+def test_a_results_folder_named_through_a_link_is_ranked(run_cli, tmp_path):
+    """An organiser's review: `leaderboard rec-link` (a link to the results folder) ranked nothing; the
+    command line's own folder is followed, a link inside it is still refused."""
+    out = folder(tmp_path, [rec("a", {"cifar100": 0.4, "tinyimagenet": 0.2})])
+    (out / "planted.json").symlink_to(out / "00.json")
+    (tmp_path / "link").symlink_to(out)
+    r = run_cli("leaderboard", tmp_path / "link", "--format", "md")
+    assert r.exit_code == 0 and r.stdout.splitlines()[2].split()[:4] == ["|", "1", "|", "a"]
+    assert r.stdout.splitlines()[-1] == "1 ranked; 0 failed; 1 refused" and "planted.json: is a symbolic link" in r.stderr

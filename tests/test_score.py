@@ -25,6 +25,8 @@ def test_score_official_file_end_to_end(run_cli, official_file, tmp_path):
     # Two passes on 100 real digits already beat chance (10 %) by far.
     assert ds["mean"] > 0.3
     assert data["official_budget"] is False and data["recipe"]["epochs"] == 2
+    # scored on its own dataset, not the challenge's two (an organiser's review: it recorded those)
+    assert data["rules"] == {"track": 1, "datasets": ["mnist5k"], "ipc": None}
     assert data["submission_sha256"] == ds["sha256"] and len(data["recipe_hash"]) == 16
     assert data["versions"]["torch"] == torch.__version__
     # The record the batch layout keeps, beside the --json copy.

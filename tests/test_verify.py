@@ -270,6 +270,58 @@ def test_malformed_recipes(run_cli, tmp_path):
         assert r.exit_code == 2 and message in r.stderr, r.stderr
 
 
+DIFFUSION = SUBMISSIONS / "mnist5k-diffusion.toml"
+
+
+@pytest.mark.parametrize("recipe, old, new, message", [
+    # An organiser's review: each of these ran (a traceback, a silent conversion, or an hour of training first).
+    (RANDOM, "ipc = 10", "ipc = inf", "ipc must be a whole number from 1 to 100, got inf"),
+    (RANDOM, "ipc = 10", "ipc = true", "ipc must be a whole number from 1 to 100, got True"),
+    (RANDOM, "ipc = 10", "ipc = 10.9", "ipc must be a whole number from 1 to 100, got 10.9"),
+    (RANDOM, "seed = 0\n\n", "seed = 1e400\n\n", "seed must be a whole number from 0 to 2147483647, got inf"),
+    (RANDOM, 'name = "mnist5k-random-ipc10"', "name = 12345", "name must be a non-empty string, got 12345"),
+    (RANDOM, 'dataset = "mnist5k"', 'dataset = "nope"', "unknown dataset 'nope'"),
+    (RANDOM, "seed = 0\n\n", 'seed = 0\n[options]\nmodel = "/etc"\n\n', "[options] model is not allowed"),
+    (RANDOM, "seed = 0\n\n", 'seed = 0\n[options]\nteacher = "../../t"\n\n', "names a path outside"),
+    (RANDOM, "seed = 0\n\n", "seed = 0\noptions = [[1]]\n\n", "[options] must be a table"),
+    (RANDOM, "min = 0.77", "min = 77", "[expect.score] min must be a fraction from 0 to 1"),
+    (RANDOM, "min = 0.77", "min = nan", "[expect.score] min must be a fraction from 0 to 1"),
+    (RANDOM, "min = 0.77", "min = 0.9", "[expect.score] min 0.9 is above max 0.87"),
+    (RANDOM, "epochs = 20", "epochs = inf", "[expect.score] epochs must be a whole number from 0 to 100000, got inf"),
+    (RANDOM, "epochs = 20", "epochs = 1000000000", "[expect.score] epochs must be a whole number from 0 to 100000"),
+    (RANDOM, "max = 0.87", "max = 0.87\nmean = 0.8", "[expect.score] has unknown key 'mean'"),
+    (DIFFUSION, "steps = 300", 'steps = "300"', "[train] steps must be a whole number from 0 to 100,000, got '300'"),
+    (DIFFUSION, "steps = 300", "steps = 100000000", "[train] steps must be a whole number from 0 to 100,000"),
+    (DIFFUSION, "steps = 300", "steps = 300\nchannels = 5", "[train] channels must be a list of whole numbers"),
+    (DIFFUSION, "steps = 300", 'steps = 300\nvae = "/tmp/vae"', "[train] vae must be a Hub id or a relative path"),
+    (DIFFUSION, "steps = 300", "steps = 300\nlr = nan", "[train] lr must be a number >= 0, got nan"),
+])
+def test_a_recipe_value_of_the_wrong_type_or_range_is_refused_before_anything_runs(run_cli, tmp_path, recipe, old,
+                                                                                   new, message):
+    text = recipe.read_text()
+    assert old in text
+    bad = tmp_path / recipe.name
+    bad.write_text(text.replace(old, new, 1))
+    r = run_cli("verify", "--score", bad)
+    assert r.exit_code == 2 and _errors(r) == [line for line in r.stderr.splitlines() if line], r.stderr
+    assert len(_errors(r)) == 1 and message in r.stderr, r.stderr
+
+
+def test_every_recipe_is_read_before_any_runs_and_every_failure_is_listed(recorded, run_cli, tmp_path):
+    """An organiser's review: the first failing recipe stopped the run, so CI reported one failure at a time."""
+    path, _ = recorded
+    expected = load_recipe(path).sha256
+    (tmp_path / "bad.toml").write_text(re.sub(r'(?m)^images(_sha256)? = ".*"\n', "", path.read_text())
+                                       .replace(expected, "f" * 64))
+    (tmp_path / "typo.toml").write_text(path.read_text().replace("ipc = 10", "ipc = ten"))
+    r = run_cli("verify", "--quiet", tmp_path / "bad.toml", tmp_path / "typo.toml")
+    assert r.exit_code == 2 and "typo.toml is not valid TOML" in r.stderr and "FAILED" not in r.stderr  # nothing ran
+    r = run_cli("verify", "--quiet", tmp_path / "bad.toml", path)
+    assert r.exit_code == 1 and r.stdout.startswith(f"ok {load_recipe(path).name}: sha256 {expected} (exact)")
+    assert r.stderr.count("FAILED") == 1 and f"FAILED {tmp_path / 'bad.toml'}: " in r.stderr
+    assert _errors(r) == [f"error: 1 of 2 recipes failed: {tmp_path / 'bad.toml'}"]
+
+
 # -- rewriting [expect] in place -----------------------------------------------------------------------------------
 
 VALUES = {"sha256": "a" * 64, "images": "r.images.npy.gz", "images_sha256": "b" * 64}

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ddchallenge import __version__
 from ddchallenge.errors import DDChallengeError
+from ddchallenge.extras import measure_label
 from ddchallenge.fileio import OutputMarker, check_output_folder, replace_folder
 from ddchallenge.isolation import clean
 from ddchallenge.progress import plural
@@ -278,6 +279,19 @@ def upload_html(row: Row, grids: dict[str, str | None], why: dict[str, str]) -> 
         parts.append(_table([("num", "Round"), ("num", "Seed"), ("num", "Test accuracy %")],
                             [[("num", str(i + 1)), ("num", _e(seed)), ("num", _pct(acc))]
                              for i, (seed, acc) in enumerate(zip(d["seeds"], cell.accuracies))]))
+        extras = [x for x in r.get("extras") or [] if x["dataset"] == name]
+        if extras:  # each its own recipe, never part of the score above (docs/evaluator.md)
+            parts.append("<h3>Extra measures</h3>")
+            parts.append(_table([("", "Measure"), ("", "Recipe hash"), ("num", "Accuracy % (rounds)"),
+                                 ("num", "Mean ± std %"), ("num", "IOR %"), ("num", "HLR %")],
+                                [[("", _e(measure_label(x["measure"], x["recipe"]))),
+                                  ("", f"<code>{_e(x['recipe_hash'])}</code>"),
+                                  ("num", " ".join(_pct(a) for a in x["accuracies"])),
+                                  ("num", f"{_pct(x['mean'])} ± {_pct(x['std'])}"),
+                                  ("num", "-" if x.get("ior") is None else f"{100 * x['ior']:+.2f}" + (
+                                      "" if x.get("ior_se_paired") is None else f" ± {_pct(x['ior_se_paired'])}")),
+                                  ("num", "-" if x.get("hlr") is None else f"{100 * x['hlr']:+.2f}")]
+                                 for x in extras]))
         parts.append("<h3>Sample grid</h3>")
         if grids.get(name):
             parts.append(f"<p><img class=\"grid\" src=\"{html.escape(grids[name])}\" alt=\"{_e(name)} sample grid: "

@@ -41,7 +41,8 @@ def test_missing_dataset_fails_with_one_line_and_no_scores(tmp_path):
     inp, out = _input(tmp_path), tmp_path / "output"
     proc = _run(inp, out)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: the submission is missing mnist5k.pt; upload a zip holding mnist5k.pt"
+    assert proc.stderr.strip() == ("error: the submission is missing mnist5k.pt; it holds nothing; upload a zip "
+                                   "holding mnist5k.pt at its top level")
     assert not out.exists()
 
 

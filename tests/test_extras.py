@@ -661,6 +661,11 @@ def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_
         assert r.exit_code == 0, r.output
     assert "arch mean mlp+vgg11 %" in (tmp_path / "with" / "index.html").read_text()
     assert "arch mean" not in (tmp_path / "without" / "index.html").read_text()
+    # each upload's page lists its extra rows per dataset, apart from the rounds (a researcher's review: none were)
+    (page,) = (tmp_path / "with" / "uploads").glob("alice*.html")
+    shown = page.read_text()
+    assert shown.count("<h3>Extra measures</h3>") == 2 and shown.count("<code>") >= 6
+    assert ">baseline:random<" in shown and ">arch:vgg11<" in shown and "+17.00" in shown
 
 
 def test_an_extra_column_never_holds_numbers_made_under_other_settings():

@@ -178,8 +178,8 @@ def _load_zip(path: Path, rules: UploadRules | None) -> tuple[list[DatasetEntry]
             pure = PurePosixPath(m.filename.replace("\\", "/"))
             if pure.is_absolute() or ".." in pure.parts or ":" in m.filename:
                 raise SubmissionError(f"{path} has a member with an unsafe path {m.filename!r}; refused")
+        members = [m for m in members if not m.filename.startswith(MACOS_FORKS + "/")]  # counted, never read
         _refuse_duplicates([m.filename for m in members], str(path))
-        members = [m for m in members if not m.filename.startswith(MACOS_FORKS + "/")]
         manifest = next((m for m in members if m.filename == MANIFEST), None)
         members = [m for m in members if m is not manifest]
         companions = {soft_companion_of(m.filename): m for m in members

@@ -426,3 +426,26 @@ def test_a_dataset_the_images_shape_contradicts_is_a_rule_mismatch(tmp_path, off
     with pytest.raises(RuleMismatch, match=r"foo.pt holds images of shape \(1, 28, 28\), not cifar10's \(3, 32, 32\); "
                                            "check --dataset"):
         load_submission(single, dataset="cifar10", rules=None)
+
+
+def test_a_finder_zips_resource_forks_are_not_read(tmp_path, official_file):
+    """A macOS Finder zip adds __MACOSX/._<file> beside each file: never read, in a zip or an unzipped res/ (what
+    Codabench hands the scoring program); a member count past the limit is still refused before anything."""
+    rules = UploadRules(("mnist5k",))
+    path = tmp_path / "finder.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("mnist5k.pt", official_file.read_bytes())
+        z.writestr("__MACOSX/._mnist5k.pt", b"\x00\x05\x16\x07 AppleDouble")
+        z.writestr("__MACOSX/._manifest.json", b"\x00\x05\x16\x07 AppleDouble")
+    res = tmp_path / "res"
+    (res / "__MACOSX").mkdir(parents=True)
+    (res / "mnist5k.pt").write_bytes(official_file.read_bytes())
+    (res / "__MACOSX" / "._mnist5k.pt").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    for upload in (path, res):
+        (entry,) = load_submission(upload, rules=rules)
+        assert (entry.spec.name, entry.ipc, len(entry.images)) == ("mnist5k", 10, 100)
+    with zipfile.ZipFile(path, "a") as z:
+        for i in range(100):
+            z.writestr(f"__MACOSX/._{i}", b"")
+    with pytest.raises(SubmissionError, match="holds 103 files; a submission zip holds at most"):
+        load_submission(path, rules=rules)

@@ -240,7 +240,10 @@ def store_identity(spec: DatasetSpec, root: Path) -> str:
     base = DATASETS[spec.validation_of] if spec.validation_of else spec
     if base.name == "mnist5k":
         return "embedded"
-    st = train_store_path(base, root).stat()
+    try:
+        st = train_store_path(base, root).stat()
+    except FileNotFoundError:  # only a key is being made: reading the baseline asks for the store (need_store)
+        return "absent"
     return f"{st.st_size} bytes, modified {st.st_mtime_ns}"
 
 

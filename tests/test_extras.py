@@ -405,7 +405,15 @@ def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path):
                 {"seeds": [1, 2, 3]}, {"test": "b" * 64}, {"device_name": "cuda:0 (H100)"}, {"together": True},
                 {"threads": 2}]
     made = [baseline_cache(**{**base, **v}) for v in variants]
-    assert len({p for p, _ in made}) == len({json.dumps(k, sort_keys=True) for _, k in made}) == len(variants)
+    # the training store the subset is drawn from (a researcher's review: a store prepared again reused the old
+    # baselines), and the ddchallenge whose generator and loop made them
+    store = tmp_path / "mnist_train.h5"
+    store.write_bytes(b"a store")
+    made.append(baseline_cache(**{**base, "spec": get_dataset("mnist")}))
+    store.write_bytes(b"a store prepared again")
+    made.append(baseline_cache(**{**base, "spec": get_dataset("mnist")}))
+    assert len({p for p, _ in made}) == len({json.dumps(k, sort_keys=True) for _, k in made}) == len(variants) + 2
+    assert made[0][1]["ddchallenge"] == __import__("ddchallenge").__version__ and made[0][1]["store"] == "embedded"
     assert all(p.parent == tmp_path / "extras" for p, _ in made)
     import torch
 

@@ -227,7 +227,7 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
 @click.option("--ipc", type=click.IntRange(1, MAX_RULE_IPC),
               help="Images per class every dataset must have (default: 10 for a res/ folder or zip, at most 100 for "
                    "a single file; for a generator folder the most that fit --budget, at most 100).")
-@click.option("--ref", "ref_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="Data root holding <dataset>_train.h5 (a validation view's test set is cut from it) and the "
@@ -266,7 +266,7 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
                    "own row, never in the challenge score.")
 @click.option("--temperature", type=FiniteFloatRange(0.1, 100.0),
               help="T of the soft-label KL, 0.1 to 100 (default 1: the probabilities as they are).")
-@click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--teacher", "teacher_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Teacher folder made by `ddchallenge teacher DATASET` (implies --labels teacher).")
 @record_key_option
 def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, json_path, output, quiet, no_sandbox,
@@ -292,6 +292,7 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
 
     if json_path is not None and len(uploads) > 1:
         raise errors.UsageError("--json takes one upload; a batch's results are the records in --output")
+    _existing_folder(ref_dir, "--ref", REF_FIX)
     if json_path is not None and str(json_path) != "-":
         _check_file_output(json_path, "--json", replaceable=b"{")  # before the score, not after
     from ddchallenge.evaluation.pool import parse_archs
@@ -365,10 +366,22 @@ def score(uploads, datasets, ipc, ref_dir, root, rounds, epochs, seed, device, j
         click.echo(score_table(outcome.result))
 
 
+TEACHER_FIX = "make one with `ddchallenge teacher DATASET -o DIR`"
+REF_FIX = "name the folder holding <dataset>_test.pt, or drop --ref to use the data root's"
+
+
+def _existing_folder(path: Path | None, option: str, fix: str) -> None:
+    """A folder an option reads must exist: a mistyped path is the command
+    line's mistake (exit 2), found before any work."""
+    if path is not None and not path.is_dir():
+        raise errors.UsageError(f"{option} {path}: no such folder; {fix}")
+
+
 def _label_request(labels: str | None, temperature: float | None, teacher_dir: Path | None) -> dict:
     """The soft-label settings of `score` (ExtrasRequest fields), the teacher
     checked now: a folder that is not a teacher stops the run before any
     upload is read or recorded."""
+    _existing_folder(teacher_dir, "--teacher", TEACHER_FIX)
     if teacher_dir is not None:
         if labels == "soft":
             raise errors.UsageError("--labels soft trains on the set's own soft labels and --teacher on a "
@@ -434,7 +447,7 @@ def _ipc(value: str) -> int | str:
 @click.option("--soft-labels", type=click.Choice(["teacher"]),
               help="Also store each image's soft labels: the --teacher's class probabilities (for score --labels "
                    "soft; not timed by --budget).")
-@click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--teacher", "teacher_dir", type=click.Path(file_okay=False, path_type=Path),
               help="With --soft-labels teacher: a teacher folder made by `ddchallenge teacher DATASET`.")
 @quiet_option
 def generate(dataset, method, ipc, seed, track, budget, root, device, model, sampler, steps, guidance, batch_size,
@@ -505,6 +518,7 @@ def _set_teacher(dataset: str, soft_labels: str | None, teacher_dir: Path | None
     from ddchallenge.protocol import get_dataset
     from ddchallenge.teacher import check_teacher_for, load_teacher
 
+    _existing_folder(teacher_dir, "--teacher", TEACHER_FIX)
     teacher = load_teacher(teacher_dir)
     check_teacher_for(teacher, get_dataset(dataset).name)
     return teacher
@@ -924,7 +938,7 @@ def reference() -> None:
 @click.argument("dataset")
 @click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds (official: 3).")
 @click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs (official: 1000).")
-@click.option("--ref", "ref_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt, as score --ref (default: the data root's test set).")
 @root_option
 @seed_option
@@ -943,6 +957,7 @@ def reference_full(dataset, rounds, epochs, ref_dir, root, seed, device, quiet):
     from ddchallenge.measures import full_reference
     from ddchallenge.protocol import OFFICIAL, get_dataset
 
+    _existing_folder(ref_dir, "--ref", REF_FIX)
     spec = get_dataset(dataset)
     recipe = OFFICIAL.with_overrides(epochs=epochs, rounds=rounds)
     dev = resolve_device(device)

@@ -294,6 +294,7 @@ def test_records_are_keyed_retried_and_checked(run_cli, official_file, tmp_path,
     assert r.exit_code == 0 and json.loads(record.read_text())["score"] == data["score"]
     # An environment failure (here: the reference data is missing) is not the upload's fault.
     out2, ref = tmp_path / "r-env", tmp_path / "ref"
+    ref.mkdir()  # a folder without the test set (a folder that does not exist is a typo: exit 2)
     r = run_cli("score", official_file, *FAST, "--output", out2, "--ref", ref)
     assert r.exit_code == 1 and "reference test set not found" in r.stderr and not out2.exists()
     save_reference(get_dataset("mnist5k"), ref / "mnist5k_test.pt")

@@ -90,7 +90,7 @@ def test_unnormalised_submission_warns_on_stderr(run_cli, tmp_path):
         (("score", "{official}", "--ipc", 0), 2, "Invalid value for '--ipc'"),
         (("score", "{official}", "--budget", 0), 2, "Invalid value for '--budget'"),
         (("score", "{cifar}"), 1, "error: no reference test set for cifar100"),
-        (("score", "{official}", "--ref", "{tmp}"), 2, "error: Invalid value for '--ref': Directory"),  # a typo
+        (("score", "{official}", "--ref", "{tmp}"), 2, "noref: no such folder; name the folder holding"),  # a typo
     ],
 )
 def test_bad_input_one_line_error_and_no_output(run_cli, official_file, tmp_path, args, code, message):

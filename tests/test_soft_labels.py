@@ -471,3 +471,22 @@ def test_track2_label_measures_it_cannot_give_are_refused_before_the_generator_r
     assert result.exit_code == code and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "results").glob("*.json")) if (tmp_path / "results").exists() else True
+
+
+@pytest.mark.parametrize("command", [
+    ("score", "{set}", "--epochs", "0", "--rounds", "1", "--teacher", "{missing}"),
+    ("generate", "--dataset", "mnist5k", "--method", "random", "--ipc", "1", "--soft-labels", "teacher", "--teacher",
+     "{missing}", "-o", "{out}"),
+    ("score", "{set}", "--epochs", "0", "--rounds", "1", "--teacher", "{set}"),
+    ("score", "{set}", "--epochs", "0", "--rounds", "1", "--ref", "{missing}"),
+    ("reference", "full", "mnist5k", "--epochs", "0", "--rounds", "1", "--ref", "{missing}"),
+])
+def test_a_mistyped_teacher_or_ref_folder_is_the_command_lines_mistake(run_cli, tmp_path, official_file, command):
+    """A researcher's review: `--teacher nonexist`, `--teacher FILE` and `--ref /nonexistent` exited 1, as if the
+    data were broken, where every other mistyped path exits 2."""
+    names = {"set": official_file, "missing": tmp_path / "nonexist", "out": tmp_path / "soft.h5"}
+    r = run_cli(*[w.format(**names) for w in command], "--output" if command[0] == "score" else "--quiet",
+                *([tmp_path / "results"] if command[0] == "score" else []))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ("no such folder" in r.stderr or "is a file" in r.stderr) and "Traceback" not in r.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "soft.h5").exists()

@@ -115,7 +115,7 @@ def _check_size(size: int, limit: int, source: str) -> None:
                               "check the IPC and the dataset")
 
 
-def _visible(folder: Path) -> list[Path]:
+def visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name not in IGNORED_IN_FOLDER and not p.name.startswith("."))
 
 
@@ -124,11 +124,11 @@ def _load_folder(path: Path, rules: UploadRules | None) -> list[DatasetEntry]:
     if folder != path:
         # A folder holding res/ holds no dataset file of its own: the files checked are the files scored (a
         # res/ of decoys beside a res/res/ would be read as res/res/). What `pack` writes beside res/ is not one.
-        beside = [p.name for p in _visible(path) if _is_dataset_file(p.name) or soft_companion_of(p.name)]
+        beside = [p.name for p in visible_files(path) if _is_dataset_file(p.name) or soft_companion_of(p.name)]
         if beside:
             raise SubmissionError(f"{path} holds res/ and also {', '.join(beside[:5])}; a submission folder is "
                                   "either a res/ folder of dataset files or a folder holding res/, not both")
-    files = _visible(folder)
+    files = visible_files(folder)
     links = [p.name for p in [folder, *files] if p.is_symlink()]
     if links:
         # A link could make the scorer read any file it can see.

@@ -37,7 +37,7 @@ from ddchallenge.isolation import SandboxUnavailable, clean
 from ddchallenge.protocol import DATASETS, OFFICIAL, UploadRules
 from ddchallenge.report import score_html, score_table
 from ddchallenge.score import score
-from ddchallenge.submission import IGNORED_IN_FOLDER
+from ddchallenge.submission import visible_files
 from ddchallenge.upload import generator_inside
 
 SHOWN = 8  # names of what res/ holds, in a refusal
@@ -68,7 +68,7 @@ def check_res(res: Path, wanted: list[str]) -> None:
     if found:
         raise UploadRuleError(f"the submission holds a generator or model ({clean(found, 200)}); this competition "
                               f"scores images: upload {upload}, the images your method made")
-    held = sorted(p for p in res.iterdir() if p.name not in IGNORED_IN_FOLDER and not p.name.startswith("."))
+    held = visible_files(res)
     missing = [d for d in wanted if not (res / f"{d}.pt").is_file()]
     if missing:
         shown = ", ".join(clean(p.name, 80) + ("/" if p.is_dir() else "") for p in held[:SHOWN])

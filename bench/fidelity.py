@@ -37,8 +37,9 @@ from ddchallenge.protocol import OFFICIAL, get_dataset
 import trainer_variants  # bench/, beside this script
 
 
-# Mid-range at the CPU's reduced budgets: ~45 % (CIFAR-100 shape, 4 passes), ~55 % (Tiny, 1 pass). At a GPU's
-# budgets they saturate (session 11, H100: 99.2 % at 21 passes, 100 % at 7), so bench/gpu_check.sh passes its own.
+# Off both ends at the CPU's reduced budgets: 25 % (CIFAR-100 shape, 4 passes), 47 % (Tiny, 1 pass), as measured
+# in docs/benchmarks.md. At a GPU's budgets they saturate (session 11, H100: 99.2 % at 21 passes, 100 % at 7), so
+# bench/gpu_check.sh passes its own.
 NOISE = {"mnist5k": 4.0, "cifar100": 6.0, "tinyimagenet": 4.0}
 
 

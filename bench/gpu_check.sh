@@ -41,11 +41,12 @@
 #               and HLR, official recipe, on mnist5k herding at IPC 10,
 #               seed 10                                                  150
 #   ipc50       with IPC50=MODEL only (issue 20): the IPC-50 rows of
-#               bench/track2_protocol.py (random real images, d4m,
-#               diffusion and d3m with matching, scoring seeds 10 and 20,
-#               official recipe) from MODEL, a copy of the validation
-#               generator's newest checkpoint carried with the tree (about
-#               16 h of one CPU core)                                    400
+#               bench/track2_protocol.py (random real images and each
+#               method's validated choice: d4m on its fitted table,
+#               diffusion at guidance 1, d3m, all with matching; scoring
+#               seeds 10 and 20, official recipe: eight scores) from MODEL,
+#               a copy of the validation generator's newest checkpoint
+#               carried with the tree (about 18 h of one CPU core)       400
 #   profile-*   with PROFILE=1 only: bench/gpu_profile.py, ms/epoch of the
 #               landed trainer against the variants (the new pool-reshape,
 #               channels-last and bf16 among them), and the top kernels of
@@ -124,7 +125,7 @@ if [ -n "${EXTRAS:-}" ]; then
 fi
 if [ -n "${IPC50:-}" ]; then
     step ipc50 400 $PY bench/track2_protocol.py --model "$IPC50" --out "$OUT/t2p" --dataset mnist5k --seeds 10 20 \
-        --ipc 50 --runs random d4m-m300 diffusion-m300 d3m-m300 \
+        --ipc 50 --runs random d4m-fit1000-m300-s30 diffusion-m300-g1 d3m-m300 \
         $([ -n "${SMOKE:-}" ] && echo "--epochs 1 --rounds 1")
 fi
 if [ -n "${PROFILE:-}" ]; then

@@ -150,6 +150,7 @@ NOT_RUN = {
     "ddchallenge generate --dataset mnist5k --method d4m --model /work/mnist5k-model --ipc 10 --strength S "
     "--guidance G --seed 0 -o sSgG.h5": MODEL,
     "ddchallenge prototypes /work/mnist5k-model --ipc 100": MODEL,
+    "ddchallenge invert /work/mnist5k-model --per-class 10 --steps 300 --lr 0.05": MODEL,
     "ddchallenge generate --dataset mnist5k --method d4m --model /work/mnist5k-model --ipc 10 --seed 0 "
     "--match-steps 300 -o d4m-m300.h5": MODEL,
     "ddchallenge generate --dataset mnist5k --method d4m --model /work/mnist5k-model --ipc 50 --seed 0 -o d4m.h5":
@@ -195,8 +196,10 @@ NOT_RUN = {
     "python bench/cluster_overhead.py": "a benchmark on Ray (minutes); its options are checked",
     "python bench/track2_quality.py": "a benchmark (hours, on a trained model); its options are checked",
     "python bench/track2_protocol.py": "a benchmark (hours, on a trained model); its options are checked",
+    "python bench/fit_probe.py": "a benchmark (an hour, on a trained model); its options are checked",
     "ddchallenge train mnist5k-val -o /work/models/mnist5k-val": "long: ~30 min on the validation view",
-    "ddchallenge score FOLDER --budget 600 --ipc 10": "a Track 2 run and an official score: ~20 min on 2 CPU cores",
+    "ddchallenge score FOLDER --budget 600 --ipc K": "a Track 2 run and an official score: ~20 min on 2 CPU cores "
+        "at IPC 10",
 }
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -58,6 +59,11 @@ def _stop_signal(exc: KeyboardInterrupt) -> int | None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# When this command began (time.monotonic()), before its heavy imports: `generate --track 2` times its budget from
+# here, as the scorer's budget includes its sandboxed child's start-up, so a local run is held to no less.
+INVOKED = "ddchallenge.invoked"
+# Where the data root is when --root is not given (ddchallenge.data.reference.data_root), as the help says it.
+DATA_ROOT_DEFAULT = "$DDCHALLENGE_DATA, else $XDG_CACHE_HOME/ddchallenge, else ~/.cache/ddchallenge"
 
 
 class _Command(click.Command):
@@ -101,6 +107,7 @@ class _Group(click.Group):
     group_class = type  # subgroups (`data`, `reference`) are _Groups too
 
     def invoke(self, ctx):
+        ctx.meta.setdefault(INVOKED, time.monotonic())
         main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
         _received.clear()
         before = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if main else {}
@@ -114,10 +121,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:  # every other command: its `finally`s ran; exit as a process the signal
-            signum = _stop_signal(exc)  # ended would
-            if signum is None:
-                raise  # Ctrl-C: click's own "Aborted!"
-            click.echo(f"\ninterrupted by {signal.Signals(signum).name}", err=True)
+            signum = _stop_signal(exc) or signal.SIGINT  # ended would (not click's "Aborted!" and exit 1, which
+            click.echo(f"\ninterrupted by {signal.Signals(signum).name}", err=True)  # reads as a failure)
             raise click.exceptions.Exit(128 + signum) from None
         except click.UsageError as exc:  # click's own: a bad option value or a missing argument, on one line
             where = exc.ctx.command_path if exc.ctx else ctx.command_path
@@ -215,7 +220,7 @@ seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0
                            help="Seed; scoring round r uses seed + r.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on stderr.")
 root_option = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
-                           help="Data root (default: $DDCHALLENGE_DATA or ~/.cache/ddchallenge).")
+                           help=f"Data root (default: {DATA_ROOT_DEFAULT}).")
 
 
 @cli.command()
@@ -231,8 +236,7 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="Data root holding <dataset>_train.h5 (a validation view's test set is cut from it) and the "
-                   "cache of --baseline (default: $DDCHALLENGE_DATA or ~/.cache/ddchallenge); the test sets are "
-                   "--ref's.")
+                   f"cache of --baseline (default: {DATA_ROOT_DEFAULT}); the test sets are --ref's.")
 @click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds per dataset (official: 3).")
 @click.option("--epochs", type=click.IntRange(0, MAX_EPOCHS), help="Recipe epochs; the loop runs epochs + 1 passes (official: 1000).")
 @seed_option
@@ -549,7 +553,8 @@ def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, 
         raise errors.UsageError(f"--method {method}: {model} runs {own} (its ddchallenge.json); under --track 2 the "
                                 "folder decides: drop --method")
     with shown(not quiet):
-        r = run_folder(model, dataset, ipc, seed, budget or TRACK2_BUDGET_SECONDS, device, output, force=force)
+        r = run_folder(model, dataset, ipc, seed, budget or TRACK2_BUDGET_SECONDS, device, output, force=force,
+                       started=click.get_current_context().meta[INVOKED])
     return r
 
 
@@ -733,7 +738,8 @@ def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, ma
 @click.option("--match-steps", type=int, help="Distribution matching steps (0: none).")
 @click.option("--unset", "unset", multiple=True, metavar="NAME",
               help="Remove this setting (e.g. guidance, match-steps) from the folder, so that a run uses the "
-                   "default; repeat for several.")
+                   "built-in value `settings` then shows (match-steps: 0, no matching; the 300 that train, "
+                   "prototypes and invert write is the folder's own setting); repeat for several.")
 @click.option("--drop-table", "drop_tables", multiple=True, metavar="NAME",
               help="Remove this stored table (e.g. d4m-ipc50) from the folder: a Track 2 run at IPC k refuses a "
                    "folder whose tables hold more than k rows per class in all; repeat for several.")
@@ -931,7 +937,8 @@ def leaderboard(results, fmt, extras, include_unofficial, track, datasets, ipc, 
 @cli.group()
 def reference() -> None:
     """Reference accuracies the extra measures of `score` compare against,
-    cached in the data root ($DDCHALLENGE_DATA or ~/.cache/ddchallenge)."""
+    cached in the data root ($DDCHALLENGE_DATA, else $XDG_CACHE_HOME/ddchallenge,
+    else ~/.cache/ddchallenge)."""
 
 
 @reference.command("full")
@@ -987,7 +994,7 @@ def data_list(root):
     from ddchallenge.data.reference import data_root
 
     rows = dataset_table(root)
-    click.echo(f"data root: {root or data_root()} (--root, or $DDCHALLENGE_DATA; default ~/.cache/ddchallenge)")
+    click.echo(f"data root: {root or data_root()} (--root, or {DATA_ROOT_DEFAULT})")
     click.echo(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple",
                         disable_numparse=True))
 

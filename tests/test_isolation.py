@@ -455,27 +455,31 @@ def test_a_batch_stopped_by_sigterm_kills_its_sandboxed_child_and_removes_its_fo
     assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "out").exists()
 
 
-def test_any_command_stopped_by_sigterm_exits_as_the_signal_would(run_cli, tmp_path, monkeypatch):
-    """Not only `score`: any command stopped by SIGTERM runs its cleanups
-    (the handler raises where Python's default would end the process at
-    once) and exits 128 + the signal with one line, not click's "Aborted!"
-    and exit 1, which a scheduler would read as the command's own failure."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_any_command_stopped_by_a_signal_exits_as_the_signal_would(run_cli, tmp_path, monkeypatch, signame):
+    """Not only `score`: any command stopped by SIGTERM or Ctrl-C (SIGINT) runs
+    its cleanups (the handler raises where Python's default would end the
+    process at once) and exits 128 + the signal with one line, not click's
+    "Aborted!" and exit 1, which a scheduler or a script would read as the
+    command's own failure."""
     import signal
     import time
 
     import ddchallenge.report
 
+    signum = getattr(signal, signame)
+
     def stopped(paths):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler raises here, long before this ends
         return paths
 
     monkeypatch.setattr(ddchallenge.report, "record_files", stopped)
-    before = signal.getsignal(signal.SIGTERM)  # Python's default, or what another library set (Ray does)
+    before = signal.getsignal(signum)  # Python's default, or what another library set (Ray does)
     r = run_cli("leaderboard", tmp_path)
-    assert r.exit_code == 128 + signal.SIGTERM, r.output
-    assert r.stderr == "\ninterrupted by SIGTERM\n"
-    assert signal.getsignal(signal.SIGTERM) is before  # put back as it was
+    assert r.exit_code == 128 + signum, r.output
+    assert r.stderr == f"\ninterrupted by {signame}\n"
+    assert signal.getsignal(signum) is before  # put back as it was
 
 
 def test_the_sandboxed_child_dies_with_a_parent_killed_by_sigkill(tmp_path):

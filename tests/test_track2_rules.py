@@ -448,3 +448,33 @@ def test_a_mixed_batch_gives_its_generators_the_budget_and_scores_the_rest_as_tr
     assert records["gen"]["settings"]["mixed"] is True
     r = run_cli("score", official_file, "--mixed", "--quiet")
     assert r.exit_code == 2 and "--mixed gives the generator folders of a batch a Track 2 budget" in _errors(r)[0]
+
+
+def test_track2_generate_times_its_budget_from_the_command_start_as_the_scorer_does(d4m_folder, tmp_path, monkeypatch,
+                                                                                   run_cli):
+    """The scorer's budget includes its sandboxed child's start-up; `generate
+    --track 2` started its clock only when the folder began to run, so a
+    local run had that much more time than the scorer gives. It now counts
+    from the command's start: time spent before the run is the budget's."""
+    import time
+
+    import ddchallenge.generators.track2 as track2
+
+    seen = {}
+    real_folder_method, real_run_folder = track2.folder_method, track2.run_folder
+
+    def slow_folder_method(model):
+        time.sleep(0.5)  # stands for the work a command does before the run: imports, reading the folder
+        return real_folder_method(model)
+
+    def run_folder(*args, started=None, **kwargs):
+        seen["started"], seen["called"] = started, time.monotonic()
+        return real_run_folder(*args, started=started, **kwargs)
+
+    monkeypatch.setattr(track2, "folder_method", slow_folder_method)
+    monkeypatch.setattr(track2, "run_folder", run_folder)
+    before = time.monotonic()
+    r = run_cli("generate", "--track", "2", "--model", _copy(d4m_folder, tmp_path), "--dataset", "mnist5k", "--ipc",
+                2, "--device", "cpu", "--quiet", "-o", tmp_path / "g.h5")
+    assert r.exit_code == 0, r.output
+    assert before <= seen["started"] <= seen["called"] - 0.5, seen

@@ -828,12 +828,12 @@ def verify(recipes, with_score, device, strict, record, quiet):
     from ddchallenge.verify import record as run_record
     from ddchallenge.verify import verify as run_verify
 
-    from ddchallenge.verify import VerificationFailed, load_recipe
+    from ddchallenge.verify import VerificationFailed, check_runnable, load_recipe
 
     if strict and record:
         raise errors.UsageError("--record writes what a run makes; it takes no --strict")
-    for path in recipes:  # every recipe is read before any runs: a typo in the last fails in a second, not an hour
-        load_recipe(path)
+    for path in recipes:  # every recipe is checked before any runs: a typo in the last fails in a second, not an hour
+        check_runnable(load_recipe(path), with_score, recording=record)
     failed = []
     for path in recipes:  # a recipe that fails is reported and the others still run, so CI lists every failure
         try:
@@ -841,7 +841,7 @@ def verify(recipes, with_score, device, strict, record, quiet):
                 v = run_record(path, with_score=with_score, device=device, progress=not quiet)
             else:
                 v = run_verify(path, with_score=with_score, device=device, progress=not quiet, strict=strict)
-        except VerificationFailed as exc:
+        except errors.DDChallengeError as exc:  # a failed check, or what only the run could find (a missing store)
             click.echo(f"FAILED {path}: {exc}", err=True)
             failed.append(str(path))
             continue
@@ -863,7 +863,8 @@ def verify(recipes, with_score, device, strict, record, quiet):
 @click.option("--extras", is_flag=True, help="Also show the extra measures' columns (score --arch/--baseline/--labels/"
               "--teacher: each architecture, their mean, IOR, HLR, soft labels), after the challenge score.")
 @click.option("--include-unofficial", is_flag=True,
-              help="Also show records made with a non-official budget, ranked apart, each recipe on its own.")
+              help="Also show records made with a non-official budget, ranked apart: each recipe and set of "
+              "datasets (and Track 1 IPCs) on its own.")
 @click.option("--track", type=click.IntRange(1, 2),
               help="Rank this track's results only (needed where RESULTS hold both: a --mixed batch, or two batches "
                    "into one folder); the other's are counted as left out.")

@@ -114,7 +114,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Isolation:
-    prefix: tuple[str, ...]  # command prefix that starts the child in its own network namespace
+    prefix: tuple[str, ...]  # command prefix that starts the child isolated (its own network namespace, unless
+    # own_network is False; as `uid` where set; with the parent-death keeper where it works)
     uid: int | None  # the unprivileged user the child runs as, when this process is root
     own_network: bool = True  # False: the child shares this process's network (`share_network`)
 
@@ -124,8 +125,9 @@ _network_may_be_shared = False
 
 def share_network() -> None:
     """Where no network namespace can be made, run the child in this
-    process's network, with every other protection, and say so in `describe`.
-    For the Codabench program only (evaluate.py --container-network):
+    process's network, as `nobody` where this process is root and may switch
+    user, with the other limits this machine allows, and say so in
+    `describe`. For the Codabench program only (evaluate.py --container-network):
     Codabench starts scoring programs in a Docker container without
     CAP_SYS_ADMIN, under the default seccomp profile, where `unshare --net`
     is refused; that container is the boundary the platform gives, and a
@@ -146,7 +148,11 @@ def isolation() -> Isolation | None:
         if os.geteuid() == 0:
             candidates.append(([unshare, "--net", "--setuid", str(NOBODY), "--setgid", str(NOBODY)], NOBODY, True))
         candidates += [([unshare, "--net"], None, True), ([unshare, "--net", "--map-root-user"], None, True)]
-    if _network_may_be_shared:  # the last resort, only where allowed
+    if _network_may_be_shared:  # the last resort, only where allowed: as nobody where the user can be switched
+        setpriv = shutil.which("setpriv")  # (a plain `docker run` keeps that right while refusing the namespace)
+        if setpriv is not None and os.geteuid() == 0:
+            candidates.append(([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"], NOBODY,
+                               False))
         candidates.append(([], None, False))
     keeper = _death_with_parent()
     for prefix, uid, own_network in candidates:
@@ -217,6 +223,8 @@ def describe(limits: Limits = Limits(), cuda: bool = False) -> str:
              "could be made)"]
     if iso.uid is not None:
         parts.append("user nobody")
+    elif not iso.own_network:
+        parts.append("the scorer's own user (no user switch could be made)")
     memory = size(limits.memory_bytes)
     if _cgroup_root("memory"):
         parts.append(f"memory {memory} (cgroup)")

@@ -19,6 +19,7 @@ is a warning, never the upload's failure.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import torch
 
-from ddchallenge import __version__
 from ddchallenge.data import load_reference
 from ddchallenge.data.reference import class_sizes, data_root, load_train, normalise, train_store_path
 from ddchallenge.errors import DatasetError, EnvironmentFailure, OptionMismatch
@@ -229,8 +229,31 @@ def baseline_cache(spec: DatasetSpec, method: str, settings: dict, seeds: list[i
     key = {"measure": measure, "dataset": spec.name, "ipc": settings["ipc"],
            "recipe_hash": recipe_hash(measure, settings), "seeds": list(seeds), "test_sha256": test,
            "device": device_name, "cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-           "together": together, "threads": threads, "ddchallenge": __version__, "store": store_identity(spec, root)}
+           "together": together, "threads": threads, "code": code_identity(), "store": store_identity(spec, root)}
     return root / CACHE_FOLDER / f"{spec.name}-ipc{settings['ipc']}-{method}-{_digest(key)}.json", key
+
+
+# The modules whose code decides a baseline's accuracies: the subset (drawn or herded), how it is read back, and
+# the whole training loop. Their source, not the package's version (which no edit changes), keys the cache.
+BASELINE_CODE = ("evaluation", "generators/baselines.py", "kmeans.py", "labelled.py", "submission.py", "protocol.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_identity() -> str:
+    """The digest of this installation's BASELINE_CODE (`source_digest`)."""
+    return source_digest(Path(__file__).resolve().parent)
+
+
+def source_digest(package: Path) -> str:
+    """sha256 of the source of BASELINE_CODE in `package` (a folder: every
+    .py in it), in a fixed order: a change to any of them makes every
+    baseline anew."""
+    h = hashlib.sha256()
+    for name in BASELINE_CODE:
+        for path in sorted((package / name).glob("*.py")) if (package / name).is_dir() else [package / name]:
+            h.update(f"{path.relative_to(package)}\n".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def store_identity(spec: DatasetSpec, root: Path) -> str:

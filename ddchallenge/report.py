@@ -391,13 +391,16 @@ def _method(record: dict) -> str | None:
 
 def _rank_by_recipe(kept: list[tuple[str, dict]], board: tuple[str, ...] | None = None) -> list[Entry]:
     """Non-official records, each recipe ranked on its own (1 epoch against
-    300 compares nothing), and within it each set of datasets and IPCs (IPC
-    1 against IPC 50 compares nothing either, and a dataset a record lacks
-    would count 0): the recipes by epochs, then rounds, most first, then by
-    hash; ranks start at 1 in each group."""
+    300 compares nothing), and within it each set of datasets (a dataset a
+    record lacks would count 0) and, in Track 1, of IPCs (IPC 1 against IPC
+    50 compares nothing either; a Track 2 generator makes as many as fit
+    its budget, and is ranked against the others as in the official
+    section): the recipes by epochs, then rounds, most first, then by hash;
+    ranks start at 1 in each group."""
     groups: dict[tuple, list[tuple[str, dict]]] = {}
     for path, r in kept:
-        held = tuple(sorted((d["dataset"], d["ipc"]) for d in r["datasets"]))
+        by_ipc = (record_track(r) or (1, None))[0] == 1
+        held = tuple(sorted((d["dataset"], d["ipc"] if by_ipc else None) for d in r["datasets"]))
         groups.setdefault((r["recipe_hash"], held), []).append((path, r))
 
     def order(key: tuple):
@@ -467,7 +470,7 @@ def leaderboard(board: Leaderboard | list[dict], fmt: str = "table", extras: boo
     if board.official or not board.unofficial:
         parts.append(tabulate(sections[0], headers=headers, tablefmt=style, disable_numparse=True))
     if board.unofficial:
-        title = f"{NOT_OFFICIAL}: ranked apart, each recipe on its own, " + (
+        title = f"{NOT_OFFICIAL}: ranked apart, each recipe and set of datasets (and Track 1 IPCs) on its own, " + (
             "not comparable with the ranking above" if board.official else "not comparable with official results")
         parts += [f"<h3>{title}</h3>" if fmt == "html" else f"{chr(10) * bool(parts)}{'### ' * (fmt == 'md')}{title}\n",
                   tabulate(sections[1], headers=headers, tablefmt=style, disable_numparse=True)]

@@ -235,7 +235,8 @@ def index_html(board: Leaderboard, site_rows: list[Row], extras: bool = False) -
             "<section id=\"unofficial\" class=\"unofficial\">",
             f"<h2>{NOT_OFFICIAL.capitalize()}</h2>",
             "<p class=\"note\">Scored with other epochs or rounds than the official recipe: ranked apart, each "
-            "recipe on its own (ranks start again at each recipe), not comparable with the ranking above.</p>",
+            "recipe and set of datasets (and Track 1 IPCs) on its own (ranks start again at each), not comparable "
+            "with the ranking above.</p>",
             _ranking(unofficial, board.datasets, columns),
             "</section>",
         ]

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save_file
 
 from ddchallenge import isolation
-from ddchallenge.diffusion.model import checkpoints, generator_marker, META_FILE
+from ddchallenge.diffusion.model import checkpoints, generator_marker, META_FILE, NEVER_READ
 from ddchallenge.errors import BudgetExceeded, RuleMismatch, SubmissionError, UploadChanged, UploadRuleError
 from ddchallenge.isolation import Input, Limits
 from ddchallenge.labelled import check_soft_labels
@@ -31,7 +31,6 @@ from ddchallenge.protocol import DATASETS, MAX_IPC, UploadRules, get_dataset
 from ddchallenge.submission import DatasetEntry, bounded_provenance, check_images, check_labels, load_submission
 
 GENERATOR_BYTES = 8 << 30  # a Stable Diffusion VAE is 0.3 GiB, the largest preset UNet 0.1 GiB
-GENERATOR_SKIP = ("training_state", "*.bin", "*.pt", "*.ckpt", "*.pkl")  # never read by generation
 BUDGET_HINT = "raise --budget, pass a smaller --ipc, or score on a GPU (--device cuda); the challenge allows 600 s"
 MAX_ENTRIES = len(DATASETS)
 IMAGES, GENERATOR = "images", "generator"  # the kinds of upload
@@ -123,7 +122,7 @@ def inspect(path: str | os.PathLike, rules: UploadRules, track2: bool | None) ->
         kind = upload_kind(path, track2)
     limits = upload_limits(kind, rules)
     try:
-        return isolation.inspect(path, limits, GENERATOR_SKIP if kind == GENERATOR else ())
+        return isolation.inspect(path, limits, NEVER_READ if kind == GENERATOR else ())
     except isolation.OverLimit:
         if kind == GENERATOR:
             raise
@@ -218,7 +217,7 @@ def generate_upload(model: str | os.PathLike, rules: UploadRules, budget: float,
             cuda = device != "cpu" and torch.cuda.is_available()
             limits = Limits(input_bytes=GENERATOR_BYTES, wall_seconds=budget + grace,
                             cpu_seconds=max(Limits().cpu_seconds, int(budget + grace) * 64))
-            given = Input(model, skip=GENERATOR_SKIP, sha256=sha256)
+            given = Input(model, skip=NEVER_READ, sha256=sha256)
             try:
                 with ticking(f"Track 2 run for {dataset} (sandboxed, {budget:g} s budget)", budget), \
                         isolation.run(_generate_in_child, request, {"model": given}, limits, cuda=cuda) as out:

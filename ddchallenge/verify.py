@@ -302,10 +302,12 @@ def _train_section(section, path: Path) -> dict | None:
         elif type(default) is bool:
             ok, want = type(value) is bool, "true or false"
         elif type(default) is int:
-            ok = type(value) is int and 0 <= value <= MAX_TRAIN_NUMBER
-            want = f"a whole number from 0 to {MAX_TRAIN_NUMBER:,}"
-        else:
-            ok = type(value) in (int, float) and math.isfinite(value) and value >= 0
+            top = MAX_SEED if key == "seed" else MAX_TRAIN_NUMBER  # `train --seed` takes any seed
+            ok = type(value) is int and 0 <= value <= top
+            want = f"a whole number from 0 to {top:,}"
+        else:  # a TOML integer has no size limit: a huge one is no float
+            ok = (type(value) is int and 0 <= value <= MAX_TRAIN_NUMBER
+                  or type(value) is float and math.isfinite(value) and value >= 0)
             want = "a number >= 0"
         if not ok:
             raise UsageError(f"recipe {path}: [train] {key} must be {want}, got {value!r}")
@@ -455,16 +457,34 @@ class Verification:
                 f"inside the tolerance of {tol.pixels} pixels by at most {_levels(tol.levels)} ({machine()})")
 
 
+def check_runnable(recipe: Recipe, with_score: bool = False, recording: bool = False) -> None:
+    """What a run of `recipe` (`verify`, or `record` when `recording`) would
+    refuse, found in a second, before anything trains: a list of recipes
+    is checked whole before the first runs."""
+    if not recording and recipe.sha256 is None:
+        raise UsageError(f"recipe {recipe.path} records no [expect] sha256; write it with "
+                         f"`ddchallenge verify --record {recipe.path}`")
+    if with_score and recipe.band is None:
+        raise UsageError(f"recipe {recipe.path} has no [expect.score] band to check; drop --score")
+    if recording:  # a recipe file name that makes no valid images name, an [expect] table that cannot be rewritten
+        name = _images_name(recipe.images or recipe.path.name.removesuffix(".toml") + REFERENCE_SUFFIX, recipe.path)
+        set_expect_values(recipe.path.read_text(), {"sha256": "0" * 64, "images": name, "images_sha256": "0" * 64},
+                          recipe.path)
+    if recipe.train is not None:
+        from ddchallenge.diffusion.config import train_config
+
+        try:
+            train_config(recipe.dataset, **recipe.train)  # a preset, levels and step counts that can train
+        except UsageError as exc:
+            raise UsageError(f"recipe {recipe.path}: [train] {exc}") from None
+
+
 def verify(path: str | os.PathLike, with_score: bool = False, device: str = "auto", progress: bool = True,
            strict: bool = False) -> Verification:
     """Regenerate the recipe; pass on equal bytes, or (unless `strict`) on
     images inside the recipe's tolerance of the recorded ones."""
     recipe = load_recipe(path)
-    if recipe.sha256 is None:
-        raise UsageError(f"recipe {recipe.path} records no [expect] sha256; write it with "
-                         f"`ddchallenge verify --record {recipe.path}`")
-    if with_score and recipe.band is None:
-        raise UsageError(f"recipe {recipe.path} has no [expect.score] band to check; drop --score")
+    check_runnable(recipe, with_score)
     with tempfile.TemporaryDirectory(prefix="ddchallenge-verify-") as tmp:
         tmp = Path(tmp)
         recorded = None
@@ -517,10 +537,8 @@ def record(path: str | os.PathLike, with_score: bool = False, device: str = "aut
     `with_score` the band must hold first. The tolerance and band are left as
     they are: they are decisions, not measurements."""
     recipe = load_recipe(path)
-    if with_score and recipe.band is None:
-        raise UsageError(f"recipe {recipe.path} has no [expect.score] band to check; drop --score")
+    check_runnable(recipe, with_score, recording=True)
     images_name = recipe.images or recipe.path.name.removesuffix(".toml") + REFERENCE_SUFFIX
-    _images_name(images_name, recipe.path)  # a recipe file name that makes no valid images name is refused here
     text = recipe.path.read_text()
     with tempfile.TemporaryDirectory(prefix="ddchallenge-record-") as tmp:
         new = regenerate(recipe, Path(tmp), device, progress)

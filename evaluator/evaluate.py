@@ -13,8 +13,9 @@ recipe is the official one; --epochs and --rounds exist for local smoke runs.
 The upload is read in a sandboxed child process without network. Codabench's
 default workers start the scoring container without the capability a network
 namespace needs; there `--container-network` (which the shipped `metadata`
-passes) lets the child share the container's network, keeping every other
-limit, and result.json says so. Without it such a machine scores nothing.
+passes) lets the child share the container's network, with the other limits
+the container allows (as `nobody` where it may switch user), and
+result.json's `sandbox` says which. Without it such a machine scores nothing.
 
 Codabench marks a submission Failed when no scores.txt is written, and shows
 the program's stderr to the team in the submission's scoring logs. An invalid
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("output", type=Path)
     ap.add_argument("--container-network", action="store_true",
                     help="where no network namespace can be made (Codabench's default workers), let the sandboxed "
-                         "child share this container's network; every other limit holds, and result.json says so")
+                         "child share this container's network; result.json's sandbox says what held")
     ap.add_argument("--epochs", type=int, help="non-official: fewer epochs, for smoke runs")
     ap.add_argument("--rounds", type=int, help="non-official: other number of rounds")
     ap.add_argument("--device", default="auto")
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args.input, args.output, args.epochs, args.rounds, args.device)
     except SandboxUnavailable:  # its message offers --no-sandbox, which a scoring program never has
+        if args.container_network:  # even the last candidate failed: its probe imports ddchallenge from /
+            print("error: the scoring machine cannot start the sandboxed child: `python -c 'import ddchallenge'` "
+                  "fails from /; this is the host's failure, not the submission's; install ddchallenge in the "
+                  "scoring image", file=sys.stderr)
+            return 2
         print("error: the scoring machine cannot sandbox submissions (`unshare --net` is missing or not permitted); "
               "this is the host's failure, not the submission's; on a worker that cannot make a network namespace "
               "(Codabench's default), pass --container-network in the metadata's command", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The Codabench/Codalab scoring program on a real mnist5k res/ref pair."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,14 +105,49 @@ def test_on_a_worker_without_network_namespaces_container_network_scores_and_say
     import os
 
     inp, out = _input(tmp_path, official_file), tmp_path / "output"
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no unshare: as in that container
+    refusing = tmp_path / "bin"  # `unshare` there but refused, as in that container
+    refusing.mkdir()
+    (refusing / "unshare").write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    (refusing / "unshare").chmod(0o755)
+    env = {**os.environ, "PATH": f"{refusing}:{os.environ['PATH']}"}
     proc = subprocess.run([sys.executable, str(PROGRAM), str(inp), str(out), "--container-network", "--epochs", "0",
                            "--rounds", "1", "--device", "cpu"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["sandbox"].startswith("network shared with the scoring container (no namespace could be made), ")
     assert "CPU 900 s" in result["sandbox"] and (out / "scores.txt").is_file()
+    # A code review: the child kept root here although `nobody` could be had (a plain `docker run` keeps SETUID).
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        assert ", user nobody, " in result["sandbox"], result["sandbox"]
+    else:
+        assert ", the scorer's own user (no user switch could be made), " in result["sandbox"], result["sandbox"]
     assert "--container-network" in (PROGRAM.parent / "metadata").read_text().splitlines()[0]
+
+
+def test_container_network_whose_child_cannot_start_names_the_install_not_the_flag(tmp_path, official_file,
+                                                                                  monkeypatch, capsys):
+    """A code review: with --container-network given, no candidate works only where the child cannot import
+    ddchallenge; the message told the organiser to pass the flag they had passed."""
+    import importlib.util
+
+    import ddchallenge.isolation
+
+    def no_candidate_works():
+        return None
+
+    no_candidate_works.cache_clear = lambda: None
+    monkeypatch.setattr(ddchallenge.isolation, "isolation", no_candidate_works)
+    monkeypatch.setattr(ddchallenge.isolation, "_network_may_be_shared", False)  # put back after the test
+    spec = importlib.util.spec_from_file_location("codabench_evaluate", PROGRAM)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    inp, out = _input(tmp_path, official_file), tmp_path / "output"
+    code = program.main([str(inp), str(out), "--container-network", "--epochs", "0", "--rounds", "1", "--device",
+                         "cpu"])
+    assert code == 2 and not (out / "scores.txt").exists()
+    assert capsys.readouterr().err == ("error: the scoring machine cannot start the sandboxed child: `python -c "
+                                       "'import ddchallenge'` fails from /; this is the host's failure, not the "
+                                       "submission's; install ddchallenge in the scoring image\n")
 
 
 def test_where_a_namespace_can_be_made_container_network_changes_nothing(tmp_path, official_file):

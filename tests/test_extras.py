@@ -3,6 +3,7 @@ in a result, read back as untrusted input; their own recipe hashes."""
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -387,7 +388,7 @@ def test_a_reused_records_hlr_follows_the_cache_keeps_its_signature_and_survives
         assert r.stderr.count("HLR not brought up to date") == 2 and [f.read_bytes() for f in files] == now
 
 
-def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path):
+def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path, monkeypatch):
     """Dataset, method, IPC, subset seed, recipe, seeds, test set, device,
     CPU threads, torch and the batching of rounds: change any one, and the
     entry (file and key) is another, so no cached accuracy stands for
@@ -413,7 +414,22 @@ def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path):
     store.write_bytes(b"a store prepared again")
     made.append(baseline_cache(**{**base, "spec": get_dataset("mnist")}))
     assert len({p for p, _ in made}) == len({json.dumps(k, sort_keys=True) for _, k in made}) == len(variants) + 2
-    assert made[0][1]["ddchallenge"] == __import__("ddchallenge").__version__ and made[0][1]["store"] == "embedded"
+    assert made[0][1]["store"] == "embedded"
+    # a code review: the key held the package version, which no edit changes; it holds the code's own digest,
+    # which an edit of the training loop changes
+    import shutil
+
+    from ddchallenge import measures
+
+    assert made[0][1]["code"] == measures.code_identity() and len(made[0][1]["code"]) == 64
+    package = tmp_path / "copy"
+    shutil.copytree(Path(measures.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert measures.source_digest(package) == measures.code_identity()
+    with open(package / "evaluation" / "train.py", "a") as f:
+        f.write("# an edit of the training loop\n")
+    assert measures.source_digest(package) != measures.code_identity()
+    monkeypatch.setattr(measures, "code_identity", lambda: "0" * 64)
+    assert baseline_cache(**base)[0] != made[0][0]
     assert all(p.parent == tmp_path / "extras" for p, _ in made)
     import torch
 

@@ -118,6 +118,20 @@ def test_declared_tables_are_checked_before_the_run(d4m_folder, tmp_path, run_cl
     assert "Traceback" not in r.stderr and not out.exists()
 
 
+def test_a_file_generation_never_reads_is_ignored_among_the_tables_as_the_sandbox_ignores_it(d4m_folder, tmp_path,
+                                                                                              run_cli):
+    """A sandboxed run's copy of the folder leaves out names generation never
+    reads (`*.pt` among them), so an undeclared codebooks/leftover.pt passed
+    there but was refused by the same run in-process; both now ignore it,
+    while an undeclared .safetensors (above) is refused by both."""
+    folder = _copy(d4m_folder, tmp_path)
+    (folder / "codebooks" / "leftover.pt").write_bytes(b"never read")
+    out = tmp_path / "x.h5"
+    r = run_cli("generate", "--dataset", "mnist5k", "--model", folder, "--ipc", 2, "--track", 2, "--device", "cpu",
+                "--quiet", "-o", out)
+    assert r.exit_code == 0 and out.exists(), r.output
+
+
 def _nested_header(path):
     """A header that nests 100,000 lists: json.loads would recurse past Python's limit."""
     header = b"[" * 100_000 + b"]" * 100_000
@@ -478,3 +492,18 @@ def test_track2_generate_times_its_budget_from_the_command_start_as_the_scorer_d
                 2, "--device", "cpu", "--quiet", "-o", tmp_path / "g.h5")
     assert r.exit_code == 0, r.output
     assert before <= seen["started"] <= seen["called"] - 0.5, seen
+
+
+def test_the_rows_a_run_read_are_counted_over_its_tables_together():
+    """An attacker's review: after a run each table it read was held to the IPC on its own, so a method that read
+    two tables of k rows each would have read 2k rows per class and passed."""
+    from ddchallenge.errors import UploadRuleError
+    from ddchallenge.protocol import check_tables_read
+
+    check_tables_read({"d4m-ipc10": 10}, 10, "run")
+    check_tables_read({"d4m-ipc4": 4, "d3m-k6": 6}, 10, "run")
+    with pytest.raises(UploadRuleError, match=r"^run: the run read 12 stored rows per class \(table d3m-k6 6, "
+                                              r"d4m-ipc6 6\) and made only IPC 10; "):
+        check_tables_read({"d4m-ipc6": 6, "d3m-k6": 6}, 10, "run")
+    with pytest.raises(UploadRuleError, match="read 11 stored rows per class"):
+        check_tables_read({"d4m-ipc11": 11}, 10, "run")

@@ -295,6 +295,13 @@ DIFFUSION = SUBMISSIONS / "mnist5k-diffusion.toml"
     (DIFFUSION, "steps = 300", "steps = 300\nchannels = 5", "[train] channels must be a list of whole numbers"),
     (DIFFUSION, "steps = 300", 'steps = 300\nvae = "/tmp/vae"', "[train] vae must be a Hub id or a relative path"),
     (DIFFUSION, "steps = 300", "steps = 300\nlr = nan", "[train] lr must be a number >= 0, got nan"),
+    # A code review: these were found only when the recipe ran (after the others had trained and scored), or, for
+    # a TOML integer too large for a float, as a traceback.
+    (DIFFUSION, "steps = 300", "steps = 300\nlr = 1" + "9" * 400, "[train] lr must be a number >= 0, got 1999"),
+    (DIFFUSION, "steps = 300", "steps = 0", "[train] steps must be at least 1, got 0"),
+    (DIFFUSION, 'preset = "tiny"', 'preset = "nope"', "[train] no training preset 'nope'"),
+    (DIFFUSION, "steps = 300", "steps = 300\nchannels = [32]", "[train] channels and attention need one entry per level"),
+    (RANDOM, "[expect.score]", "[unused]", "has no [expect.score] band to check; drop --score"),
 ])
 def test_a_recipe_value_of_the_wrong_type_or_range_is_refused_before_anything_runs(run_cli, tmp_path, recipe, old,
                                                                                    new, message):
@@ -316,6 +323,9 @@ def test_every_recipe_is_read_before_any_runs_and_every_failure_is_listed(record
     (tmp_path / "typo.toml").write_text(path.read_text().replace("ipc = 10", "ipc = ten"))
     r = run_cli("verify", "--quiet", tmp_path / "bad.toml", tmp_path / "typo.toml")
     assert r.exit_code == 2 and "typo.toml is not valid TOML" in r.stderr and "FAILED" not in r.stderr  # nothing ran
+    (tmp_path / "slow.toml").write_text(path.read_text().replace("[expect]", "[train]\nsteps = 0\n\n[expect]"))
+    r = run_cli("verify", "--quiet", tmp_path / "bad.toml", tmp_path / "slow.toml")  # found before anything runs
+    assert r.exit_code == 2 and "slow.toml: [train] steps must be at least 1" in r.stderr and "FAILED" not in r.stderr
     r = run_cli("verify", "--quiet", tmp_path / "bad.toml", path)
     assert r.exit_code == 1 and r.stdout.startswith(f"ok {load_recipe(path).name}: sha256 {expected} (exact)")
     assert r.stderr.count("FAILED") == 1 and f"FAILED {tmp_path / 'bad.toml'}: " in r.stderr

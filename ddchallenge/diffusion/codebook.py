@@ -30,6 +30,7 @@ generation imports can reach them.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -40,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from ddchallenge.diffusion.model import META_FILE, Generator, ModelArgumentError, ModelError, checkpoints, resolve
+from ddchallenge.diffusion.model import (META_FILE, NEVER_READ, Generator, ModelArgumentError, ModelError, checkpoints,
+                                        resolve)
 
 FOLDER = "codebooks"
 
@@ -183,7 +185,10 @@ def declared_tables(folder: Path, meta: dict) -> list[DeclaredTable]:
                              "remake the table")
         files.add(path.name)
         tables.append(DeclaredTable(name, record["file"], classes, rows, size))
-    stray = sorted(p.name for p in (folder / FOLDER).iterdir() if p.name not in files) \
+    # A name generation never reads is left out of a sandboxed run's copy; ignored here too, so that a run in-process
+    # (`--no-sandbox`) judges the folder the sandbox's child sees.
+    stray = sorted(p.name for p in (folder / FOLDER).iterdir()
+                   if p.name not in files and not any(fnmatch.fnmatch(p.name, pattern) for pattern in NEVER_READ)) \
         if (folder / FOLDER).is_dir() and not (folder / FOLDER).is_symlink() else []
     if stray:
         raise ModelError(f"{folder.name}/{FOLDER}/{stray[0]} is not declared in {META_FILE}; a generator folder "

@@ -41,6 +41,9 @@ from ddchallenge.protocol import VALIDATION_SUFFIX, DatasetSpec
 log = logging.getLogger(__name__)
 
 META_FILE = "ddchallenge.json"
+# Names (glob patterns, at any depth) in a generator folder that generation never reads: training leftovers and
+# pickles. A sandboxed Track 2 run is given the folder without them, and a run in-process ignores them alike.
+NEVER_READ = ("training_state", "*.bin", "*.pt", "*.ckpt", "*.pkl")
 FORMAT = "ddchallenge-diffusion"
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")

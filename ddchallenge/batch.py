@@ -234,11 +234,12 @@ def _datasets_it_cannot_make(path: Path, rules: UploadRules) -> str | None:
             f"{'' if rules.datasets else ' by default'}); pass --dataset {trained.name}")
 
 
-def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, device: str,
+def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike, device: str | None,
                 settings: BatchSettings | None = None) -> tuple[list[Path], list[str]]:
     """The organiser's mistakes, refused before anything is scored; the
     uploads' paths and names. With `settings`, a path that is no upload of
-    this batch at all (`not_an_upload`) is one of them."""
+    this batch at all (`not_an_upload`) is one of them. `device`: this
+    machine's, checked here (None: a cluster's, checked by the cluster)."""
     missing = [clean(str(u)) for u in uploads if not os.path.lexists(u)]
     if missing:  # a mistyped path is the organiser's mistake, not an upload's failure
         raise UsageError(f"upload not found: {', '.join(missing)}")
@@ -256,7 +257,8 @@ def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UsageError(f"several uploads are named {', '.join(map(clean, repeated))}; results are stored by name")
-    resolve_device(device)  # a bad --device is the organiser's mistake too
+    if device is not None:
+        resolve_device(device)  # a bad --device is the organiser's mistake too
     out = Path(output_dir)
     if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"--output {out} is not a folder")

@@ -180,10 +180,16 @@ def _records(folder: Path) -> dict[str, int]:
 
 
 def _check_device(ctx, param, value: str) -> str:
-    """Every command refuses a device it could not use, whether or not this run needs one."""
+    """Every command refuses a device it could not use, whether or not this run needs one: this machine's, or
+    with `score --cluster` (an eager option, read first) the cluster's, checked once it is joined."""
     from ddchallenge.evaluation.device import resolve_device
 
-    resolve_device(value)
+    if ctx.params.get("cluster") is not None:
+        from ddchallenge.cluster import check_device
+
+        check_device(value)
+    else:
+        resolve_device(value)
     return value
 
 
@@ -252,7 +258,7 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
                    "fails unless --mixed. Without it (Track 1) an upload that is or holds a generator fails.")
 @click.option("--mixed", is_flag=True, help="With --budget: the batch holds generator folders and image uploads; "
               "the budget applies to the generators, the rest are scored as Track 1 uploads.")
-@click.option("--cluster", metavar="local|auto|ADDRESS",
+@click.option("--cluster", metavar="local|auto|ADDRESS", is_eager=True,  # before --device: it says whose device
               help="Score on a Ray cluster, one task per upload (needs the [cluster] extra): 'local' starts Ray on "
                    "this machine, 'auto' joins this machine's cluster, or a head's host:port.")
 @click.option("--arch", "archs", multiple=True, metavar="NAME|pool",

@@ -7,8 +7,8 @@ What travels where: uploads and reference data are read by the workers from
 shared storage at the same absolute path on every node (an upload can be a
 generator folder of gigabytes, which Ray's object store would copy to every
 worker); only the small results travel back through Ray. Each task checks
-that it sees the same upload bytes the driver hashed, and the same
-ddchallenge version, before it scores.
+that it sees the same upload bytes the driver hashed, the same --ref test
+sets, and the same ddchallenge source and torch, before it scores.
 
 Failures: a task returns the upload's own failure as data, so any exception
 Ray raises (a worker or node lost, a task that could not run) and any
@@ -23,6 +23,8 @@ asking for too much does not cost MAX_ATTEMPTS attempts on every run.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import os
 import signal
@@ -41,6 +43,8 @@ from ddchallenge.batch import (
     ResultsLock,
     attempt,
     check_batch,
+    check_before_reading,
+    reference_digest,
     settle,
     triage_all,
 )
@@ -137,13 +141,21 @@ def _probe(address: str, timeout: float = 10.0) -> None:
                                  "with `ray start --head`, or use --cluster local") from None
 
 
+def check_device(device: str) -> None:
+    """A --device a cluster can give: checked against the cluster when it is
+    joined (`task_resources`), not against the driver's own hardware."""
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device} names one GPU of this machine; on a cluster every task gets its own "
+                         "GPU: use --device auto or cuda")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; on a cluster use auto, cpu or cuda")
+
+
 def task_resources(cluster_gpus: float, device: str) -> tuple[dict, str]:
     """What each task asks Ray for, and the device it scores on: one GPU
     when the cluster has GPUs (Ray then shows the task only its own), else
     one CPU, scored with one thread so tasks do not fight over cores."""
-    if device.startswith("cuda:"):
-        raise UsageError(f"--device {device} names one GPU of this machine; on a cluster every task gets its own "
-                         "GPU: use --device auto or cuda")
+    check_device(device)
     if device == "cpu" or (device == "auto" and not cluster_gpus):
         return {"num_cpus": 1, "num_gpus": 0}, "cpu"
     if not cluster_gpus:
@@ -151,15 +163,49 @@ def task_resources(cluster_gpus: float, device: str) -> tuple[dict, str]:
     return {"num_cpus": 1, "num_gpus": 1}, "cuda"
 
 
-def score_on_node(todo: Pending, settings: BatchSettings, ref_dir: str | None, device: str, driver_version: str) -> Attempt:
-    """A task's body: check that this node sees what the driver saw, then
-    score exactly as the plain batch does."""
+def task_options(resources: dict) -> dict:
+    """`ray.remote`'s options for a scoring task. A GPU task's worker process
+    ends with it (max_calls=1): Ray reuses a worker otherwise, and a reused
+    one keeps its CUDA context on the GPU of its first task while Ray shows
+    it the next task's, so it would train on a GPU it does not hold. Ray
+    sets that itself only for `num_gpus` given to `ray.remote`, not to
+    `.options()`, so it is said here."""
+    return {"max_retries": 0, "max_calls": 1 if resources["num_gpus"] else 0, **resources}
+
+
+@functools.lru_cache(maxsize=1)
+def installed_code() -> str:
+    """What a node scores with: ddchallenge's source (every .py of the
+    package: a version number no edit changes says nothing) and torch."""
+    import torch
+
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(f"{path.relative_to(package).as_posix()}\n".encode())
+        h.update(path.read_bytes())
+    return f"ddchallenge {__version__} (source sha256 {h.hexdigest()[:16]}), torch {torch.__version__}"
+
+
+def score_on_node(todo: Pending, settings: BatchSettings, ref_dir: str | None, device: str, driver_code: str) -> Attempt:
+    """A task's body: check that this node sees what the driver saw (its
+    code, the upload's bytes, the --ref test sets), then score exactly as
+    the plain batch does."""
     import torch
 
     node = socket.gethostname()
-    if driver_version != __version__:
-        return Attempt(reason=f"node {node} runs ddchallenge {__version__}, the driver {driver_version}; install "
-                       "the same version on every node", environment=True)
+    if driver_code != installed_code():
+        return Attempt(reason=f"node {node} runs {installed_code()}, the driver {driver_code}; install the same "
+                       "ddchallenge and torch on every node", environment=True)
+    if ref_dir is not None and settings.reference is not None:
+        try:
+            same_tests = reference_digest(ref_dir) == settings.reference
+        except OSError as exc:
+            return Attempt(reason=f"node {node} cannot read --ref {clean(ref_dir)}: {clean(str(exc), 200)}",
+                           environment=True)
+        if not same_tests:  # a record names the test sets it was scored on: the driver's
+            return Attempt(reason=f"node {node} sees other test sets in --ref {clean(ref_dir)} than the driver (is "
+                           "the shared storage in sync?)", environment=True)
     if device == "cpu":
         torch.set_num_threads(1)  # the CPU the task asked for; a plain batch with one thread gives the same bits
     try:
@@ -181,9 +227,11 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
     start = time.monotonic()
     _import_ray()  # the organiser's mistakes are refused before anything starts
     check_cluster(cluster)
-    if device.startswith("cuda:"):
-        task_resources(0, device)
-    paths, names = check_batch(uploads, output_dir, device, settings)
+    check_device(device)  # against the cluster once joined, not this machine's hardware
+    paths, names = check_batch(uploads, output_dir, None, settings)
+    track2 = settings.budget is not None and not settings.mixed  # as the plain batch: a measure none can give stops
+    if settings.rules.datasets is not None or track2:
+        check_before_reading(settings.rules.required(), settings.extras, track2)
     out = Path(output_dir)
     with ResultsLock(out):  # one batch at a time writes `out`
         # Workers may start in another folder: they get absolute paths (links are not followed here either).
@@ -211,21 +259,24 @@ def _run(ray, todo: dict[int, Pending], outcomes: dict[int, BatchOutcome], names
     rest as it finishes (filling `outcomes`); the seconds spent, the retries,
     and whether tasks held GPUs."""
     resources, task_device = task_resources(ray.cluster_resources().get("GPU", 0), device)
-    remote = ray.remote(max_retries=0)(score_on_node).options(**resources)
+    remote = ray.remote(**task_options(resources))(score_on_node)
+    log.info("scoring %d upload(s) on the cluster, each on one %s", len(todo), "GPU" if task_device == "cuda" else
+             "CPU (one thread)")
     tries = {i: 0 for i in todo}
     in_flight = {}
     busy, retried = 0.0, 0
+    code = installed_code()
 
     def submit(i: int) -> None:
         tries[i] += 1
-        in_flight[remote.remote(todo[i], settings, ref, task_device, __version__)] = i
+        in_flight[_on_cluster(remote.remote, todo[i], settings, ref, task_device, code)] = i
 
     for i in todo:
         submit(i)
     bar = progress_bar(total=total, initial=len(outcomes), desc="uploads", unit="upload", show=progress)
     try:
         while in_flight:
-            (ready,), _ = ray.wait(list(in_flight), num_returns=1)
+            (ready,), _ = _on_cluster(ray.wait, list(in_flight), num_returns=1)
             i = in_flight.pop(ready)
             tried = _result(ray, ready)
             busy += tried.seconds
@@ -240,8 +291,20 @@ def _run(ray, todo: dict[int, Pending], outcomes: dict[int, BatchOutcome], names
     finally:
         bar.close()
         for left in in_flight:  # interrupted: leave nothing running for a driver that is gone
-            ray.cancel(left, force=True)
+            with contextlib.suppress(Exception):  # a lost cluster: the first failure must not hide the rest
+                ray.cancel(left, force=True)
     return busy, retried, task_device == "cuda"
+
+
+def _on_cluster(call, *args, **kwargs):
+    """`call` to Ray from the driver; what Ray raises there (a lost `ray://`
+    connection, RaySystemError, ...) is the cluster's failure, in one line."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001  ConnectionError, RuntimeError, RaySystemError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise EnvironmentFailure(f"lost the Ray cluster ({clean(f'{type(exc).__name__}: {first}', 200)}); what "
+                                 "finished is recorded: run the same command again to go on") from None
 
 
 def _result(ray, ready) -> Attempt:

@@ -156,6 +156,14 @@ def test_cluster_mistakes_are_one_line_and_start_nothing(run_cli, uploads, tmp_p
         assert r.exit_code == code and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     r = run_cli(*base, "--cluster", "local", "--device", "cuda:3")
     assert r.exit_code != 0 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    # A review: a driver without a GPU refused --device cuda for a GPU cluster ("CUDA is not available here"); the
+    # device is the cluster's, checked once it is joined (here: none answers).
+    r = run_cli(*base, "--device", "cuda", "--cluster", "127.0.0.1:1")
+    assert r.exit_code == 1 and "no Ray cluster answers at 127.0.0.1:1" in r.stderr, r.stderr
+    # ... and the batch's own refusals come first, as in a plain batch (they started Ray and hashed every upload)
+    plain = run_cli(*base, "--budget", 600, "--labels", "soft")
+    r = run_cli(*base, "--budget", 600, "--labels", "soft", "--cluster", "127.0.0.1:1")
+    assert plain.exit_code == r.exit_code == 2 and r.stderr == plain.stderr and r.stderr.count("\n") == 1, r.stderr
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the [cluster] extra were not installed
     r = run_cli(*base, "--cluster", "local")
     assert r.exit_code == 2 and "pip install 'ddchallenge[cluster]'" in r.stderr and r.stderr.count("\n") == 1
@@ -173,3 +181,39 @@ def test_track2_generators_run_inside_the_task(cluster, uploads, tiny_model, tmp
     assert generated.ipc == 1 and generated.images == 10 and generated.method == "diffusion"
     assert accuracies(on_ray) == accuracies(plain)
     assert generated.sha256 == plain.outcomes[1].result.datasets[0].sha256  # the same images were generated
+
+
+def test_a_node_refuses_to_score_with_other_code_or_other_test_sets(uploads, tmp_path):
+    """A review: nodes compared a version string no edit changes, and read --ref's test sets unchecked, so a node
+    with other code or an older test set at the same path scored uploads that the driver recorded as its own."""
+    from ddchallenge.batch import Pending, reference_digest
+    from ddchallenge.cluster import installed_code, score_on_node
+    from ddchallenge.upload import digest
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "mnist5k_test.pt").write_bytes(b"the driver's test set")
+    settings = BatchSettings(SETTINGS.rules, SETTINGS.recipe, SETTINGS.seed, reference=reference_digest(ref))
+    todo = Pending(uploads[0], "alpha", digest(uploads[0], settings.rules))
+    tried = score_on_node(todo, settings, str(ref), "cpu", "ddchallenge 0.1.0 (source sha256 0), torch 0")
+    assert tried.environment and f"runs {installed_code()}, the driver ddchallenge 0.1.0" in tried.reason
+    (ref / "mnist5k_test.pt").write_bytes(b"an older test set at the same path")
+    tried = score_on_node(todo, settings, str(ref), "cpu", installed_code())
+    assert tried.environment and "sees other test sets in --ref" in tried.reason and tried.result is None
+
+
+def test_ray_failures_at_the_driver_are_one_line_environment_failures():
+    from ddchallenge.cluster import _on_cluster, task_options
+    from ddchallenge.errors import EnvironmentFailure
+
+    def lost(*args, **kwargs):
+        raise ConnectionError("Failed to reconnect within the reconnection grace period (30s)\nmore")
+
+    with pytest.raises(EnvironmentFailure, match=r"^lost the Ray cluster \(ConnectionError: Failed to reconnect "
+                                                 r"within the reconnection grace period \(30s\)\); what finished"):
+        _on_cluster(lost, 1)
+    assert _on_cluster(lambda a, b=0: a + b, 1, b=2) == 3
+    # A GPU task's worker ends with it: a reused worker keeps its CUDA context on its first task's GPU.
+    assert task_options({"num_cpus": 1, "num_gpus": 1}) == {"max_retries": 0, "max_calls": 1, "num_cpus": 1,
+                                                             "num_gpus": 1}
+    assert task_options({"num_cpus": 1, "num_gpus": 0})["max_calls"] == 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import signal
@@ -49,6 +48,7 @@ from ddchallenge.batch import (
     triage_all,
 )
 from ddchallenge.errors import EnvironmentFailure, UsageError
+from ddchallenge.fileio import source_digest
 from ddchallenge.isolation import clean
 from ddchallenge.progress import bar as progress_bar
 from ddchallenge.upload import digest
@@ -179,12 +179,8 @@ def installed_code() -> str:
     package: a version number no edit changes says nothing) and torch."""
     import torch
 
-    package = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        h.update(f"{path.relative_to(package).as_posix()}\n".encode())
-        h.update(path.read_bytes())
-    return f"ddchallenge {__version__} (source sha256 {h.hexdigest()[:16]}), torch {torch.__version__}"
+    source = source_digest(Path(__file__).resolve().parent, (".",))
+    return f"ddchallenge {__version__} (source sha256 {source[:16]}), torch {torch.__version__}"
 
 
 def score_on_node(todo: Pending, settings: BatchSettings, ref_dir: str | None, device: str, driver_code: str) -> Attempt:

@@ -126,6 +126,20 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def source_digest(root: Path, names: tuple[str, ...]) -> str:
+    """sha256 over the Python source under `root` that `names` name (a
+    folder: every .py in it, at any depth), each file's path and bytes, in
+    a fixed order: a fingerprint of code that an edit changes, where a
+    version number does not."""
+    h = hashlib.sha256()
+    for name in names:
+        target = root / name
+        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
+            h.update(f"{path.relative_to(root).as_posix()}\n".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """sha256 of a file, read in 1 MiB pieces (training stores are GBs)."""
     h = hashlib.sha256()

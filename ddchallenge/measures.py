@@ -39,7 +39,7 @@ from ddchallenge.evaluation.soft import label_row
 from ddchallenge.evaluation.train import round_accuracies, together_by_default
 from ddchallenge.extras import (ARCH_PREFIX, BASELINE_PREFIX, ExtraScore, ExtrasRequest, paired_standard_error,
                                 recipe_hash, standard_error)
-from ddchallenge.fileio import atomic_write_bytes
+from ddchallenge.fileio import atomic_write_bytes, source_digest
 from ddchallenge.isolation import clean
 from ddchallenge.protocol import DATASETS, DatasetSpec, EvalRecipe, get_dataset
 from ddchallenge.submission import DatasetEntry
@@ -240,20 +240,9 @@ BASELINE_CODE = ("evaluation", "generators/baselines.py", "kmeans.py", "labelled
 
 @functools.lru_cache(maxsize=1)
 def code_identity() -> str:
-    """The digest of this installation's BASELINE_CODE (`source_digest`)."""
-    return source_digest(Path(__file__).resolve().parent)
-
-
-def source_digest(package: Path) -> str:
-    """sha256 of the source of BASELINE_CODE in `package` (a folder: every
-    .py in it), in a fixed order: a change to any of them makes every
-    baseline anew."""
-    h = hashlib.sha256()
-    for name in BASELINE_CODE:
-        for path in sorted((package / name).glob("*.py")) if (package / name).is_dir() else [package / name]:
-            h.update(f"{path.relative_to(package)}\n".encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
+    """The digest of this installation's BASELINE_CODE: a change to any of
+    them makes every baseline anew."""
+    return source_digest(Path(__file__).resolve().parent, BASELINE_CODE)
 
 
 def store_identity(spec: DatasetSpec, root: Path) -> str:

@@ -424,10 +424,10 @@ def test_every_setting_of_a_baseline_is_its_own_cache_entry(tmp_path, monkeypatc
     assert made[0][1]["code"] == measures.code_identity() and len(made[0][1]["code"]) == 64
     package = tmp_path / "copy"
     shutil.copytree(Path(measures.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
-    assert measures.source_digest(package) == measures.code_identity()
+    assert measures.source_digest(package, measures.BASELINE_CODE) == measures.code_identity()
     with open(package / "evaluation" / "train.py", "a") as f:
         f.write("# an edit of the training loop\n")
-    assert measures.source_digest(package) != measures.code_identity()
+    assert measures.source_digest(package, measures.BASELINE_CODE) != measures.code_identity()
     monkeypatch.setattr(measures, "code_identity", lambda: "0" * 64)
     assert baseline_cache(**base)[0] != made[0][0]
     assert all(p.parent == tmp_path / "extras" for p, _ in made)

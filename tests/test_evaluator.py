@@ -101,7 +101,7 @@ def test_a_machine_that_cannot_sandbox_is_not_the_submissions_failure(tmp_path, 
 def test_on_a_worker_without_network_namespaces_container_network_scores_and_says_so(tmp_path, official_file):
     """An organiser's review: Codabench's default worker starts the scoring container without CAP_SYS_ADMIN, so
     `unshare --net` fails and no upload was ever scored. The shipped metadata passes --container-network: the
-    child then shares the container's network, keeps every other limit, and result.json says so."""
+    child then shares the container's network, as nobody where it may switch user, and result.json says so."""
     import os
 
     inp, out = _input(tmp_path, official_file), tmp_path / "output"

@@ -847,7 +847,7 @@ def verify(recipes, with_score, device, strict, record, quiet):
                 v = run_record(path, with_score=with_score, device=device, progress=not quiet)
             else:
                 v = run_verify(path, with_score=with_score, device=device, progress=not quiet, strict=strict)
-        except errors.DDChallengeError as exc:  # a failed check, or what only the run could find (a missing store)
+        except VerificationFailed as exc:
             click.echo(f"FAILED {path}: {exc}", err=True)
             failed.append(str(path))
             continue

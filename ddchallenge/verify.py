@@ -466,10 +466,6 @@ def check_runnable(recipe: Recipe, with_score: bool = False, recording: bool = F
                          f"`ddchallenge verify --record {recipe.path}`")
     if with_score and recipe.band is None:
         raise UsageError(f"recipe {recipe.path} has no [expect.score] band to check; drop --score")
-    if recording:  # a recipe file name that makes no valid images name, an [expect] table that cannot be rewritten
-        name = _images_name(recipe.images or recipe.path.name.removesuffix(".toml") + REFERENCE_SUFFIX, recipe.path)
-        set_expect_values(recipe.path.read_text(), {"sha256": "0" * 64, "images": name, "images_sha256": "0" * 64},
-                          recipe.path)
     if recipe.train is not None:
         from ddchallenge.diffusion.config import train_config
 
@@ -477,6 +473,12 @@ def check_runnable(recipe: Recipe, with_score: bool = False, recording: bool = F
             train_config(recipe.dataset, **recipe.train)  # a preset, levels and step counts that can train
         except UsageError as exc:
             raise UsageError(f"recipe {recipe.path}: [train] {exc}") from None
+    if recording:  # a recipe file name that makes no valid images name, an [expect] table that cannot be rewritten
+        name = _images_name(recipe.images or recipe.path.name.removesuffix(".toml") + REFERENCE_SUFFIX, recipe.path)
+        set_expect_values(recipe.path.read_text(), {"sha256": "0" * 64, "images": name, "images_sha256": "0" * 64},
+                          recipe.path)
+    elif recipe.images is not None:
+        read_images(recipe)  # missing, unreadable or of the wrong shape: the recipe's files, not the run
 
 
 def verify(path: str | os.PathLike, with_score: bool = False, device: str = "auto", progress: bool = True,

@@ -116,8 +116,11 @@ def test_on_a_worker_without_network_namespaces_container_network_scores_and_say
     result = json.loads((out / "result.json").read_text())
     assert result["sandbox"].startswith("network shared with the scoring container (no namespace could be made), ")
     assert "CPU 900 s" in result["sandbox"] and (out / "scores.txt").is_file()
-    # A code review: the child kept root here although `nobody` could be had (a plain `docker run` keeps SETUID).
-    if os.geteuid() == 0 and shutil.which("setpriv"):
+    # A code review: the child kept root here although `nobody` could be had (a plain `docker run` keeps SETUID),
+    # where `nobody` can run this interpreter and import ddchallenge (not from an installation under /root).
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", sys.executable, "-c",
+                 "import ddchallenge"]
+    if os.geteuid() == 0 and shutil.which("setpriv") and subprocess.run(as_nobody, cwd="/", capture_output=True).returncode == 0:
         assert ", user nobody, " in result["sandbox"], result["sandbox"]
     else:
         assert ", the scorer's own user (no user switch could be made), " in result["sandbox"], result["sandbox"]

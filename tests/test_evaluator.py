@@ -120,7 +120,8 @@ def test_on_a_worker_without_network_namespaces_container_network_scores_and_say
     # where `nobody` can run this interpreter and import ddchallenge (not from an installation under /root).
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", sys.executable, "-c",
                  "import ddchallenge"]
-    if os.geteuid() == 0 and shutil.which("setpriv") and subprocess.run(as_nobody, cwd="/", capture_output=True).returncode == 0:
+    can_switch = os.geteuid() == 0 and shutil.which("setpriv")
+    if can_switch and subprocess.run(as_nobody, cwd="/", capture_output=True).returncode == 0:
         assert ", user nobody, " in result["sandbox"], result["sandbox"]
     else:
         assert ", the scorer's own user (no user switch could be made), " in result["sandbox"], result["sandbox"]

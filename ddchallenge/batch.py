@@ -262,6 +262,10 @@ def check_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     out = Path(output_dir)
     if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"--output {out} is not a folder")
+    if settings is not None:
+        track2 = settings.budget is not None and not settings.mixed  # every upload is a generator
+        if settings.rules.datasets is not None or track2:  # every upload holds these: a measure none can give stops
+            check_before_reading(settings.rules.required(), settings.extras, track2)  # the batch once, before any
     return [Path(u) for u in uploads], names
 
 
@@ -270,9 +274,6 @@ def score_batch(uploads: list[str | os.PathLike], output_dir: str | os.PathLike,
     """Score `uploads` one after another, recording each in `output_dir`."""
     start = time.monotonic()
     paths, names = check_batch(uploads, output_dir, device, settings)
-    track2 = settings.budget is not None and not settings.mixed  # every upload is a generator
-    if settings.rules.datasets is not None or track2:  # every upload holds these: a measure none can give stops
-        check_before_reading(settings.rules.required(), settings.extras, track2)  # the batch once, before any
     out = Path(output_dir)
     outcomes, busy, tests = [], 0.0, {}
     with ResultsLock(out):

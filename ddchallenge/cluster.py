@@ -42,7 +42,6 @@ from ddchallenge.batch import (
     ResultsLock,
     attempt,
     check_batch,
-    check_before_reading,
     reference_digest,
     settle,
     triage_all,
@@ -224,10 +223,7 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
     _import_ray()  # the organiser's mistakes are refused before anything starts
     check_cluster(cluster)
     check_device(device)  # against the cluster once joined, not this machine's hardware
-    paths, names = check_batch(uploads, output_dir, None, settings)
-    track2 = settings.budget is not None and not settings.mixed  # as the plain batch: a measure none can give stops
-    if settings.rules.datasets is not None or track2:
-        check_before_reading(settings.rules.required(), settings.extras, track2)
+    paths, names = check_batch(uploads, output_dir, None, settings)  # the plain batch's refusals, before Ray starts
     out = Path(output_dir)
     with ResultsLock(out):  # one batch at a time writes `out`
         # Workers may start in another folder: they get absolute paths (links are not followed here either).

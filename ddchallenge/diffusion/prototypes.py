@@ -36,7 +36,7 @@ from ddchallenge.progress import bar
 from ddchallenge.protocol import (MAX_IPC, MAX_MATCH_STEPS, MAX_OVERSAMPLE, DatasetSpec, check_match_steps, get_dataset,
                                   stream_seed)
 
-DEFAULT_STRENGTH = 0.5  # best of 0.5, 0.7, 0.9 on mnist5k at IPC 10 (docs/benchmarks.md)
+DEFAULT_STRENGTH = 0.5  # best of 0.5, 0.7, 0.9 on mnist5k at IPC 10, read on the test split (docs/generator.md)
 PURPOSE = "d4m prototypes: image i of class k starts from centre i of class k"
 
 

@@ -1,4 +1,6 @@
 """The Codabench/Codalab scoring program on a real mnist5k res/ref pair."""
+import functools
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -27,6 +29,21 @@ def _run(*args):
     return subprocess.run([sys.executable, str(PROGRAM), *map(str, args)], capture_output=True, text=True)
 
 
+@functools.cache
+def _program():
+    spec = importlib.util.spec_from_file_location("codabench_evaluate", PROGRAM)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    return program
+
+
+def _refused(capsys, *args) -> tuple[int, str]:
+    """The program's main in this process, for a refusal that comes before any scoring (a subprocess would only
+    add its start-up; the tests above and below run it as Codabench does): its exit code and stderr."""
+    code = _program().main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
 def test_scores_a_res_ref_pair(tmp_path, official_file):
     inp, out = _input(tmp_path, official_file), tmp_path / "output"
     proc = _run(inp, out, "--epochs", 1, "--rounds", 1, "--device", "cpu")
@@ -38,48 +55,43 @@ def test_scores_a_res_ref_pair(tmp_path, official_file):
     assert "mnist5k" in proc.stdout
 
 
-def test_missing_dataset_fails_with_one_line_and_no_scores(tmp_path):
+def test_missing_dataset_fails_with_one_line_and_no_scores(tmp_path, capsys):
     inp, out = _input(tmp_path), tmp_path / "output"
-    proc = _run(inp, out)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == ("error: the submission is missing mnist5k.pt; it holds nothing; upload a zip "
-                                   "holding mnist5k.pt at its top level")
+    code, err = _refused(capsys, inp, out)
+    assert code == 1
+    assert err == ("error: the submission is missing mnist5k.pt; it holds nothing; upload a zip holding mnist5k.pt "
+                   "at its top level\n")
     assert not out.exists()
 
 
-def test_bad_submission_fails_before_training(tmp_path):
+def test_bad_submission_fails_before_training(tmp_path, capsys):
     inp, out = _input(tmp_path), tmp_path / "output"
     torch.save(torch.full((100, 1, 28, 28), float("nan")), inp / "res" / "mnist5k.pt")
-    proc = _run(inp, out)
-    assert proc.returncode == 1 and "NaN or Inf" in proc.stderr and not out.exists()
+    code, err = _refused(capsys, inp, out)
+    assert code == 1 and "NaN or Inf" in err and len(err.splitlines()) == 1 and not out.exists()
 
 
 def test_an_output_that_is_a_file_is_refused_before_training(tmp_path, official_file, capsys):
     """An organiser's review: OUTPUT naming a file trained for the whole
-    recipe, then ended in a traceback. (The program's main, in this process.)"""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("codabench_evaluate", PROGRAM)
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
+    recipe, then ended in a traceback."""
     inp, out = _input(tmp_path, official_file), tmp_path / "output"
     out.write_text("not a folder")
-    assert program.main([str(inp), str(out), "--epochs", "0", "--rounds", "1", "--device", "cpu"]) == 1
-    assert capsys.readouterr().err == f"error: {out} is not a folder; OUTPUT is the folder scores.txt is written into\n"
+    code, err = _refused(capsys, inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert code == 1 and err == f"error: {out} is not a folder; OUTPUT is the folder scores.txt is written into\n"
     assert out.read_text() == "not a folder"
 
 
-def test_a_res_folder_nested_under_decoy_files_is_refused(tmp_path, official_file):
+def test_a_res_folder_nested_under_decoy_files_is_refused(tmp_path, official_file, capsys):
     """An attacker's review: the presence check saw res/mnist5k.pt (a decoy) and the scorer read res/res/
     instead, exit 0."""
     inp, out = _input(tmp_path), tmp_path / "output"
     (inp / "res" / "mnist5k.pt").write_text("not a tensor")
     (inp / "res" / "res").mkdir()
     (inp / "res" / "res" / "mnist5k.pt").write_bytes(official_file.read_bytes())
-    proc = _run(inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
-    assert proc.returncode == 1 and not out.exists()
-    assert proc.stderr == (f"error: {inp / 'res'} holds res/ and also mnist5k.pt; a submission folder is either a "
-                           "res/ folder of dataset files or a folder holding res/, not both\n")
+    code, err = _refused(capsys, inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert code == 1 and not out.exists()
+    assert err == (f"error: {inp / 'res'} holds res/ and also mnist5k.pt; a submission folder is either a res/ "
+                   "folder of dataset files or a folder holding res/, not both\n")
 
 
 def test_a_machine_that_cannot_sandbox_is_not_the_submissions_failure(tmp_path, official_file):
@@ -132,8 +144,6 @@ def test_container_network_whose_child_cannot_start_names_the_install_not_the_fl
                                                                                   monkeypatch, capsys):
     """A code review: with --container-network given, no candidate works only where the child cannot import
     ddchallenge; the message told the organiser to pass the flag they had passed."""
-    import importlib.util
-
     import ddchallenge.isolation
 
     def no_candidate_works():
@@ -173,7 +183,7 @@ def test_where_a_namespace_can_be_made_container_network_changes_nothing(tmp_pat
      "per dataset: mnist5k.pt"),
     ({"mnist5k.pt": "ipc1"}, "holds IPC 1 for mnist5k; the rules require IPC 10\n"),
 ])
-def test_a_wrong_upload_is_told_what_was_found_and_what_to_upload(tmp_path, official_file, layout, message):
+def test_a_wrong_upload_is_told_what_was_found_and_what_to_upload(tmp_path, official_file, layout, message, capsys):
     inp, out = _input(tmp_path), tmp_path / "output"
     for name, content in layout.items():
         target = inp / "res" / name
@@ -184,10 +194,10 @@ def test_a_wrong_upload_is_told_what_was_found_and_what_to_upload(tmp_path, offi
             torch.save(torch.zeros(10, 1, 28, 28), target)
         else:
             target.write_text(content)
-    proc = _run(inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
-    assert proc.returncode == 1 and not out.exists()
-    assert proc.stderr.startswith("error: ") and message in proc.stderr and len(proc.stderr.splitlines()) == 1
-    assert "--" not in proc.stderr  # no option of a command line the team does not have
+    code, err = _refused(capsys, inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert code == 1 and not out.exists()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert "--" not in err  # no option of a command line the team does not have
 
 
 def test_a_finder_zips_resource_forks_are_ignored(tmp_path, official_file):
@@ -199,11 +209,11 @@ def test_a_finder_zips_resource_forks_are_ignored(tmp_path, official_file):
 
 
 @pytest.mark.parametrize("name", ["foo", "mnist5k-val", "MNIST5K"])
-def test_a_reference_set_of_no_dataset_is_the_organisers_failure(tmp_path, official_file, name):
+def test_a_reference_set_of_no_dataset_is_the_organisers_failure(tmp_path, official_file, name, capsys):
     """An organiser's review: a stray ref/foo_test.pt told the team to upload foo.pt, exit 1."""
     inp, out = _input(tmp_path, official_file), tmp_path / "output"
     (inp / "ref" / f"{name}_test.pt").write_bytes(b"")
-    proc = _run(inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
-    assert proc.returncode == 2 and not out.exists()
-    assert proc.stderr.startswith(f"error: the scoring machine failed, not the submission: {inp / 'ref'} holds "
-                                  f"{name}_test.pt, which names no dataset this program scores")
+    code, err = _refused(capsys, inp, out, "--epochs", 0, "--rounds", 1, "--device", "cpu")
+    assert code == 2 and not out.exists()
+    assert err.startswith(f"error: the scoring machine failed, not the submission: {inp / 'ref'} holds "
+                          f"{name}_test.pt, which names no dataset this program scores")

@@ -64,6 +64,9 @@ FOLDERS = {
     # class's spread less than random real images do; guidance 1 samples the model's own distribution, in half
     # the UNet passes
     "diffusion-m300-g1": [["settings", "--match-steps", "300", "--guidance", "1"]],
+    # guidance 1 without matching (session 24's method review): at guidance 1 the unguided pool is a second draw of
+    # the set's own distribution, so matching may only fit that draw; this frees its ~470 s of the budget
+    "diffusion-g1": [["settings", "--match-steps", "0", "--guidance", "1"]],
     "d4m": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "0"]],
     "d4m-m300": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "300"]],
     "d4m-m1500": [["prototypes", "--ipc", "{ipc}", "--make-default", "--match-steps", "1500"]],
@@ -80,6 +83,9 @@ FOLDERS = {
                               "300", "--strength", "0.3"]],
     "d3m": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "0"]],
     "d3m-m300": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "300"]],
+    # d3m with diffusion's IPC-50 choice (guidance 1), to be decided on the validation view as diffusion's was
+    "d3m-m300-g1": [["invert", "--per-class", "{ipc}", "--make-default", "--match-steps", "300"],
+                    ["settings", "--guidance", "1"]],
 }
 # name -> `generate` options of a real-image baseline
 # --extras: the pool's architectures cheap enough for a 2-core CPU (ConvNet-D4, AlexNet, VGG-11 and ResNet-18

@@ -91,11 +91,14 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a failing variant is a result, the others go on
             print(f"| {v} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |", flush=True)
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         for v in variants:
             per = 3 if v in trainer_variants.TOGETHER else 1  # together variants train 3 rounds; times are per round
             times[v] += [t / per for t in seconds_per_epoch(lambda: _run(v, spec, x, y, recipe, device), args.epochs, 1,
                                                             device)]
+        # as it goes: a run stopped at its time limit keeps the repeats it finished
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{v} {times[v][-1] * 1e3:.1f} ms" for v in variants),
+              flush=True)
     base = statistics.median(times["alone"]) if "alone" in times else None
     print(f"\n{args.shape} {tuple(x.shape)}, {where}, torch {torch.__version__}, "
           f"{args.epochs + 1} passes x {args.repeats} runs")

@@ -70,13 +70,13 @@ PY=${PYTHON:-python3}
 { echo; echo "run of $(date -u '+%Y-%m-%d %H:%M UTC'), STEPS=${STEPS:-all}${SMOKE:+, SMOKE}"; echo
   echo "| step | seconds | status |"; echo "|---|---|---|"; } >>"$OUT/summary.md"
 # The bench scripts and the scorer's sandboxed child import the installed package (the child starts from an empty
-# folder): install this tree where it is not importable, offline, with the wheels carried in .whl/ first.
-if compgen -G ".whl/*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
-fi
-if ! (cd / && $PY -c "import ddchallenge") 2>/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-build-isolation . ||
-        { echo "| install | | failed: this tree could not be installed (pip install --no-deps .) |" >>"$OUT/summary.md"; exit 1; }
+# folder): install this tree, offline, where wheels were carried in .whl/ (a GPU runner's machine, which may hold
+# an earlier copy of the tree from a previous call) or where the package is not importable.
+if compgen -G ".whl/*.whl" >/dev/null || ! (cd / && $PY -c "import ddchallenge") 2>/dev/null; then
+    { ! compgen -G ".whl/*.whl" >/dev/null || $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl; } &&
+        $PY -m pip install -q --no-index --no-deps --no-build-isolation --force-reinstall . ||
+        { echo "| install | | failed: this tree or .whl/ could not be installed (pip install --no-deps) |" \
+              >>"$OUT/summary.md"; exit 1; }
 fi
 if [ -n "${SMOKE:-}" ]; then  # tiny sizes: checks that every step runs, measures nothing
     E1=1 E2=0 R=2 FE=1 FR=2 SCALE=10 DEV="--device cpu" NOISE_CIFAR=6 NOISE_TINY=4 TRAIN="--preset tiny --steps 2 --checkpoint-every 2" INVERT="--steps 2" MATCH="--match-steps 2" GEN="--repeats 1 --batch 4 --train-steps 1"

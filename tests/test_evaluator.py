@@ -152,16 +152,12 @@ def test_container_network_whose_child_cannot_start_names_the_install_not_the_fl
     no_candidate_works.cache_clear = lambda: None
     monkeypatch.setattr(ddchallenge.isolation, "isolation", no_candidate_works)
     monkeypatch.setattr(ddchallenge.isolation, "_network_may_be_shared", False)  # put back after the test
-    spec = importlib.util.spec_from_file_location("codabench_evaluate", PROGRAM)
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
     inp, out = _input(tmp_path, official_file), tmp_path / "output"
-    code = program.main([str(inp), str(out), "--container-network", "--epochs", "0", "--rounds", "1", "--device",
-                         "cpu"])
+    code, err = _refused(capsys, inp, out, "--container-network", "--epochs", 0, "--rounds", 1, "--device", "cpu")
     assert code == 2 and not (out / "scores.txt").exists()
-    assert capsys.readouterr().err == ("error: the scoring machine cannot start the sandboxed child: `python -c "
-                                       "'import ddchallenge'` fails from /; this is the host's failure, not the "
-                                       "submission's; install ddchallenge in the scoring image\n")
+    assert err == ("error: the scoring machine cannot start the sandboxed child: `python -c 'import ddchallenge'` "
+                   "fails from /; this is the host's failure, not the submission's; install ddchallenge in the "
+                   "scoring image\n")
 
 
 def test_where_a_namespace_can_be_made_container_network_changes_nothing(tmp_path, official_file):

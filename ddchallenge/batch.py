@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddchallenge.data.reference import current_test_set_digest
 from ddchallenge.errors import (BudgetExceeded, DatasetError, DDChallengeError, OptionMismatch, RecordError,
                                 ResultsBusyError, RuleMismatch, UploadChanged, UsageError)
 from ddchallenge.evaluation.device import resolve_device
@@ -98,7 +99,9 @@ def reference_digest(ref_dir: str | os.PathLike) -> str:
     """sha256 over the name and sha256 of every <dataset>_test.pt in a --ref
     folder: what a batch's records were scored against."""
     files = sorted(p for p in Path(ref_dir).glob("*_test.pt") if p.is_file())
-    return hashlib.sha256("".join(f"{p.name}\0{sha256_file(p)}\n" for p in files).encode()).hexdigest()
+    # a file name is bytes: one that is not UTF-8 is hashed as those bytes, never a reason to fail
+    return hashlib.sha256("".join(f"{p.name}\0{sha256_file(p)}\n" for p in files)
+                          .encode(errors="surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -461,6 +464,10 @@ def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: Bat
         if record.get("upload_sha256") != upload_sha or record.get("settings") != settings.fingerprint() \
                 or (path is done and record["seed"] != settings.seed):
             return None  # scored again; a new record keeps this one as superseded (`_supersede` says so)
+        if path is done and not _same_tests(record, settings, ref_dir, tests):
+            log.info("%s does not say it was scored on this batch's test sets; scoring %s again", path.name,
+                     clean(name))
+            return None
         if path is failed:
             return BatchOutcome(name, "done before", None, clean(record["reason"]), path)
         try:
@@ -473,6 +480,21 @@ def _trusted(done: Path, failed: Path, name: str, upload_sha: str, settings: Bat
             result = _current_hlr(path, record, result, settings, ref_dir, tests)
         return BatchOutcome(name, "done before", result.score, None, path, result)
     return None
+
+
+def _same_tests(record: dict, settings: BatchSettings, ref_dir, tests: dict | None) -> bool:
+    """Whether every dataset of a score record was scored on the test set
+    this batch scores it on now (`test_sha256`): a --ref folder or data root
+    whose test sets changed since makes every record on the old ones stale,
+    and a record older than the field does not say. False, with a warning,
+    where a test set cannot be read: scoring again reports why."""
+    tests = {} if tests is None else tests
+    try:
+        return all(d.get("test_sha256") == current_test_set_digest(d["dataset"], ref_dir, settings.extras.data_root,
+                                                                   tests) for d in record["datasets"])
+    except (DatasetError, OSError, ValueError) as exc:
+        log.warning("%s: its test set cannot be read now (%s)", clean(record["name"], 80), clean(str(exc), 160))
+        return False
 
 
 def _current_hlr(path: Path, record: dict, result: ScoreResult, settings: BatchSettings, ref_dir,

@@ -25,9 +25,8 @@ from ddchallenge.errors import OutputExistsError, UsageError
 # into memory. (Tiny-ImageNet at IPC 100 is about 1 GB of float32.)
 MAX_FILE_BYTES = 4 << 30
 
-# mkstemp creates files readable by their owner only; what we write should
-# get the permissions any new file gets. (Read once: os.umask can only be
-# read by setting it.)
+# A file written in atomic_path's private folder should get the permissions
+# any new file gets. (Read once: os.umask can only be read by setting it.)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -222,20 +221,27 @@ def replace_folder(staging: Path, target: Path, marker: OutputMarker) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the
-    block succeeds, so an interrupted writer leaves the old file or none."""
+    """Yield a temporary path for `path`'s new content; rename it onto `path`
+    only if the block succeeds, so an interrupted writer leaves the old file
+    or none.
+
+    The temporary file lives in a private folder (mode 0700) made beside
+    `path`, never loose in `path`'s folder: a results folder or data root may
+    be writable by others, and a temporary name there could be swapped for a
+    link between its creation and the writes and chmod that reopen it by name,
+    which would then land in whatever file the link names (the record key
+    included). No other user can enter, rename or empty a 0700 folder. The
+    final rename replaces a link planted at `path` itself, never follows it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    private = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = private / path.name
     try:
-        yield Path(tmp)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

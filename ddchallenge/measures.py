@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from ddchallenge.data import load_reference
-from ddchallenge.data.reference import class_sizes, data_root, load_train, normalise, train_store_path
+from ddchallenge.data.reference import (class_sizes, current_test_set_digest, data_root, digest_test_set, load_train,
+                                        normalise, train_store_path)
 from ddchallenge.errors import DatasetError, EnvironmentFailure, OptionMismatch
 from ddchallenge.evaluation.soft import label_row
 from ddchallenge.evaluation.train import round_accuracies, together_by_default
@@ -122,7 +123,7 @@ def run(entries: list[DatasetEntry], set_accuracies: list[list[float]], refs: di
     entries[i] (what IOR and HLR compare against)."""
     rows: list[ExtraScore] = []
     teacher = check_labels_possible(entries, request)
-    tests = {name: reference_digest(ref) for name, ref in refs.items()} if request.baseline else {}
+    tests = {name: digest_test_set(ref) for name, ref in refs.items()} if request.baseline else {}
     for entry, accs in zip(entries, set_accuracies):
         ref = refs[entry.spec.name]
         for arch in request.archs:
@@ -159,12 +160,12 @@ def baseline_row(entry: DatasetEntry, set_accs: list[float], ref: dict, recipe: 
     """The seeded real subset of the set's IPC (the `random` or `herding`
     generator), scored like the set (cached), and the set's IOR against it;
     HLR where a full-data reference is cached for the recipe, seeds and
-    test set. `test`: `reference_digest(ref)` (computed when not given)."""
+    test set. `test`: `digest_test_set(ref)` (computed when not given)."""
     spec, method = entry.spec, request.baseline
     measure = BASELINE_PREFIX + method
     seeds = [seed + r for r in range(recipe.rounds)]
     settings = {**dataclasses.asdict(recipe), "baseline_seed": request.baseline_seed, "ipc": entry.ipc}
-    root, test = root_of(request), test or reference_digest(ref)
+    root, test = root_of(request), test or digest_test_set(ref)
     path, key = baseline_cache(spec, method, settings, seeds, test, device_name,
                                bool(together_by_default(device) if together is None else together), root,
                                threads=torch.get_num_threads() if device.type == "cpu" else None)
@@ -208,9 +209,8 @@ def current_full(rows: list[ExtraScore], set_accuracies: dict[str, list[float]],
             out.append(row)
             continue
         spec = get_dataset(row.dataset)
-        if spec.name not in tests:
-            tests[spec.name] = reference_digest(load_reference(spec, ref_dir, root_of(request)))
-        full = read_full(spec, recipe, seed, root_of(request), tests[spec.name])
+        full = read_full(spec, recipe, seed, root_of(request),
+                         current_test_set_digest(spec.name, ref_dir, request.data_root, tests))
         out.append(row if full is None else
                    dataclasses.replace(row, full=full, hlr=full - _fmean(set_accuracies[row.dataset])))
     return out
@@ -276,19 +276,8 @@ def baseline_images(spec: DatasetSpec, method: str, ipc: int, seed: int, device:
 
 # ---------------------------------------------------------------- the full-data reference
 
-def reference_digest(ref: dict) -> str:
-    """sha256 of a reference test set's tensors (dtype, shape and bytes of
-    images and labels): what a cached accuracy was measured on."""
-    h = hashlib.sha256()
-    for name in ("images_val", "labels_val"):
-        t = ref[name].detach().cpu().contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-        h.update(t.numpy())  # the buffer itself: no copy of a test set of hundreds of MB
-    return h.hexdigest()
-
-
 def full_path(spec: DatasetSpec, recipe: EvalRecipe, seed: int, root: Path, test: str) -> tuple[Path, dict]:
-    """The cache file and key of the full-data reference on the test set whose `reference_digest` is `test`."""
+    """The cache file and key of the full-data reference on the test set whose `digest_test_set` is `test`."""
     seeds = [seed + r for r in range(recipe.rounds)]
     key = {"measure": FULL_MEASURE, "dataset": spec.name,
            "recipe_hash": recipe_hash(FULL_MEASURE, dataclasses.asdict(recipe)), "seeds": seeds, "test_sha256": test}
@@ -315,7 +304,7 @@ def full_reference(spec: DatasetSpec, recipe: EvalRecipe, seed: int, device: tor
     it only for a score against the same test set."""
     need_store(spec, root, "a full-data reference")
     ref = load_reference(spec, ref_dir, root)
-    path, key = full_path(spec, recipe, seed, root, reference_digest(ref))
+    path, key = full_path(spec, recipe, seed, root, digest_test_set(ref))
     accs = read_cache(path, key, recipe.rounds) if path.exists() else None
     if accs is not None:
         return path, accs, True

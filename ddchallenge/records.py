@@ -240,6 +240,8 @@ def _check_dataset(d: _Fields, recipe: EvalRecipe, seed: int) -> float:
     d.text("method", MAX_METHOD, optional=True)
     d.text("source")
     d.sha256("sha256")
+    if "test_sha256" in d.data:  # older records have none
+        d.sha256("test_sha256", optional=True)
     _, mean = _check_rounds(d, recipe, seed)
     d.number("seconds")
     if d.data.get("provenance") is not None:  # what the upload says made it (optional): a flat object of scalars
@@ -383,10 +385,22 @@ def _check_batch_fields(record: _Fields) -> None:
     if "upload_sha256" in record.data:
         record.sha256("upload_sha256", optional=record.data.get("status") == _STATUS_FAILED)
     if "settings" in record.data:
-        settings = _Fields(record.get("settings"), record.where, "settings.")
+        settings = _check_settings(record)
         if "recipe_hash" in record.data and settings.get("recipe_hash") != record.data["recipe_hash"]:
             raise settings.error("recipe_hash", "must be the record's recipe_hash", settings.data["recipe_hash"])
     _check_signature_fields(record)
+
+
+def _check_settings(record: _Fields) -> _Fields:
+    """The batch settings a record was scored under, checked where they are
+    read back as numbers or flags (the leaderboard tells a record's track by
+    its budget and `mixed`); the rest is compared, never read."""
+    settings = _Fields(record.get("settings"), record.where, "settings.")
+    if settings.data.get("budget") is not None:
+        settings.number("budget", 0.0, MAX_BUDGET_SECONDS)
+    if "mixed" in settings.data:
+        settings.flag("mixed")
+    return settings
 
 
 def _check_signature_fields(record: _Fields) -> None:
@@ -408,7 +422,7 @@ def check_failed_record(data, where: str) -> dict:
     record.sha256("upload_sha256", optional=True)
     if not isinstance(record.data.get("over_budget", False), bool):
         raise record.error("over_budget", "must be true or false", record.data["over_budget"])
-    _Fields(record.get("settings"), where, "settings.")
+    _check_settings(record)
     _check_signature_fields(record)
     return data
 
@@ -502,18 +516,21 @@ def check_record(data, where: str) -> dict:
         check_failed_record(data, where)
     else:
         check_score_record(data, where)
-    check_finite(data, where)
+    check_values(data, where)
     return data
 
 
-def check_finite(data, where: str) -> None:
-    """RecordError naming the first NaN or infinity anywhere in `data`. Python's
-    JSON reader accepts NaN, Infinity and -Infinity, which JSON has not and
-    `score` never writes; the field checks refuse them where they read a
-    number, and this refuses them everywhere else (a batch's settings, a
-    field no check reads), so that no record holding one is ever compared
-    against or shown. Iterative: a record is nested only as deep as the JSON
-    reader allowed."""
+def check_values(data, where: str) -> None:
+    """RecordError naming the first NaN, infinity or lone surrogate anywhere in
+    `data`. Python's JSON reader accepts NaN, Infinity and -Infinity, which
+    JSON has not and `score` never writes; the field checks refuse them where
+    they read a number, and this refuses them everywhere else (a batch's
+    settings, a field no check reads), so that no record holding one is ever
+    compared against or shown. The same for text: JSON's escapes can spell a
+    lone surrogate (\\ud800), which no file name decodes to (an undecodable
+    byte becomes U+DC80..U+DCFF, which encodes back) and no page, CSV or hash
+    can encode. Iterative: a record is nested only as deep as the JSON reader
+    allowed."""
     todo = [(data, "")]
     while todo:
         value, path = todo.pop()
@@ -521,6 +538,12 @@ def check_finite(data, where: str) -> None:
             raise RecordError(f"{where}: {path or 'the record'} is {value!r}; a record holds no NaN or infinity "
                               "(JSON has none, and `score` never writes one): the record was written by hand or "
                               "planted")
+        for text in ([value] if isinstance(value, str) else list(value) if isinstance(value, dict) else []):
+            try:
+                text.encode(errors="surrogateescape")
+            except UnicodeEncodeError:
+                raise RecordError(f"{where}: {path or 'the record'} holds a lone surrogate ({_show(text)}), which "
+                                  "`score` never writes: the record was written by hand or planted") from None
         if isinstance(value, dict):
             todo.extend((v, f"{path}.{clean(str(k), 64)}" if path else clean(str(k), 64)) for k, v in value.items())
         elif isinstance(value, list):

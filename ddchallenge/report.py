@@ -236,8 +236,8 @@ def record_track(record: dict) -> tuple[int, float | None] | None:
     if isinstance(rules, dict) and rules.get("track") in (1, 2):  # checked by records.read_record
         return (2, float(rules["budget_seconds"])) if rules["track"] == 2 else (1, None)
     settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
-    budget = settings.get("budget")  # a failed record's settings are not checked field by field: type-checked here
-    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget > 0:
+    budget = settings.get("budget")  # checked by records.read_record: null or seconds
+    if budget is None or not budget > 0:
         return 1, None
     return None if settings.get("mixed") is True and is_failed(record) else (2, float(budget))
 
@@ -324,7 +324,26 @@ def _comparable(read: list[tuple[str, dict]], track: tuple[int, float | None] | 
     kept = [(p, r) for p, r in read if is_failed(r) or fits(r)]
     # The official ranking; the non-official budgets' section is not comparable by its nature, and says so.
     _check_comparable([r for _, r in kept if not is_failed(r) and r["official_budget"]], track, datasets)
+    _check_same_tests([r for _, r in kept if not is_failed(r)])
     return kept, len(read) - len(kept)
+
+
+def _check_same_tests(scored: list[dict]) -> None:
+    """UsageError where records were scored on different test sets of one
+    dataset (their `test_sha256`): accuracies on two test sets never rank
+    against each other. A record older than the field says nothing, and is
+    not held against the others."""
+    tests: dict[str, set[str]] = {}
+    for r in scored:
+        for d in r["datasets"]:
+            if d.get("test_sha256") is not None:
+                tests.setdefault(d["dataset"], set()).add(d["test_sha256"])
+    mixed = sorted(n for n, v in tests.items() if len(v) > 1)
+    if mixed:
+        shown = "; ".join(f"{n}: {len(tests[n])} ({', '.join(sorted(t[:12] for t in tests[n]))})" for n in mixed)
+        raise UsageError(f"these records were scored on different test sets ({shown}: datasets[].test_sha256), which "
+                         "are never ranked together: score them again against one test set (one --ref folder or "
+                         "data root)")
 
 
 def _check_comparable(scored: list[dict], track: tuple[int, float | None] | None,
@@ -358,9 +377,10 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
             failed += 1
             continue
         # Identity of a result: who, which bytes (per dataset, and the upload's: a soft-label companion is part of
-        # it), under which recipe and seed, with which extra measures. Results that differ in any of these are
+        # it), on which test set, under which recipe and seed, with which extra measures. Results that differ in any of these are
         # entries of their own.
-        ident = (data["name"], tuple(sorted((d["dataset"], d["sha256"]) for d in data["datasets"])),
+        ident = (data["name"], tuple(sorted((d["dataset"], d["sha256"], d.get("test_sha256") or "")
+                                            for d in data["datasets"])),
                  data.get("submission_sha256"), data["recipe_hash"], data["seed"],
                  tuple(sorted((e["measure"], e["dataset"], e["recipe_hash"]) for e in data.get("extras", []))))
         if ident in seen:

@@ -17,6 +17,7 @@ import torch
 
 from ddchallenge import __version__
 from ddchallenge.data import load_reference
+from ddchallenge.data.reference import digest_test_set
 from ddchallenge.errors import UsageError
 from ddchallenge.evaluation.device import resolve_device
 from ddchallenge import measures
@@ -48,6 +49,9 @@ class DatasetScore:
     std: float  # population std over rounds (numpy's default, ddof=0)
     seconds: float
     provenance: dict | None = None  # what the upload says made it (submission.bounded_provenance); untrusted
+    # `data.reference.digest_test_set` of the test set it was scored on (--ref's, the data root's or the built-in one):
+    # a record on another test set is not trusted on a rerun, nor ranked beside this one. Older records have none.
+    test_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def score_entry(entry: DatasetEntry, ref: dict, recipe: EvalRecipe, seed: int, d
         dataset=entry.spec.name, ipc=entry.ipc, images=int(entry.images.shape[0]), kind=entry.kind, method=entry.method,
         source=entry.source, sha256=entry.sha256, seeds=seeds, accuracies=accs,
         mean=float(np.mean(accs)), std=float(np.std(accs)), seconds=time.perf_counter() - start,
-        provenance=entry.provenance,
+        provenance=entry.provenance, test_sha256=digest_test_set(ref),
     )
 
 

@@ -3,20 +3,35 @@ by field, the organiser's MAC, and a batch rerun that sets a planted record
 aside and scores the upload again."""
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import shutil
+import stat
 
 import pytest
+import torch
 
 from ddchallenge.batch import ResultsLock, record_key
+from ddchallenge.data.reference import DATA_ENV, embedded_reference, digest_test_set
 from ddchallenge.errors import RecordError, ResultsBusyError, UsageError
-from ddchallenge.protocol import OFFICIAL
+from ddchallenge.fileio import atomic_path
+from ddchallenge.protocol import OFFICIAL, get_dataset
 from ddchallenge.records import check_mac, key_id, load_key, read_record, sign
 from ddchallenge.score import DatasetScore, ScoreResult
 
 FAST = ("--dataset", "mnist5k", "--epochs", 0, "--rounds", 1, "--quiet")
 KEY = b"organiser-secret-key-0123456789"
+
+
+@functools.cache
+def built_in_test_set(dataset: str) -> str:
+    """The `test_sha256` a record scored here holds: mnist5k's built-in test
+    set's (the only one this machine has), any sha256 for the others."""
+    if dataset == "mnist5k":
+        return digest_test_set(embedded_reference(get_dataset(dataset)))
+    return hashlib.sha256(dataset.encode()).hexdigest()
 
 
 def make_record(name="alice.zip", accs=None, recipe=OFFICIAL, seed=0, method="d4m") -> dict:
@@ -27,7 +42,8 @@ def make_record(name="alice.zip", accs=None, recipe=OFFICIAL, seed=0, method="d4
     classes = {"cifar100": 100, "tinyimagenet": 200, "mnist5k": 10, "cifar10": 10}
     datasets = [DatasetScore(d, 10, 10 * classes[d], "official", method, f"res/{d}.pt",
                              hashlib.sha256(f"{name}{d}".encode()).hexdigest(), [seed + r for r in range(len(a))],
-                             a, float(np.mean(a)), float(np.std(a)), 1.5) for d, a in accs.items()]
+                             a, float(np.mean(a)), float(np.std(a)), 1.5, test_sha256=built_in_test_set(d))
+                for d, a in accs.items()]
     result = ScoreResult(name, method, name, hashlib.sha256(name.encode()).hexdigest(),
                          float(np.mean([d.mean for d in datasets])), datasets, recipe.is_official,
                          dataclasses.asdict(recipe), recipe.hash(), seed, "cpu", "unshare", 3.0, [], {"ddchallenge": "1"})
@@ -110,8 +126,20 @@ CRAFTED = [
     ("provenance not an object", setter("provenance", ["x"], 0), "datasets[0].provenance must be a JSON object"),
     ("versions not text", lambda r: r.update(versions={"torch": 2}), "versions.torch must be a text"),
     # NaN and infinities where no field check reads a number: a batch's settings, a field of a later version
-    ("NaN in settings", lambda r: r.update(settings={"budget": float("nan"), "recipe_hash": OFFICIAL.hash()}),
-     "settings.budget is nan; a record holds no NaN or infinity"),
+    ("NaN in settings", lambda r: r.update(settings={"seed": float("nan"), "recipe_hash": OFFICIAL.hash()}),
+     "settings.seed is nan; a record holds no NaN or infinity"),
+    # the settings the leaderboard reads back as numbers (a record's track): an int no float holds, a text flag
+    ("budget past any float", lambda r: r.update(settings={"budget": 10 ** 400, "recipe_hash": OFFICIAL.hash()}),
+     "settings.budget must be a finite number from 0 to 604800"),
+    ("budget NaN", lambda r: r.update(settings={"budget": float("nan"), "recipe_hash": OFFICIAL.hash()}),
+     "settings.budget must be a finite number from 0 to 604800, got nan"),
+    ("mixed a text", lambda r: r.update(settings={"budget": 600, "mixed": "yes", "recipe_hash": OFFICIAL.hash()}),
+     "settings.mixed must be true or false (a JSON boolean), got 'yes'"),
+    # JSON's escapes spell lone surrogates, which no page, CSV or hash encodes: in any text, key or value
+    ("lone surrogate in the name", setter("name", "\ud800x"), "name holds a lone surrogate ('\\ud800x')"),
+    ("lone surrogate in a key", setter("later", {"\udfff": 1}), "later holds a lone surrogate"),
+    ("lone surrogate deep", lambda r: r["datasets"][1].update(provenance={"note": "\udbff"}),
+     "datasets[1].provenance.note holds a lone surrogate"),
     ("-inf deep in settings", lambda r: r.update(settings={"rules": {"ipc": [1, float("-inf")]},
                                                              "recipe_hash": OFFICIAL.hash()}),
      "settings.rules.ipc[1] is -inf; a record holds no NaN"),
@@ -165,6 +193,39 @@ def test_links_special_files_and_huge_files_are_not_read(tmp_path):
         fh.truncate(17 << 20)  # sparse: no disk used
     with pytest.raises(RecordError, match="is 17825792 bytes, more than the 16777216 allowed"):
         read_record(tmp_path / "huge.json")
+
+
+def test_a_failed_records_settings_are_checked_as_a_score_records_are(tmp_path):
+    """The leaderboard tells a failed record's track by its settings: an
+    int no float holds there is refused on reading, never met by float()."""
+    failed = {"status": "failed", "name": "a.pt", "submission": "a.pt", "reason": "x", "key": record_key("a.pt"),
+              "upload_sha256": None, "settings": {"budget": 10 ** 400}}
+    path = write(tmp_path / f"{record_key('a.pt')}.failed.json", failed)
+    with pytest.raises(RecordError, match="settings.budget must be a finite number from 0 to 604800"):
+        read_record(path)
+    failed["settings"] = {"budget": 600, "mixed": True}
+    assert read_record(write(path, failed))["settings"]["mixed"] is True
+
+
+def test_a_record_never_lands_in_the_file_a_link_names(tmp_path):
+    """A results folder may be writable by others: a link planted at a
+    record's name is replaced, never written through, and the temporary file
+    lives in a folder of the writer's own (0700) that no other user can
+    enter to swap it for a link, nor left behind."""
+    key = write(tmp_path / "key", "SECRET")
+    key.chmod(0o600)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "r.json").symlink_to(key)
+    with atomic_path(out / "r.json") as tmp:
+        assert tmp.parent.parent == out and stat.S_IMODE(tmp.parent.stat().st_mode) == 0o700
+        tmp.write_text("{}")
+    assert key.read_text() == "SECRET" and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert not (out / "r.json").is_symlink() and (out / "r.json").read_text() == "{}"
+    with pytest.raises(KeyboardInterrupt), atomic_path(out / "s.json") as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in out.iterdir()) == ["r.json"]
 
 
 def test_mac_covers_every_field_and_needs_the_key(tmp_path):
@@ -236,6 +297,34 @@ def test_planted_records_with_the_uploads_true_sha256_are_set_aside_and_rescored
     assert rows == {"mnist5k.pt": "scored", "broken.pt": "done"}, r.stdout  # "done before": the failure is trusted
     assert "99.9" not in r.stdout and json.loads(record.read_text())["score"] == data["score"]
     assert json.loads((out / f"{record.name}.rejected-1").read_text())["score"] == "99.90"  # kept as it was
+
+
+def test_a_record_names_its_test_set_and_a_new_test_set_scores_again(run_cli, official_file, tmp_path, monkeypatch):
+    """The data root's test set replaced between two runs (a re-prepared
+    dataset, another DDCHALLENGE_DATA): the records of the first are not
+    reused by the second, and the leaderboard never ranks the two together."""
+    spec = get_dataset("mnist5k")
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setenv(DATA_ENV, str(root))
+    first, second = tmp_path / "first", tmp_path / "second"
+    _, before = score_once(run_cli, official_file, first)
+    assert before["datasets"][0]["test_sha256"] == digest_test_set(embedded_reference(spec))
+    shutil.copytree(first, second)
+    r = run_cli("score", official_file, *FAST, "--output", second)
+    assert r.exit_code == 0 and "already scored with the same bytes and settings" in r.stderr, r.output  # reused
+
+    moved = embedded_reference(spec)
+    moved["labels_val"] = (moved["labels_val"] + 1) % 10  # another test set: every label moved by one
+    torch.save(moved, root / spec.reference_file)
+    r = run_cli("score", official_file, *FAST, "--output", second)
+    assert r.exit_code == 0 and "already scored" not in r.stderr, r.output
+    after = json.loads((second / f"{record_key(official_file.name)}.json").read_text())
+    assert after["datasets"][0]["test_sha256"] == digest_test_set(moved) != before["datasets"][0]["test_sha256"]
+    assert after["score"] != before["score"]
+    board = run_cli("leaderboard", first, second)
+    assert board.exit_code == 2 and "scored on different test sets (mnist5k: 2 (" in board.stderr, board.output
+    assert len(board.stderr.strip().splitlines()) == 1 and "Traceback" not in board.output
 
 
 def test_a_rerun_under_a_mistaken_option_keeps_the_earlier_score(run_cli, official_file, tmp_path):

@@ -2,6 +2,7 @@
 turns pixels into what the evaluator trains and tests on."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -116,6 +117,28 @@ def load_reference(spec: DatasetSpec, ref_dir: str | os.PathLike | None = None,
         f"no reference test set for {spec.name}: {path} does not exist; run `ddchallenge data prepare "
         f"{spec.name} --download`, place the official {spec.reference_file} there, or pass --ref DIR"
     )
+
+
+def digest_test_set(ref: dict) -> str:
+    """sha256 of a reference test set's tensors (dtype, shape and bytes of
+    images and labels): the test set a score, a cached accuracy or a record
+    was measured on, whichever file, folder or built-in copy it came from."""
+    h = hashlib.sha256()
+    for name in ("images_val", "labels_val"):
+        t = ref[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.numpy())  # the buffer itself: no copy of a test set of hundreds of MB
+    return h.hexdigest()
+
+
+def current_test_set_digest(name: str, ref_dir: str | os.PathLike | None, root: str | os.PathLike | None,
+                            cache: dict[str, str]) -> str:
+    """`digest_test_set` of dataset `name`'s test set as `score` would load it
+    now (`load_reference`), computed once per `cache` (a batch reads each
+    test set once). Raises what `load_reference` raises."""
+    if name not in cache:
+        cache[name] = digest_test_set(load_reference(get_dataset(name), ref_dir, root))
+    return cache[name]
 
 
 def save_reference(spec: DatasetSpec, path: str | os.PathLike) -> Path:

@@ -46,7 +46,8 @@ from ddchallenge.batch import (
     settle,
     triage_all,
 )
-from ddchallenge.errors import EnvironmentFailure, UsageError
+from ddchallenge.data.reference import current_test_set_digest
+from ddchallenge.errors import DatasetError, EnvironmentFailure, UsageError
 from ddchallenge.fileio import source_digest
 from ddchallenge.isolation import clean
 from ddchallenge.progress import bar as progress_bar
@@ -241,12 +242,13 @@ def score_batch_on_cluster(uploads: list[str | os.PathLike], output_dir: str | o
         if todo:
             with connected(cluster) as ray:
                 busy, retried, on_gpu = _run(ray, todo, outcomes, names, out, settings, ref, device, progress,
-                                             len(paths))
+                                             len(paths), tests)
     return BatchSummary([outcomes[i] for i in range(len(paths))], time.monotonic() - start, busy, on_gpu, retried)
 
 
 def _run(ray, todo: dict[int, Pending], outcomes: dict[int, BatchOutcome], names: list[str], out: Path,
-         settings: BatchSettings, ref: str | None, device: str, progress: bool, total: int) -> tuple[float, int, bool]:
+         settings: BatchSettings, ref: str | None, device: str, progress: bool, total: int,
+         tests: dict[str, str]) -> tuple[float, int, bool]:
     """Submit every pending upload, retry what the cluster lost, record the
     rest as it finishes (filling `outcomes`); the seconds spent, the retries,
     and whether tasks held GPUs."""
@@ -270,7 +272,7 @@ def _run(ray, todo: dict[int, Pending], outcomes: dict[int, BatchOutcome], names
         while in_flight:
             (ready,), _ = _on_cluster(ray.wait, list(in_flight), num_returns=1)
             i = in_flight.pop(ready)
-            tried = _result(ray, ready)
+            tried = driver_checked(_result(ray, ready), settings, ref, tests)
             busy += tried.seconds
             if tried.environment and tries[i] < MAX_ATTEMPTS:
                 log.warning("%s: attempt %d of %d lost (%s); trying again", clean(names[i]), tries[i], MAX_ATTEMPTS,
@@ -286,6 +288,25 @@ def _run(ray, todo: dict[int, Pending], outcomes: dict[int, BatchOutcome], names
             with contextlib.suppress(Exception):  # a lost cluster: the first failure must not hide the rest
                 ray.cancel(left, force=True)
     return busy, retried, task_device == "cuda"
+
+
+def driver_checked(tried: Attempt, settings: BatchSettings, ref_dir: str | None, tests: dict[str, str]) -> Attempt:
+    """A node's result, unless a dataset of it was scored on another test
+    set than the one the driver reads (`test_sha256`): then the node's
+    fault, retried elsewhere, never recorded, since a rerun would not trust
+    it (each node reads its own data root where there is no --ref). A
+    dataset whose test set the driver cannot read is left as the node
+    scored it; a rerun scores it again and says why."""
+    for d in tried.result.datasets if tried.result is not None else []:
+        try:
+            mine = current_test_set_digest(d.dataset, ref_dir, settings.extras.data_root, tests)
+        except (DatasetError, OSError, ValueError):
+            continue
+        if d.test_sha256 != mine:
+            return Attempt(reason=f"a node scored {d.dataset} on another test set ({str(d.test_sha256)[:12]}) than "
+                           f"the driver reads ({mine[:12]}): give the driver and every node the same --ref folder or "
+                           "data root", environment=True, seconds=tried.seconds)
+    return tried
 
 
 def _on_cluster(call, *args, **kwargs):

@@ -202,6 +202,33 @@ def test_a_node_refuses_to_score_with_other_code_or_other_test_sets(uploads, tmp
     assert tried.environment and "sees other test sets in --ref" in tried.reason and tried.result is None
 
 
+def test_the_driver_refuses_a_result_scored_on_another_test_set(uploads, tmp_path, monkeypatch):
+    """Without --ref each node reads its own data root: a node whose test set
+    is not the driver's returns a result the driver never records (a rerun
+    would not trust it), as the node's fault, retried elsewhere."""
+    import dataclasses
+
+    from ddchallenge.batch import attempt
+    from ddchallenge.cluster import driver_checked
+    from ddchallenge.data.reference import DATA_ENV
+    from ddchallenge.protocol import get_dataset
+
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "driver-data"))  # none there: mnist5k's built-in test set
+    tried = attempt(uploads[0], dataclasses.replace(SETTINGS, recipe=OFFICIAL.with_overrides(epochs=0, rounds=1)),
+                    None, "cpu", progress=False)
+    assert tried.result is not None and driver_checked(tried, SETTINGS, None, {}) is tried  # the same test set
+    elsewhere = dataclasses.replace(tried.result, datasets=[dataclasses.replace(tried.result.datasets[0],
+                                                                                test_sha256="ab" * 32)])
+    refused = driver_checked(dataclasses.replace(tried, result=elsewhere), SETTINGS, None, {})
+    assert refused.environment and refused.result is None and refused.reason.startswith(
+        "a node scored mnist5k on another test set (abababababab) than the driver reads (")
+    # a driver with no copy of the test set to compare leaves the result as scored (a rerun scores it again)
+    moved = tmp_path / "driver-data" / get_dataset("mnist5k").reference_file
+    moved.parent.mkdir()
+    moved.write_bytes(b"not a test set")
+    assert driver_checked(dataclasses.replace(tried, result=elsewhere), SETTINGS, None, {}).result is elsewhere
+
+
 def test_ray_failures_at_the_driver_are_one_line_environment_failures():
     from ddchallenge.cluster import _on_cluster, task_options
     from ddchallenge.errors import EnvironmentFailure

@@ -492,7 +492,7 @@ def _same_tests(record: dict, settings: BatchSettings, ref_dir, tests: dict | No
     try:
         return all(d.get("test_sha256") == current_test_set_digest(d["dataset"], ref_dir, settings.extras.data_root,
                                                                    tests) for d in record["datasets"])
-    except (DatasetError, OSError, ValueError) as exc:
+    except (DDChallengeError, OSError, ValueError) as exc:  # a planted dataset name too (OptionMismatch)
         log.warning("%s: its test set cannot be read now (%s)", clean(record["name"], 80), clean(str(exc), 160))
         return False
 
@@ -502,10 +502,10 @@ def _current_hlr(path: Path, record: dict, result: ScoreResult, settings: BatchS
     """A reused result with the full-data accuracy and HLR the cache holds
     now (`measures.current_full`: what scoring it again would give, without
     training), its record rewritten when they moved, every other field kept.
-    Kept as recorded when a test set cannot be read, when the record is
-    signed and this batch has no key to sign it again (rewriting it would
-    strip its MAC), or when the rewrite fails: the HLR is the one number
-    that can go stale, never a reason to lose or re-score a record."""
+    Kept as recorded when the record is signed and this batch has no key to
+    sign it again (rewriting it would strip its MAC), or when the rewrite
+    fails: the HLR is the one number that can go stale, never a reason to
+    lose or re-score a record. (Its test sets were read by `_same_tests`.)"""
     try:
         rows = current_full(result.extras, {d.dataset: d.accuracies for d in result.datasets}, settings.recipe,
                             settings.seed, settings.extras, ref_dir, tests)

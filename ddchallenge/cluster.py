@@ -47,7 +47,7 @@ from ddchallenge.batch import (
     triage_all,
 )
 from ddchallenge.data.reference import current_test_set_digest
-from ddchallenge.errors import DatasetError, EnvironmentFailure, UsageError
+from ddchallenge.errors import DDChallengeError, EnvironmentFailure, UsageError
 from ddchallenge.fileio import source_digest
 from ddchallenge.isolation import clean
 from ddchallenge.progress import bar as progress_bar
@@ -300,7 +300,7 @@ def driver_checked(tried: Attempt, settings: BatchSettings, ref_dir: str | None,
     for d in tried.result.datasets if tried.result is not None else []:
         try:
             mine = current_test_set_digest(d.dataset, ref_dir, settings.extras.data_root, tests)
-        except (DatasetError, OSError, ValueError):
+        except (DDChallengeError, OSError, ValueError):
             continue
         if d.test_sha256 != mine:
             return Attempt(reason=f"a node scored {d.dataset} on another test set ({str(d.test_sha256)[:12]}) than "

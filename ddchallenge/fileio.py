@@ -225,23 +225,36 @@ def atomic_path(path: str | os.PathLike):
     only if the block succeeds, so an interrupted writer leaves the old file
     or none.
 
-    The temporary file lives in a private folder (mode 0700) made beside
-    `path`, never loose in `path`'s folder: a results folder or data root may
-    be writable by others, and a temporary name there could be swapped for a
-    link between its creation and the writes and chmod that reopen it by name,
-    which would then land in whatever file the link names (the record key
-    included). No other user can enter, rename or empty a 0700 folder. The
-    final rename replaces a link planted at `path` itself, never follows it."""
+    A results folder or data root may be writable by others, who can rename
+    and replace any entry of it (a folder of ours included) between our steps.
+    So nothing here is reached through a name in that folder after it is
+    made: the file is written in a private folder (mkdtemp, mode 0700: no
+    one else can add, swap or remove what is in it), reached through the
+    descriptor of that folder (/proc/self/fd/N: the folder itself, wherever
+    it has been moved to), and renamed onto `path` relative to descriptors of
+    both folders; the rename replaces a link planted at `path`, never
+    follows it. Writes therefore never land in a file someone else named
+    (the record key, say)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    private = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp = private / path.name
+    private = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    folder = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        if stat.S_IMODE(os.fstat(folder).st_mode) != 0o700 or os.fstat(folder).st_uid != os.getuid():
+            raise OSError(errno.EPERM, f"the private folder {private} was replaced before it was opened")
+        through = Path(f"/proc/self/fd/{folder}")
+        yield (through if through.is_dir() else Path(private)) / path.name  # no /proc: the name, as a last resort
+        os.chmod(path.name, 0o666 & ~_UMASK, dir_fd=folder)
+        os.replace(path.name, path.name, src_dir_fd=folder, dst_dir_fd=parent)
     finally:
-        shutil.rmtree(private, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=folder)
+        with contextlib.suppress(OSError):  # only where the name still holds our folder, not what replaced it
+            if os.path.samestat(os.lstat(private), os.fstat(folder)):
+                os.rmdir(private)
+        os.close(folder)
+        os.close(parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -403,8 +403,20 @@ def _from_labelled_h5(path: Path, dataset: str | None, rules: UploadRules | None
     method = lset.attrs.get("method")
     soft = None if lset.soft_labels is None else torch.from_numpy(lset.soft_labels)
     return DatasetEntry(spec, normalise(pixels, spec), labels, ipc, "labelled", str(path), sha256_file(path),
-                        method=method[:MAX_METHOD] if isinstance(method, str) else None,
+                        method=recordable(method)[:MAX_METHOD] if isinstance(method, str) else None,
                         provenance=bounded_provenance(lset.attrs), soft_labels=soft)
+
+
+def recordable(text: str) -> str:
+    """Untrusted `text` as a record can hold it: a lone surrogate (which a
+    manifest's JSON escapes or an HDF5 attribute can carry, and no page, CSV
+    or hash encodes) becomes its escape, `\\ud800`; the escapes of a file
+    name's undecodable bytes (U+DC80..U+DCFF) stay as they are."""
+    try:
+        text.encode(errors="surrogateescape")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bounded_provenance(value) -> dict | None:
@@ -429,10 +441,10 @@ def bounded_provenance(value) -> dict | None:
         if (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, int) and abs(v) > 1 << 63):
             continue
         if isinstance(v, str):
-            v = v[:MAX_PROVENANCE_VALUE]
+            v = recordable(v)[:MAX_PROVENANCE_VALUE]
         elif not (v is None or isinstance(v, (bool, int, float))):
             continue
-        kept[key] = v
+        kept[recordable(key)] = v
     return kept or None
 
 
@@ -476,8 +488,8 @@ def _with_methods(entries: list[DatasetEntry], manifest: bytes | None) -> list[D
             out.append(e)
             continue
         # Text only, and short: the method is shown in tables and leaderboards.
-        out.append(dataclasses.replace(e, method=method[:MAX_METHOD] if isinstance(method, str) else e.method,
-                                       provenance=provenance))
+        method = recordable(method)[:MAX_METHOD] if isinstance(method, str) else e.method
+        out.append(dataclasses.replace(e, method=method, provenance=provenance))
     return out
 
 

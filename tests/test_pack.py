@@ -99,6 +99,12 @@ def test_method_and_provenance_come_from_the_upload_alone(tmp_path, run_cli):
     (e,) = load_submission(zip_with([("manifest.json", manifest(huge))], "h.zip"), rules=rules)
     assert e.method == "m" * 64 and len(e.provenance) == 32 and max(map(len, map(str, e.provenance.values()))) <= 2048
     assert e.provenance["nested"] == '{"a":[1,2]}' and not {"nan", "big", ""} & set(e.provenance)
+    # Lone surrogates, which JSON's escapes spell and no record may hold, become their escapes (a review: such a
+    # zip was recorded, then every rerun set its record aside as planted); a file name's escapes stay.
+    (e,) = load_submission(zip_with([("manifest.json", manifest({"method": "d4m\ud800", "\udfffk": "\udbff",
+                                                                 "name": "\udc80"}))], "s.zip"), rules=rules)
+    assert e.method == "d4m\\ud800" and e.provenance == {"method": "d4m\\ud800", "\\udfffk": "\\udbff",
+                                                          "name": "\udc80"}
     for bad in ("not json", "[" * 100_000, json.dumps({"datasets": "x"}), manifest(["list"]),
                 manifest({"method": ["not", "text"]})):
         (e,) = load_submission(zip_with([("manifest.json", bad)], "b.zip"), rules=rules)

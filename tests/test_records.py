@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,24 +209,34 @@ def test_a_failed_records_settings_are_checked_as_a_score_records_are(tmp_path):
 
 
 def test_a_record_never_lands_in_the_file_a_link_names(tmp_path):
-    """A results folder may be writable by others: a link planted at a
-    record's name is replaced, never written through, and the temporary file
-    lives in a folder of the writer's own (0700) that no other user can
-    enter to swap it for a link, nor left behind."""
+    """A results folder may be writable by others, who can rename and
+    replace its entries between the writer's steps (a review's race: the
+    temporary file, and then the private folder holding it, swapped for a
+    link to a folder whose `r.json` links to the record key). The record
+    still lands under its own name, a plain file; the key is untouched."""
     key = write(tmp_path / "key", "SECRET")
     key.chmod(0o600)
-    out = tmp_path / "results"
+    out, evil = tmp_path / "results", tmp_path / "attacker"
     out.mkdir()
-    (out / "r.json").symlink_to(key)
+    evil.mkdir()
+    (evil / "r.json").symlink_to(key)
+    (out / "r.json").symlink_to(key)  # a link planted at the record's own name is replaced, not followed
     with atomic_path(out / "r.json") as tmp:
-        assert tmp.parent.parent == out and stat.S_IMODE(tmp.parent.stat().st_mode) == 0o700
+        private = Path(os.path.realpath(tmp.parent))
+        assert private.parent == out and stat.S_IMODE(private.stat().st_mode) == 0o700
+        private.rename(out / "moved")  # the race, won by the attacker
+        private.symlink_to(evil)
         tmp.write_text("{}")
     assert key.read_text() == "SECRET" and stat.S_IMODE(key.stat().st_mode) == 0o600
     assert not (out / "r.json").is_symlink() and (out / "r.json").read_text() == "{}"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "r.json").stat().st_mode) == 0o666 & ~umask  # as any new file
+    assert sorted(p.name for p in out.iterdir()) == sorted([private.name, "moved", "r.json"])  # theirs left alone
     with pytest.raises(KeyboardInterrupt), atomic_path(out / "s.json") as tmp:
         tmp.write_text("half")
         raise KeyboardInterrupt
-    assert sorted(p.name for p in out.iterdir()) == ["r.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([private.name, "moved", "r.json"])  # nothing of s.json
 
 
 def test_mac_covers_every_field_and_needs_the_key(tmp_path):
@@ -325,6 +336,19 @@ def test_a_record_names_its_test_set_and_a_new_test_set_scores_again(run_cli, of
     board = run_cli("leaderboard", first, second)
     assert board.exit_code == 2 and "scored on different test sets (mnist5k: 2 (" in board.stderr, board.output
     assert len(board.stderr.strip().splitlines()) == 1 and "Traceback" not in board.output
+
+
+def test_a_record_whose_test_set_cannot_be_read_is_scored_again_not_the_batch_stopped(tmp_path, caplog):
+    """A review: an unsigned record edited to name a validation view, read
+    back under --ref (which a view's test set refuses), stopped the whole
+    batch with that refusal. It is one record that cannot show its test set."""
+    from ddchallenge.batch import BatchSettings, _same_tests
+
+    record = make_record("a.pt", {"mnist5k": [0.5, 0.5, 0.5]})
+    assert _same_tests(record, BatchSettings(), None, {})
+    record["datasets"][0]["dataset"] = "mnist5k-val"
+    assert not _same_tests(record, BatchSettings(), str(tmp_path), {})
+    assert "a.pt: its test set cannot be read now (--ref names a folder of test sets" in caplog.text
 
 
 def test_a_rerun_under_a_mistaken_option_keeps_the_earlier_score(run_cli, official_file, tmp_path):

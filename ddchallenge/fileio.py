@@ -238,11 +238,12 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     private = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    folder = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    folder = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # a link put in its place: refused
+    if stat.S_IMODE(os.fstat(folder).st_mode) != 0o700 or os.fstat(folder).st_uid != os.getuid():
+        os.close(folder)
+        raise OSError(errno.EPERM, f"the private folder {private} was replaced before it was opened")
     parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if stat.S_IMODE(os.fstat(folder).st_mode) != 0o700 or os.fstat(folder).st_uid != os.getuid():
-            raise OSError(errno.EPERM, f"the private folder {private} was replaced before it was opened")
         through = Path(f"/proc/self/fd/{folder}")
         yield (through if through.is_dir() else Path(private)) / path.name  # no /proc: the name, as a last resort
         os.chmod(path.name, 0o666 & ~_UMASK, dir_fd=folder)

@@ -117,13 +117,15 @@ def need_store(spec: DatasetSpec, root: Path, what: str) -> None:
 
 def run(entries: list[DatasetEntry], set_accuracies: list[list[float]], refs: dict, recipe: EvalRecipe, seed: int,
         device: torch.device, device_name: str, request: ExtrasRequest, progress: bool = True,
-        together: bool | None = None) -> list[ExtraScore]:
+        together: bool | None = None, tests: dict[str, str] | None = None) -> list[ExtraScore]:
     """The rows `request` asks for, dataset by dataset: each architecture,
     then the baseline. `set_accuracies[i]`: the challenge accuracies of
-    entries[i] (what IOR and HLR compare against)."""
+    entries[i] (what IOR and HLR compare against). `tests`: the test sets'
+    `digest_test_set` by dataset, as the challenge score recorded them
+    (computed where missing)."""
     rows: list[ExtraScore] = []
     teacher = check_labels_possible(entries, request)
-    tests = {name: digest_test_set(ref) for name, ref in refs.items()} if request.baseline else {}
+    tests = tests or {}
     for entry, accs in zip(entries, set_accuracies):
         ref = refs[entry.spec.name]
         for arch in request.archs:

@@ -377,9 +377,9 @@ def _board(read: list[tuple[str, dict]], refused: list[tuple[str, str]], include
             failed += 1
             continue
         # Identity of a result: who, which bytes (per dataset, and the upload's: a soft-label companion is part of
-        # it), under which recipe and seed, with which extra measures. (Test sets need not be part of it: records
-        # on two test sets are refused together, and a copy older than `test_sha256` is the same result.) Results that differ in any of these are
-        # entries of their own.
+        # it), under which recipe and seed, with which extra measures. Results that differ in any of these are
+        # entries of their own. (Not the test sets: records on two are refused together, and a copy older than
+        # `test_sha256` is the same result.)
         ident = (data["name"], tuple(sorted((d["dataset"], d["sha256"]) for d in data["datasets"])),
                  data.get("submission_sha256"), data["recipe_hash"], data["seed"],
                  tuple(sorted((e["measure"], e["dataset"], e["recipe_hash"]) for e in data.get("extras", []))))

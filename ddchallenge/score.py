@@ -175,7 +175,7 @@ def score(
     scores = [score_entry(e, refs[e.spec.name], recipe, seed, dev, progress, together) for e in entries]
     device_name = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
     rows = measures.run(entries, [s.accuracies for s in scores], refs, recipe, seed, dev, device_name, extras,
-                        progress, together) if extras else []
+                        progress, together, {s.dataset: s.test_sha256 for s in scores}) if extras else []
     methods = {e.method for e in entries}
     return ScoreResult(
         name=upload_name(path),

@@ -35,6 +35,14 @@ images carry none, so it has no mode S row. Such a run keeps its JSON as
 
     python bench/track2_protocol.py --model /work/models/mnist5k-val --out /work/runs/t2p \\
         --dataset mnist5k --seeds 10 --runs random herding d4m-m300 --extras
+
+--arch NAME (repeatable) trains the pool's costlier networks too (ConvNet-D4,
+AlexNet, VGG-11, ResNet-18: one to seven challenge scores each on a CPU), in
+a score of their own beside the challenge score (<...>-arch-NAME....json),
+so that a run with --extras is never redone to add them:
+
+    python bench/track2_protocol.py --model /work/models/mnist5k-val --out /work/runs/t2p \\
+        --dataset mnist5k --seeds 10 --runs herding --arch convnetd4 --arch vgg11
 """
 from __future__ import annotations
 
@@ -159,7 +167,7 @@ def claim(result: Path) -> bool:
 
 def run(name: str, args, seed: int) -> dict | None:
     """The result of one run (None: another copy of the script is running it)."""
-    tail = "-extras" if args.extras else ""
+    tail = ("-extras" if args.extras else "") + "".join(f"-arch-{a}" for a in args.arch)
     result = args.out / "results" / f"{args.dataset}-{name}-ipc{args.ipc}-seed{seed}{tail}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     if not result.is_file():
@@ -188,6 +196,7 @@ def make(name: str, args, seed: int, result: Path) -> None:
     if args.extras:
         recipe += ["--baseline", "random", "--baseline-seed", seed, "--teacher", teacher_for(args),
                    *[a for arch in EXTRA_ARCHS for a in ("--arch", arch)]]
+    recipe += [a for arch in args.arch for a in ("--arch", arch)]
     records = args.out / "records" / result.stem  # a results folder is one batch's at a time: one per run
     common = ["--dataset", args.dataset, "--seed", seed, "--output", records, "--quiet", *recipe]
     started = time.perf_counter()
@@ -267,6 +276,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="not for reported rows")
     ap.add_argument("--rounds", type=int, help="not for reported rows")
     ap.add_argument("--extras", action="store_true", help="also issue 23's measures (see above)")
+    ap.add_argument("--arch", action="append", default=[], choices=("convnetd4", "alexnet", "vgg11", "resnet18"),
+                    help="also this costlier architecture of the pool, in a score of its own (see above)")
     args = ap.parse_args()
     print("| split | run | seed | IPC | accuracy % (mean ± std, rounds) | per round % | generation s | "
           "matching steps | recipe |\n|---|---|---|---|---|---|---|---|---|", flush=True)

@@ -211,3 +211,96 @@ def test_every_layer_matches_the_reference_kind_norm_pooling_stride_and_padding(
 def count_equal(spec) -> bool:
     with torch.device("meta"):
         return count(build("convnetbn", spec)) == count(build("convnet", spec))
+
+
+# ---------------------------------------------------------------- a forward pass on fixed weights, against the reference
+
+def ref_ops(arch: str, c: int) -> list[tuple]:
+    """The reference's forward pass of `arch` as a list of operations, written
+    from networks.py: ("conv", padding), ("in"|"bn",), ("relu",),
+    ("avg"|"max",), ("flat",), ("fc",). Each conv, norm and fc takes the
+    network's next parameters, in the order the reference registers them."""
+    one = c == 1
+
+    def convnet(depth, norm):
+        return [op for d in range(depth) for op in (("conv", 3 if one and d == 0 else 1), (norm,), ("relu",),
+                                                      ("avg",))] + [("flat",), ("fc",)]
+
+    vgg = []
+    for n, v in enumerate(_VGG11_CFG):
+        vgg += [("max",)] if v == "M" else [("conv", 3 if one and n == 0 else 1), ("in",), ("relu",)]
+    return {
+        "convnet": convnet(3, "in"), "convnetbn": convnet(3, "bn"), "convnetd4": convnet(4, "in"),
+        "mlp": [("flat",), ("fc",), ("relu",), ("fc",), ("relu",), ("fc",)],
+        "lenet": [("conv", 2 if one else 0), ("relu",), ("max",), ("conv", 0), ("relu",), ("max",), ("flat",),
+                  ("fc",), ("relu",), ("fc",), ("relu",), ("fc",)],
+        "alexnet": [("conv", 4 if one else 2), ("relu",), ("max",), ("conv", 2), ("relu",), ("max",), ("conv", 1),
+                    ("relu",), ("conv", 1), ("relu",), ("conv", 1), ("relu",), ("max",), ("flat",), ("fc",)],
+        "vgg11": vgg + [("flat",), ("fc",)],
+    }[arch]
+
+
+_VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def ref_forward(arch: str, params: list, x):
+    """`arch`'s output for input `x` with the weights `params` (its
+    parameters in registration order), computed with torch.nn.functional
+    alone: an implementation of the reference independent of the pool's
+    modules, so that a lost activation, a swapped pool or a skipped
+    shortcut changes the answer."""
+    import torch.nn.functional as F
+
+    p = iter(params)
+
+    def norm(h, kind):
+        w, b = next(p), next(p)
+        if kind == "bn":  # BatchNorm in training mode: the batch's own statistics
+            return F.batch_norm(h, None, None, w, b, training=True, eps=1e-5)
+        return F.group_norm(h, h.shape[1], w, b, eps=1e-5)  # "instancenorm": one group per channel, affine
+
+    if arch == "resnet18":
+        def conv(h, stride, pad):
+            return F.conv2d(h, next(p), None, stride, pad)
+
+        h = F.relu(norm(conv(x, 1, 1), "in"))
+        for i, o, s in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)):
+            for bi, bs in ((i, s), (o, 1)):  # BasicBlock: conv-norm-relu-conv-norm, plus the shortcut, then relu
+                out = norm(conv(F.relu(norm(conv(h, bs, 1), "in")), 1, 1), "in")
+                short = norm(conv(h, bs, 0), "in") if bs != 1 or bi != o else h
+                h = F.relu(out + short)
+        return F.linear(F.avg_pool2d(h, 4).flatten(1), next(p), next(p))
+    h = x
+    for op in ref_ops(arch, x.shape[1]):
+        kind = op[0]
+        if kind == "conv":
+            h = F.conv2d(h, next(p), next(p), 1, op[1])
+        elif kind in ("in", "bn"):
+            h = norm(h, kind)
+        elif kind == "relu":
+            h = F.relu(h)
+        elif kind in ("avg", "max"):
+            h = (F.avg_pool2d if kind == "avg" else F.max_pool2d)(h, 2, 2)
+        elif kind == "flat":
+            h = h.flatten(1)
+        else:
+            h = F.linear(h, next(p), next(p))
+    assert next(p, None) is None, "parameters left over: the network has layers the reference does not"
+    return h
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar100"])
+def test_every_architecture_computes_the_reference_forward_pass_on_fixed_weights(dataset):
+    spec = get_dataset(dataset)
+    torch.manual_seed(0)
+    x = torch.randn(3, *spec.image_shape)
+    for arch in ARCHITECTURES:
+        torch.manual_seed(1)
+        net = build(arch, spec)
+        with torch.no_grad():
+            for q in net.parameters():  # norms' affine weights away from 1 and 0 too, so they count
+                q.copy_(torch.randn_like(q) * (0.5 if q.dim() == 1 else 1 / q[0].numel() ** 0.5))
+            got, want = net(x), ref_forward(arch, list(net.parameters()), x)
+        assert got.shape == (3, spec.classes), arch
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (arch, (got - want).abs().max().item())
+        assert want.std() > 0.1, arch  # outputs that differ per image and class: a check that can fail

@@ -225,7 +225,19 @@ record_key_option = click.option(
 seed_option = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                            help="Seed; scoring round r uses seed + r.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars on stderr.")
-root_option = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+ROOT_FIX = "name a data root that exists (`ddchallenge data prepare DATASET --root DIR` makes one), or drop --root " \
+           f"for the default ({DATA_ROOT_DEFAULT})"
+
+
+def _existing_root(ctx, param, value: str | Path | None) -> str | Path | None:
+    """--root of a command that reads the data root: a mistyped folder is
+    refused, never created empty (with caches written into it) nor read as
+    a root that holds nothing. Only `data prepare` makes one."""
+    _existing_folder(None if value is None else Path(value), "--root", ROOT_FIX)
+    return value
+
+
+root_option = click.option("--root", type=click.Path(file_okay=False, path_type=Path), callback=_existing_root,
                            help=f"Data root (default: {DATA_ROOT_DEFAULT}).")
 
 
@@ -240,7 +252,7 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
                    "a single file; for a generator folder the most that fit --budget, at most 100).")
 @click.option("--ref", "ref_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding <dataset>_test.pt reference test sets (default: the data root).")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), callback=_existing_root,
               help="Data root holding <dataset>_train.h5 (a validation view's test set is cut from it) and the "
                    f"cache of --baseline (default: {DATA_ROOT_DEFAULT}); the test sets are --ref's.")
 @click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), help="Training rounds per dataset (official: 3).")
@@ -434,7 +446,8 @@ def _ipc(value: str) -> int | str:
               "folder exactly as `score FOLDER --budget` does (its own method and settings, the table rule, the "
               "budget, the generation seed derived from --seed as the scoring seed).")
 @click.option("--budget", type=BUDGET, help="Seconds allowed, writing included (Track 2 default: 600).")
-@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@click.option("--root", type=click.Path(file_okay=False), callback=_existing_root,
+              help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--model", help="diffusion: model folder (from `ddchallenge train`) or Hugging Face Hub id[@revision].")
 @click.option("--sampler", help="diffusion: dpm++ (default) or ddim.")
@@ -573,7 +586,8 @@ def _track2_generate(dataset, method, ipc, seed, budget, device, output, force, 
               help="Recipe epochs: epochs + 1 passes over the training images (default 50).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the weights, batch order and augmentation.")
-@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@click.option("--root", type=click.Path(file_okay=False), callback=_existing_root,
+              help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is a teacher folder made with other settings "
               "(never a folder of anything else).")
@@ -610,7 +624,8 @@ training_steps_option = click.option("--steps", type=click.IntRange(1, 100_000_0
 @click.option("--vae", help="AutoencoderKL folder or Hub id (see `ddchallenge train-vae`); implies --space latent.")
 @click.option("--checkpoint-every", type=click.IntRange(1, 100_000_000), help="Steps between checkpoints (overrides the preset's).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed of weights, data order and noise (default 0).")
-@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@click.option("--root", type=click.Path(file_okay=False), callback=_existing_root,
+              help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUTPUT with its settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -645,7 +660,8 @@ def train_command(dataset, output, preset, steps, batch_size, space, vae, checkp
 @preset_option
 @training_steps_option
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed of the weights and data order (default 0).")
-@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@click.option("--root", type=click.Path(file_okay=False), callback=_existing_root,
+              help="Data root holding <dataset>_train.h5.")
 @device_option
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is a VAE folder `train-vae` wrote before.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -685,7 +701,8 @@ make_default_option = click.option("--make-default", is_flag=True,
 @click.option("--oversample", type=FINITE, help="With --make-default: the folder's selection R (default 1).")
 @match_steps_record
 @make_default_option
-@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@click.option("--root", type=click.Path(file_okay=False), callback=_existing_root,
+              help="Data root holding <dataset>_train.h5.")
 @device_option
 @quiet_option
 def prototypes_command(model, ipcs, seed, fit_steps, strength, oversample, match_steps, make_default, root, device,
@@ -716,7 +733,8 @@ def prototypes_command(model, ipcs, seed, fit_steps, strength, oversample, match
 @click.option("--oversample", type=FINITE, help="With --make-default: the folder's selection R (default 1).")
 @match_steps_record
 @make_default_option
-@click.option("--root", type=click.Path(file_okay=False), help="Data root holding <dataset>_train.h5.")
+@click.option("--root", type=click.Path(file_okay=False), callback=_existing_root,
+              help="Data root holding <dataset>_train.h5.")
 @device_option
 @quiet_option
 def invert_command(model, per_class, steps, batch_size, lr, seed, oversample, match_steps, make_default, root, device,
@@ -1008,7 +1026,8 @@ def data_list(root):
 
 @data.command("prepare")
 @click.argument("name")
-@root_option
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),  # made here when missing
+              help=f"Data root to write (default: {DATA_ROOT_DEFAULT}).")
 @click.option("--download", is_flag=True, help="Download the standard files (checked against their checksums).")
 @click.option("--source", type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding the standard files (default: ROOT/downloads).")

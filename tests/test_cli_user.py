@@ -36,7 +36,7 @@ BASE = {
 # Bad values for options that take free text.
 BAD_TEXT = {"--dataset": "imagenet", "--method": "magic", "--sampler": "euler-ish", "--preset": "huge",
             "--device": "tpu", "--model": "no/such-model-folder", "--vae": "no/such-vae-folder", "--ipc": "lots",
-            "--ref": "no-such-folder", "--source": "no-such-source", "--json": "",
+            "--ref": "no-such-folder", "--root": "no-such-root", "--source": "no-such-source", "--json": "",
             "--output": "", "-o": "", "--cluster": "no such head", "--unset": "bogus"}
 
 

@@ -273,7 +273,7 @@ def test_settings_shows_and_changes_what_the_folder_runs_and_refuses_bad_values_
     (["--oversample", 1], "--oversample: under --track 2 the folder's own settings run"),
     (["--guidance", 3], "drop --guidance, or change it with `ddchallenge settings"),
     (["--per-class", 2], "drop --per-class, or the folder's table decides it"),
-    (["--root", "somewhere"], "--root: Track 2 generation reads no training data; drop --root"),
+    (["--root", "."], "--root: Track 2 generation reads no training data; drop --root"),
     (["--budget", "nan"], "Invalid value for '--budget': 'nan' is not a finite number"),
 ])
 def test_track2_generate_refuses_what_the_folder_decides(d4m_folder, tmp_path, run_cli, extra, message):

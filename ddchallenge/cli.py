@@ -399,6 +399,18 @@ def _existing_folder(path: Path | None, option: str, fix: str) -> None:
         raise errors.UsageError(f"{option} {path}: no such folder; {fix}")
 
 
+def _load_teacher_option(teacher_dir: Path):
+    """The teacher --teacher names, loaded to check it: a folder that is not
+    one (a generator's, an empty one, a damaged teacher.json) is the command
+    line's mistake, exit 2, as a mistyped path is."""
+    from ddchallenge.teacher import TeacherError, load_teacher
+
+    try:
+        return load_teacher(teacher_dir)
+    except TeacherError as exc:
+        raise errors.UsageError(f"--teacher: {exc}") from None
+
+
 def _label_request(labels: str | None, temperature: float | None, teacher_dir: Path | None) -> dict:
     """The soft-label settings of `score` (ExtrasRequest fields), the teacher
     checked now: a folder that is not a teacher stops the run before any
@@ -419,10 +431,9 @@ def _label_request(labels: str | None, temperature: float | None, teacher_dir: P
 
     fields = {"labels": labels, "temperature": 1.0 if temperature is None else check_temperature(temperature)}
     if teacher_dir is not None:
-        from ddchallenge.teacher import load_teacher
-
         # An absolute path: a cluster's workers load it too, from wherever they run.
-        fields.update(teacher=str(teacher_dir.absolute()), teacher_sha256=load_teacher(teacher_dir).weights_sha256)
+        fields.update(teacher=str(teacher_dir.absolute()),
+                      teacher_sha256=_load_teacher_option(teacher_dir).weights_sha256)
     return fields
 
 
@@ -539,10 +550,10 @@ def _set_teacher(dataset: str, soft_labels: str | None, teacher_dir: Path | None
         raise errors.UsageError("--soft-labels: --track 2 writes what the scorer runs, and a Track 2 run carries no "
                                 "soft labels; score with --teacher DIR instead")
     from ddchallenge.protocol import get_dataset
-    from ddchallenge.teacher import check_teacher_for, load_teacher
+    from ddchallenge.teacher import check_teacher_for
 
     _existing_folder(teacher_dir, "--teacher", TEACHER_FIX)
-    teacher = load_teacher(teacher_dir)
+    teacher = _load_teacher_option(teacher_dir)
     check_teacher_for(teacher, get_dataset(dataset).name)
     return teacher
 

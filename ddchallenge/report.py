@@ -475,9 +475,11 @@ def leaderboard(board: Leaderboard | list[dict], fmt: str = "table", extras: boo
             raise RecordError(board.refused[0][1])
     if fmt == "json":
         return json.dumps(board_json(board), indent=2, sort_keys=True)
-    columns = board.extras if extras or fmt == "csv" else []
-    headers = ["rank", "submission", "method", "IPC", *[f"{n} %" for n in board.datasets], "score %",
-               "official budget", *columns]
+    # csv carries every column, each number in a cell of its own (a standard deviation or error too); the other
+    # formats show IOR's standard error in its IOR cell
+    columns = board.extras if fmt == "csv" else shown_columns(board.extras) if extras else []
+    datasets = [h for n in board.datasets for h in ((f"{n} %", f"{n} std %") if fmt == "csv" else (f"{n} %",))]
+    headers = ["rank", "submission", "method", "IPC", *datasets, "score %", "official budget", *columns]
     sections = [_rows(board.official, board.datasets, fmt, columns)]
     if board.unofficial:
         sections.append(_rows(board.unofficial, board.datasets, fmt, columns))
@@ -520,21 +522,36 @@ def footer(board: Leaderboard) -> str:
 def _rows(entries: list[Entry], datasets: list[str], fmt: str, columns: list[str] = ()) -> list[list]:
     rows = []
     for e in entries:
-        cells = [f"{_pct(e.datasets[n].mean)} ± {_pct(e.datasets[n].std)}" if n in e.datasets else "-"
-                 for n in datasets]
+        cells = [c for n in datasets for c in (
+            ([_pct(e.datasets[n].mean), _pct(e.datasets[n].std)] if n in e.datasets else ["-", "-"]) if fmt == "csv"
+            else [f"{_pct(e.datasets[n].mean)} ± {_pct(e.datasets[n].std)}" if n in e.datasets else "-"])]
         ipcs = "/".join(str(e.datasets[n].ipc) if n in e.datasets else "-" for n in datasets)
         # Name and method are already printable ASCII; escaped again for the format they are shown in.
         shown = [_escape(e.name, fmt), _escape(e.method or "?", fmt)]
-        extra = [_extra_cell(c, e.extras.get(c)) for c in columns]
+        extra = [_extra_cell(c, e.extras, with_error=fmt != "csv") for c in columns]
         rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), budget_cell(e.record["recipe"], e.official), *extra])
     return rows
 
 
-def _extra_cell(column: str, value: float | None) -> str:
-    """An extra column's cell: IOR and HLR signed, accuracies plain, "-" where a record lacks it."""
+SE = " s.e. %"  # "IOR vs random s.e. %": the standard error of "IOR vs random %"
+
+
+def shown_columns(columns: list[str]) -> list[str]:
+    """The extra columns a table shows: IOR's standard error goes in its IOR cell, not a column of its own."""
+    return [c for c in columns if not c.endswith(SE)]
+
+
+def _extra_cell(column: str, extras: dict[str, float], with_error: bool = True) -> str:
+    """An extra column's cell of an entry's `extras`: IOR and HLR signed
+    (IOR with its standard error, where recorded and `with_error`),
+    accuracies plain, "-" where a record lacks it."""
+    value = extras.get(column)
     if value is None:
         return "-"
-    return f"{100 * value:+.2f}" if column.startswith(("IOR", "HLR")) else _pct(value)
+    if not column.startswith(("IOR", "HLR")) or column.endswith(SE):
+        return _pct(value)
+    se = extras.get(column.removesuffix(" %") + SE) if with_error and column.startswith("IOR") else None
+    return _signed(value, se)
 
 
 POOL_MEAN = "pool mean %"
@@ -545,8 +562,9 @@ def extra_columns(record: dict) -> dict[str, float]:
     """One number per extra measure of a (checked) record, averaged over
     its datasets like the challenge score, and only where every dataset of
     the record has that measure (else the number would not compare):
-    "<measure> %" (mean accuracy), for a baseline "IOR vs <name> %" and
-    "HLR %", and the mean over two or more architectures: "pool mean %" for
+    "<measure> %" (mean accuracy), for a baseline "IOR vs <name> %", its
+    paired standard error "IOR vs <name> s.e. %" and "HLR %", and the mean
+    over two or more architectures: "pool mean %" for
     the whole pool, else "arch mean <a>+<b> %". A column is named by the
     measure and the own settings that change its numbers
     (`extras.measure_label`: T, the teacher, a baseline's subset seed), so
@@ -559,10 +577,15 @@ def extra_columns(record: dict) -> dict[str, float]:
         label, d = measure_label(row["measure"], row["recipe"]), row["dataset"]
         by.setdefault(f"{label} %", {})[d] = float(row["mean"])
         if is_baseline(row["measure"]):
-            by.setdefault(f"IOR vs {label[len(BASELINE_PREFIX):]} %", {})[d] = float(row["ior"])
+            ior = f"IOR vs {label[len(BASELINE_PREFIX):]}"
+            by.setdefault(f"{ior} %", {})[d] = float(row["ior"])
+            if row.get("ior_se_paired") is not None:  # older records have only the unpaired one: no column
+                by.setdefault(ior + SE, {})[d] = float(row["ior_se_paired"])
             if row.get("hlr") is not None:  # full - the set's mean: the same whichever baseline carries it
                 by.setdefault("HLR %", {})[d] = float(row["hlr"])
-    out = {c: math.fsum(v.values()) / len(v) for c, v in by.items() if set(v) == datasets}
+    # a mean over datasets; the standard error of that mean from the datasets' own (independent test sets)
+    out = {c: (math.sqrt(math.fsum(x * x for x in v.values())) if c.endswith(SE) else math.fsum(v.values())) / len(v)
+           for c, v in by.items() if set(v) == datasets}
     archs = {c[len(ARCH_PREFIX):-2]: v for c, v in out.items() if c.startswith(ARCH_PREFIX)}
     if len(archs) > 1:  # the mean of one architecture is its own column
         names = [a for a in ARCHITECTURES if a in archs]

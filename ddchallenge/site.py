@@ -37,7 +37,8 @@ from ddchallenge.fileio import OutputMarker, check_output_folder, replace_folder
 from ddchallenge.isolation import clean
 from ddchallenge.progress import plural
 from ddchallenge.protocol import UploadRules
-from ddchallenge.report import NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, footer, image_grid, track_label
+from ddchallenge.report import (NOT_OFFICIAL, Entry, Leaderboard, _extra_cell, footer, image_grid, shown_columns,
+                                track_label)
 from ddchallenge.submission import bounded_provenance
 
 GRID_CLASSES, GRID_PER_CLASS = 10, 10  # rows (first classes) and images per row of a sample grid
@@ -209,13 +210,13 @@ def _ranking(rs: list[Row], datasets: list[str], columns: list[str] = ()) -> str
         body.append([("num rank", str(e.rank)), ("name", f"<a href=\"uploads/{row.page}\">{_e(e.name)}</a>"),
                      ("num score", _pct(e.score)), *[("num", c) for c in cells],
                      ("method", _e(e.method or "?")), ("num", ipc), ("", f"<code>{_e(e.recipe_hash[:12])}</code>"),
-                     *[("num", _e(_extra_cell(c, e.extras.get(c)))) for c in columns]])
+                     *[("num", _e(_extra_cell(c, e.extras))) for c in columns]])
     return _table(headers, body)
 
 
 def index_html(board: Leaderboard, site_rows: list[Row], extras: bool = False) -> str:
     """`extras`: the extra measures' columns after the challenge score's (`leaderboard --extras`)."""
-    columns = board.extras if extras else []
+    columns = shown_columns(board.extras) if extras else []
     official = [r for r in site_rows if r.section == "official"]
     unofficial = [r for r in site_rows if r.section == "unofficial"]
     names = ", ".join(_e(n) for n in board.datasets)

@@ -1,7 +1,9 @@
 """Extra measures beyond the challenge score (ddchallenge.extras): their rows
 in a result, read back as untrusted input; their own recipe hashes."""
+import csv
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -662,7 +664,9 @@ def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_
     # the same measures on tinyimagenet, so that each column covers every dataset of the record
     both["extras"] += [{**r, "dataset": "tinyimagenet"} for r in both["extras"]]
     both["extras"][5].update(ior=0.3 - 0.33, ior_se=standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]),
-                             hlr=0.9 - 0.3)
+                             ior_se_paired=paired_standard_error([0.2, 0.3, 0.4], [0.30, 0.32, 0.37]), hlr=0.9 - 0.3)
+    # IOR's standard error over the two datasets: that of the mean of two independent estimates
+    se = math.sqrt(both["extras"][2]["ior_se_paired"] ** 2 + both["extras"][5]["ior_se_paired"] ** 2) / 2
     write(folder / "a.json", both)
     write(folder / "b.json", make_record("bob.zip"))
     plain = run_cli("leaderboard", folder)
@@ -672,11 +676,13 @@ def test_leaderboard_shows_extra_columns_only_when_asked_and_csv_and_json_carry_
     header = shown.stdout.splitlines()[0]
     assert header.index("score %") < header.index("arch:vgg11 %") < header.index("arch mean mlp+vgg11 %") \
         < header.index("IOR vs random %")
-    assert "+7.00" in shown.stdout  # IOR averaged over cifar100 (50 - 33 %) and tinyimagenet (30 - 33 %)
-    rows = run_cli("leaderboard", folder, "--format", "csv").stdout.splitlines()
-    assert rows[0].split(",")[-6:] == ["arch:mlp %", "arch:vgg11 %", "arch mean mlp+vgg11 %", "HLR %",
-                                       "IOR vs random %", "baseline:random %"]
-    assert rows[2].endswith(",-,-,-,-,-,-")  # bob has no extras
+    # IOR averaged over cifar100 (50 - 33 %) and tinyimagenet (30 - 33 %), its standard error in its cell
+    assert f"+7.00 ± {100 * se:.2f}" in shown.stdout and "s.e." not in header
+    rows = list(csv.reader(run_cli("leaderboard", folder, "--format", "csv").stdout.splitlines()))
+    assert rows[0][-7:] == ["arch:mlp %", "arch:vgg11 %", "arch mean mlp+vgg11 %", "HLR %", "IOR vs random %",
+                            "IOR vs random s.e. %", "baseline:random %"]
+    assert rows[1][-3:-1] == ["+7.00", f"{100 * se:.2f}"] and se > 0.01  # a number per cell
+    assert rows[2][-7:] == ["-"] * 7  # bob has no extras
     board = json.loads(run_cli("leaderboard", folder, "--format", "json").stdout)
     (alice,) = [e for e in board["official"] if e["name"] == "alice.zip"]
     assert len(alice["extras"]) == 6 and alice["extra_columns"]["arch mean mlp+vgg11"] == pytest.approx(0.375)

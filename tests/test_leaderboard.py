@@ -38,10 +38,13 @@ def test_ranking_ties_and_missing_datasets(tmp_path):
     cell = board.official[0].datasets["cifar100"]
     assert (cell.ipc, cell.accuracies) == (10, (0.4, 0.4, 0.4)) and (cell.mean, cell.std) == pytest.approx((0.4, 0))
     rows = leaderboard(board, "csv").splitlines()
-    assert rows == ["rank,submission,method,IPC,cifar100 %,tinyimagenet %,score %,official budget",
-                    "1,a,random,10/10,40.00 ± 0.00,20.00 ± 0.00,30.00,yes",
-                    "1,c,herding,10/10,20.00 ± 0.00,40.00 ± 0.00,30.00,yes",
-                    "3,b,random,10/-,30.00 ± 0.00,-,15.00,yes"]
+    # csv: one number per cell, the standard deviation beside its mean
+    assert rows == ["rank,submission,method,IPC,cifar100 %,cifar100 std %,tinyimagenet %,tinyimagenet std %,score %,"
+                    "official budget",
+                    "1,a,random,10/10,40.00,0.00,20.00,0.00,30.00,yes",
+                    "1,c,herding,10/10,20.00,0.00,40.00,0.00,30.00,yes",
+                    "3,b,random,10/-,30.00,0.00,-,-,15.00,yes"]
+    assert "40.00 ± 0.00" in leaderboard(board, "table")
 
 
 @pytest.mark.parametrize("fmt, marker", [("table", "rank"), ("md", "|--"), ("html", "<table>")])

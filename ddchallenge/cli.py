@@ -276,7 +276,8 @@ root_option = click.option("--root", type=click.Path(file_okay=False, path_type=
 @click.option("--arch", "archs", multiple=True, metavar="NAME|pool",
               help="Also train this architecture of DatasetCondensation's evaluation pool (convnet, convnetbn, "
                    "convnetd4, mlp, lenet, alexnet, vgg11, resnet18; 'pool': all) with the same recipe and seeds; "
-                   "repeat for several. Its own rows, never in the challenge score.")
+                   "repeat for several (each is trained once, in the order given). Its own rows, never in the challenge "
+                   "score.")
 @click.option("--baseline", type=click.Choice(["random", "herding"]),
               help="Also score a seeded real subset of the same IPC (cached in the data root) and report IOR, the "
                    "set's accuracy minus the subset's, and HLR where `ddchallenge reference full` cached one.")

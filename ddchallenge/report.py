@@ -522,15 +522,20 @@ def footer(board: Leaderboard) -> str:
 def _rows(entries: list[Entry], datasets: list[str], fmt: str, columns: list[str] = ()) -> list[list]:
     rows = []
     for e in entries:
-        cells = [c for n in datasets for c in (
-            ([_pct(e.datasets[n].mean), _pct(e.datasets[n].std)] if n in e.datasets else ["-", "-"]) if fmt == "csv"
-            else [f"{_pct(e.datasets[n].mean)} ± {_pct(e.datasets[n].std)}" if n in e.datasets else "-"])]
+        cells = [cell for n in datasets for cell in _dataset_cells(e.datasets.get(n), fmt)]
         ipcs = "/".join(str(e.datasets[n].ipc) if n in e.datasets else "-" for n in datasets)
         # Name and method are already printable ASCII; escaped again for the format they are shown in.
         shown = [_escape(e.name, fmt), _escape(e.method or "?", fmt)]
         extra = [_extra_cell(c, e.extras, with_error=fmt != "csv") for c in columns]
         rows.append([e.rank, *shown, ipcs, *cells, _pct(e.score), budget_cell(e.record["recipe"], e.official), *extra])
     return rows
+
+
+def _dataset_cells(cell, fmt: str) -> list[str]:
+    """A dataset's cells: "mean ± std" in one, or in csv the two numbers apart; "-" where the entry has none."""
+    if fmt == "csv":
+        return ["-", "-"] if cell is None else [_pct(cell.mean), _pct(cell.std)]
+    return ["-" if cell is None else f"{_pct(cell.mean)} ± {_pct(cell.std)}"]
 
 
 SE = " s.e. %"  # "IOR vs random s.e. %": the standard error of "IOR vs random %"

@@ -171,9 +171,12 @@ def ref_resnet18(c, k):
     return out + [f"fc512-{k}"]
 
 
+VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")  # networks.py's cfg_vgg['VGG11']
+
+
 def ref_vgg11(c, k):
     out, i = [], c
-    for n, v in enumerate((64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")):
+    for n, v in enumerate(VGG11_CFG):
         if v == "M":
             out.append("maxpool2")
         else:
@@ -227,7 +230,7 @@ def ref_ops(arch: str, c: int) -> list[tuple]:
                                                       ("avg",))] + [("flat",), ("fc",)]
 
     vgg = []
-    for n, v in enumerate(_VGG11_CFG):
+    for n, v in enumerate(VGG11_CFG):
         vgg += [("max",)] if v == "M" else [("conv", 3 if one and n == 0 else 1), ("in",), ("relu",)]
     return {
         "convnet": convnet(3, "in"), "convnetbn": convnet(3, "bn"), "convnetd4": convnet(4, "in"),
@@ -238,9 +241,6 @@ def ref_ops(arch: str, c: int) -> list[tuple]:
                     ("relu",), ("conv", 1), ("relu",), ("conv", 1), ("relu",), ("max",), ("flat",), ("fc",)],
         "vgg11": vgg + [("flat",), ("fc",)],
     }[arch]
-
-
-_VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 def ref_forward(arch: str, params: list, x):
